@@ -1,0 +1,1 @@
+//! Distributed shared memory (issue 4).

@@ -1,0 +1,28 @@
+//! dvmm data path: everything that touches KVM, guest memory or the wire.
+//!
+//! Layout (one obvious place for each part):
+//! - `memory`   guest RAM (memfd, mapped twice: guest view + engine view)
+//! - `bus`      port-I/O and MMIO buses
+//! - `devices`  16550 UART, debug-exit port
+//! - `apic`     userspace local APIC (xAPIC MMIO + x2APIC MSRs, timer)
+//! - `ioapic`   userspace IOAPIC
+//! - `acpi`     ACPI tables (RSDP, XSDT, MADT, SRAT, SLIT, FADT, DSDT)
+//! - `boot`     direct kernel boot: PVH ELF, Multiboot v1, Linux bzImage; e820
+//! - `cpuid`    CPUID / MSR set-up
+//! - `vcpu`     the vCPU run loop (state machine + exit dispatch)
+//! - `vm`       one VM (or one node's share of a distributed VM)
+//! - `dsm`      distributed shared memory: coherence protocol, wire, transport
+//! - `python`   the PyO3 module `dvmmd._native`
+
+pub mod acpi;
+pub mod apic;
+pub mod boot;
+pub mod bus;
+pub mod cpuid;
+pub mod devices;
+pub mod dsm;
+pub mod ioapic;
+pub mod memory;
+pub mod python;
+pub mod vcpu;
+pub mod vm;
