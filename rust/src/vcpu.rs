@@ -1,1 +1,1271 @@
-//! (placeholder: being written)
+//! The vCPU: one thread per vCPU running an explicit state machine around `KVM_RUN`.
+//!
+//! ```text
+//!            start()            INIT            SIPI
+//!  Created ──────────► Running ───────► WaitForSipi ───► Running
+//!     │ (AP)             │  ▲ HLT / wake-up
+//!     └──► WaitForSipi   ▼  │
+//!                      Halted
+//!  any state ── pause() ──► Paused ── resume() ──► previous state
+//!  any state ── stop() / VM stop / crash ──► Stopped
+//! ```
+//!
+//! * Exits are dispatched by one function, [`handle_exit`], that only needs an
+//!   [`ExitContext`] (buses, this vCPU's LAPIC, the interrupt sink), so it is unit
+//!   tested without KVM.
+//! * The kernel irqchip is off: before each `KVM_RUN` the LAPIC timer is advanced and a
+//!   pending vector is injected with `KVM_INTERRUPT` when `ready_for_interrupt_injection`
+//!   and IF allow it, otherwise an interrupt window is requested.
+//! * Kicks (new interrupt, pause, stop) set a flag, wake the condition variable the
+//!   vCPU sleeps on when it is not in the guest, and, when it is in the guest, send
+//!   the kick signal (`SIGRTMIN`) whose handler sets `kvm_run.immediate_exit`, as
+//!   Firecracker does. The flag/`in_guest` pair is a Dekker handshake, so no kick is
+//!   lost and a vCPU that is not in the guest is not signalled.
+//! * The LAPIC timer is a POSIX timer per vCPU delivering the same signal to the vCPU
+//!   thread (`SIGEV_THREAD_ID`): a guest spinning at CPL3 (no exits) still gets its timer
+//!   interrupt on time; it is only re-armed when the deadline changes.
+//! * The exit path allocates nothing and logs nothing (statistics are plain counters
+//!   owned by the vCPU thread, returned when it ends).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+
+use crate::apic::{ApicAction, LocalApic};
+use crate::bus::{lock, Bus, BusAction};
+
+/// Guest-physical base of the local APIC page.
+pub const LAPIC_BASE: u64 = 0xFEE0_0000;
+/// Size of the local APIC page.
+pub const LAPIC_SIZE: u64 = 0x1000;
+
+/// Errors of the vcpu module.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_RUN failed on vCPU {vcpu}: {err}")]
+    Run { vcpu: u32, err: kvm_ioctls::Error },
+    #[error("cannot {what} vCPU {vcpu}: {err}")]
+    Setup {
+        vcpu: u32,
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("cannot register the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("cannot create the LAPIC timer of vCPU {vcpu}: {err}")]
+    Timer { vcpu: u32, err: std::io::Error },
+    #[error("cannot spawn the thread of vCPU {vcpu}: {err}")]
+    Spawn { vcpu: u32, err: std::io::Error },
+    #[error("KVM_INTERRUPT of vector {vector:#x} failed on vCPU {vcpu}: {err}")]
+    Interrupt {
+        vcpu: u32,
+        vector: u8,
+        err: std::io::Error,
+    },
+}
+
+// ---------------------------------------------------------------------------------
+// State machine
+// ---------------------------------------------------------------------------------
+
+/// The state of one vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[repr(u8)]
+pub enum VcpuState {
+    /// Created, thread not started (or waiting for `start`).
+    Created = 0,
+    /// Executing guest code (or about to).
+    Running = 1,
+    /// Executed HLT; waits for an interrupt, a timer deadline or a kick.
+    Halted = 2,
+    /// Application processor after reset/INIT, waiting for a Startup IPI.
+    WaitForSipi = 3,
+    /// Paused by the VMM.
+    Paused = 4,
+    /// Finished; the thread has ended or is ending.
+    Stopped = 5,
+}
+
+impl VcpuState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => VcpuState::Created,
+            1 => VcpuState::Running,
+            2 => VcpuState::Halted,
+            3 => VcpuState::WaitForSipi,
+            4 => VcpuState::Paused,
+            _ => VcpuState::Stopped,
+        }
+    }
+}
+
+/// What the VMM asks of a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Request {
+    /// Not started yet.
+    None = 0,
+    /// Run (start or resume).
+    Run = 1,
+    /// Pause.
+    Pause = 2,
+    /// Stop for good.
+    Stop = 3,
+}
+
+/// Events the state machine reacts to (besides exits); used by [`next_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The VMM requested `Request::Run` for a not yet started vCPU.
+    Start { is_bsp: bool },
+    /// The guest executed HLT.
+    Hlt,
+    /// An interrupt the vCPU can take (or an NMI) is pending.
+    Wake,
+    /// The LAPIC received INIT.
+    Init,
+    /// The LAPIC received a Startup IPI.
+    Sipi,
+    /// `pause()`.
+    Pause,
+    /// `resume()`, back to the state before the pause.
+    Resume(VcpuState),
+    /// `stop()`, a VM stop, or a crash.
+    Stop,
+}
+
+/// The transition function of the vCPU state machine (pure, unit tested).
+pub fn next_state(state: VcpuState, ev: Event) -> VcpuState {
+    use VcpuState::*;
+    match (state, ev) {
+        (Stopped, _) | (_, Event::Stop) => Stopped,
+        (Created, Event::Start { is_bsp: true }) => Running,
+        (Created, Event::Start { is_bsp: false }) => WaitForSipi,
+        (Created, _) => Created,
+        (Paused, Event::Resume(prev)) => prev,
+        (Paused, _) => Paused,
+        (_, Event::Pause) => Paused,
+        (_, Event::Init) => WaitForSipi,
+        (WaitForSipi, Event::Sipi) => Running,
+        (WaitForSipi, _) => WaitForSipi,
+        (Running, Event::Hlt) => Halted,
+        (Halted, Event::Wake) => Running,
+        (s, _) => s,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Shared per-vCPU handle (kicks, requests, LAPIC)
+// ---------------------------------------------------------------------------------
+
+/// What other threads share with one vCPU: its LAPIC, its requested and current state,
+/// and the kick machinery.
+pub struct VcpuShared {
+    /// vCPU index = APIC ID.
+    pub index: u32,
+    /// This vCPU's local APIC.
+    pub lapic: Mutex<LocalApic>,
+    request: AtomicU8,
+    state: AtomicU8,
+    kick_flag: AtomicBool,
+    in_guest: AtomicBool,
+    thread: AtomicU64, // pthread_t, 0 = not running
+    ctl: Mutex<()>,
+    cv: Condvar,
+}
+
+impl std::fmt::Debug for VcpuShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuShared")
+            .field("index", &self.index)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl VcpuShared {
+    /// A handle for vCPU `index` with its LAPIC.
+    pub fn new(index: u32, lapic: LocalApic) -> Self {
+        VcpuShared {
+            index,
+            lapic: Mutex::new(lapic),
+            request: AtomicU8::new(Request::None as u8),
+            state: AtomicU8::new(VcpuState::Created as u8),
+            kick_flag: AtomicBool::new(false),
+            in_guest: AtomicBool::new(false),
+            thread: AtomicU64::new(0),
+            ctl: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// The vCPU's current state.
+    pub fn state(&self) -> VcpuState {
+        VcpuState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, s: VcpuState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    fn request(&self) -> Request {
+        match self.request.load(Ordering::Acquire) {
+            1 => Request::Run,
+            2 => Request::Pause,
+            3 => Request::Stop,
+            _ => Request::None,
+        }
+    }
+
+    fn set_request(&self, r: Request) {
+        // Stop is final.
+        let _ = self
+            .request
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur != Request::Stop as u8).then_some(r as u8)
+            });
+        self.kick();
+    }
+
+    /// Start (or resume) the vCPU.
+    pub fn start(&self) {
+        self.set_request(Request::Run);
+    }
+    /// Resume a paused vCPU.
+    pub fn resume(&self) {
+        self.set_request(Request::Run);
+    }
+    /// Pause the vCPU (it leaves the guest and sleeps until `resume`).
+    pub fn pause(&self) {
+        self.set_request(Request::Pause);
+    }
+    /// Stop the vCPU for good.
+    pub fn stop(&self) {
+        self.set_request(Request::Stop);
+    }
+
+    /// Make the vCPU re-examine its LAPIC and requests now: leaves `KVM_RUN` if it is
+    /// in the guest, wakes it if it sleeps.
+    pub fn kick(&self) {
+        self.kick_flag.store(true, Ordering::SeqCst);
+        {
+            let _g = lock(&self.ctl);
+            self.cv.notify_all();
+        }
+        if self.in_guest.load(Ordering::SeqCst) {
+            let t = self.thread.load(Ordering::Acquire);
+            if t != 0 {
+                // SAFETY: `t` is the pthread_t of the live vCPU thread (cleared before the
+                // thread ends); sending a signal has no memory-safety implications.
+                unsafe {
+                    libc::pthread_kill(t as libc::pthread_t, kick_signal());
+                }
+            }
+        }
+    }
+
+    /// Sleep until kicked, or until `timeout` passes (None: no timeout).
+    fn wait_kick(&self, timeout: Option<Duration>) {
+        let g = lock(&self.ctl);
+        if self.kick_flag.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        match timeout {
+            Some(t) => {
+                let _ = self.cv.wait_timeout(g, t);
+            }
+            None => {
+                let _g = self.cv.wait(g);
+            }
+        }
+        self.kick_flag.store(false, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Kick signal and timer
+// ---------------------------------------------------------------------------------
+
+thread_local! {
+    static RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _ = RUN_PTR.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: RUN_PTR points to this thread's mmapped kvm_run while the vCPU
+            // thread runs (cleared before the mapping goes away); a volatile byte store
+            // is async-signal-safe.
+            unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).immediate_exit), 1) };
+        }
+    });
+}
+
+static SIGNAL_INIT: Once = Once::new();
+
+/// Install the kick signal handler (once per process).
+pub fn register_kick_signal() -> Result<(), VcpuError> {
+    let mut res = Ok(());
+    SIGNAL_INIT.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(VcpuError::Signal);
+    });
+    res
+}
+
+/// Monotonic VM clock in nanoseconds since the VM was created (LAPIC time base).
+#[derive(Debug, Clone, Copy)]
+pub struct VmClock {
+    base_ns: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl VmClock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        VmClock {
+            base_ns: monotonic_ns(),
+        }
+    }
+    /// Nanoseconds since the clock started.
+    pub fn now_ns(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.base_ns)
+    }
+    fn to_monotonic(self, ns: u64) -> u64 {
+        self.base_ns.saturating_add(ns)
+    }
+}
+
+impl Default for VmClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A POSIX timer that sends the kick signal to one thread.
+struct KickTimer {
+    id: libc::timer_t,
+    armed: Option<u64>,
+}
+
+impl KickTimer {
+    fn new(vcpu: u32) -> Result<Self, VcpuError> {
+        // SAFETY: sigevent is plain data; zeroed is a valid starting value.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: sev and id are valid pointers for the duration of the call.
+        let r = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
+        if r != 0 {
+            return Err(VcpuError::Timer {
+                vcpu,
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(KickTimer { id, armed: None })
+    }
+
+    /// Arm at absolute CLOCK_MONOTONIC time `at_ns` (None: disarm); no syscall if
+    /// unchanged.
+    fn set(&mut self, at_ns: Option<u64>) {
+        if self.armed == at_ns {
+            return;
+        }
+        self.armed = at_ns;
+        let ns = at_ns.map(|v| v.max(1)).unwrap_or(0);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: self.id is a live timer; spec is a valid itimerspec.
+        unsafe {
+            libc::timer_settime(self.id, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut());
+        }
+    }
+}
+
+impl Drop for KickTimer {
+    fn drop(&mut self) {
+        // SAFETY: self.id was created by timer_create and is deleted once.
+        unsafe {
+            libc::timer_delete(self.id);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Stop reasons, statistics, register dumps
+// ---------------------------------------------------------------------------------
+
+/// Registers of a vCPU, reported when the guest crashes.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct VcpuDump {
+    pub vcpu: u32,
+    pub exit_reason: String,
+    pub rip: String,
+    pub rsp: String,
+    pub rflags: String,
+    pub cr0: String,
+    pub cr2: String,
+    pub cr3: String,
+    pub cr4: String,
+    pub efer: String,
+    pub cs: String,
+    pub ss: String,
+    pub cs_base: String,
+    pub regs: std::collections::BTreeMap<String, String>,
+    /// The instruction bytes KVM reported (emulation failures), hex.
+    pub insn_bytes: Option<String>,
+}
+
+impl VcpuDump {
+    /// Build a dump from KVM register state.
+    pub fn from_regs(vcpu: u32, exit_reason: &str, r: &kvm_regs, s: &kvm_sregs) -> Self {
+        let h = |v: u64| format!("{v:#x}");
+        let regs = [
+            ("rax", r.rax),
+            ("rbx", r.rbx),
+            ("rcx", r.rcx),
+            ("rdx", r.rdx),
+            ("rsi", r.rsi),
+            ("rdi", r.rdi),
+            ("rbp", r.rbp),
+            ("r8", r.r8),
+            ("r9", r.r9),
+            ("r10", r.r10),
+            ("r11", r.r11),
+            ("r12", r.r12),
+            ("r13", r.r13),
+            ("r14", r.r14),
+            ("r15", r.r15),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), h(*v)))
+        .collect();
+        VcpuDump {
+            vcpu,
+            exit_reason: exit_reason.to_string(),
+            rip: h(r.rip),
+            rsp: h(r.rsp),
+            rflags: h(r.rflags),
+            cr0: h(s.cr0),
+            cr2: h(s.cr2),
+            cr3: h(s.cr3),
+            cr4: h(s.cr4),
+            efer: h(s.efer),
+            cs: format!("{:#x}", s.cs.selector),
+            ss: format!("{:#x}", s.ss.selector),
+            cs_base: h(s.cs.base),
+            regs,
+            insn_bytes: None,
+        }
+    }
+
+    /// One-line summary for error messages.
+    pub fn summary(&self) -> String {
+        format!(
+            "vCPU {} rip={} rsp={} rflags={} cs={} cr0={} cr3={} cr4={} efer={}",
+            self.vcpu,
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cs,
+            self.cr0,
+            self.cr3,
+            self.cr4,
+            self.efer
+        )
+    }
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote this status to the debug-exit port.
+    DebugExit(u8),
+    /// The guest asked for a shutdown/reset (KVM system event).
+    Shutdown(String),
+    /// The guest crashed (triple fault, emulation failure, failed entry, unexpected exit).
+    Crash {
+        error: String,
+        dump: Option<Box<VcpuDump>>,
+    },
+    /// The VMM failed.
+    Error(String),
+    /// `timeout_s` passed.
+    Timeout,
+    /// `stop()` was called.
+    Stopped,
+}
+
+/// Where vCPUs (and others) report that the VM must stop; the first report wins.
+#[derive(Debug, Default)]
+pub struct VmStop {
+    reason: Mutex<Option<StopReason>>,
+    cv: Condvar,
+}
+
+impl VmStop {
+    /// A fresh, not stopped, signal.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Ask the VM to stop (ignored if a reason was already given).
+    pub fn request(&self, r: StopReason) {
+        let mut g = lock(&self.reason);
+        if g.is_none() {
+            *g = Some(r);
+        }
+        self.cv.notify_all();
+    }
+    /// The stop reason, if the VM was asked to stop.
+    pub fn reason(&self) -> Option<StopReason> {
+        lock(&self.reason).clone()
+    }
+    /// Wait for a stop request; `None` if `timeout` passed first.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut g = lock(&self.reason);
+        loop {
+            if let Some(r) = g.clone() {
+                return Some(r);
+            }
+            match deadline {
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    g = self
+                        .cv
+                        .wait_timeout(g, d - now)
+                        .map(|x| x.0)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                }
+                None => g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+}
+
+/// Kinds of exits counted in [`VcpuStats::exits`].
+pub const EXIT_KINDS: [&str; 10] = [
+    "io",
+    "mmio",
+    "msr",
+    "hlt",
+    "irq_window",
+    "intr",
+    "shutdown",
+    "internal_error",
+    "fail_entry",
+    "other",
+];
+const EK_IO: usize = 0;
+const EK_MMIO: usize = 1;
+const EK_MSR: usize = 2;
+const EK_HLT: usize = 3;
+const EK_IRQ_WINDOW: usize = 4;
+const EK_INTR: usize = 5;
+const EK_SHUTDOWN: usize = 6;
+const EK_INTERNAL: usize = 7;
+const EK_FAIL_ENTRY: usize = 8;
+const EK_OTHER: usize = 9;
+
+/// Counters of one vCPU (owned by its thread; no atomics on the exit path).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuStats {
+    pub exits: [u64; EXIT_KINDS.len()],
+    pub pio_reads: u64,
+    pub pio_writes: u64,
+    pub mmio_reads: u64,
+    pub mmio_writes: u64,
+    pub lapic_accesses: u64,
+    pub unknown_pio: u64,
+    pub unknown_mmio: u64,
+    pub msr_gp: u64,
+    pub interrupts_injected: u64,
+    pub nmis_injected: u64,
+    pub ipis_sent: u64,
+    pub timer_rearms: u64,
+}
+
+impl VcpuStats {
+    /// Add another vCPU's counters.
+    pub fn merge(&mut self, o: &VcpuStats) {
+        for (a, b) in self.exits.iter_mut().zip(o.exits.iter()) {
+            *a += b;
+        }
+        self.pio_reads += o.pio_reads;
+        self.pio_writes += o.pio_writes;
+        self.mmio_reads += o.mmio_reads;
+        self.mmio_writes += o.mmio_writes;
+        self.lapic_accesses += o.lapic_accesses;
+        self.unknown_pio += o.unknown_pio;
+        self.unknown_mmio += o.unknown_mmio;
+        self.msr_gp += o.msr_gp;
+        self.interrupts_injected += o.interrupts_injected;
+        self.nmis_injected += o.nmis_injected;
+        self.ipis_sent += o.ipis_sent;
+        self.timer_rearms += o.timer_rearms;
+    }
+
+    /// Total number of exits.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Exit dispatch
+// ---------------------------------------------------------------------------------
+
+/// Where a LAPIC sends what it cannot handle itself: IPIs (ICR writes) and EOIs (for
+/// the IOAPIC's level-triggered pins). Implemented by the VM's interrupt router.
+pub trait InterruptSink: Send + Sync {
+    /// Deliver an IPI written to the ICR of the LAPIC of vCPU `from`.
+    fn send_ipi(&self, from: u32, msg: crate::apic::InterruptMessage);
+    /// The LAPIC of vCPU `from` received an EOI for `vector`.
+    fn eoi(&self, from: u32, vector: u8);
+}
+
+/// Why the guest crashed (exit-level information; registers are added by the loop).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrashKind {
+    /// KVM_EXIT_SHUTDOWN.
+    TripleFault,
+    /// KVM_EXIT_INTERNAL_ERROR (details in kvm_run).
+    InternalError,
+    /// KVM_EXIT_FAIL_ENTRY.
+    FailEntry { reason: u64, cpu: u32 },
+    /// Any other exit we do not expect.
+    Unexpected(String),
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuAction {
+    /// Re-enter the guest.
+    Continue,
+    /// The guest executed HLT.
+    Halt,
+    /// Stop the VM with this debug-exit status.
+    StopVm(u8),
+    /// The guest asked for a shutdown or reset.
+    Shutdown(String),
+    /// The guest crashed.
+    Crash(CrashKind),
+}
+
+/// Everything [`handle_exit`] needs; cheap to build per exit (only references).
+pub struct ExitContext<'a> {
+    /// vCPU index (= APIC ID).
+    pub vcpu: u32,
+    pub pio: &'a Bus,
+    pub mmio: &'a Bus,
+    pub lapic: &'a Mutex<LocalApic>,
+    pub irq: &'a dyn InterruptSink,
+    /// Current VM time (LAPIC time base).
+    pub now_ns: u64,
+    pub stats: &'a mut VcpuStats,
+    /// Log unknown port/MMIO accesses to stderr.
+    pub debug: bool,
+}
+
+fn is_lapic(addr: u64) -> bool {
+    addr.wrapping_sub(LAPIC_BASE) < LAPIC_SIZE
+}
+
+/// Handle one exit. Never panics on guest-controlled input: unknown ports read as
+/// all-ones and ignore writes, unknown MMIO likewise, invalid MSR accesses inject #GP.
+pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<VcpuAction, VcpuError> {
+    Ok(match exit {
+        VcpuExit::IoIn(port, data) => {
+            ctx.stats.exits[EK_IO] += 1;
+            ctx.stats.pio_reads += 1;
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+                ctx.stats.unknown_pio += 1;
+                if ctx.debug {
+                    eprintln!("dvmm: vCPU {}: read of unknown port {port:#x}", ctx.vcpu);
+                }
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.stats.exits[EK_IO] += 1;
+            ctx.stats.pio_writes += 1;
+            match ctx.pio.write(u64::from(port), data) {
+                Some(Some(BusAction::Stop(s))) => VcpuAction::StopVm(s),
+                Some(None) => VcpuAction::Continue,
+                None => {
+                    ctx.stats.unknown_pio += 1;
+                    if ctx.debug {
+                        eprintln!(
+                            "dvmm: vCPU {}: write {data:02x?} to unknown port {port:#x} ignored",
+                            ctx.vcpu
+                        );
+                    }
+                    VcpuAction::Continue
+                }
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            ctx.stats.exits[EK_MMIO] += 1;
+            if is_lapic(addr) {
+                ctx.stats.lapic_accesses += 1;
+                let mut l = lock(ctx.lapic);
+                l.advance(ctx.now_ns);
+                l.mmio_read(addr - LAPIC_BASE, data, ctx.now_ns);
+            } else {
+                ctx.stats.mmio_reads += 1;
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0xff);
+                    ctx.stats.unknown_mmio += 1;
+                    if ctx.debug {
+                        eprintln!("dvmm: vCPU {}: read of unknown MMIO {addr:#x}", ctx.vcpu);
+                    }
+                }
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.stats.exits[EK_MMIO] += 1;
+            if is_lapic(addr) {
+                ctx.stats.lapic_accesses += 1;
+                let out = {
+                    let mut l = lock(ctx.lapic);
+                    l.advance(ctx.now_ns);
+                    l.mmio_write(addr - LAPIC_BASE, data, ctx.now_ns)
+                };
+                lapic_output(ctx, out);
+                VcpuAction::Continue
+            } else {
+                ctx.stats.mmio_writes += 1;
+                match ctx.mmio.write(addr, data) {
+                    Some(Some(BusAction::Stop(s))) => VcpuAction::StopVm(s),
+                    Some(None) => VcpuAction::Continue,
+                    None => {
+                        ctx.stats.unknown_mmio += 1;
+                        if ctx.debug {
+                            eprintln!(
+                                "dvmm: vCPU {}: write to unknown MMIO {addr:#x} ignored",
+                                ctx.vcpu
+                            );
+                        }
+                        VcpuAction::Continue
+                    }
+                }
+            }
+        }
+        VcpuExit::X86Rdmsr(m) => {
+            ctx.stats.exits[EK_MSR] += 1;
+            let r = {
+                let mut l = lock(ctx.lapic);
+                l.advance(ctx.now_ns);
+                l.msr_read(m.index, ctx.now_ns)
+            };
+            match r {
+                Ok(v) => {
+                    *m.data = v;
+                    *m.error = 0;
+                }
+                Err(_) => {
+                    *m.data = 0;
+                    *m.error = 1;
+                    ctx.stats.msr_gp += 1;
+                }
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::X86Wrmsr(m) => {
+            ctx.stats.exits[EK_MSR] += 1;
+            let r = {
+                let mut l = lock(ctx.lapic);
+                l.advance(ctx.now_ns);
+                l.msr_write(m.index, m.data, ctx.now_ns)
+            };
+            match r {
+                Ok(out) => {
+                    *m.error = 0;
+                    lapic_output(ctx, out);
+                }
+                Err(_) => {
+                    *m.error = 1;
+                    ctx.stats.msr_gp += 1;
+                }
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::Hlt => {
+            ctx.stats.exits[EK_HLT] += 1;
+            VcpuAction::Halt
+        }
+        VcpuExit::IrqWindowOpen => {
+            ctx.stats.exits[EK_IRQ_WINDOW] += 1;
+            VcpuAction::Continue
+        }
+        VcpuExit::Intr => {
+            ctx.stats.exits[EK_INTR] += 1;
+            VcpuAction::Continue
+        }
+        VcpuExit::Shutdown => {
+            ctx.stats.exits[EK_SHUTDOWN] += 1;
+            VcpuAction::Crash(CrashKind::TripleFault)
+        }
+        VcpuExit::InternalError => {
+            ctx.stats.exits[EK_INTERNAL] += 1;
+            VcpuAction::Crash(CrashKind::InternalError)
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            ctx.stats.exits[EK_FAIL_ENTRY] += 1;
+            VcpuAction::Crash(CrashKind::FailEntry { reason, cpu })
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            ctx.stats.exits[EK_OTHER] += 1;
+            match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    VcpuAction::Shutdown("guest requested shutdown".into())
+                }
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    VcpuAction::Shutdown("guest requested reset".into())
+                }
+                k => VcpuAction::Crash(CrashKind::Unexpected(format!(
+                    "KVM_EXIT_SYSTEM_EVENT type {k}"
+                ))),
+            }
+        }
+        other => {
+            ctx.stats.exits[EK_OTHER] += 1;
+            VcpuAction::Crash(CrashKind::Unexpected(format!("{other:?}")))
+        }
+    })
+}
+
+/// Forward what a LAPIC register write produced (IPI, EOI) to the interrupt sink.
+fn lapic_output(ctx: &mut ExitContext<'_>, out: ApicAction) {
+    match out {
+        ApicAction::None => {}
+        ApicAction::Ipi(msg) => {
+            ctx.stats.ipis_sent += 1;
+            ctx.irq.send_ipi(ctx.vcpu, msg);
+        }
+        ApicAction::EoiLevel(v) => ctx.irq.eoi(ctx.vcpu, v),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The run loop
+// ---------------------------------------------------------------------------------
+
+/// What all vCPUs of a VM share.
+pub struct VcpuEnv {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub irq: Arc<dyn InterruptSink>,
+    pub clock: VmClock,
+    pub stop: Arc<VmStop>,
+    pub debug: bool,
+}
+
+/// One vCPU, owned by its thread once started.
+pub struct Vcpu {
+    fd: VcpuFd,
+    shared: Arc<VcpuShared>,
+    env: Arc<VcpuEnv>,
+    is_bsp: bool,
+    state: VcpuState,
+    paused_from: VcpuState,
+    stats: VcpuStats,
+    reset_regs: kvm_regs,
+    reset_sregs: kvm_sregs,
+    pending_nmi: bool,
+    halted_if: bool,
+}
+
+const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
+
+impl Vcpu {
+    /// Wrap a configured KVM vCPU. `reset_*` is the architectural reset state used for
+    /// INIT/SIPI (take it from the fresh vCPU before applying the boot entry state).
+    pub fn new(
+        fd: VcpuFd,
+        shared: Arc<VcpuShared>,
+        env: Arc<VcpuEnv>,
+        is_bsp: bool,
+        reset_regs: kvm_regs,
+        reset_sregs: kvm_sregs,
+    ) -> Self {
+        Vcpu {
+            fd,
+            shared,
+            env,
+            is_bsp,
+            state: VcpuState::Created,
+            paused_from: VcpuState::Created,
+            stats: VcpuStats::default(),
+            reset_regs,
+            reset_sregs,
+            pending_nmi: false,
+            halted_if: true,
+        }
+    }
+
+    /// Spawn the vCPU thread; it waits in `Created` for `VcpuShared::start`.
+    pub fn spawn(self) -> Result<std::thread::JoinHandle<VcpuStats>, VcpuError> {
+        let index = self.shared.index;
+        register_kick_signal()?;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.thread_main())
+            .map_err(|err| VcpuError::Spawn { vcpu: index, err })
+    }
+
+    fn thread_main(mut self) -> VcpuStats {
+        let index = self.shared.index;
+        // Unblock the kick signal in this thread (the spawning thread may block it).
+        // SAFETY: plain sigset manipulation on local storage.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, kick_signal());
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        RUN_PTR.with(|p| p.set(run_ptr));
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.shared.thread.store(me as u64, Ordering::Release);
+
+        let r = match KickTimer::new(index) {
+            Ok(mut timer) => self.run_loop(&mut timer),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            self.env.stop.request(StopReason::Error(e.to_string()));
+        }
+        self.shared.thread.store(0, Ordering::Release);
+        self.shared.in_guest.store(false, Ordering::SeqCst);
+        RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        self.transition(Event::Stop);
+        std::mem::take(&mut self.stats)
+    }
+
+    fn transition(&mut self, ev: Event) {
+        let new = next_state(self.state, ev);
+        if new == VcpuState::Paused && self.state != VcpuState::Paused {
+            self.paused_from = self.state;
+        }
+        self.state = new;
+        self.shared.set_state(new);
+    }
+
+    fn run_loop(&mut self, timer: &mut KickTimer) -> Result<(), VcpuError> {
+        loop {
+            match self.shared.request() {
+                Request::Stop => return Ok(()),
+                Request::Pause if self.state != VcpuState::Paused => {
+                    timer.set(None);
+                    self.transition(Event::Pause);
+                }
+                Request::Run if self.state == VcpuState::Paused => {
+                    let prev = self.paused_from;
+                    self.transition(Event::Resume(prev));
+                }
+                Request::Run if self.state == VcpuState::Created => {
+                    self.transition(Event::Start {
+                        is_bsp: self.is_bsp,
+                    });
+                }
+                _ => {}
+            }
+            match self.state {
+                VcpuState::Stopped => return Ok(()),
+                VcpuState::Created | VcpuState::Paused => self.shared.wait_kick(None),
+                VcpuState::WaitForSipi => self.wait_for_sipi()?,
+                VcpuState::Halted => self.halted(),
+                VcpuState::Running => {
+                    if let Some(stop) = self.run_once(timer)? {
+                        self.env.stop.request(stop);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn wait_for_sipi(&mut self) -> Result<(), VcpuError> {
+        let sipi = {
+            let mut l = lock(&self.shared.lapic);
+            let _ = l.take_init();
+            let _ = l.take_nmi();
+            l.take_sipi()
+        };
+        match sipi {
+            Some(vector) => {
+                let mut regs = self.reset_regs;
+                let mut sregs = self.reset_sregs;
+                regs.rip = 0;
+                regs.rflags = 2;
+                sregs.cs.selector = u16::from(vector) << 8;
+                sregs.cs.base = u64::from(vector) << 12;
+                sregs.cs.limit = 0xffff;
+                self.fd.set_sregs(&sregs).map_err(|err| VcpuError::Setup {
+                    vcpu: self.shared.index,
+                    what: "set sregs (SIPI) of",
+                    err,
+                })?;
+                self.fd.set_regs(&regs).map_err(|err| VcpuError::Setup {
+                    vcpu: self.shared.index,
+                    what: "set regs (SIPI) of",
+                    err,
+                })?;
+                self.pending_nmi = false;
+                self.transition(Event::Sipi);
+            }
+            None => self.shared.wait_kick(None),
+        }
+        Ok(())
+    }
+
+    fn halted(&mut self) {
+        let now = self.env.clock.now_ns();
+        let (wake, init, deadline) = {
+            let mut l = lock(&self.shared.lapic);
+            l.advance(now);
+            if l.take_nmi() {
+                self.pending_nmi = true;
+            }
+            let init = l.take_init();
+            let wake = self.pending_nmi || (self.halted_if && l.pending_interrupt().is_some());
+            (wake, init, l.next_deadline_ns())
+        };
+        if init {
+            self.transition(Event::Init);
+        } else if wake {
+            self.transition(Event::Wake);
+        } else {
+            let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+            self.shared.wait_kick(timeout);
+        }
+    }
+
+    /// Inject what is pending, enter the guest once, handle the exit.
+    fn run_once(&mut self, timer: &mut KickTimer) -> Result<Option<StopReason>, VcpuError> {
+        let index = self.shared.index;
+        let now = self.env.clock.now_ns();
+        let (vector, more, deadline, init) = {
+            let mut l = lock(&self.shared.lapic);
+            l.advance(now);
+            if l.take_init() {
+                (None, false, None, true)
+            } else {
+                let _ = l.take_sipi(); // SIPI outside wait-for-SIPI is ignored
+                if l.take_nmi() {
+                    self.pending_nmi = true;
+                }
+                let run = self.fd.get_kvm_run();
+                run.cr8 = l.cr8();
+                let can = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+                let mut vector = None;
+                let mut more = false;
+                if let Some(v) = l.pending_interrupt() {
+                    if can {
+                        l.acknowledge(v);
+                        vector = Some(v);
+                        more = l.pending_interrupt().is_some();
+                    } else {
+                        more = true;
+                    }
+                }
+                (vector, more, l.next_deadline_ns(), false)
+            }
+        };
+        if init {
+            timer.set(None);
+            self.transition(Event::Init);
+            return Ok(None);
+        }
+        if self.pending_nmi {
+            self.pending_nmi = false;
+            self.stats.nmis_injected += 1;
+            self.fd.nmi().map_err(|err| VcpuError::Setup {
+                vcpu: index,
+                what: "inject an NMI into",
+                err,
+            })?;
+        }
+        if let Some(v) = vector {
+            let irq = kvm_bindings::kvm_interrupt { irq: u32::from(v) };
+            // SAFETY: KVM_INTERRUPT on our vCPU fd with a valid kvm_interrupt struct.
+            let r = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                    KVM_INTERRUPT as _,
+                    &irq,
+                )
+            };
+            if r < 0 {
+                return Err(VcpuError::Interrupt {
+                    vcpu: index,
+                    vector: v,
+                    err: std::io::Error::last_os_error(),
+                });
+            }
+            self.stats.interrupts_injected += 1;
+        }
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(more);
+        let abs = deadline.map(|d| self.env.clock.to_monotonic(d));
+        if timer.armed != abs {
+            self.stats.timer_rearms += 1;
+        }
+        timer.set(abs);
+
+        // Dekker handshake with `VcpuShared::kick`.
+        self.shared.in_guest.store(true, Ordering::SeqCst);
+        if self.shared.kick_flag.swap(false, Ordering::SeqCst) {
+            self.shared.in_guest.store(false, Ordering::SeqCst);
+            return Ok(None);
+        }
+        let run_ptr: *const kvm_run = self.fd.get_kvm_run();
+        let res = self.fd.run();
+        self.shared.in_guest.store(false, Ordering::SeqCst);
+        if res.is_ok() {
+            // Without the in-kernel LAPIC, KVM reports the guest's CR8 in kvm_run.
+            // SAFETY: run_ptr points to this vCPU's mmapped kvm_run, alive as long as
+            // self.fd; `cr8` is outside the exit union the borrowed exit data lives in.
+            let cr8 = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*run_ptr).cr8)) };
+            let mut l = lock(&self.shared.lapic);
+            if l.cr8() != cr8 {
+                l.set_cr8(cr8);
+            }
+        }
+        let action = match res {
+            Ok(exit) => {
+                let mut ctx = ExitContext {
+                    vcpu: index,
+                    pio: &self.env.pio,
+                    mmio: &self.env.mmio,
+                    lapic: &self.shared.lapic,
+                    irq: &*self.env.irq,
+                    now_ns: self.env.clock.now_ns(),
+                    stats: &mut self.stats,
+                    debug: self.env.debug,
+                };
+                handle_exit(exit, &mut ctx)?
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.stats.exits[EK_INTR] += 1;
+                VcpuAction::Continue
+            }
+            Err(err) => return Err(VcpuError::Run { vcpu: index, err }),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        self.shared.kick_flag.store(false, Ordering::SeqCst);
+        Ok(match action {
+            VcpuAction::Continue => None,
+            VcpuAction::Halt => {
+                self.halted_if = self.fd.get_kvm_run().if_flag != 0;
+                self.transition(Event::Hlt);
+                None
+            }
+            VcpuAction::StopVm(s) => Some(StopReason::DebugExit(s)),
+            VcpuAction::Shutdown(why) => Some(StopReason::Shutdown(why)),
+            VcpuAction::Crash(kind) => Some(self.crash(kind)),
+        })
+    }
+
+    /// Build the crash report: the exit reason and this vCPU's registers.
+    fn crash(&mut self, kind: CrashKind) -> StopReason {
+        let index = self.shared.index;
+        let mut insn = None;
+        let what = match &kind {
+            CrashKind::TripleFault => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
+            CrashKind::FailEntry { reason, cpu } => format!(
+                "VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, cpu {cpu})"
+            ),
+            CrashKind::Unexpected(e) => format!("unexpected exit {e}"),
+            CrashKind::InternalError => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // active union member.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let sub = internal.suberror;
+                let name = match sub {
+                    1 => "emulation failure",
+                    2 => "simultaneous exception",
+                    3 => "delivery event",
+                    4 => "unexpected exit reason",
+                    _ => "unknown suberror",
+                };
+                let nd = (internal.ndata as usize).min(internal.data.len());
+                // Emulation failure with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                // data[0] = flags, then insn_size (1 byte) and up to 15 instruction bytes.
+                if sub == 1 && nd >= 3 && internal.data[0] & 1 != 0 {
+                    let mut bytes = [0u8; 16];
+                    bytes[..8].copy_from_slice(&internal.data[1].to_le_bytes());
+                    bytes[8..].copy_from_slice(&internal.data[2].to_le_bytes());
+                    let n = (bytes[0] as usize).min(15);
+                    if n > 0 {
+                        insn = Some(
+                            bytes[1..=n]
+                                .iter()
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        );
+                    }
+                }
+                format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub}: {name})")
+            }
+        };
+        let dump = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => {
+                let mut d = VcpuDump::from_regs(index, &what, &r, &s);
+                d.insn_bytes = insn.clone();
+                Some(Box::new(d))
+            }
+            _ => None,
+        };
+        let mut error = format!("guest crashed on vCPU {index}: {what}");
+        if let Some(i) = &insn {
+            error.push_str(&format!("; instruction bytes: {i}"));
+        }
+        if let Some(d) = &dump {
+            error.push_str(&format!("; {}", d.summary()));
+        }
+        StopReason::Crash { error, dump }
+    }
+}
+
+#[cfg(test)]
+mod tests;

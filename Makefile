@@ -1,0 +1,130 @@
+# dvmm build.
+#
+#   make demo    set up, then run the embedded default (`dvmmctl demo`)
+#   make test    set up, then every test: Rust (cargo test), ruff, mypy, pytest
+#   make lint    cargo fmt --check, cargo clippy -D warnings, ruff, mypy
+#   make setup   apt packages (only the missing ones), the .venv, Python tools,
+#                the native extension (maturin develop --release), the guest
+#   make clean   remove the venv, the built extension and the guest build
+#
+# Everything Python lives in .venv. Steps are skipped when already done
+# (stamp files in .venv/.stamps, apt checks with dpkg-query), so a second
+# `make setup` takes seconds.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+ROOT   := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+VENV   := $(ROOT)/.venv
+PY     := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+PYTHON ?= python3
+
+# rustup puts cargo in ~/.cargo/bin, which a non-login shell may not have on PATH.
+CARGO_HOME_BIN := $(wildcard $(HOME)/.cargo/bin)
+export PATH := $(VENV)/bin:$(if $(CARGO_HOME_BIN),$(CARGO_HOME_BIN):)$(PATH)
+
+# Debian packages: qemu for the guest's QEMU baseline tests; libclang/clang
+# for bindgen (userfaultfd-sys); iproute2/nftables for multi-node tests in
+# network namespaces.
+APT_PACKAGES := qemu-system-x86 libclang-dev clang gcc make iproute2 nftables util-linux
+
+# Python tools (pinned).
+PY_TOOLS := \
+	maturin==1.16.0 \
+	pytest==9.2.0 \
+	pytest-benchmark==5.3.1 \
+	hypothesis==6.170.17 \
+	mypy==2.4.1 \
+	ruff==0.17.6
+
+RUST_INPUTS := $(shell find $(ROOT)/rust/src -name '*.rs' 2>/dev/null) \
+	$(wildcard $(ROOT)/rust/build.rs) $(ROOT)/rust/Cargo.toml $(wildcard $(ROOT)/rust/Cargo.lock) \
+	$(ROOT)/pyproject.toml
+# Rebuild when the built extension is gone, even if the stamp is there.
+NATIVE_SO := $(wildcard $(ROOT)/dvmmd/_native*.so)
+
+# `cargo test` links libpython (no extension-module feature): use the venv's
+# interpreter, and find libpython at run time when it is not in ld.so's path.
+CARGO_ENV = PYO3_PYTHON=$(PY) \
+	LD_LIBRARY_PATH="$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
+
+.PHONY: help setup apt venv guest demo test test-rust test-python lint clean distclean FORCE
+
+help:
+	@sed -n '2,12p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
+
+# ------------------------------------------------------------------ setup
+
+setup: apt $(STAMPS)/native guest
+
+apt:
+	@if ! command -v dpkg-query >/dev/null; then \
+	  echo "setup: not a Debian system: install $(APT_PACKAGES) by hand"; exit 0; \
+	fi; \
+	missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'install ok installed' \
+	    || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  echo "setup: installing Debian packages:$$missing"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(PY)
+
+$(STAMPS)/pydeps: $(ROOT)/Makefile | $(PY)
+	$(PY) -m pip install -q $(PY_TOOLS)
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/native: $(STAMPS)/pydeps $(RUST_INPUTS) $(if $(NATIVE_SO),,FORCE)
+	@command -v cargo >/dev/null || { echo "setup: cargo not found: install a Rust toolchain (rustup)"; exit 1; }
+	cd $(ROOT) && VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release
+	@touch $@
+
+guest:
+	$(MAKE) -C $(ROOT)/guest
+
+# ------------------------------------------------------------------ demo
+
+demo: setup
+	$(VENV)/bin/dvmmctl demo
+
+# ------------------------------------------------------------------ tests
+
+test: setup test-rust test-python
+
+test-rust: setup
+	cd $(ROOT)/rust && $(CARGO_ENV) cargo test
+
+test-python: setup
+	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests
+	cd $(ROOT) && $(VENV)/bin/mypy
+	cd $(ROOT) && $(VENV)/bin/pytest -v
+
+lint: setup
+	cd $(ROOT)/rust && cargo fmt --check
+	cd $(ROOT)/rust && $(CARGO_ENV) cargo clippy --all-targets -- -D warnings
+	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests
+	cd $(ROOT) && $(VENV)/bin/ruff format --check dvmmd tests
+	cd $(ROOT) && $(VENV)/bin/mypy
+
+# ------------------------------------------------------------------ clean
+
+clean:
+	rm -rf $(VENV) $(ROOT)/guest/build $(ROOT)/dvmmd/_native*.so \
+	  $(ROOT)/.pytest_cache $(ROOT)/.mypy_cache $(ROOT)/.ruff_cache
+
+distclean: clean
+	rm -rf $(ROOT)/rust/target
+
+FORCE:

@@ -1,0 +1,363 @@
+"""dvmmd configuration: one TOML file, validated into a frozen `Config`.
+
+Every error names the file, the line (when the key is present in the file) and the
+dotted key, e.g. ``/etc/dvmmd/dvmmd.toml:7: cluster.failure_timeout: must be greater
+than cluster.heartbeat_interval``. Unknown keys are errors too (a typo must not be
+silently ignored).
+
+Example::
+
+    [node]
+    name = "node1"
+    listen = "10.0.0.1:7400"        # daemon-to-daemon port (authenticated)
+    advertise = "10.0.0.1:7400"     # optional: the address peers dial (default: listen)
+    state_dir = "/var/lib/dvmmd"
+    vcpus = 2                       # what this node offers to VMs
+    memory = "8G"
+
+    [cluster]
+    secret_file = "/etc/dvmmd/secret"
+    peers = ["10.0.0.2:7400"]       # static peers ...
+    seed = "10.0.0.2:7400"          # ... and/or one seed to join through
+    heartbeat_interval = 1.0
+    failure_timeout = 5.0           # no heartbeat for this long -> dead
+
+    [api]
+    socket = "/run/dvmmd/dvmmd.sock"
+    socket_mode = "0660"
+    socket_group = "dvmm"           # optional
+    remote = false                  # serve the API to authenticated clients on the peer port
+
+    [metrics]
+    listen = "127.0.0.1:9478"       # optional; absent = no metrics endpoint
+
+    [worker]
+    command = ["/usr/bin/python3", "-m", "dvmmd.worker"]   # default: this Python
+    data_ports = "7500-7599"        # ports for the distributed-VM data path
+    multi_node = "auto"             # true / false / "auto" (ask dvmmd._native)
+    stop_grace = 10.0
+
+    [vm]
+    kernel = "/usr/share/dvmm/dvmm-guest"   # default kernel for `dvmmctl boot`
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .sizes import SizeError, parse_size
+
+DEFAULT_CONFIG_PATH = "/etc/dvmmd/dvmmd.toml"
+DEFAULT_SOCKET = "/run/dvmmd/dvmmd.sock"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem; `str()` is the full human-readable message."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        self.message = message
+        where = ""
+        if file is not None:
+            where = file + (f":{line}" if line is not None else "") + ": "
+        super().__init__(f"{where}{key + ': ' if key else ''}{message}")
+
+
+def parse_memory(value: int | str) -> int:
+    """A byte count from the config: an integer, or a string such as ``"8G"`` (sizes.py)."""
+    if isinstance(value, bool):
+        raise SizeError("a size must be an integer or a string like '8G'")
+    if isinstance(value, int):
+        if value < 0:
+            raise SizeError("a size must not be negative")
+        return value
+    return parse_size(value)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port``; raises ValueError with a clear message."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]:")
+    else:
+        host, sep, rest = value.rpartition(":")
+    if not sep or not host or not rest.isdigit():
+        raise ValueError(f"expected host:port, got {value!r}")
+    port = int(rest)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+def is_valid_name(name: str) -> bool:
+    """Node and VM names: 1-63 characters of [A-Za-z0-9_.-], starting alphanumeric."""
+    return bool(_NAME_RE.match(name))
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    node_name: str
+    listen: tuple[str, int]
+    advertise: tuple[str, int]
+    state_dir: Path
+    vcpus: int
+    memory: int
+    secret_file: Path
+    peers: tuple[tuple[str, int], ...]
+    seed: tuple[str, int] | None
+    heartbeat_interval: float
+    suspect_timeout: float
+    failure_timeout: float
+    api_socket: Path
+    api_socket_mode: int
+    api_socket_group: str | None
+    api_remote: bool
+    metrics_listen: tuple[str, int] | None
+    worker_command: tuple[str, ...]
+    data_ports: tuple[int, int]
+    multi_node: str  # "auto" | "yes" | "no"
+    stop_grace: float
+    default_kernel: str | None
+    log_level: str
+
+    @property
+    def advertise_str(self) -> str:
+        return format_hostport(self.advertise)
+
+
+def format_hostport(hp: tuple[str, int]) -> str:
+    host, port = hp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- schema ------------------------------------------------------------------
+
+_SCHEMA: dict[str, set[str]] = {
+    "node": {"name", "listen", "advertise", "state_dir", "vcpus", "memory", "log_level"},
+    "cluster": {"secret_file", "peers", "seed", "heartbeat_interval", "suspect_timeout",
+                "failure_timeout"},
+    "api": {"socket", "socket_mode", "socket_group", "remote"},
+    "metrics": {"listen"},
+    "worker": {"command", "data_ports", "multi_node", "stop_grace"},
+    "vm": {"kernel"},
+}
+
+
+def _key_line(text: str, table: str, key: str | None) -> int | None:
+    """Best-effort line number of ``[table] key = ...`` (or of ``[table]``) in the TOML text."""
+    current = ""
+    table_line: int | None = None
+    for i, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        m = re.match(r"^\[\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]", line)
+        if m and not line.startswith("[["):
+            current = m.group(1).replace('"', "").replace("'", "")
+            if current == table and table_line is None:
+                table_line = i
+            continue
+        if key is None:
+            continue
+        km = re.match(r"^([A-Za-z0-9_\-\"'.]+)\s*=", line)
+        if not km:
+            continue
+        k = km.group(1).replace('"', "").replace("'", "")
+        if (current == table and k == key) or (current == "" and k == f"{table}.{key}"):
+            return i
+    return table_line
+
+
+class _Reader:
+    """Typed access to the parsed TOML with errors that point at file:line: key."""
+
+    def __init__(self, path: str, text: str, data: Mapping[str, Any]) -> None:
+        self.path = path
+        self.text = text
+        self.data = data
+
+    def error(self, table: str, key: str | None, message: str) -> ConfigError:
+        return ConfigError(message, file=self.path, line=_key_line(self.text, table, key),
+                           key=f"{table}.{key}" if key else f"[{table}]")
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, None, "must be a table")
+        return value
+
+    def get(self, table: str, key: str, kind: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        t = self.table(table)
+        if key not in t:
+            if required:
+                raise ConfigError("missing required key", file=self.path,
+                                  line=_key_line(self.text, table, None), key=f"{table}.{key}")
+            return default
+        value = t[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(table, key, f"must be {names}, got {type(value).__name__} "
+                             f"{value!r}")
+        return value
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 30
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raises ConfigError on any problem."""
+    p = str(path)
+    try:
+        text = Path(p).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=p) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file: {e}", file=p) from None
+    return parse_config(text, p)
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    """Validate TOML text into a Config; raises ConfigError naming file, line and key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise ConfigError(f"invalid TOML: {msg}", file=path,
+                          line=int(m.group(1)) if m else None) from None
+    r = _Reader(path, text, data)
+    for table, value in data.items():
+        if table not in _SCHEMA:
+            raise ConfigError(f"unknown table (known: {', '.join(sorted(_SCHEMA))})", file=path,
+                              line=_key_line(text, table, None), key=f"[{table}]")
+        if not isinstance(value, dict):
+            raise r.error(table, None, "must be a table")
+        for key in value:
+            if key not in _SCHEMA[table]:
+                raise r.error(table, key, "unknown key (known: "
+                              + ", ".join(sorted(_SCHEMA[table])) + ")")
+
+    def hostport(table: str, key: str, value: str) -> tuple[str, int]:
+        try:
+            return parse_hostport(value)
+        except ValueError as e:
+            raise r.error(table, key, str(e)) from None
+
+    def positive(table: str, key: str, value: float) -> float:
+        if value <= 0:
+            raise r.error(table, key, f"must be positive, got {value}")
+        return float(value)
+
+    name = r.get("node", "name", str, required=True)
+    if not is_valid_name(name):
+        raise r.error("node", "name", f"invalid node name {name!r} "
+                      "(1-63 of A-Z a-z 0-9 _ . -, starting alphanumeric)")
+    listen = hostport("node", "listen", r.get("node", "listen", str, required=True))
+    adv_s = r.get("node", "advertise", str)
+    advertise = hostport("node", "advertise", adv_s) if adv_s else listen
+    if advertise[0] in ("0.0.0.0", "::", ""):
+        raise r.error("node", "advertise" if adv_s else "listen",
+                      "a wildcard address cannot be dialled by peers; set node.advertise")
+    state_dir = Path(r.get("node", "state_dir", str, required=True))
+    if not state_dir.is_absolute():
+        raise r.error("node", "state_dir", "must be an absolute path")
+    vcpus = r.get("node", "vcpus", int, default=os.cpu_count() or 1)
+    if vcpus < 0 or vcpus > 4096:
+        raise r.error("node", "vcpus", f"must be between 0 and 4096, got {vcpus}")
+    mem_raw = r.get("node", "memory", (int, str), default=_mem_total() * 3 // 4)
+    try:
+        memory = parse_memory(mem_raw)
+    except SizeError as e:
+        raise r.error("node", "memory", str(e)) from None
+    log_level = r.get("node", "log_level", str, default="info").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise r.error("node", "log_level", "must be one of debug, info, warning, error")
+
+    secret_file = Path(r.get("cluster", "secret_file", str, required=True))
+    peers_raw = r.get("cluster", "peers", list, default=[])
+    peers: list[tuple[str, int]] = []
+    for item in peers_raw:
+        if not isinstance(item, str):
+            raise r.error("cluster", "peers", f"entries must be 'host:port' strings, got {item!r}")
+        peers.append(hostport("cluster", "peers", item))
+    seed_s = r.get("cluster", "seed", str)
+    seed = hostport("cluster", "seed", seed_s) if seed_s else None
+    hb = positive("cluster", "heartbeat_interval",
+                  r.get("cluster", "heartbeat_interval", float, default=1.0))
+    timeout = positive("cluster", "failure_timeout",
+                       r.get("cluster", "failure_timeout", float, default=5.0))
+    if timeout <= hb:
+        raise r.error("cluster", "failure_timeout",
+                      f"must be greater than cluster.heartbeat_interval ({hb})")
+    suspect = positive("cluster", "suspect_timeout",
+                       r.get("cluster", "suspect_timeout", float,
+                             default=max(min(2 * hb, timeout), timeout / 2)))
+    if suspect > timeout:
+        raise r.error("cluster", "suspect_timeout", "must not exceed cluster.failure_timeout")
+
+    api_socket = Path(r.get("api", "socket", str, default=str(state_dir / "dvmmd.sock")))
+    mode_raw = r.get("api", "socket_mode", (str, int), default="0660")
+    try:
+        mode = int(mode_raw, 8) if isinstance(mode_raw, str) else mode_raw
+    except ValueError:
+        raise r.error("api", "socket_mode", f"expected an octal mode like '0660', got "
+                      f"{mode_raw!r}") from None
+    if mode & ~0o777 or mode & 0o007:
+        raise r.error("api", "socket_mode", f"{oct(mode)} is not allowed: the API socket must "
+                      "not be accessible to others (use 0600 or 0660)")
+    group = r.get("api", "socket_group", str)
+    remote = r.get("api", "remote", bool, default=False)
+
+    ml = r.get("metrics", "listen", str)
+    metrics = hostport("metrics", "listen", ml) if ml else None
+
+    cmd_raw = r.get("worker", "command", list, default=[sys.executable, "-m", "dvmmd.worker"])
+    if not cmd_raw or not all(isinstance(c, str) and c for c in cmd_raw):
+        raise r.error("worker", "command", "must be a non-empty list of strings")
+    ports_s = r.get("worker", "data_ports", str, default="7500-7599")
+    pm = re.match(r"^\s*(\d+)\s*-\s*(\d+)\s*$", ports_s)
+    if not pm or not 0 < int(pm.group(1)) <= int(pm.group(2)) < 65536:
+        raise r.error("worker", "data_ports", f"expected a port range like '7500-7599', got "
+                      f"{ports_s!r}")
+    multi_raw = r.get("worker", "multi_node", (bool, str), default="auto")
+    if isinstance(multi_raw, bool):
+        multi = "yes" if multi_raw else "no"
+    elif multi_raw == "auto":
+        multi = "auto"
+    else:
+        raise r.error("worker", "multi_node", "must be true, false or \"auto\"")
+    grace = positive("worker", "stop_grace", r.get("worker", "stop_grace", float, default=10.0))
+    kernel = r.get("vm", "kernel", str)
+
+    return Config(
+        path=path, node_name=name, listen=listen, advertise=advertise, state_dir=state_dir,
+        vcpus=vcpus, memory=memory, secret_file=secret_file, peers=tuple(peers), seed=seed,
+        heartbeat_interval=hb, suspect_timeout=suspect, failure_timeout=timeout,
+        api_socket=api_socket, api_socket_mode=mode, api_socket_group=group, api_remote=remote,
+        metrics_listen=metrics, worker_command=tuple(cmd_raw),
+        data_ports=(int(pm.group(1)), int(pm.group(2))), multi_node=multi, stop_grace=grace,
+        default_kernel=kernel, log_level=log_level,
+    )

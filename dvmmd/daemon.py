@@ -1,0 +1,228 @@
+"""dvmmd: the node daemon (one per node).
+
+    dvmmd [--config /etc/dvmmd/dvmmd.toml] [--check-config]
+
+Wires the parts together on one asyncio loop: the durable store (store.py), the
+cluster secret (auth.py), membership and failure detection (membership.py), the
+authenticated peer network (peers.py), VM lifecycle (vmmanager.py), the local API
+(api.py), metrics (metrics.py) and systemd notification (sdnotify.py).
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration error,
+1 when it cannot start (secret, state directory, a port or socket in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .api import ApiHandler, ApiServer
+from .auth import Peer, SecretError, load_secret
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .membership import Membership
+from .metrics import Exposition, add_worker_stats
+from .metrics import serve as serve_metrics
+from .peers import PeerNetwork
+from .sdnotify import notify, watchdog_interval
+from .store import ACTIVE_STATES, Store, StoreError
+from .vmmanager import VmManager
+
+log = logging.getLogger("dvmmd")
+
+
+class StartupError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.stopping = asyncio.Event()
+
+    def local_info(self) -> dict[str, Any]:
+        used_v, used_m = self.vmm.used()
+        return {"vcpus": self.cfg.vcpus, "memory": self.cfg.memory, "used_vcpus": used_v,
+                "used_memory": used_m,
+                "vms": sum(1 for s in self.vmm.shares.values() if s.active),
+                "started_at": self.started_at, "version": __version__}
+
+    async def _rpc(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
+        return await self.vmm.handle_rpc(method, params)
+
+    async def _remote_api(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
+        return await self.api_handler.remote(method, params, peer)
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.store = Store(cfg.state_dir / "dvmmd.db")
+        except (OSError, StoreError) as e:
+            raise StartupError(f"state directory {cfg.state_dir}: {e}") from None
+        try:
+            self.secret = load_secret(cfg.secret_file)
+        except SecretError as e:
+            raise StartupError(str(e)) from None
+        self.incarnation = self.store.bump_incarnation()
+        self.membership = Membership(cfg.node_name, cfg.advertise_str, self.incarnation,
+                                     suspect_timeout=cfg.suspect_timeout,
+                                     failure_timeout=cfg.failure_timeout,
+                                     local_info=self.local_info)
+        self.network = PeerNetwork(cfg, self.secret, self.membership, self._rpc,
+                                   self._remote_api if cfg.api_remote else None)
+        self.vmm = VmManager(cfg, self.store, self.membership, self.network.call, self.secret)
+        self.api_handler = ApiHandler(cfg.node_name, self.incarnation, self.membership,
+                                      self.network, self.vmm, __version__)
+        self.api = ApiServer(cfg.api_socket, cfg.api_socket_mode, cfg.api_socket_group,
+                             self.api_handler)
+
+    def render_metrics(self) -> str:
+        exp = Exposition()
+        node = self.cfg.node_name
+        for m in self.membership.view():
+            labels = {"node": m["name"]}
+            for st in ("alive", "suspect", "dead", "left"):
+                exp.add("dvmm_node_state", "gauge", "1 for the state the member is in",
+                        1 if m["state"] == st else 0, {**labels, "state": st})
+            exp.add("dvmm_node_vcpus", "gauge", "vCPUs the node offers", m["vcpus"], labels)
+            exp.add("dvmm_node_memory_bytes", "gauge", "memory the node offers", m["memory"],
+                    labels)
+            exp.add("dvmm_node_used_vcpus", "gauge", "vCPUs used by VMs", m["used_vcpus"], labels)
+            exp.add("dvmm_node_used_memory_bytes", "gauge", "memory homed by VMs",
+                    m["used_memory"], labels)
+            exp.add("dvmm_node_last_heartbeat_age_seconds", "gauge",
+                    "seconds since the last heartbeat", m["last_heard_s"], labels)
+        states: dict[str, int] = {}
+        for rec in self.store.list_vms():
+            states[rec.state] = states.get(rec.state, 0) + 1
+            exp.add("dvmm_vm_info", "gauge", "VMs owned by this node",
+                    1, {"vm": rec.name, "state": rec.state})
+            exp.add("dvmm_vm_vcpus", "gauge", "vCPUs of the VM", rec.request.get("vcpus", 0),
+                    {"vm": rec.name})
+        for st in ("booting", "running", "stopping", "stopped", "failed"):
+            exp.add("dvmm_vms", "gauge", "VMs owned by this node, by state", states.get(st, 0),
+                    {"state": st})
+        for sh in self.vmm.shares.values():
+            add_worker_stats(exp, self.vmm.live_stats(sh), {"vm": sh.rec.vm, "node": node})
+        c = self.network.counters
+        exp.add("dvmmd_auth_failures_total", "counter", "peer authentication failures",
+                c.auth_failures)
+        exp.add("dvmmd_protocol_errors_total", "counter", "peer protocol errors",
+                c.protocol_errors)
+        exp.add("dvmmd_peer_connections_total", "counter", "accepted peer connections",
+                c.connections_accepted)
+        exp.add("dvmmd_rpcs_served_total", "counter", "peer RPCs served", c.rpcs_served)
+        exp.add("dvmmd_api_requests_total", "counter", "local API requests",
+                self.api_handler.requests)
+        exp.add("dvmmd_incarnation", "gauge", "daemon incarnation", self.incarnation)
+        return exp.render()
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        self._setup()
+        self.vmm.startup()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        metrics_server = None
+        try:
+            try:
+                await self.network.start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on {cfg.listen[0]}:{cfg.listen[1]} "
+                                   f"(node.listen): {e.strerror or e}") from None
+            try:
+                await self.api.start()
+            except OSError as e:
+                raise StartupError(f"API socket {cfg.api_socket}: {e}") from None
+            if cfg.metrics_listen:
+                try:
+                    metrics_server = await serve_metrics(*cfg.metrics_listen,
+                                                         self.render_metrics)
+                except OSError as e:
+                    raise StartupError(f"cannot serve metrics on {cfg.metrics_listen}: "
+                                       f"{e.strerror or e}") from None
+            log.info("dvmmd %s: node %s (incarnation %d) listening on %s, API %s%s",
+                     __version__, cfg.node_name, self.incarnation, cfg.advertise_str,
+                     cfg.api_socket,
+                     f", metrics {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"
+                     if cfg.metrics_listen else "")
+            notify(f"READY=1\nSTATUS=node {cfg.node_name} serving")
+            await self._main_loop()
+        finally:
+            notify("STOPPING=1")
+            log.info("shutting down")
+            await self.vmm.shutdown()
+            await self.network.close(leave=True)
+            await self.api.close()
+            if metrics_server is not None:
+                metrics_server.close()
+            self.store.close()
+        return 0
+
+    async def _main_loop(self) -> None:
+        tick = max(0.05, min(self.cfg.heartbeat_interval / 4, 0.5))
+        wd = watchdog_interval()
+        last_wd = 0.0
+        last_status = ""
+        while not self.stopping.is_set():
+            self.membership.check()
+            now = time.monotonic()
+            if wd is not None and now - last_wd >= wd:
+                alive = sum(1 for m in self.membership.members.values() if m.state == "alive")
+                active = sum(1 for r in self.store.list_vms() if r.state in ACTIVE_STATES)
+                status = f"{alive} node(s) alive, {active} VM(s) active"
+                notify("WATCHDOG=1" + (f"\nSTATUS={status}" if status != last_status else ""))
+                last_status, last_wd = status, now
+            try:
+                await asyncio.wait_for(self.stopping.wait(), tick)
+            except TimeoutError:
+                pass
+
+
+def _setup_logging(level: str) -> None:
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    fmt = ("%(levelname)s %(name)s: %(message)s" if under_systemd
+           else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=fmt,
+                        stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dvmmd", description="dvmm node daemon")
+    p.add_argument("--config", default=os.environ.get("DVMMD_CONFIG", DEFAULT_CONFIG_PATH),
+                   help=f"configuration file (default: $DVMMD_CONFIG or {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration and exit")
+    p.add_argument("--version", action="version", version=f"dvmmd {__version__}")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"dvmmd: config error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"dvmmd: {args.config}: OK (node {cfg.node_name}, {cfg.vcpus} vCPUs, "
+              f"{cfg.memory} bytes)")
+        return 0
+    _setup_logging(cfg.log_level)
+    try:
+        return asyncio.run(Daemon(cfg).run())
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

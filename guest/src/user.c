@@ -1,0 +1,1097 @@
+/*
+ * dvmm-guest CPL3 runtime: command line, job dispatch, barriers, and the
+ * workloads. Everything here runs at CPL3 (natively, even on PVM hosts) and
+ * reaches the kernel only through the int3 system-call gate (see common.h).
+ */
+#include "common.h"
+
+/* ---------------------------------------------------------------- */
+/* System calls                                                      */
+
+static inline u64 sys(u64 n, u64 a, u64 b, u64 c)
+{
+    __asm__ volatile("int3" : "+a"(n) : "D"(a), "S"(b), "d"(c) : "memory");
+    return n;
+}
+
+static inline u64 xadd(volatile u64 *p, u64 v)
+{
+    __asm__ volatile("lock xaddq %0, %1" : "+r"(v), "+m"(*p) : : "memory");
+    return v;
+}
+static inline u64 xchg(volatile u64 *p, u64 v)
+{
+    __asm__ volatile("xchgq %0, %1" : "+r"(v), "+m"(*p) : : "memory");
+    return v;
+}
+static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
+
+/* ---------------------------------------------------------------- */
+/* Runtime state                                                     */
+
+static struct sysinfo *si;
+static u32 ncpu, nnode;
+static u64 tsc_khz;
+static const char *cur_name = "boot";
+static u64 timeout_s = 60;
+static u64 syscall_ns;     /* measured cost of a null system call */
+/* Spin before sleeping: a few system calls' worth (sleeping and being
+ * woken each cost a system call, ~150 us when CPL0 is emulated). */
+static u64 spin_cycles = 100000;
+
+struct percpu {
+    volatile u64 sleeping;
+    u64 idle;                  /* waiting for work: no deadline */
+    u64 a, b, c, d;            /* per-CPU results */
+    s32 node;
+} ALIGNED(CACHELINE);
+static struct percpu pc[MAX_CPUS];
+
+static void uprintf(const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnfmt(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof buf - 1)
+        n = sizeof buf - 1;
+    sys(SYS_PRINT, (u64)buf, n, 0);
+}
+
+static void NORETURN uexit(u32 status)
+{
+    sys(SYS_EXIT, status, 0, 0);
+    for (;;)
+        ;
+}
+
+static u64 us_since(u64 t0) { return (rdtsc() - t0) * 1000 / tsc_khz; }
+
+/* ---------------------------------------------------------------- */
+/* Waiting: spin natively for a while, then halt in the kernel (frees */
+/* the host CPU when vCPUs outnumber cores) until a wake-up IPI or a  */
+/* timer. Every wait has a deadline: the guest never hangs.           */
+
+struct waiter { u64 spin_end, deadline, sleep_us; };
+
+static void waiter_init(struct waiter *w, u32 me)
+{
+    u64 now = rdtsc();
+    w->spin_end = now + spin_cycles;
+    w->deadline = pc[me].idle ? ~0UL : now + timeout_s * tsc_khz * 1000;
+    w->sleep_us = 50;
+}
+
+static void NORETURN wait_timeout(const char *what)
+{
+    uprintf("dvmm-guest: %s FAIL timeout (%lus) waiting for %s on cpu %lu\n", cur_name, timeout_s, what,
+            sys(SYS_CPUID, 0, 0, 0));
+    uexit(1);
+}
+
+/* returns 1 while still in the spinning phase */
+static int waiter_spin(struct waiter *w, const char *what)
+{
+    u64 now = rdtsc();
+    if (now > w->deadline)
+        wait_timeout(what);
+    if (now < w->spin_end) {
+        cpu_relax();
+        return 1;
+    }
+    return 0;
+}
+
+static void waiter_sleep(struct waiter *w, u64 max_us)
+{
+    sys(SYS_YIELD, w->sleep_us, 0, 0);
+    if (w->sleep_us < max_us)
+        w->sleep_us *= 2;
+}
+
+/* Dekker-style: the waiter announces itself before its last check, the
+ * waker publishes its change before looking at the flags. */
+#define WAIT_UNTIL(me, cond, what, max_us)                       \
+    do {                                                         \
+        struct waiter w_;                                        \
+        waiter_init(&w_, me);                                      \
+        while (!(cond)) {                                        \
+            if (waiter_spin(&w_, what))                          \
+                continue;                                        \
+            xchg(&pc[me].sleeping, 1);                           \
+            if (cond) {                                          \
+                pc[me].sleeping = 0;                             \
+                break;                                           \
+            }                                                    \
+            waiter_sleep(&w_, max_us);                           \
+            pc[me].sleeping = 0;                                 \
+        }                                                        \
+    } while (0)
+
+static void wake(u32 cpu)
+{
+    mfence();
+    if (pc[cpu].sleeping)
+        sys(SYS_WAKE, cpu, 0, 0);
+}
+static void wake_all(u32 me)
+{
+    mfence();
+    for (u32 i = 0; i < ncpu; i++)
+        if (i != me && pc[i].sleeping)
+            sys(SYS_WAKE, i, 0, 0);
+}
+
+/* Sense-free generation barrier over all CPUs. */
+static struct { volatile u64 count ALIGNED(64); volatile u64 gen ALIGNED(64); } bar;
+
+static void barrier_all(u32 me)
+{
+    u64 gen = bar.gen;
+    if (xadd(&bar.count, 1) == ncpu - 1) {
+        bar.count = 0;
+        barrier();
+        bar.gen = gen + 1;
+        wake_all(me);
+        return;
+    }
+    WAIT_UNTIL(me, bar.gen != gen, "barrier", 2000);
+}
+
+/* Test-and-test-and-set spin lock; long waits sleep (no wake-ups). */
+static void spin_lock(u32 me, volatile u64 *l)
+{
+    while (xchg(l, 1))
+        WAIT_UNTIL(me, *l == 0, "spinlock", 200);
+}
+static void spin_unlock(volatile u64 *l)
+{
+    barrier();
+    *l = 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* Parameters                                                        */
+
+enum { P_ITERS, P_SIZE, P_MEM, P_SEED, P_STEPS, P_SLOTS, P_PEER, P_NUMA, P_TIMEOUT, NPARAM };
+static const char *const pname[NPARAM] = { "iters", "size", "mem", "seed", "steps", "slots", "peer", "numa", "timeout" };
+
+struct params { u64 v[NPARAM]; };   /* numa: 1 = local, 0 = ignore */
+
+struct workload {
+    const char *name;
+    void (*par)(u32 me);           /* runs on every CPU */
+    int (*check)(char *out, u64 n); /* CPU 0 afterwards: result keys; 0 = pass */
+    struct params def;
+    u64 used;                      /* bit mask of parameters it reads */
+    struct params p;
+    int selected;
+};
+
+static struct workload *W;      /* the workload being run */
+#define PRM(i) (W->p.v[i])
+static u64 T0, T1;              /* timed section, TSC, set by CPU 0 */
+static int numa_local(void) { return PRM(P_NUMA) != 0; }
+static s64 data_node(u32 me) { return numa_local() ? pc[me].node : 0; }
+
+static void *ualloc(s64 node, u64 size)
+{
+    return (void *)sys(SYS_ALLOC, (u64)node, size, 4096);
+}
+
+static volatile u64 alloc_failed;
+#define ALLOC_OR_FLAG(ptr, node, size)                   \
+    do {                                                 \
+        (ptr) = ualloc((node), (size));                  \
+        if (!(ptr))                                      \
+            alloc_failed = 1;                            \
+    } while (0)
+
+static inline u64 splitmix(u64 x)
+{
+    x += 0x9E3779B97F4A7C15UL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
+    return x ^ (x >> 31);
+}
+
+static void chunk(u64 total, u32 me, u32 n, u64 *lo, u64 *hi)
+{
+    *lo = total * me / n;
+    *hi = total * (me + 1) / n;
+}
+
+#define TIMED_START(me)      \
+    do {                     \
+        barrier_all(me);     \
+        if ((me) == 0)       \
+            T0 = rdtsc();    \
+    } while (0)
+#define TIMED_END(me)        \
+    do {                     \
+        barrier_all(me);     \
+        if ((me) == 0)       \
+            T1 = rdtsc();    \
+    } while (0)
+
+/* ---------------------------------------------------------------- */
+/* (i) ep: Monte-Carlo pi, fixed seed, serial recomputation          */
+
+static void ep_range(u64 lo, u64 hi, u64 seed, u64 *inside, u64 *csum)
+{
+    u64 in = 0, cs = 0;
+    for (u64 i = lo; i < hi; i++) {
+        u64 r = splitmix(seed * 0x100000001B3UL + i);
+        u64 x = r & 0x7FFFFFFF, y = (r >> 32) & 0x7FFFFFFF;
+        in += x * x + y * y < (1UL << 62);
+        cs += r;
+    }
+    *inside = in;
+    *csum = cs;
+}
+
+static void ep_par(u32 me)
+{
+    u64 lo, hi;
+    chunk(PRM(P_SIZE), me, ncpu, &lo, &hi);
+    TIMED_START(me);
+    ep_range(lo, hi, PRM(P_SEED), &pc[me].a, &pc[me].b);
+    TIMED_END(me);
+}
+
+static int ep_check(char *out, u64 n)
+{
+    u64 in = 0, cs = 0, ein, ecs;
+    for (u32 c = 0; c < ncpu; c++) {
+        in += pc[c].a;
+        cs += pc[c].b;
+    }
+    ep_range(0, PRM(P_SIZE), PRM(P_SEED), &ein, &ecs); /* serial recomputation */
+    u64 pi6 = in * 4000000 / PRM(P_SIZE);
+    snfmt(out, n, "samples=%lu inside=%lu pi=%lu.%06lu checksum=%016lx", PRM(P_SIZE), in, pi6 / 1000000,
+          pi6 % 1000000, cs);
+    if (in != ein || cs != ecs) {
+        snfmt(out + strlen(out), n - strlen(out), " expected_inside=%lu expected_checksum=%016lx", ein, ecs);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* (ii) counter: lock xadd by every CPU                              */
+
+static struct { volatile u64 v ALIGNED(64); } counter;
+
+static void counter_par(u32 me)
+{
+    if (me == 0)
+        counter.v = 0;
+    TIMED_START(me);
+    u64 s = 0, it = PRM(P_ITERS);
+    for (u64 i = 0; i < it; i++)
+        s += xadd(&counter.v, 1);
+    pc[me].a = s;
+    TIMED_END(me);
+}
+
+static int counter_check(char *out, u64 n)
+{
+    u64 t = (u64)ncpu * PRM(P_ITERS), s = 0;
+    for (u32 c = 0; c < ncpu; c++)
+        s += pc[c].a;
+    /* every value 0..t-1 is fetched exactly once */
+    u64 es = (t % 2 == 0) ? (t / 2) * (t - 1) : t * ((t - 1) / 2);
+    snfmt(out, n, "cpus=%u iters=%lu total=%lu", ncpu, PRM(P_ITERS), counter.v);
+    if (counter.v != t)
+        return snfmt(out + strlen(out), n - strlen(out), " expected=%lu", t), 1;
+    if (s != es)
+        return snfmt(out + strlen(out), n - strlen(out), " fetched_sum=%lu expected_sum=%lu", s, es), 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* (iii) spinlock: histogram + linked list under one lock            */
+
+struct lnode { struct lnode *next; u32 cpu, idx; u64 key; };
+static struct {
+    volatile u64 lock ALIGNED(64);
+    volatile u64 owner;
+    volatile u64 violations;
+    struct lnode *volatile head;
+    volatile u64 total;
+    volatile u64 *hist;
+} sl;
+
+static inline u64 sl_key(u64 seed, u32 cpu, u64 i) { return splitmix(seed ^ ((u64)cpu << 40) ^ i); }
+
+static void spinlock_par(u32 me)
+{
+    u64 it = PRM(P_ITERS), nb = PRM(P_SIZE), seed = PRM(P_SEED);
+    if (me == 0) {
+        sl.lock = 0;
+        sl.owner = ~0UL;
+        sl.violations = 0;
+        sl.head = 0;
+        sl.total = 0;
+        ALLOC_OR_FLAG(sl.hist, 0, nb * 8);
+        if (sl.hist)
+            memset((void *)sl.hist, 0, nb * 8);
+    }
+    struct lnode *nodes;
+    ALLOC_OR_FLAG(nodes, data_node(me), it * sizeof(struct lnode));
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    TIMED_START(me);
+    for (u64 i = 0; i < it; i++) {
+        struct lnode *nd = &nodes[i];
+        nd->cpu = me;
+        nd->idx = (u32)i;
+        nd->key = sl_key(seed, me, i);
+        spin_lock(me, &sl.lock);
+        if (sl.owner != ~0UL)
+            sl.violations++;
+        sl.owner = me;
+        sl.hist[nd->key % nb]++;
+        nd->next = sl.head;
+        sl.head = nd;
+        sl.total = sl.total + 1;
+        if (sl.owner != me)
+            sl.violations++;
+        sl.owner = ~0UL;
+        spin_unlock(&sl.lock);
+    }
+    TIMED_END(me);
+}
+
+static int spinlock_check(char *out, u64 n)
+{
+    u64 it = PRM(P_ITERS), nb = PRM(P_SIZE), seed = PRM(P_SEED), t = ncpu * it;
+    u64 len = 0, bad = 0;
+    u64 *h = ualloc(0, nb * 8);
+    if (!h)
+        return snfmt(out, n, "out of memory"), 1;
+    memset(h, 0, nb * 8);
+    for (struct lnode *p = sl.head; p && len <= t; p = p->next, len++) {
+        if (p->cpu >= ncpu || p->idx >= it || p->key != sl_key(seed, p->cpu, p->idx))
+            bad++;
+        h[p->key % nb]++;
+    }
+    /* expected histogram, computed independently of the list */
+    u64 *eh = ualloc(0, nb * 8), hist_bad = 0, hist_sum = 0;
+    if (!eh)
+        return snfmt(out, n, "out of memory"), 1;
+    memset(eh, 0, nb * 8);
+    for (u32 c = 0; c < ncpu; c++)
+        for (u64 i = 0; i < it; i++)
+            eh[sl_key(seed, c, i) % nb]++;
+    for (u64 b = 0; b < nb; b++) {
+        hist_sum += sl.hist[b];
+        hist_bad += sl.hist[b] != eh[b] || h[b] != eh[b];
+    }
+    snfmt(out, n, "cpus=%u iters=%lu buckets=%lu total=%lu list=%lu", ncpu, it, nb, sl.total, len);
+    if (sl.total != t || len != t || hist_sum != t || bad || hist_bad || sl.violations) {
+        snfmt(out + strlen(out), n - strlen(out), " expected=%lu bad_nodes=%lu bad_buckets=%lu violations=%lu", t,
+              bad, hist_bad, sl.violations);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* (iv) matmul: X <- X*X + (i^j^s) mod 2^32, rows split over CPUs,   */
+/* a barrier between steps (every step reads all rows)              */
+
+static u32 **mm_rows[2];
+
+static void mm_step(u32 **src, u32 **dst, u64 n, u64 lo, u64 hi, u64 s)
+{
+    for (u64 i = lo; i < hi; i++) {
+        u32 *d = dst[i], *a = src[i];
+        for (u64 j = 0; j < n; j++)
+            d[j] = (u32)(i ^ j ^ s);
+        for (u64 t = 0; t < n; t++) {
+            u32 x = a[t], *b = src[t];
+            for (u64 j = 0; j < n; j++)
+                d[j] += x * b[j];
+        }
+    }
+}
+
+static u64 mm_init_val(u64 seed, u64 i, u64 j, u64 n) { return (u32)splitmix(seed ^ (i * n + j)); }
+
+static void matmul_par(u32 me)
+{
+    u64 n = PRM(P_SIZE), steps = PRM(P_STEPS), seed = PRM(P_SEED), lo, hi;
+    chunk(n, me, ncpu, &lo, &hi);
+    if (me == 0) {
+        ALLOC_OR_FLAG(mm_rows[0], 0, n * 8);
+        ALLOC_OR_FLAG(mm_rows[1], 0, n * 8);
+    }
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    if (hi > lo) {
+        u32 *blk;
+        ALLOC_OR_FLAG(blk, data_node(me), 2 * (hi - lo) * n * 4);
+        if (blk)
+            for (u64 i = lo; i < hi; i++) {
+                mm_rows[0][i] = blk + (i - lo) * n;
+                mm_rows[1][i] = blk + (hi - lo + i - lo) * n;
+                for (u64 j = 0; j < n; j++)
+                    mm_rows[0][i][j] = mm_init_val(seed, i, j, n);
+            }
+    }
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    TIMED_START(me);
+    for (u64 s = 0; s < steps; s++) {
+        mm_step(mm_rows[s & 1], mm_rows[(s + 1) & 1], n, lo, hi, s);
+        barrier_all(me);
+    }
+    TIMED_END(me);
+}
+
+static int matmul_check(char *out, u64 n_out)
+{
+    u64 n = PRM(P_SIZE), steps = PRM(P_STEPS), seed = PRM(P_SEED);
+    u32 **r[2];
+    r[0] = ualloc(0, n * 8);
+    r[1] = ualloc(0, n * 8);
+    u32 *blk = ualloc(0, 2 * n * n * 4);
+    if (!r[0] || !r[1] || !blk)
+        return snfmt(out, n_out, "n=%lu out of memory for the serial check", n), 1;
+    for (u64 i = 0; i < n; i++) {
+        r[0][i] = blk + i * n;
+        r[1][i] = blk + (n + i) * n;
+        for (u64 j = 0; j < n; j++)
+            r[0][i][j] = mm_init_val(seed, i, j, n);
+    }
+    for (u64 s = 0; s < steps; s++)
+        mm_step(r[s & 1], r[(s + 1) & 1], n, 0, n, s);
+    u64 cs = 0, ecs = 0, diff = 0;
+    u32 **got = mm_rows[steps & 1], **exp = r[steps & 1];
+    for (u64 i = 0; i < n; i++)
+        for (u64 j = 0; j < n; j++) {
+            cs += (u64)got[i][j] * (i * n + j + 1);
+            ecs += (u64)exp[i][j] * (i * n + j + 1);
+            diff += got[i][j] != exp[i][j];
+        }
+    snfmt(out, n_out, "n=%lu steps=%lu numa=%s checksum=%016lx", n, steps, numa_local() ? "local" : "ignore", cs);
+    if (diff || cs != ecs)
+        return snfmt(out + strlen(out), n_out - strlen(out), " expected=%016lx wrong_elements=%lu", ecs, diff), 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* (v) ring: single-producer/single-consumer rings between CPU pairs */
+
+struct ring {
+    volatile u64 head ALIGNED(64);
+    volatile u64 tail ALIGNED(64);
+    u64 slots[];
+};
+static struct ring *rings[MAX_CPUS];
+
+static inline u64 ring_val(u64 seed, u32 pair, u64 s) { return splitmix(seed ^ ((u64)pair << 48) ^ s); }
+
+static void ring_par(u32 me)
+{
+    u64 it = PRM(P_ITERS), ns = PRM(P_SLOTS), seed = PRM(P_SEED);
+    u32 pair = me / 2;
+    int self = (me == ncpu - 1) && (ncpu % 2 == 1); /* odd one out: its own ring */
+    int consumer = self || (me % 2 == 1);
+    if (consumer) {
+        struct ring *r;
+        ALLOC_OR_FLAG(r, data_node(me), sizeof(struct ring) + ns * 8);
+        if (r)
+            r->head = r->tail = 0;
+        rings[pair] = r;
+    }
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    struct ring *r = rings[pair];
+    u32 partner = self ? me : (me ^ 1);
+    u64 bad = 0, sum = 0;
+    TIMED_START(me);
+    if (self) {
+        for (u64 s = 0; s < it;) {
+            u64 b = it - s < ns ? it - s : ns;
+            for (u64 k = 0; k < b; k++)
+                r->slots[(s + k) % ns] = ring_val(seed, pair, s + k);
+            for (u64 k = 0; k < b; k++) {
+                u64 v = r->slots[(s + k) % ns];
+                bad += v != ring_val(seed, pair, s + k);
+                sum += v;
+            }
+            s += b;
+        }
+    } else if (!consumer) {
+        /* publish every quarter ring so both sides stream */
+        u64 head = 0, tail = 0, q = ns / 4 ? ns / 4 : 1;
+        while (head < it) {
+            if (head - tail >= ns) {
+                tail = r->tail;
+                if (head - tail >= ns) {
+                    WAIT_UNTIL(me, head - r->tail < ns, "ring space", 1000);
+                    tail = r->tail;
+                }
+            }
+            u64 lim = tail + ns < it ? tail + ns : it;
+            if (lim > head + q)
+                lim = head + q;
+            for (; head < lim; head++)
+                r->slots[head % ns] = ring_val(seed, pair, head);
+            barrier();
+            r->head = head;
+            wake(partner);
+        }
+    } else {
+        u64 tail = 0, q = ns / 4 ? ns / 4 : 1;
+        while (tail < it) {
+            u64 head = r->head;
+            if (head == tail) {
+                WAIT_UNTIL(me, r->head != tail, "ring data", 1000);
+                head = r->head;
+            }
+            if (head > tail + q)
+                head = tail + q;
+            barrier();
+            for (; tail < head; tail++) {
+                u64 v = r->slots[tail % ns];
+                bad += v != ring_val(seed, pair, tail);
+                sum += v;
+            }
+            barrier();
+            r->tail = tail;
+            wake(partner);
+        }
+    }
+    pc[me].a = consumer ? bad : 0;
+    pc[me].b = consumer ? sum : 0;
+    pc[me].c = consumer;
+    TIMED_END(me);
+}
+
+static int ring_check(char *out, u64 n)
+{
+    u64 it = PRM(P_ITERS), seed = PRM(P_SEED), bad = 0, sum = 0, esum = 0, rings_n = 0;
+    for (u32 c = 0; c < ncpu; c++)
+        if (pc[c].c) {
+            rings_n++;
+            bad += pc[c].a;
+            sum += pc[c].b;
+            for (u64 s = 0; s < it; s++)
+                esum += ring_val(seed, c / 2, s);
+        }
+    snfmt(out, n, "rings=%lu items=%lu slots=%lu sum=%016lx", rings_n, it, PRM(P_SLOTS), sum);
+    if (bad || sum != esum)
+        return snfmt(out + strlen(out), n - strlen(out), " expected=%016lx out_of_sequence=%lu", esum, bad), 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* (vi) sweep: write a pattern over mem= bytes, verify a neighbour's  */
+/* part; each part on its CPU's node when numa=local                 */
+
+static u64 *sw_part[MAX_CPUS];
+static u64 sw_words, sw_t1;
+
+static inline u64 sw_pat(u64 seed, u64 g) { return (g * 0x9E3779B97F4A7C15UL) ^ seed ^ (g >> 7); }
+
+static void sweep_par(u32 me)
+{
+    u64 words = (PRM(P_MEM) / ncpu) / 8, seed = PRM(P_SEED);
+    if (me == 0)
+        sw_words = words;
+    ALLOC_OR_FLAG(sw_part[me], data_node(me), words * 8 + 8);
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    TIMED_START(me);
+    u64 *p = sw_part[me], g0 = me * words;
+    for (u64 k = 0; k < words; k++)
+        p[k] = sw_pat(seed, g0 + k);
+    barrier_all(me);
+    if (me == 0)
+        sw_t1 = rdtsc();
+    u32 v = (me + 1) % ncpu;
+    u64 *q = sw_part[v], g1 = v * words, err = 0;
+    for (u64 k = 0; k < words; k++)
+        err += q[k] != sw_pat(seed, g1 + k);
+    pc[me].a = err;
+    pc[me].b = sys(SYS_NODE_OF_ADDR, (u64)p, 0, 0) == (u64)(s64)pc[me].node;
+    TIMED_END(me);
+}
+
+static int sweep_check(char *out, u64 n)
+{
+    u64 err = 0, local = 0, bytes = sw_words * 8 * ncpu;
+    for (u32 c = 0; c < ncpu; c++) {
+        err += pc[c].a;
+        local += pc[c].b;
+    }
+    u64 wus = (sw_t1 - T0) * 1000 / tsc_khz, vus = (T1 - sw_t1) * 1000 / tsc_khz;
+    snfmt(out, n, "bytes=%lu numa=%s local_parts=%lu/%u write_us=%lu verify_us=%lu write_mb_s=%lu errors=%lu", bytes,
+          numa_local() ? "local" : "ignore", local, ncpu, wus, vus, wus ? bytes / wus : 0, err);
+    return err != 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* (vii) falseshare: per-CPU words in one cache line, then in one page */
+
+static volatile u64 *fs_line, *fs_page;
+static u64 fs_t1;
+
+static volatile u64 *fs_slot_line(u32 c) { return fs_line + c; }                 /* 8 CPUs per line */
+static volatile u64 *fs_slot_page(u32 c) { return fs_page + (c % 64) * 8 + c / 64; } /* 64 lines per page */
+
+static void falseshare_par(u32 me)
+{
+    u64 it = PRM(P_ITERS);
+    if (me == 0) {
+        ALLOC_OR_FLAG(fs_line, 0, 4096);
+        ALLOC_OR_FLAG(fs_page, 0, 4096);
+        if (fs_line && fs_page) {
+            memset((void *)fs_line, 0, 4096);
+            memset((void *)fs_page, 0, 4096);
+        }
+    }
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    TIMED_START(me);
+    volatile u64 *w = fs_slot_line(me);
+    for (u64 i = 0; i < it; i++)
+        *w = *w + 1;
+    barrier_all(me);
+    if (me == 0)
+        fs_t1 = rdtsc();
+    w = fs_slot_page(me);
+    for (u64 i = 0; i < it; i++)
+        *w = *w + 1;
+    TIMED_END(me);
+}
+
+static int falseshare_check(char *out, u64 n)
+{
+    u64 it = PRM(P_ITERS), bad = 0, sum = 0;
+    for (u32 k = 0; k < 512; k++) {
+        sum += fs_line[k] + fs_page[k];
+    }
+    for (u32 c = 0; c < ncpu; c++)
+        bad += (*fs_slot_line(c) != it) + (*fs_slot_page(c) != it);
+    if (sum != 2 * it * ncpu)
+        bad++;
+    snfmt(out, n, "cpus=%u iters=%lu line_us=%lu page_us=%lu", ncpu, it, (fs_t1 - T0) * 1000 / tsc_khz,
+          (T1 - fs_t1) * 1000 / tsc_khz);
+    if (bad)
+        return snfmt(out + strlen(out), n - strlen(out), " wrong_words=%lu", bad), 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
+/* ipi: ping-pong CPU0 <-> peer through fixed-vector IPIs; the peer's */
+/* CPL0 handler EOIs and replies                                     */
+
+static volatile u64 ipi_done;
+static u64 ipi_min, ipi_sum, ipi_pings, ipi_pongs;
+
+static void ipi_par(u32 me)
+{
+    u64 it = PRM(P_ITERS), peer = PRM(P_PEER);
+    if (ncpu < 2 || peer >= ncpu)
+        return;
+    if (me == 0)
+        ipi_done = 0;
+    barrier_all(me);
+    if (me != 0) {
+        if (me == peer) {
+            /* the peer just waits; the pings arrive as interrupts */
+            WAIT_UNTIL(me, ipi_done, "ipi end", 1000);
+        }
+        barrier_all(me);
+        return;
+    }
+    volatile u64 *mine = (volatile u64 *)sys(SYS_IPI_COUNTERS, 0, 0, 0);
+    volatile u64 *theirs = (volatile u64 *)sys(SYS_IPI_COUNTERS, peer, 0, 0);
+    u64 pong0 = mine[1], ping0 = theirs[0];
+    ipi_min = ~0UL;
+    ipi_sum = 0;
+    T0 = rdtsc();
+    for (u64 r = 0; r < it; r++) {
+        u64 t = rdtsc();
+        sys(SYS_IPI_PING, peer, 0, 0);
+        WAIT_UNTIL(0, mine[1] != pong0 + r, "ipi pong", 1000);
+        t = rdtsc() - t;
+        ipi_sum += t;
+        if (t < ipi_min)
+            ipi_min = t;
+    }
+    T1 = rdtsc();
+    ipi_pongs = mine[1] - pong0;
+    ipi_pings = theirs[0] - ping0;
+    ipi_done = 1;
+    wake(peer);
+    barrier_all(me);
+}
+
+static int ipi_check(char *out, u64 n)
+{
+    u64 it = PRM(P_ITERS), peer = PRM(P_PEER);
+    if (ncpu < 2)
+        return snfmt(out, n, "rounds=0 skipped=1cpu"), 0;
+    if (peer >= ncpu)
+        return snfmt(out, n, "bad parameter peer=%lu (cpus=%u)", peer, ncpu), 1;
+    snfmt(out, n, "peer=%lu peer_node=%ld rounds=%lu pings=%lu pongs=%lu rtt_ns=%lu min_rtt_ns=%lu", peer,
+          (s64)pc[peer].node, it, ipi_pings, ipi_pongs, ipi_sum * 1000000 / tsc_khz / it,
+          ipi_min * 1000000 / tsc_khz);
+    return ipi_pings != it || ipi_pongs != it;
+}
+
+/* ---------------------------------------------------------------- */
+/* fault (not part of run=all): the last CPU reads an unmapped address */
+/* at CPL3; the kernel must report it as a FAIL line and exit non-zero. */
+
+static void fault_par(u32 me)
+{
+    barrier_all(me);
+    if (me == ncpu - 1)
+        (void)*(volatile u64 *)0x8000000000UL; /* 512 GiB: never mapped */
+    barrier_all(me);
+}
+
+static int fault_check(char *out, u64 n)
+{
+    snfmt(out, n, "the fault was not reported");
+    return 1;
+}
+
+/* ---------------------------------------------------------------- */
+/* Workload table and defaults                                       */
+
+#define B(p) (1UL << (p))
+#define DEF(it, sz, mem, steps, slots, peer) \
+    { { [P_ITERS] = it, [P_SIZE] = sz, [P_MEM] = mem, [P_SEED] = 1, [P_STEPS] = steps, [P_SLOTS] = slots, \
+        [P_PEER] = peer, [P_NUMA] = 1, [P_TIMEOUT] = 60 } }
+#define COMMON_P (B(P_NUMA) | B(P_TIMEOUT))
+
+static struct workload workloads[] = {
+    { "ep", ep_par, ep_check, DEF(0, 4 << 20, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "counter", counter_par, counter_check, DEF(100000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0 },
+    { "spinlock", spinlock_par, spinlock_check, DEF(20000, 64, 0, 0, 0, 0), B(P_ITERS) | B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "matmul", matmul_par, matmul_check, DEF(0, 128, 0, 4, 0, 0), B(P_SIZE) | B(P_STEPS) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "ring", ring_par, ring_check, DEF(100000, 0, 0, 0, 1024, 0), B(P_ITERS) | B(P_SLOTS) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "sweep", sweep_par, sweep_check, DEF(0, 0, 16 << 20, 0, 0, 0), B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "falseshare", falseshare_par, falseshare_check, DEF(200000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0 },
+    { "ipi", ipi_par, ipi_check, DEF(200, 0, 0, 0, 0, 1), B(P_ITERS) | B(P_PEER) | COMMON_P, {{0}}, 0 },
+    /* not in run=all: */
+    { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
+};
+#define NALL 8 /* run=all runs the first NALL */
+#define NWL (sizeof workloads / sizeof workloads[0])
+
+/* ---------------------------------------------------------------- */
+/* Command line                                                      */
+
+static u32 nfail, npass;
+static u32 order[64], norder;
+
+static void cmd_fail(const char *name, const char *fmt, const char *a, const char *b)
+{
+    char r[256];
+    snfmt(r, sizeof r, fmt, a, b);
+    uprintf("dvmm-guest: %s FAIL %s\n", name, r);
+    nfail++;
+}
+
+static struct workload *find_wl(const char *s, u64 len)
+{
+    for (u32 i = 0; i < NWL; i++)
+        if (strlen(workloads[i].name) == len && !strncmp(workloads[i].name, s, len))
+            return &workloads[i];
+    return 0;
+}
+
+/* decimal or 0x hex, optional k/K, m/M, g/G suffix (binary) */
+static int parse_num(const char *s, u64 *out)
+{
+    u64 v = 0;
+    int base = 10, digits = 0;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
+        base = 16, s += 2;
+    for (;; s++) {
+        int d;
+        if (*s >= '0' && *s <= '9')
+            d = *s - '0';
+        else if (base == 16 && ((*s | 32) >= 'a' && (*s | 32) <= 'f'))
+            d = (*s | 32) - 'a' + 10;
+        else
+            break;
+        if (v > (~0UL - d) / base)
+            return -1;
+        v = v * base + d;
+        digits++;
+    }
+    if (!digits)
+        return -1;
+    u64 mul = 1;
+    if (*s == 'k' || *s == 'K')
+        mul = 1UL << 10, s++;
+    else if (*s == 'm' || *s == 'M')
+        mul = 1UL << 20, s++;
+    else if (*s == 'g' || *s == 'G')
+        mul = 1UL << 30, s++;
+    if (*s)
+        return -1;
+    if (v && mul > ~0UL / v)
+        return -1;
+    *out = v * mul;
+    return 0;
+}
+
+static const u64 pmax[NPARAM] = {
+    [P_ITERS] = 1UL << 40, [P_SIZE] = 1UL << 40, [P_MEM] = 1UL << 44, [P_SEED] = ~0UL,
+    [P_STEPS] = 1UL << 20, [P_SLOTS] = 1UL << 24, [P_PEER] = MAX_CPUS - 1, [P_NUMA] = 1, [P_TIMEOUT] = 1UL << 20,
+};
+
+/* key=value for one workload (w) or all (w == 0) */
+static void set_param(struct workload *w, const char *key, u64 klen, const char *val, const char *tok)
+{
+    int p = -1;
+    for (int i = 0; i < NPARAM; i++)
+        if (strlen(pname[i]) == klen && !strncmp(pname[i], key, klen))
+            p = i;
+    char kname[64];
+    snfmt(kname, sizeof kname, "%s", tok);
+    for (u32 i = 0; kname[i]; i++)
+        if (kname[i] == '=')
+            kname[i] = 0;
+    if (p < 0) {
+        if (w)
+            cmd_fail(kname, "unknown parameter '%s'", tok, 0);
+        else
+            uprintf("dvmm-guest: note: ignoring unknown parameter '%s'\n", tok);
+        return;
+    }
+    u64 v;
+    if (p == P_NUMA) {
+        if (!strcmp(val, "local"))
+            v = 1;
+        else if (!strcmp(val, "ignore"))
+            v = 0;
+        else
+            return cmd_fail(kname, "malformed parameter '%s' (numa=local|ignore)", tok, 0);
+    } else if (parse_num(val, &v) < 0) {
+        return cmd_fail(kname, "malformed parameter '%s' (expected a number)", tok, 0);
+    } else if (v > pmax[p] || (v == 0 && p != P_SEED && p != P_PEER)) {
+        return cmd_fail(kname, "parameter out of range '%s'", tok, 0);
+    }
+    if (p == P_TIMEOUT && !w)
+        timeout_s = v;
+    for (u32 i = 0; i < NWL; i++)
+        if (!w || w == &workloads[i])
+            workloads[i].p.v[p] = v;
+}
+
+static void parse_cmdline(const char *cl)
+{
+    static char tok[512];
+    int have_run = 0;
+    for (u32 i = 0; i < NWL; i++)
+        workloads[i].p = workloads[i].def;
+    while (*cl) {
+        while (*cl == ' ' || *cl == '\t' || *cl == '\n')
+            cl++;
+        if (!*cl)
+            break;
+        u32 n = 0;
+        while (*cl && *cl != ' ' && *cl != '\t' && *cl != '\n') {
+            if (n < sizeof tok - 1)
+                tok[n++] = *cl;
+            cl++;
+        }
+        tok[n] = 0;
+        const char *eq = 0;
+        for (u32 i = 0; i < n; i++)
+            if (tok[i] == '=') {
+                eq = tok + i;
+                break;
+            }
+        if (!eq) {
+            uprintf("dvmm-guest: note: ignoring '%s'\n", tok);
+            continue;
+        }
+        const char *key = tok, *val = eq + 1;
+        u64 klen = eq - tok;
+        if (klen == 3 && !strncmp(key, "run", 3)) {
+            have_run = 1;
+            const char *s = val;
+            if (!*s)
+                cmd_fail("run", "malformed parameter '%s' (empty list)", tok, 0);
+            while (*s) {
+                const char *e = s;
+                while (*e && *e != ',')
+                    e++;
+                if (e - s == 3 && !strncmp(s, "all", 3)) {
+                    for (u32 i = 0; i < NALL && norder < 64; i++)
+                        order[norder++] = i;
+                } else {
+                    struct workload *w = find_wl(s, e - s);
+                    if (w && norder < 64) {
+                        order[norder++] = w - workloads;
+                    } else if (!w) {
+                        char name[64];
+                        u64 l = e - s < 63 ? e - s : 63;
+                        memcpy(name, s, l);
+                        name[l] = 0;
+                        cmd_fail(l ? name : "run", "unknown workload '%s'", name, 0);
+                    }
+                }
+                s = *e ? e + 1 : e;
+            }
+            continue;
+        }
+        const char *dot = 0;
+        for (const char *p = key; p < eq; p++)
+            if (*p == '.') {
+                dot = p;
+                break;
+            }
+        if (dot) {
+            struct workload *w = find_wl(key, dot - key);
+            if (!w) {
+                char name[64];
+                u64 l = dot - key < 63 ? dot - key : 63;
+                memcpy(name, key, l);
+                name[l] = 0;
+                cmd_fail(name, "unknown workload in parameter '%s'", tok, 0);
+                continue;
+            }
+            set_param(w, dot + 1, eq - dot - 1, val, tok);
+        } else {
+            set_param(0, key, klen, val, tok);
+        }
+    }
+    if (!have_run)
+        for (u32 i = 0; i < NALL; i++)
+            order[norder++] = i;
+}
+
+/* ---------------------------------------------------------------- */
+/* Job dispatch                                                      */
+
+static struct { void (*volatile fn)(u32); volatile u64 gen ALIGNED(64); volatile u64 done ALIGNED(64); } job;
+static volatile u64 rt_ready;
+
+static void run_all_cpus(void (*fn)(u32))
+{
+    job.fn = fn;
+    job.done = 0;
+    barrier();
+    job.gen = job.gen + 1;
+    wake_all(0);
+    fn(0);
+    WAIT_UNTIL(0, job.done == ncpu - 1, "workers to finish", 2000);
+}
+
+static void NORETURN ap_loop(u32 me)
+{
+    u64 seen = 0;
+    for (;;) {
+        /* long idle waits are fine: the dispatcher wakes us */
+        pc[me].idle = 1;
+        WAIT_UNTIL(me, job.gen != seen, "work", 5000);
+        pc[me].idle = 0;
+        seen = job.gen;
+        job.fn(me);
+        xadd(&job.done, 1);
+        wake(0);
+    }
+}
+
+static void run_workload(struct workload *w)
+{
+    char res[512];
+    W = w;
+    cur_name = w->name;
+    alloc_failed = 0;
+    T0 = T1 = 0;
+    memset(res, 0, sizeof res);
+    for (u32 c = 0; c < ncpu; c++)
+        pc[c].a = pc[c].b = pc[c].c = pc[c].d = 0;
+    /* timeout_s is read by every CPU's waits: set before the dispatch */
+    timeout_s = w->p.v[P_TIMEOUT];
+    u64 t = rdtsc();
+    run_all_cpus(w->par);
+    int failed;
+    if (alloc_failed)
+        failed = 1, snfmt(res, sizeof res, "out of memory");
+    else
+        failed = w->check(res, sizeof res);
+    u64 us = T1 > T0 ? (T1 - T0) * 1000 / tsc_khz : us_since(t);
+    uprintf("dvmm-guest: %s %s time_us=%lu %s\n", w->name, res, us, failed ? "FAIL" : "PASS");
+    if (failed)
+        nfail++;
+    else
+        npass++;
+    sys(SYS_ALLOC_RESET, 0, 0, 0);
+}
+
+/* ---------------------------------------------------------------- */
+
+void NORETURN user_main(u64 arg)
+{
+    si = (struct sysinfo *)sys(SYS_INFO, 0, 0, 0);
+    tsc_khz = sys(SYS_TSC_KHZ, 0, 0, 0);
+    while (!READ_ONCE(si->ncpus)) /* APs: wait for the BSP to finish booting */
+        sys(SYS_YIELD, 1000, 0, 0);
+    u32 me = (u32)sys(SYS_CPUID, 0, 0, 0);
+    if (me != 0) {
+        while (!rt_ready)
+            sys(SYS_YIELD, 1000, 0, 0);
+        ap_loop(me);
+    }
+    u64 boot_us = us_since(si->boot_tsc);
+    u64 ts = rdtsc();
+    for (int i = 0; i < 10; i++)
+        sys(SYS_CPUID, 0, 0, 0);
+    syscall_ns = (rdtsc() - ts) * 100000 / tsc_khz;
+    spin_cycles = (50000 + 4 * syscall_ns) * tsc_khz / 1000000;
+    ncpu = si->ncpus;
+    nnode = si->nnodes;
+    for (u32 c = 0; c < ncpu; c++)
+        pc[c].node = (s32)sys(SYS_NODE_OF_CPU, c, 0, 0);
+    const char *cl = (const char *)sys(SYS_CMDLINE, 0, 0, 0);
+    uprintf("dvmm-guest: boot cpus=%u nodes=%u apic=%s tsc_mhz=%lu tsc_src=%s mem_mb=%lu boot_ms=%lu syscall_ns=%lu cmdline='%s'\n",
+            ncpu, nnode, si->x2apic ? "x2apic" : "xapic", tsc_khz / 1000, si->tsc_source, si->mem_bytes >> 20,
+            boot_us / 1000, syscall_ns, cl);
+    for (u32 n = 0; n < nnode; n++) {
+        char cpus[512];
+        u32 k = 0;
+        cpus[0] = 0;
+        for (u32 c = 0; c < ncpu; c++)
+            if (pc[c].node == (s32)n)
+                k += snfmt(cpus + k, sizeof cpus - k, "%s%u", k ? "," : "", c);
+        uprintf("dvmm-guest: node %u cpus=%s mem_mb=%lu\n", n, k ? cpus : "-", sys(SYS_NODE_MEM, n, 0, 0) >> 20);
+    }
+    if (si->boot_failures || si->boot_errors[0]) {
+        uprintf("dvmm-guest: boot %s %s\n", si->boot_failures ? "FAIL" : "note:", si->boot_errors);
+        if (si->boot_failures)
+            nfail++;
+    }
+    parse_cmdline(cl);
+    if (nfail) {
+        uprintf("dvmm-guest: %u passed, %u failed\n", npass, nfail);
+        uexit(1);
+    }
+    rt_ready = 1;
+    u64 t = rdtsc();
+    for (u32 i = 0; i < norder; i++)
+        run_workload(&workloads[order[i]]);
+    uprintf("dvmm-guest: %u passed, %u failed (total_ms=%lu)\n", npass, nfail, us_since(t) / 1000);
+    uexit(nfail ? 1 : 0);
+}

@@ -1,0 +1,643 @@
+//! Transports between nodes: the [`Transport`] trait and a TCP mesh.
+//!
+//! Every pair of nodes is joined by two authenticated TCP connections
+//! (`TCP_NODELAY`): the *control* lane carries small messages (fault requests,
+//! invalidations, grants without data, application messages) and the *bulk*
+//! lane carries page data, so a fault request never waits behind page
+//! transfers. The receive side reads a bounded amount per connection per poll
+//! round, so a busy bulk lane cannot starve the control lane either.
+//!
+//! The node with the higher index connects to the lower one (with retry and
+//! backoff until a deadline); the acceptor authenticates every connection
+//! (see `auth`) and drops a bad one with a logged reason while it keeps
+//! waiting for the real peers.
+//!
+//! Sockets are non-blocking. Any thread may send: a frame is written directly
+//! when the connection's queue is empty, else queued and flushed by the polling
+//! thread (woken through an eventfd). One thread (the engine) polls; it can
+//! include its own file descriptors (the userfaultfd) in the same `poll`.
+//! A peer is declared down on EOF, on a socket error, on a malformed frame, or
+//! after `dead_after` without any traffic (keep-alives are sent every
+//! `dead_after / 8` on idle connections).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::auth::{self, AuthError, Secret, FIRST_DATA_SEQ};
+use super::protocol::{Msg, NodeId};
+use super::wire::{self, Decoder, Frame, Limits, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("node {node} at {addr} not reachable within the deadline: {last}")]
+    Connect {
+        node: NodeId,
+        addr: SocketAddr,
+        last: String,
+    },
+    #[error("node {0} did not connect within the deadline")]
+    AcceptTimeout(NodeId),
+    #[error("cannot listen on {addr}: {err}")]
+    Listen {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("node {0} is down")]
+    PeerDown(NodeId),
+    #[error("bad node index {0}")]
+    BadNode(NodeId),
+    #[error("authentication with node {node}: {err}")]
+    Auth { node: NodeId, err: AuthError },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+}
+
+type Result<T> = std::result::Result<T, TransportError>;
+
+/// The two lanes between each pair of nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Control = 0,
+    Bulk = 1,
+}
+
+impl Lane {
+    fn from_u8(v: u8) -> Option<Lane> {
+        match v {
+            0 => Some(Lane::Control),
+            1 => Some(Lane::Bulk),
+            _ => None,
+        }
+    }
+}
+
+/// Something that happened on the transport.
+#[derive(Debug)]
+pub enum Event {
+    /// A frame from a peer.
+    Frame {
+        from: NodeId,
+        lane: Lane,
+        frame: Frame,
+    },
+    /// The peer is gone (EOF, reset, malformed traffic, silence); the reason
+    /// names what happened. Reported once per node.
+    PeerDown { node: NodeId, reason: String },
+}
+
+/// A message transport between the nodes of one VM. Implementations: the TCP
+/// mesh here; a shared-memory ring (co-located nodes) or RDMA could be added.
+pub trait Transport: Send + Sync {
+    /// This node's index.
+    fn me(&self) -> NodeId;
+    /// Number of nodes.
+    fn nodes(&self) -> usize;
+    /// Send a frame (any thread). Never blocks on the network.
+    fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()>;
+    /// Send a coherence message; a page grant goes on the bulk lane with `data`.
+    fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()>;
+    /// Wait up to `timeout` (None: forever) for traffic or for one of the
+    /// `extra` fds to become readable; appends events. Returns a bitmask of the
+    /// readable `extra` fds. Only one thread may poll.
+    fn poll(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<Event>,
+    ) -> Result<u64>;
+    /// Close every connection.
+    fn shutdown(&self);
+}
+
+/// Configuration of a TCP mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub me: NodeId,
+    pub addrs: Vec<SocketAddr>,
+    pub secret: Secret,
+    /// Give up forming the mesh after this long.
+    pub connect_deadline: Duration,
+    /// A peer silent for this long is declared down.
+    pub dead_after: Duration,
+    /// Validation limits for received frames.
+    pub limits: Limits,
+}
+
+struct Tx {
+    buf: Vec<u8>,
+    off: usize,
+    seq: u64,
+    last: Instant,
+}
+
+struct Rx {
+    dec: Decoder,
+    last: Instant,
+}
+
+struct Conn {
+    peer: NodeId,
+    lane: Lane,
+    stream: TcpStream,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+    down: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain buffers: keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Conn {
+    fn new(peer: NodeId, lane: Lane, stream: TcpStream, limits: Limits) -> Result<Conn> {
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        let now = Instant::now();
+        Ok(Conn {
+            peer,
+            lane,
+            stream,
+            tx: Mutex::new(Tx {
+                buf: Vec::with_capacity(64 * 1024),
+                off: 0,
+                seq: FIRST_DATA_SEQ,
+                last: now,
+            }),
+            rx: Mutex::new(Rx {
+                dec: Decoder::new(limits, FIRST_DATA_SEQ),
+                last: now,
+            }),
+            down: AtomicBool::new(false),
+            reason: Mutex::new(None),
+        })
+    }
+
+    /// Write as much of the queue as the socket takes. Returns whether bytes
+    /// remain queued.
+    fn flush(&self, tx: &mut Tx) -> std::io::Result<bool> {
+        while tx.off < tx.buf.len() {
+            match (&self.stream).write(&tx.buf[tx.off..]) {
+                Ok(0) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
+                Ok(n) => tx.off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        tx.buf.clear();
+        tx.off = 0;
+        Ok(false)
+    }
+}
+
+/// A full mesh of TCP connections between the nodes.
+pub struct TcpMesh {
+    me: NodeId,
+    n: usize,
+    /// conns[peer][lane]; None for self.
+    conns: Vec<Option<[Arc<Conn>; 2]>>,
+    kick: OwnedFd,
+    dead_after: Duration,
+    down_reported: AtomicU64,
+    closed: AtomicBool,
+}
+
+fn log(msg: &str) {
+    eprintln!("dvmm-dsm: {msg}");
+}
+
+fn backoff_connect(addr: SocketAddr, node: NodeId, deadline: Instant) -> Result<TcpStream> {
+    let mut wait = Duration::from_millis(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let err = match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        if Instant::now() + wait >= deadline {
+            return Err(TransportError::Connect {
+                node,
+                addr,
+                last: err.to_string(),
+            });
+        }
+        thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(200));
+    }
+}
+
+impl TcpMesh {
+    /// Form the mesh: listen on our address, connect to every lower-index node,
+    /// accept every higher-index node, authenticating each connection.
+    pub fn connect(cfg: &MeshConfig) -> Result<TcpMesh> {
+        let n = cfg.addrs.len();
+        let me = cfg.me;
+        if n == 0 || usize::from(me) >= n || n > super::protocol::MAX_NODES {
+            return Err(TransportError::Config("node index out of range"));
+        }
+        let deadline = Instant::now() + cfg.connect_deadline;
+        let listen_addr = cfg.addrs[usize::from(me)];
+        let listener = TcpListener::bind(listen_addr).map_err(|err| TransportError::Listen {
+            addr: listen_addr,
+            err,
+        })?;
+        listener.set_nonblocking(true)?;
+        let expect_from: Vec<NodeId> = ((me + 1)..n as NodeId).collect();
+        let secret = cfg.secret.clone();
+        let hs_timeout = Duration::from_secs(2).min(cfg.connect_deadline);
+        // Accept in a thread while we connect to the lower nodes.
+        let acceptor = thread::Builder::new()
+            .name("dsm-accept".into())
+            .spawn(move || {
+                let mut got: Vec<(NodeId, Lane, TcpStream)> = Vec::new();
+                let want = expect_from.len() * 2;
+                while got.len() < want {
+                    if Instant::now() >= deadline {
+                        let missing = expect_from
+                            .iter()
+                            .find(|n| got.iter().filter(|g| g.0 == **n).count() < 2)
+                            .copied()
+                            .unwrap_or(0);
+                        return Err(TransportError::AcceptTimeout(missing));
+                    }
+                    let (mut s, from) = match listener.accept() {
+                        Ok(x) => x,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                        Err(e) => return Err(TransportError::Io(e)),
+                    };
+                    if let Err(e) = s.set_nonblocking(false) {
+                        log(&format!("dropping connection from {from}: {e}"));
+                        continue;
+                    }
+                    let taken: Vec<(NodeId, u8)> = got.iter().map(|g| (g.0, g.1 as u8)).collect();
+                    let check = |node: NodeId, lane: u8| {
+                        node > me
+                            && usize::from(node) < n
+                            && Lane::from_u8(lane).is_some()
+                            && !taken.contains(&(node, lane))
+                    };
+                    match auth::accept(&mut s, &secret, me, hs_timeout, &check) {
+                        Ok((node, lane)) => {
+                            let lane = Lane::from_u8(lane).unwrap_or(Lane::Control);
+                            got.push((node, lane, s));
+                        }
+                        Err(e) => {
+                            log(&format!("refusing connection from {from}: {e}"));
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
+                    }
+                }
+                Ok(got)
+            })?;
+        let mut conns: Vec<Option<[Arc<Conn>; 2]>> = (0..n).map(|_| None).collect();
+        let mut result = Ok(());
+        'outer: for peer in 0..me {
+            let mut pair = Vec::new();
+            for lane in [Lane::Control, Lane::Bulk] {
+                let addr = cfg.addrs[usize::from(peer)];
+                let mut s = match backoff_connect(addr, peer, deadline) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'outer;
+                    }
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(err) = auth::connect(
+                    &mut s,
+                    &cfg.secret,
+                    me,
+                    peer,
+                    lane as u8,
+                    left.clamp(Duration::from_millis(100), hs_timeout),
+                ) {
+                    result = Err(TransportError::Auth { node: peer, err });
+                    break 'outer;
+                }
+                pair.push(Arc::new(Conn::new(peer, lane, s, cfg.limits)?));
+            }
+            if let [c, b] = &pair[..] {
+                conns[usize::from(peer)] = Some([c.clone(), b.clone()]);
+            }
+        }
+        let accepted = acceptor
+            .join()
+            .map_err(|_| TransportError::Config("acceptor thread panicked"))?;
+        result?;
+        let mut accepted = accepted?;
+        accepted.sort_by_key(|g| (g.0, g.1 as u8));
+        let mut it = accepted.into_iter();
+        while let (Some(c), Some(b)) = (it.next(), it.next()) {
+            let peer = c.0;
+            conns[usize::from(peer)] = Some([
+                Arc::new(Conn::new(peer, Lane::Control, c.2, cfg.limits)?),
+                Arc::new(Conn::new(peer, Lane::Bulk, b.2, cfg.limits)?),
+            ]);
+        }
+        // SAFETY: eventfd has no memory-safety preconditions.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: fd is a fresh descriptor owned by nobody else.
+        let kick = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(TcpMesh {
+            me,
+            n,
+            conns,
+            kick,
+            dead_after: cfg.dead_after,
+            down_reported: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn conn(&self, to: NodeId, lane: Lane) -> Result<&Arc<Conn>> {
+        match self.conns.get(usize::from(to)) {
+            Some(Some(pair)) => Ok(&pair[lane as usize]),
+            _ => Err(TransportError::BadNode(to)),
+        }
+    }
+
+    fn kick(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn send_encoded(&self, to: NodeId, lane: Lane, enc: &dyn Fn(u64, &mut Vec<u8>)) -> Result<()> {
+        let c = self.conn(to, lane)?;
+        if c.down.load(Ordering::Relaxed) {
+            return Err(TransportError::PeerDown(to));
+        }
+        let mut tx = lock(&c.tx);
+        let was_empty = tx.off == tx.buf.len();
+        let seq = tx.seq;
+        tx.seq += 1;
+        enc(seq, &mut tx.buf);
+        tx.last = Instant::now();
+        if was_empty {
+            match c.flush(&mut tx) {
+                Ok(false) => {}
+                Ok(true) => {
+                    drop(tx);
+                    self.kick();
+                }
+                Err(e) => {
+                    drop(tx);
+                    self.mark_down(c, &format!("send failed: {e}"));
+                    return Err(TransportError::PeerDown(to));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_down(&self, c: &Conn, reason: &str) {
+        if !c.down.swap(true, Ordering::Relaxed) {
+            *lock(&c.reason) = Some(reason.to_string());
+            log(&format!(
+                "dropping {:?} connection to node {}: {reason}",
+                c.lane, c.peer
+            ));
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        // The other lane goes down with it.
+        if let Some(Some(pair)) = self.conns.get(usize::from(c.peer)) {
+            for o in pair {
+                if !o.down.swap(true, Ordering::Relaxed) {
+                    *lock(&o.reason) = Some(reason.to_string());
+                    let _ = o.stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    fn report_down(&self, node: NodeId, reason: String, events: &mut Vec<Event>) {
+        let bit = 1u64 << node;
+        if self.down_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            events.push(Event::PeerDown { node, reason });
+        }
+    }
+
+    /// Read what is available on one connection (bounded); returns an error
+    /// reason if the connection must be dropped.
+    fn read_conn(&self, c: &Conn, events: &mut Vec<Event>) -> std::result::Result<(), String> {
+        let mut rx = lock(&c.rx);
+        let mut buf = [0u8; 64 * 1024];
+        let mut budget: usize = 256 * 1024;
+        while budget > 0 {
+            match (&c.stream).read(&mut buf) {
+                Ok(0) => return Err("connection closed by peer (EOF)".into()),
+                Ok(k) => {
+                    rx.dec.push(&buf[..k]);
+                    rx.last = Instant::now();
+                    budget = budget.saturating_sub(k);
+                    loop {
+                        match rx.dec.next_frame() {
+                            Ok(Some(Frame::Ping)) => {}
+                            Ok(Some(Frame::Auth { ty, .. })) => {
+                                return Err(WireError::Unexpected(ty).to_string())
+                            }
+                            Ok(Some(frame)) => {
+                                events.push(Event::Frame {
+                                    from: c.peer,
+                                    lane: c.lane,
+                                    frame,
+                                });
+                            }
+                            Ok(None) => break,
+                            Err(e) => return Err(format!("malformed frame: {e}")),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("receive failed: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Transport for TcpMesh {
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn nodes(&self) -> usize {
+        self.n
+    }
+
+    fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
+        self.send_encoded(to, lane, &|seq, out| wire::encode(frame, seq, out))
+    }
+
+    fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
+        let lane = if msg.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        self.send_encoded(to, lane, &|seq, out| wire::encode_msg(msg, data, seq, out))
+    }
+
+    fn poll(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<Event>,
+    ) -> Result<u64> {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 * self.n + 1 + extra.len());
+        let mut which: Vec<&Arc<Conn>> = Vec::with_capacity(2 * self.n);
+        let now = Instant::now();
+        let ping_every = self.dead_after / 8;
+        for pair in self.conns.iter().flatten() {
+            for c in pair {
+                if c.down.load(Ordering::Relaxed) {
+                    if !self.closed.load(Ordering::Relaxed) {
+                        let r = lock(&c.reason).clone().unwrap_or_default();
+                        self.report_down(c.peer, r, events);
+                    }
+                    continue;
+                }
+                let mut ev = libc::POLLIN;
+                {
+                    let mut tx = lock(&c.tx);
+                    if tx.off == tx.buf.len() && now.duration_since(tx.last) >= ping_every {
+                        let seq = tx.seq;
+                        tx.seq += 1;
+                        wire::encode(&Frame::Ping, seq, &mut tx.buf);
+                        tx.last = now;
+                    }
+                    if tx.off < tx.buf.len() {
+                        match c.flush(&mut tx) {
+                            Ok(true) => ev |= libc::POLLOUT,
+                            Ok(false) => {}
+                            Err(e) => {
+                                drop(tx);
+                                self.mark_down(c, &format!("send failed: {e}"));
+                                self.report_down(c.peer, format!("send failed: {e}"), events);
+                                continue;
+                            }
+                        }
+                    }
+                }
+                let silent = now.duration_since(lock(&c.rx).last);
+                if silent > self.dead_after {
+                    let r = format!("no traffic for {} ms", silent.as_millis());
+                    self.mark_down(c, &r);
+                    self.report_down(c.peer, r, events);
+                    continue;
+                }
+                fds.push(libc::pollfd {
+                    fd: c.stream.as_raw_fd(),
+                    events: ev,
+                    revents: 0,
+                });
+                which.push(c);
+            }
+        }
+        let kick_idx = fds.len();
+        fds.push(libc::pollfd {
+            fd: self.kick.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let extra_idx = fds.len();
+        for &fd in extra {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        if !events.is_empty() {
+            return Ok(0);
+        }
+        let t = match timeout {
+            None => ping_every,
+            Some(t) => t.min(ping_every),
+        };
+        let ms = if t.is_zero() {
+            0
+        } else {
+            t.as_millis().max(1) as libc::c_int
+        };
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(e.into());
+        }
+        if fds[kick_idx].revents != 0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
+            unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        for (i, c) in which.iter().enumerate() {
+            let re = fds[i].revents;
+            if re == 0 {
+                continue;
+            }
+            if re & libc::POLLOUT != 0 {
+                let mut tx = lock(&c.tx);
+                if let Err(e) = c.flush(&mut tx) {
+                    drop(tx);
+                    let r = format!("send failed: {e}");
+                    self.mark_down(c, &r);
+                    self.report_down(c.peer, r, events);
+                    continue;
+                }
+            }
+            if re & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                if let Err(reason) = self.read_conn(c, events) {
+                    self.mark_down(c, &reason);
+                    self.report_down(c.peer, reason, events);
+                }
+            }
+        }
+        let mut ready = 0u64;
+        for (k, p) in fds[extra_idx..].iter().enumerate() {
+            if p.revents != 0 && k < 64 {
+                ready |= 1 << k;
+            }
+        }
+        Ok(ready)
+    }
+
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        for pair in self.conns.iter().flatten() {
+            for c in pair {
+                // Push out what is queued (best effort), then close.
+                {
+                    let mut tx = lock(&c.tx);
+                    let until = Instant::now() + Duration::from_millis(200);
+                    while matches!(c.flush(&mut tx), Ok(true)) && Instant::now() < until {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                c.down.store(true, Ordering::Relaxed);
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! userfaultfd on the guest mapping, plus the memfd operations of the engine.
+//!
+//! The `userfaultfd` crate creates the descriptor and registers the range; the
+//! few ioctls it does not expose with the modes we need (UFFDIO_COPY with
+//! `MODE_WP`, UFFDIO_WRITEPROTECT, reading raw fault messages with the WP flag)
+//! are issued directly (enabling the crate's `linux5_7` feature would expose
+//! some of them too).
+//!
+//! Installation choice: pages are installed with UFFDIO_COPY (one ioctl that
+//! allocates the memfd page, fills it, maps it — write-protected for a shared
+//! copy — and wakes the faulting threads). A page is only ever installed into a
+//! hole (the protocol's `Invalid` state is "punched out of the memfd"), so the
+//! engine never needs MINOR faults. Invalidation is `fallocate(PUNCH_HOLE)`
+//! (frees the memory and zaps every mapping); downgrade is UFFDIO_WRITEPROTECT.
+//! Page contents are read through the engine's second mapping of the memfd,
+//! only for pages this node holds, so the engine never faults on the guest
+//! mapping and never allocates a hole by reading it.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
+
+pub const PAGE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("cannot create userfaultfd: {0}")]
+    Create(userfaultfd::Error),
+    #[error("cannot register the guest mapping: {0}")]
+    Register(userfaultfd::Error),
+    #[error("{op} at offset {offset:#x}: {err}")]
+    Op {
+        op: &'static str,
+        offset: u64,
+        err: std::io::Error,
+    },
+    #[error("reading fault events: {0}")]
+    Read(std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, UffdError>;
+
+// Raw uAPI (include/uapi/linux/userfaultfd.h).
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 2;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+const UFFDIO_COPY_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    _r1: u8,
+    _r2: u16,
+    _r3: u32,
+    flags: u64,
+    address: u64,
+    _feat: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+
+/// A fault on the guest mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// Page index (offset in guest RAM / 4096).
+    pub page: u64,
+    pub write: bool,
+    /// Write to a write-protected page.
+    pub wp: bool,
+}
+
+/// Guest memory as the engine sees it: the userfaultfd on the guest mapping,
+/// the engine mapping and the memfd.
+pub struct GuestMem {
+    uffd: Uffd,
+    memfd: RawFd,
+    guest: usize,
+    engine: usize,
+    len: usize,
+}
+
+// SAFETY: the raw addresses are only used with ioctls and copies on memory the
+// caller guarantees stays mapped while this object lives (see `new`).
+unsafe impl Send for GuestMem {}
+// SAFETY: as above; all operations are system calls or reads of held pages.
+unsafe impl Sync for GuestMem {}
+
+fn ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> std::io::Result<()> {
+    loop {
+        // SAFETY: `arg` is a valid, properly sized uAPI struct for `req`.
+        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+impl GuestMem {
+    /// Register `guest..guest+len` (a MAP_SHARED mapping of `memfd` from offset
+    /// 0) for MISSING and WP faults.
+    ///
+    /// # Safety
+    /// `guest` and `engine` must be page-aligned MAP_SHARED mappings of the whole
+    /// `memfd` (`len` bytes from offset 0) that outlive this object, and `memfd`
+    /// must stay open.
+    pub unsafe fn new(memfd: RawFd, guest: *mut u8, engine: *mut u8, len: usize) -> Result<Self> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(UffdError::Create)?;
+        let mode =
+            RegisterMode::from_bits_retain(UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP);
+        uffd.register_with_mode(guest.cast(), len, mode)
+            .map_err(UffdError::Register)?;
+        Ok(GuestMem {
+            uffd,
+            memfd,
+            guest: guest as usize,
+            engine: engine as usize,
+            len,
+        })
+    }
+
+    /// The userfaultfd (for poll).
+    pub fn fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    /// Read pending faults (non-blocking).
+    pub fn read_faults(&self, out: &mut Vec<Fault>) -> Result<()> {
+        let mut msgs = [UffdMsg {
+            event: 0,
+            _r1: 0,
+            _r2: 0,
+            _r3: 0,
+            flags: 0,
+            address: 0,
+            _feat: 0,
+        }; 16];
+        loop {
+            // SAFETY: reads into a buffer of the given size.
+            let r = unsafe {
+                libc::read(
+                    self.fd(),
+                    msgs.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&msgs),
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock => return Ok(()),
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Err(UffdError::Read(e)),
+                }
+            }
+            let n = r as usize / std::mem::size_of::<UffdMsg>();
+            for m in &msgs[..n] {
+                if m.event != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let a = m.address as usize;
+                if a < self.guest || a >= self.guest + self.len {
+                    continue;
+                }
+                out.push(Fault {
+                    page: ((a - self.guest) / PAGE) as u64,
+                    write: m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    wp: m.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+                });
+            }
+            if n < msgs.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn gaddr(&self, page: u64) -> u64 {
+        (self.guest + page as usize * PAGE) as u64
+    }
+
+    fn err(op: &'static str, page: u64, err: std::io::Error) -> UffdError {
+        UffdError::Op {
+            op,
+            offset: page * PAGE as u64,
+            err,
+        }
+    }
+
+    /// Install `data` (4 KiB) into a hole; write-protected unless `writable`.
+    /// Wakes the faulting threads.
+    pub fn install(&self, page: u64, data: &[u8; PAGE], writable: bool) -> Result<()> {
+        let mut c = UffdioCopy {
+            dst: self.gaddr(page),
+            src: data.as_ptr() as u64,
+            len: PAGE as u64,
+            mode: if writable { 0 } else { UFFDIO_COPY_MODE_WP },
+            copy: 0,
+        };
+        match ioctl(self.fd(), UFFDIO_COPY, &mut c) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                // Something populated the hole (should not happen): replace it.
+                self.punch(page)?;
+                c.copy = 0;
+                ioctl(self.fd(), UFFDIO_COPY, &mut c).map_err(|e| Self::err("UFFDIO_COPY", page, e))
+            }
+            Err(e) => Err(Self::err("UFFDIO_COPY", page, e)),
+        }
+    }
+
+    /// Write-protect (or un-protect and wake) a present page.
+    pub fn write_protect(&self, page: u64, protect: bool) -> Result<()> {
+        let mut w = UffdioWriteprotect {
+            range: UffdioRange {
+                start: self.gaddr(page),
+                len: PAGE as u64,
+            },
+            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        ioctl(self.fd(), UFFDIO_WRITEPROTECT, &mut w)
+            .map_err(|e| Self::err("UFFDIO_WRITEPROTECT", page, e))
+    }
+
+    /// Wake threads waiting on a page.
+    pub fn wake(&self, page: u64) -> Result<()> {
+        let mut r = UffdioRange {
+            start: self.gaddr(page),
+            len: PAGE as u64,
+        };
+        ioctl(self.fd(), UFFDIO_WAKE, &mut r).map_err(|e| Self::err("UFFDIO_WAKE", page, e))
+    }
+
+    /// Drop a page: punch it out of the memfd (frees it, unmaps it everywhere).
+    pub fn punch(&self, page: u64) -> Result<()> {
+        let off = (page as usize * PAGE) as libc::off_t;
+        // SAFETY: fallocate on our memfd; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.memfd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                PAGE as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return Err(Self::err("fallocate(PUNCH_HOLE)", page, std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Copy a page this node holds (present) out through the engine mapping.
+    pub fn read_page(&self, page: u64, out: &mut [u8; PAGE]) {
+        debug_assert!(page as usize * PAGE < self.len);
+        // SAFETY: the engine mapping covers the whole memfd and the page is
+        // present (the protocol only sends pages this node holds), so reading it
+        // neither faults into userfaultfd nor allocates. Concurrent guest writes
+        // are excluded: the page is write-protected first.
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.engine + page as usize * PAGE) as *const u8, out.as_mut_ptr(), PAGE);
+        }
+    }
+
+    /// Number of pages of the memfd resident in memory (mincore on the engine
+    /// mapping).
+    pub fn resident_pages(&self) -> usize {
+        let pages = self.len / PAGE;
+        let mut v = vec![0u8; pages];
+        // SAFETY: the engine mapping is `len` bytes; `v` has one byte per page.
+        let r = unsafe { libc::mincore(self.engine as *mut libc::c_void, self.len, v.as_mut_ptr()) };
+        if r != 0 {
+            return 0;
+        }
+        v.iter().filter(|b| **b & 1 != 0).count()
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}

@@ -1,0 +1,97 @@
+"""dvmmd configuration: valid files load, bad ones fail naming file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dvmmd.config import ConfigError, load_config, parse_config
+
+GOOD = """\
+[node]
+name = "n1"
+listen = "127.0.0.1:7400"
+state_dir = "/var/lib/dvmmd"
+vcpus = 2
+memory = "1G"
+
+[cluster]
+secret_file = "/etc/dvmmd/secret"
+peers = ["127.0.0.2:7400"]
+heartbeat_interval = 0.5
+failure_timeout = 3
+
+[metrics]
+listen = "127.0.0.1:9478"
+"""
+
+
+def err(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "/etc/dvmmd/dvmmd.toml")
+    return ei.value
+
+
+def test_good_config() -> None:
+    c = parse_config(GOOD, "x.toml")
+    assert c.node_name == "n1"
+    assert c.listen == ("127.0.0.1", 7400) == c.advertise
+    assert c.memory == 1 << 30 and c.vcpus == 2
+    assert c.peers == (("127.0.0.2", 7400),)
+    assert c.failure_timeout == 3.0 and c.heartbeat_interval == 0.5
+    assert 0.5 < c.suspect_timeout <= 3.0
+    assert c.metrics_listen == ("127.0.0.1", 9478)
+    assert c.api_socket == Path("/var/lib/dvmmd/dvmmd.sock") and c.api_socket_mode == 0o660
+    assert c.multi_node == "auto" and c.data_ports == (7500, 7599)
+
+
+def test_missing_required_key_names_it() -> None:
+    e = err(GOOD.replace('name = "n1"\n', ""))
+    assert e.key == "node.name" and "missing" in str(e)
+    assert str(e).startswith("/etc/dvmmd/dvmmd.toml:1: node.name")
+
+
+def test_wrong_type_names_key_and_line() -> None:
+    e = err(GOOD.replace("vcpus = 2", 'vcpus = "two"'))
+    assert e.line == 5 and e.key == "node.vcpus"
+    assert "must be int" in str(e)
+
+
+def test_bad_size() -> None:
+    e = err(GOOD.replace('memory = "1G"', 'memory = "lots"'))
+    assert e.key == "node.memory" and e.line == 6
+
+
+def test_toml_syntax_error_has_line() -> None:
+    e = err(GOOD.replace("vcpus = 2", "vcpus = = 2"))
+    assert e.line == 5 and "invalid TOML" in str(e)
+
+
+def test_unknown_key_and_table() -> None:
+    e = err(GOOD + "\n[cluster2]\nx = 1\n")
+    assert e.key == "[cluster2]"
+    e = err(GOOD.replace("vcpus = 2", "vcpus = 2\nvcpu = 3"))
+    assert e.key == "node.vcpu" and e.line == 6 and "unknown key" in str(e)
+
+
+def test_bad_addresses_and_timeouts() -> None:
+    assert err(GOOD.replace('"127.0.0.2:7400"', '"nohost"')).key == "cluster.peers"
+    assert err(GOOD.replace("127.0.0.1:7400", "0.0.0.0:7400")).key == "node.listen"
+    e = err(GOOD.replace("failure_timeout = 3", "failure_timeout = 0.2"))
+    assert e.key == "cluster.failure_timeout" and "heartbeat_interval" in str(e)
+    assert err(GOOD.replace("failure_timeout = 3", "failure_timeout = -1")).line == 12
+
+
+def test_socket_mode_must_not_be_world_accessible() -> None:
+    e = err(GOOD + '\n[api]\nsocket_mode = "0666"\n')
+    assert e.key == "api.socket_mode"
+
+
+def test_relative_state_dir_rejected() -> None:
+    assert err(GOOD.replace("/var/lib/dvmmd", "state")).key == "node.state_dir"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
