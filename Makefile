@@ -2,6 +2,7 @@
 #
 #   make demo    set up, then run the embedded default (`dvmmctl demo`)
 #   make test    set up, then every test: Rust (cargo test), ruff, mypy, pytest
+#                (test-rust / test-python run one side)
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff, mypy
 #   make setup   apt packages (only the missing ones), the .venv, Python tools,
 #                the native extension (maturin develop --release), the guest
@@ -54,7 +55,7 @@ CARGO_ENV = PYO3_PYTHON=$(PY) \
 .PHONY: help setup apt venv guest demo test test-rust test-python lint clean distclean FORCE
 
 help:
-	@sed -n '2,12p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
 
 # ------------------------------------------------------------------ setup
 
@@ -101,7 +102,17 @@ demo: setup
 
 # ------------------------------------------------------------------ tests
 
-test: setup test-rust test-python
+# Every suite runs even when an earlier one fails (one CI run shows all the
+# failures); the target fails at the end if any did.
+test: setup
+	@cd $(ROOT); failed=""; \
+	step() { echo "== make test: $$*"; "$$@" || failed="$$failed [$$*]"; }; \
+	step env -C rust $(CARGO_ENV) cargo test; \
+	step $(VENV)/bin/ruff check dvmmd tests; \
+	step $(VENV)/bin/mypy; \
+	step $(VENV)/bin/pytest -v; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
+	echo "make test: every suite passed"
 
 test-rust: setup
 	cd $(ROOT)/rust && $(CARGO_ENV) cargo test

@@ -42,8 +42,15 @@ class ApiError(Exception):
 
 
 class ApiHandler:
-    def __init__(self, node: str, incarnation: int, membership: Membership,
-                 network: PeerNetwork, vmm: VmManager, version: str) -> None:
+    def __init__(
+        self,
+        node: str,
+        incarnation: int,
+        membership: Membership,
+        network: PeerNetwork,
+        vmm: VmManager,
+        version: str,
+    ) -> None:
         self.node = node
         self.incarnation = incarnation
         self.membership = membership
@@ -68,8 +75,11 @@ class ApiHandler:
         if op == "ping":
             return {"node": self.node, "incarnation": self.incarnation, "version": self.version}
         if op == "nodes":
-            return {"self": self.node, "nodes": self.membership.view(),
-                    "pending": self.network.pending_addrs()}
+            return {
+                "self": self.node,
+                "nodes": self.membership.view(),
+                "pending": self.network.pending_addrs(),
+            }
         if op == "boot":
             return await self.vmm.boot(args, progress)
         if op == "list":
@@ -130,8 +140,9 @@ class ApiServer:
                 raise OSError(f"api.socket_group: no group named {self.group!r}") from None
         old = os.umask(0o177)  # no window where the socket is more open than 0600
         try:
-            self.server = await asyncio.start_unix_server(self._on_client, str(self.path),
-                                                          limit=MAX_REQUEST)
+            self.server = await asyncio.start_unix_server(
+                self._on_client, str(self.path), limit=MAX_REQUEST
+            )
         finally:
             os.umask(old)
         if gid >= 0:
@@ -147,8 +158,7 @@ class ApiServer:
         except OSError:
             pass
 
-    async def _on_client(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         gone = False
 
         async def send(obj: dict[str, Any]) -> None:
@@ -173,7 +183,7 @@ class ApiServer:
                 try:
                     req = json.loads(line)
                     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                        raise TypeError("expected {\"op\": ..., \"args\": {...}}")
+                        raise TypeError('expected {"op": ..., "args": {...}}')
                     args = req.get("args") or {}
                     if not isinstance(args, dict):
                         raise TypeError("args must be an object")
@@ -191,13 +201,13 @@ class ApiServer:
         finally:
             writer.close()
 
-    async def _run(self, op: str, args: dict[str, Any],
-                   send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def _run(
+        self, op: str, args: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
         try:
             result = await self.handler.handle(op, args, send)
             await send({"ok": True, "result": result})
-        except (ApiError, VmError, PeerError, PlacementError, ValueError, KeyError,
-                TypeError) as e:
+        except (ApiError, VmError, PeerError, PlacementError, ValueError, KeyError, TypeError) as e:
             await send({"ok": False, "error": _error_text(e)})
         except Exception as e:  # never let a bug take the daemon down; say what happened
             log.exception("API op %s failed", op)

@@ -52,11 +52,14 @@ def load_secret(path: str | os.PathLike[str]) -> bytes:
     except OSError as e:
         raise SecretError(f"cannot read cluster secret {p}: {e.strerror or e}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(f"cluster secret {p} is accessible by group/others "
-                          f"(mode {oct(st.st_mode & 0o777)}); chmod 600 it")
+        raise SecretError(
+            f"cluster secret {p} is accessible by group/others "
+            f"(mode {oct(st.st_mode & 0o777)}); chmod 600 it"
+        )
     if len(data) < MIN_SECRET_BYTES:
-        raise SecretError(f"cluster secret {p} is too short ({len(data)} bytes; "
-                          f"need at least {MIN_SECRET_BYTES})")
+        raise SecretError(
+            f"cluster secret {p} is too short ({len(data)} bytes; need at least {MIN_SECRET_BYTES})"
+        )
     return data
 
 
@@ -69,13 +72,15 @@ def _mac(key: bytes, label: str, *parts: str) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
-def acceptor_proof(key: bytes, dialer_nonce: str, acceptor_nonce: str, acceptor: str,
-                   dialer: str) -> str:
+def acceptor_proof(
+    key: bytes, dialer_nonce: str, acceptor_nonce: str, acceptor: str, dialer: str
+) -> str:
     return _mac(key, "dvmm-acceptor", dialer_nonce, acceptor_nonce, acceptor, dialer)
 
 
-def dialer_proof(key: bytes, acceptor_nonce: str, dialer_nonce: str, dialer: str,
-                 acceptor: str) -> str:
+def dialer_proof(
+    key: bytes, acceptor_nonce: str, dialer_nonce: str, dialer: str, acceptor: str
+) -> str:
     return _mac(key, "dvmm-dialer", acceptor_nonce, dialer_nonce, dialer, acceptor)
 
 
@@ -92,12 +97,26 @@ class Peer:
     role: str  # "node" or "client"
 
 
-async def dial_handshake(conn: Connection, key: bytes, node: str, addr: str,
-                         role: str = "node", timeout: float = HANDSHAKE_TIMEOUT) -> Peer:
+async def dial_handshake(
+    conn: Connection,
+    key: bytes,
+    node: str,
+    addr: str,
+    role: str = "node",
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> Peer:
     """Authenticate an outgoing connection; returns the acceptor's identity."""
     nonce = new_nonce()
-    await conn.send({"type": "hello", "proto": PROTO_VERSION, "node": node, "addr": addr,
-                     "role": role, "nonce": nonce})
+    await conn.send(
+        {
+            "type": "hello",
+            "proto": PROTO_VERSION,
+            "node": node,
+            "addr": addr,
+            "role": role,
+            "nonce": nonce,
+        }
+    )
     msg = await conn.recv(timeout)
     if msg["type"] == "refused":
         raise AuthError(f"refused by {conn.peer}: {msg['reason']}")
@@ -105,10 +124,13 @@ async def dial_handshake(conn: Connection, key: bytes, node: str, addr: str,
         raise ProtocolError(f"expected challenge, got {msg['type']}")
     expected = acceptor_proof(key, nonce, msg["nonce"], msg["node"], node)
     if not proofs_equal(expected, msg["mac"]):
-        raise AuthError(f"{conn.peer} (claims to be {msg['node']!r}) failed to prove the "
-                        "cluster secret (wrong key?)")
-    await conn.send({"type": "auth", "mac": dialer_proof(key, msg["nonce"], nonce, node,
-                                                         msg["node"])})
+        raise AuthError(
+            f"{conn.peer} (claims to be {msg['node']!r}) failed to prove the "
+            "cluster secret (wrong key?)"
+        )
+    await conn.send(
+        {"type": "auth", "mac": dialer_proof(key, msg["nonce"], nonce, node, msg["node"])}
+    )
     reply = await conn.recv(timeout)
     if reply["type"] == "refused":
         raise AuthError(f"refused by {conn.peer}: {reply['reason']}")
@@ -117,8 +139,9 @@ async def dial_handshake(conn: Connection, key: bytes, node: str, addr: str,
     return Peer(node=msg["node"], addr=conn.peer, role="node")
 
 
-async def accept_handshake(conn: Connection, key: bytes, node: str,
-                           timeout: float = HANDSHAKE_TIMEOUT) -> Peer:
+async def accept_handshake(
+    conn: Connection, key: bytes, node: str, timeout: float = HANDSHAKE_TIMEOUT
+) -> Peer:
     """Authenticate an incoming connection; returns the dialer's identity.
 
     On failure sends ``refused`` (best effort) and raises AuthError / ProtocolError.
@@ -130,16 +153,24 @@ async def accept_handshake(conn: Connection, key: bytes, node: str,
         await _refuse(conn, f"unsupported protocol version {hello['proto']}")
         raise AuthError(f"{conn.peer} speaks protocol version {hello['proto']}")
     nonce = new_nonce()
-    await conn.send({"type": "challenge", "node": node, "nonce": nonce,
-                     "mac": acceptor_proof(key, hello["nonce"], nonce, node, hello["node"])})
+    await conn.send(
+        {
+            "type": "challenge",
+            "node": node,
+            "nonce": nonce,
+            "mac": acceptor_proof(key, hello["nonce"], nonce, node, hello["node"]),
+        }
+    )
     msg = await conn.recv(timeout)
     if msg["type"] != "auth":
         raise ProtocolError(f"expected auth, got {msg['type']}")
     expected = dialer_proof(key, nonce, hello["nonce"], hello["node"], node)
     if not proofs_equal(expected, msg["mac"]):
         await _refuse(conn, "authentication failed")
-        raise AuthError(f"{conn.peer} (claims to be {hello['node']!r}) failed to prove the "
-                        "cluster secret (wrong key?)")
+        raise AuthError(
+            f"{conn.peer} (claims to be {hello['node']!r}) failed to prove the "
+            "cluster secret (wrong key?)"
+        )
     await conn.send({"type": "welcome"})
     return Peer(node=hello["node"], addr=hello["addr"], role=hello["role"])
 

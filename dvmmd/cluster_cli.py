@@ -47,12 +47,15 @@ class Client:
         try:
             self.sock.connect(path)
         except FileNotFoundError:
-            raise CliError(f"cannot reach dvmmd: no socket at {path} (is dvmmd running? "
-                           "`systemctl start dvmmd`, or pass --socket / set DVMM_SOCKET)"
-                           ) from None
+            raise CliError(
+                f"cannot reach dvmmd: no socket at {path} (is dvmmd running? "
+                "`systemctl start dvmmd`, or pass --socket / set DVMM_SOCKET)"
+            ) from None
         except PermissionError:
-            raise CliError(f"cannot reach dvmmd at {path}: permission denied (run as root or "
-                           "as a member of the socket's group)") from None
+            raise CliError(
+                f"cannot reach dvmmd at {path}: permission denied (run as root or "
+                "as a member of the socket's group)"
+            ) from None
         except OSError as e:
             raise CliError(f"cannot reach dvmmd at {path}: {e.strerror or e}") from None
         self.buf = b""
@@ -84,8 +87,12 @@ class Client:
             raise CliError("malformed reply from dvmmd")
         return msg
 
-    def request(self, op: str, args: dict[str, Any] | None = None,
-                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    def request(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
         self.send(op, args or {})
         while True:
             msg = self.read_message()
@@ -98,9 +105,13 @@ class Client:
             raise CliError(str(msg.get("error") or "request failed"))
 
 
-def call(args: argparse.Namespace, op: str, params: dict[str, Any] | None = None,
-         on_event: Callable[[dict[str, Any]], None] | None = None,
-         timeout: float | None = 60.0) -> Any:
+def call(
+    args: argparse.Namespace,
+    op: str,
+    params: dict[str, Any] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = 60.0,
+) -> Any:
     with Client(args.socket, timeout) as c:
         return c.request(op, params, on_event)
 
@@ -119,10 +130,17 @@ def format_nodes(res: dict[str, Any]) -> str:
     rows = []
     for n in res["nodes"]:
         me = " *" if n["name"] == res["self"] else ""
-        rows.append([n["name"] + me, n["addr"], n["state"],
-                     f"{n['used_vcpus']}/{n['vcpus']}",
-                     f"{format_size(n['used_memory'])}/{format_size(n['memory'])}",
-                     str(n["vms"]), f"{n['last_heard_s']:.1f}s" if not me else "-"])
+        rows.append(
+            [
+                n["name"] + me,
+                n["addr"],
+                n["state"],
+                f"{n['used_vcpus']}/{n['vcpus']}",
+                f"{format_size(n['used_memory'])}/{format_size(n['memory'])}",
+                str(n["vms"]),
+                f"{n['last_heard_s']:.1f}s" if not me else "-",
+            ]
+        )
     for p in res.get("pending", []):
         rows.append(["?", p["addr"], "unreachable", "-", "-", "-", p.get("error", "")[:40]])
     return _table(rows, ["NODE", "ADDRESS", "STATE", "VCPUS", "MEMORY", "VMS", "LAST SEEN"])
@@ -133,27 +151,48 @@ def _nodes_of(vm: dict[str, Any]) -> str:
 
 
 def format_vms(vms: list[dict[str, Any]]) -> str:
-    rows = [[v["name"], v["state"], str(v["request"]["vcpus"]),
-             format_size(v["request"]["memory"]), _nodes_of(v), v["reason"]] for v in vms]
+    rows = [
+        [
+            v["name"],
+            v["state"],
+            str(v["request"]["vcpus"]),
+            format_size(v["request"]["memory"]),
+            _nodes_of(v),
+            v["reason"],
+        ]
+        for v in vms
+    ]
     return _table(rows, ["NAME", "STATE", "VCPUS", "MEMORY", "NODES", "REASON"])
 
 
 def format_status(v: dict[str, Any]) -> str:
     req = v["request"]
-    lines = [f"name:     {v['name']}", f"state:    {v['state']}", f"reason:   {v['reason']}",
-             f"owner:    {v.get('owner', '?')}", f"vcpus:    {req['vcpus']}",
-             f"memory:   {format_size(req['memory'])}", f"kernel:   {req['kernel']}",
-             f"cmdline:  {req.get('cmdline', '')}", "placement:"]
+    lines = [
+        f"name:     {v['name']}",
+        f"state:    {v['state']}",
+        f"reason:   {v['reason']}",
+        f"owner:    {v.get('owner', '?')}",
+        f"vcpus:    {req['vcpus']}",
+        f"memory:   {format_size(req['memory'])}",
+        f"kernel:   {req['kernel']}",
+        f"cmdline:  {req.get('cmdline', '')}",
+        "placement:",
+    ]
     for i, s in enumerate(v["placement"]["shares"]):
         cpus = s["cpus"]
-        lines.append(f"  [{i}] {s['node']}: vCPUs {cpus[0]}-{cpus[-1]}, memory "
-                     f"{format_size(s['mem_start'])}+{format_size(s['mem_size'])}, "
-                     f"{s.get('state', '?')}" + (f" ({s['reason']})" if s.get("reason") else "")
-                     + (" [boot node]" if i == 0 else ""))
+        lines.append(
+            f"  [{i}] {s['node']}: vCPUs {cpus[0]}-{cpus[-1]}, memory "
+            f"{format_size(s['mem_start'])}+{format_size(s['mem_size'])}, "
+            f"{s.get('state', '?')}"
+            + (f" ({s['reason']})" if s.get("reason") else "")
+            + (" [boot node]" if i == 0 else "")
+        )
     result = v.get("result")
     if result:
-        lines.append(f"result:   {result.get('reason')} status={result.get('status')}"
-                     + (f" error={result['error']}" if result.get("error") else ""))
+        lines.append(
+            f"result:   {result.get('reason')} status={result.get('status')}"
+            + (f" error={result['error']}" if result.get("error") else "")
+        )
     return "\n".join(lines)
 
 
@@ -177,8 +216,10 @@ def format_stats(res: dict[str, Any]) -> str:
     keys = sorted({k for f in flats for k in f})
     head = f"VM {res['name']}: {res['state']} ({res['reason']})"
     if not keys:
-        return head + "\n(no counters yet: workers report them in their result, or live in " \
+        return (
+            head + "\n(no counters yet: workers report them in their result, or live in "
             "RESULT.json.stats)"
+        )
     rows = [[k] + [f.get(k, "-") for f in flats] for k in keys]
     header = ["COUNTER"] + [f"{n['node']}" + (" (!)" if n.get("error") else "") for n in nodes]
     return head + "\n" + _table(rows, header)
@@ -202,8 +243,8 @@ def _progress_printer() -> Callable[[dict[str, Any]], None]:
 
     def show(ev: dict[str, Any]) -> None:
         if ev.get("event") == "progress":
-            print(f"[{time.monotonic() - t0:6.2f}s] {ev['message']}", file=sys.stderr,
-                  flush=True)
+            print(f"[{time.monotonic() - t0:6.2f}s] {ev['message']}", file=sys.stderr, flush=True)
+
     return show
 
 
@@ -212,9 +253,15 @@ def _abs(path: str | None) -> str | None:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"name": args.name, "vcpus": args.vcpus, "memory": args.memory,
-                              "kernel": _abs(args.kernel), "initrd": _abs(args.initrd),
-                              "cmdline": args.cmdline, "timeout_s": args.timeout}
+    params: dict[str, Any] = {
+        "name": args.name,
+        "vcpus": args.vcpus,
+        "memory": args.memory,
+        "kernel": _abs(args.kernel),
+        "initrd": _abs(args.initrd),
+        "cmdline": args.cmdline,
+        "timeout_s": args.timeout,
+    }
     if args.nodes:
         params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
     res = call(args, "boot", params, None if args.json else _progress_printer(), timeout=None)
@@ -255,6 +302,7 @@ def _console(args: argparse.Namespace, name: str, follow: bool) -> int:
         if tty:
             import termios
             import tty as ttymod
+
             saved = termios.tcgetattr(sys.stdin.fileno())
             ttymod.setcbreak(sys.stdin.fileno())
         try:
@@ -262,8 +310,7 @@ def _console(args: argparse.Namespace, name: str, follow: bool) -> int:
                 if tty and not c.buf:
                     ready, _, _ = select.select([c.sock, sys.stdin], [], [])
                     if sys.stdin in ready and DETACH_KEY in os.read(sys.stdin.fileno(), 64):
-                        print(f"\n[detached from {name}; the VM keeps running]",
-                              file=sys.stderr)
+                        print(f"\n[detached from {name}; the VM keeps running]", file=sys.stderr)
                         return 0
                     if c.sock not in ready:
                         continue
@@ -284,6 +331,7 @@ def _console(args: argparse.Namespace, name: str, follow: bool) -> int:
         finally:
             if saved is not None:
                 import termios
+
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
 
 
@@ -293,8 +341,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     res = call(args, "stop", {"name": args.name, "force": args.force}, timeout=None)
-    _print_json(res) if args.json else print(f"VM {res['name']}: {res['state']} "
-                                             f"({res['reason']})")
+    _print_json(res) if args.json else print(f"VM {res['name']}: {res['state']} ({res['reason']})")
     return 0
 
 
@@ -316,9 +363,12 @@ def cmd_top(args: argparse.Namespace) -> int:
             with Client(args.socket) as c:
                 nodes = c.request("nodes")
                 vms = c.request("list")
-            screen = (f"dvmm cluster seen from {nodes['self']} at {time.strftime('%H:%M:%S')}"
-                      f"\n\n{format_nodes(nodes)}\n\n"
-                      + (format_vms(vms["vms"]) if vms["vms"] else "no VMs") + "\n")
+            screen = (
+                f"dvmm cluster seen from {nodes['self']} at {time.strftime('%H:%M:%S')}"
+                f"\n\n{format_nodes(nodes)}\n\n"
+                + (format_vms(vms["vms"]) if vms["vms"] else "no VMs")
+                + "\n"
+            )
             if args.once:
                 print(screen, end="")
                 return 0
@@ -350,8 +400,14 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 class LocalCluster:
     """N dvmmd processes on loopback addresses with a generated secret (demo, tests)."""
 
-    def __init__(self, n: int = 2, base: Path | None = None, extra: str = "",
-                 heartbeat: float = 0.5, timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        n: int = 2,
+        base: Path | None = None,
+        extra: str = "",
+        heartbeat: float = 0.5,
+        timeout: float = 3.0,
+    ) -> None:
         self.dir = base or Path(tempfile.mkdtemp(prefix="dvmm-demo-"))
         self.names = [f"node{i + 1}" for i in range(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -374,20 +430,26 @@ class LocalCluster:
                 f'state_dir = "{state}"\nvcpus = 2\nmemory = "1G"\n\n'
                 f'[cluster]\nsecret_file = "{secret}"\npeers = [{peers}]\n'
                 f"heartbeat_interval = {heartbeat}\nfailure_timeout = {timeout}\n\n"
-                f'[worker]\ndata_ports = "{dp}-{dp + 16}"\n{extra}')
+                f'[worker]\ndata_ports = "{dp}-{dp + 16}"\n{extra}'
+            )
             self.configs.append(cfg)
             self.sockets.append(str(state / "dvmmd.sock"))
 
     def start(self) -> None:
         env = dict(os.environ)  # run this very package, installed or not
         pkg_parent = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent,
-                                                          env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
         for name, cfg in zip(self.names, self.configs):
             log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 -- owned by the child
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "dvmmd.daemon", "--config", str(cfg)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dvmmd.daemon", "--config", str(cfg)],
+                    stdout=log,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                )
+            )
             log.close()
 
     def request(self, i: int, op: str, args: dict[str, Any] | None = None) -> Any:
@@ -396,9 +458,11 @@ class LocalCluster:
 
     def all_alive(self) -> bool:
         try:
-            return all(sum(1 for n in self.request(i, "nodes")["nodes"]
-                           if n["state"] == "alive") == len(self.names)
-                       for i in range(len(self.names)))
+            return all(
+                sum(1 for n in self.request(i, "nodes")["nodes"] if n["state"] == "alive")
+                == len(self.names)
+                for i in range(len(self.names))
+            )
         except (CliError, OSError):
             return False
 
@@ -419,14 +483,17 @@ class LocalCluster:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .vmmanager import multinode_supported
     from .vmspec import SpecError, find_bundled_guest
+
     try:
         kernel = str(find_bundled_guest())
     except SpecError as e:
         raise CliError(f"demo: {e}") from None
     multi, why = multinode_supported("auto")
     cluster = LocalCluster(2)
-    print(f"dvmm demo: starting 2 dvmmd daemons on 127.0.0.1/127.0.0.2 (state in "
-          f"{cluster.dir})", flush=True)
+    print(
+        f"dvmm demo: starting 2 dvmmd daemons on 127.0.0.1/127.0.0.2 (state in {cluster.dir})",
+        flush=True,
+    )
     code = 1
     try:
         cluster.start()
@@ -434,14 +501,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _wait(cluster.all_alive, 20, "both nodes to see each other")
         print(format_nodes(cluster.request(0, "nodes")), flush=True)
         nodes = cluster.names if multi else cluster.names[:1]
-        where = ("across both nodes" if multi
-                 else f"on {nodes[0]} only (multi-node VMs unavailable: {why})")
-        print(f"dvmm demo: booting the bundled guest ({kernel}) with {args.vcpus} vCPUs, "
-              f"{args.memory} {where}", flush=True)
+        where = (
+            "across both nodes"
+            if multi
+            else f"on {nodes[0]} only (multi-node VMs unavailable: {why})"
+        )
+        print(
+            f"dvmm demo: booting the bundled guest ({kernel}) with {args.vcpus} vCPUs, "
+            f"{args.memory} {where}",
+            flush=True,
+        )
         ns = argparse.Namespace(socket=cluster.sockets[0])
-        res = call(ns, "boot", {"name": "demo", "vcpus": args.vcpus, "memory": args.memory,
-                                "kernel": kernel, "nodes": nodes, "cmdline": args.cmdline,
-                                "timeout_s": args.timeout}, _progress_printer(), timeout=None)
+        res = call(
+            ns,
+            "boot",
+            {
+                "name": "demo",
+                "vcpus": args.vcpus,
+                "memory": args.memory,
+                "kernel": kernel,
+                "nodes": nodes,
+                "cmdline": args.cmdline,
+                "timeout_s": args.timeout,
+            },
+            _progress_printer(),
+            timeout=None,
+        )
         print(f"dvmm demo: VM demo is {res['state']}; console:", flush=True)
         _console(ns, "demo", follow=True)
         st = cluster.request(0, "status", {"name": "demo"})
@@ -472,12 +557,15 @@ def _size(text: str) -> int:
 def register(subparsers: Any) -> None:
     """Add the cluster verbs to the main `dvmmctl` parser."""
 
-    def add(name: str, help_: str, func: Handler, json_flag: bool = True,
-            vm: bool = False) -> argparse.ArgumentParser:
+    def add(
+        name: str, help_: str, func: Handler, json_flag: bool = True, vm: bool = False
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_)
-        p.add_argument("--socket", default=default_socket(),
-                       help="dvmmd API socket (default: $DVMM_SOCKET or "
-                       f"{DEFAULT_SOCKET})")
+        p.add_argument(
+            "--socket",
+            default=default_socket(),
+            help=f"dvmmd API socket (default: $DVMM_SOCKET or {DEFAULT_SOCKET})",
+        )
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         if vm:
@@ -497,22 +585,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--console", action="store_true", help="attach to the console after boot")
     add("list", "list the VMs of the whole cluster", cmd_list)
     add("status", "show a VM's state, placement and result", cmd_status, vm=True)
-    p = add("console", "attach to a VM's console (Ctrl-] detaches)", cmd_console,
-            json_flag=False, vm=True)
+    p = add(
+        "console",
+        "attach to a VM's console (Ctrl-] detaches)",
+        cmd_console,
+        json_flag=False,
+        vm=True,
+    )
     p.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
-    p = add("stop", "stop a VM (SIGTERM to its workers; --force kills them)", cmd_stop,
-            vm=True)
+    p = add("stop", "stop a VM (SIGTERM to its workers; --force kills them)", cmd_stop, vm=True)
     p.add_argument("--force", action="store_true", help="kill the workers immediately")
     add("rm", "remove a stopped VM's definition", cmd_rm, json_flag=False, vm=True)
-    add("stats", "show a VM's counters per node (coherence, exits, IPIs...)", cmd_stats,
-        vm=True)
+    add("stats", "show a VM's counters per node (coherence, exits, IPIs...)", cmd_stats, vm=True)
     p = add("top", "live view of nodes and VMs", cmd_top, json_flag=False)
     p.add_argument("--interval", type=float, default=2.0, help="refresh every S seconds")
     p.add_argument("--once", action="store_true", help="print once and exit")
-    p = subparsers.add_parser("demo", help="run a local 2-node cluster and boot the bundled "
-                              "guest on it", description="start two dvmmd daemons on "
-                              "loopback, boot the bundled guest, stream its console, print "
-                              "per-node counters, tear everything down")
+    p = subparsers.add_parser(
+        "demo",
+        help="run a local 2-node cluster and boot the bundled guest on it",
+        description="start two dvmmd daemons on "
+        "loopback, boot the bundled guest, stream its console, print "
+        "per-node counters, tear everything down",
+    )
     p.add_argument("--vcpus", type=int, default=2, help="vCPUs (default 2)")
     p.add_argument("--memory", default="256M", help="RAM (default 256M)")
     p.add_argument("--cmdline", default=None, help="guest command line")

@@ -63,8 +63,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 class ConfigError(Exception):
     """A configuration problem; `str()` is the full human-readable message."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 key: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+    ) -> None:
         self.file = file
         self.line = line
         self.key = key
@@ -146,8 +152,14 @@ def format_hostport(hp: tuple[str, int]) -> str:
 
 _SCHEMA: dict[str, set[str]] = {
     "node": {"name", "listen", "advertise", "state_dir", "vcpus", "memory", "log_level"},
-    "cluster": {"secret_file", "peers", "seed", "heartbeat_interval", "suspect_timeout",
-                "failure_timeout"},
+    "cluster": {
+        "secret_file",
+        "peers",
+        "seed",
+        "heartbeat_interval",
+        "suspect_timeout",
+        "failure_timeout",
+    },
     "api": {"socket", "socket_mode", "socket_group", "remote"},
     "metrics": {"listen"},
     "worker": {"command", "data_ports", "multi_node", "stop_grace"},
@@ -187,8 +199,12 @@ class _Reader:
         self.data = data
 
     def error(self, table: str, key: str | None, message: str) -> ConfigError:
-        return ConfigError(message, file=self.path, line=_key_line(self.text, table, key),
-                           key=f"{table}.{key}" if key else f"[{table}]")
+        return ConfigError(
+            message,
+            file=self.path,
+            line=_key_line(self.text, table, key),
+            key=f"{table}.{key}" if key else f"[{table}]",
+        )
 
     def table(self, name: str) -> Mapping[str, Any]:
         value = self.data.get(name, {})
@@ -196,13 +212,23 @@ class _Reader:
             raise self.error(name, None, "must be a table")
         return value
 
-    def get(self, table: str, key: str, kind: type | tuple[type, ...], default: Any = None,
-            required: bool = False) -> Any:
+    def get(
+        self,
+        table: str,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        required: bool = False,
+    ) -> Any:
         t = self.table(table)
         if key not in t:
             if required:
-                raise ConfigError("missing required key", file=self.path,
-                                  line=_key_line(self.text, table, None), key=f"{table}.{key}")
+                raise ConfigError(
+                    "missing required key",
+                    file=self.path,
+                    line=_key_line(self.text, table, None),
+                    key=f"{table}.{key}",
+                )
             return default
         value = t[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -211,8 +237,7 @@ class _Reader:
             ok = True
         if not ok:
             names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(table, key, f"must be {names}, got {type(value).__name__} "
-                             f"{value!r}")
+            raise self.error(table, key, f"must be {names}, got {type(value).__name__} {value!r}")
         return value
 
 
@@ -246,19 +271,25 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
-        raise ConfigError(f"invalid TOML: {msg}", file=path,
-                          line=int(m.group(1)) if m else None) from None
+        raise ConfigError(
+            f"invalid TOML: {msg}", file=path, line=int(m.group(1)) if m else None
+        ) from None
     r = _Reader(path, text, data)
     for table, value in data.items():
         if table not in _SCHEMA:
-            raise ConfigError(f"unknown table (known: {', '.join(sorted(_SCHEMA))})", file=path,
-                              line=_key_line(text, table, None), key=f"[{table}]")
+            raise ConfigError(
+                f"unknown table (known: {', '.join(sorted(_SCHEMA))})",
+                file=path,
+                line=_key_line(text, table, None),
+                key=f"[{table}]",
+            )
         if not isinstance(value, dict):
             raise r.error(table, None, "must be a table")
         for key in value:
             if key not in _SCHEMA[table]:
-                raise r.error(table, key, "unknown key (known: "
-                              + ", ".join(sorted(_SCHEMA[table])) + ")")
+                raise r.error(
+                    table, key, "unknown key (known: " + ", ".join(sorted(_SCHEMA[table])) + ")"
+                )
 
     def hostport(table: str, key: str, value: str) -> tuple[str, int]:
         try:
@@ -273,14 +304,20 @@ def parse_config(text: str, path: str = "<config>") -> Config:
 
     name = r.get("node", "name", str, required=True)
     if not is_valid_name(name):
-        raise r.error("node", "name", f"invalid node name {name!r} "
-                      "(1-63 of A-Z a-z 0-9 _ . -, starting alphanumeric)")
+        raise r.error(
+            "node",
+            "name",
+            f"invalid node name {name!r} (1-63 of A-Z a-z 0-9 _ . -, starting alphanumeric)",
+        )
     listen = hostport("node", "listen", r.get("node", "listen", str, required=True))
     adv_s = r.get("node", "advertise", str)
     advertise = hostport("node", "advertise", adv_s) if adv_s else listen
     if advertise[0] in ("0.0.0.0", "::", ""):
-        raise r.error("node", "advertise" if adv_s else "listen",
-                      "a wildcard address cannot be dialled by peers; set node.advertise")
+        raise r.error(
+            "node",
+            "advertise" if adv_s else "listen",
+            "a wildcard address cannot be dialled by peers; set node.advertise",
+        )
     state_dir = Path(r.get("node", "state_dir", str, required=True))
     if not state_dir.is_absolute():
         raise r.error("node", "state_dir", "must be an absolute path")
@@ -305,16 +342,21 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         peers.append(hostport("cluster", "peers", item))
     seed_s = r.get("cluster", "seed", str)
     seed = hostport("cluster", "seed", seed_s) if seed_s else None
-    hb = positive("cluster", "heartbeat_interval",
-                  r.get("cluster", "heartbeat_interval", float, default=1.0))
-    timeout = positive("cluster", "failure_timeout",
-                       r.get("cluster", "failure_timeout", float, default=5.0))
+    hb = positive(
+        "cluster", "heartbeat_interval", r.get("cluster", "heartbeat_interval", float, default=1.0)
+    )
+    timeout = positive(
+        "cluster", "failure_timeout", r.get("cluster", "failure_timeout", float, default=5.0)
+    )
     if timeout <= hb:
-        raise r.error("cluster", "failure_timeout",
-                      f"must be greater than cluster.heartbeat_interval ({hb})")
-    suspect = positive("cluster", "suspect_timeout",
-                       r.get("cluster", "suspect_timeout", float,
-                             default=max(min(2 * hb, timeout), timeout / 2)))
+        raise r.error(
+            "cluster", "failure_timeout", f"must be greater than cluster.heartbeat_interval ({hb})"
+        )
+    suspect = positive(
+        "cluster",
+        "suspect_timeout",
+        r.get("cluster", "suspect_timeout", float, default=max(min(2 * hb, timeout), timeout / 2)),
+    )
     if suspect > timeout:
         raise r.error("cluster", "suspect_timeout", "must not exceed cluster.failure_timeout")
 
@@ -323,11 +365,16 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     try:
         mode = int(mode_raw, 8) if isinstance(mode_raw, str) else mode_raw
     except ValueError:
-        raise r.error("api", "socket_mode", f"expected an octal mode like '0660', got "
-                      f"{mode_raw!r}") from None
+        raise r.error(
+            "api", "socket_mode", f"expected an octal mode like '0660', got {mode_raw!r}"
+        ) from None
     if mode & ~0o777 or mode & 0o007:
-        raise r.error("api", "socket_mode", f"{oct(mode)} is not allowed: the API socket must "
-                      "not be accessible to others (use 0600 or 0660)")
+        raise r.error(
+            "api",
+            "socket_mode",
+            f"{oct(mode)} is not allowed: the API socket must "
+            "not be accessible to others (use 0600 or 0660)",
+        )
     group = r.get("api", "socket_group", str)
     remote = r.get("api", "remote", bool, default=False)
 
@@ -340,24 +387,42 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     ports_s = r.get("worker", "data_ports", str, default="7500-7599")
     pm = re.match(r"^\s*(\d+)\s*-\s*(\d+)\s*$", ports_s)
     if not pm or not 0 < int(pm.group(1)) <= int(pm.group(2)) < 65536:
-        raise r.error("worker", "data_ports", f"expected a port range like '7500-7599', got "
-                      f"{ports_s!r}")
+        raise r.error(
+            "worker", "data_ports", f"expected a port range like '7500-7599', got {ports_s!r}"
+        )
     multi_raw = r.get("worker", "multi_node", (bool, str), default="auto")
     if isinstance(multi_raw, bool):
         multi = "yes" if multi_raw else "no"
     elif multi_raw == "auto":
         multi = "auto"
     else:
-        raise r.error("worker", "multi_node", "must be true, false or \"auto\"")
+        raise r.error("worker", "multi_node", 'must be true, false or "auto"')
     grace = positive("worker", "stop_grace", r.get("worker", "stop_grace", float, default=10.0))
     kernel = r.get("vm", "kernel", str)
 
     return Config(
-        path=path, node_name=name, listen=listen, advertise=advertise, state_dir=state_dir,
-        vcpus=vcpus, memory=memory, secret_file=secret_file, peers=tuple(peers), seed=seed,
-        heartbeat_interval=hb, suspect_timeout=suspect, failure_timeout=timeout,
-        api_socket=api_socket, api_socket_mode=mode, api_socket_group=group, api_remote=remote,
-        metrics_listen=metrics, worker_command=tuple(cmd_raw),
-        data_ports=(int(pm.group(1)), int(pm.group(2))), multi_node=multi, stop_grace=grace,
-        default_kernel=kernel, log_level=log_level,
+        path=path,
+        node_name=name,
+        listen=listen,
+        advertise=advertise,
+        state_dir=state_dir,
+        vcpus=vcpus,
+        memory=memory,
+        secret_file=secret_file,
+        peers=tuple(peers),
+        seed=seed,
+        heartbeat_interval=hb,
+        suspect_timeout=suspect,
+        failure_timeout=timeout,
+        api_socket=api_socket,
+        api_socket_mode=mode,
+        api_socket_group=group,
+        api_remote=remote,
+        metrics_listen=metrics,
+        worker_command=tuple(cmd_raw),
+        data_ports=(int(pm.group(1)), int(pm.group(2))),
+        multi_node=multi,
+        stop_grace=grace,
+        default_kernel=kernel,
+        log_level=log_level,
     )

@@ -50,10 +50,15 @@ class Daemon:
 
     def local_info(self) -> dict[str, Any]:
         used_v, used_m = self.vmm.used()
-        return {"vcpus": self.cfg.vcpus, "memory": self.cfg.memory, "used_vcpus": used_v,
-                "used_memory": used_m,
-                "vms": sum(1 for s in self.vmm.shares.values() if s.active),
-                "started_at": self.started_at, "version": __version__}
+        return {
+            "vcpus": self.cfg.vcpus,
+            "memory": self.cfg.memory,
+            "used_vcpus": used_v,
+            "used_memory": used_m,
+            "vms": sum(1 for s in self.vmm.shares.values() if s.active),
+            "started_at": self.started_at,
+            "version": __version__,
+        }
 
     async def _rpc(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
         return await self.vmm.handle_rpc(method, params)
@@ -73,17 +78,28 @@ class Daemon:
         except SecretError as e:
             raise StartupError(str(e)) from None
         self.incarnation = self.store.bump_incarnation()
-        self.membership = Membership(cfg.node_name, cfg.advertise_str, self.incarnation,
-                                     suspect_timeout=cfg.suspect_timeout,
-                                     failure_timeout=cfg.failure_timeout,
-                                     local_info=self.local_info)
-        self.network = PeerNetwork(cfg, self.secret, self.membership, self._rpc,
-                                   self._remote_api if cfg.api_remote else None)
+        self.membership = Membership(
+            cfg.node_name,
+            cfg.advertise_str,
+            self.incarnation,
+            suspect_timeout=cfg.suspect_timeout,
+            failure_timeout=cfg.failure_timeout,
+            local_info=self.local_info,
+        )
+        self.network = PeerNetwork(
+            cfg,
+            self.secret,
+            self.membership,
+            self._rpc,
+            self._remote_api if cfg.api_remote else None,
+        )
         self.vmm = VmManager(cfg, self.store, self.membership, self.network.call, self.secret)
-        self.api_handler = ApiHandler(cfg.node_name, self.incarnation, self.membership,
-                                      self.network, self.vmm, __version__)
-        self.api = ApiServer(cfg.api_socket, cfg.api_socket_mode, cfg.api_socket_group,
-                             self.api_handler)
+        self.api_handler = ApiHandler(
+            cfg.node_name, self.incarnation, self.membership, self.network, self.vmm, __version__
+        )
+        self.api = ApiServer(
+            cfg.api_socket, cfg.api_socket_mode, cfg.api_socket_group, self.api_handler
+        )
 
     def render_metrics(self) -> str:
         exp = Exposition()
@@ -91,38 +107,74 @@ class Daemon:
         for m in self.membership.view():
             labels = {"node": m["name"]}
             for st in ("alive", "suspect", "dead", "left"):
-                exp.add("dvmm_node_state", "gauge", "1 for the state the member is in",
-                        1 if m["state"] == st else 0, {**labels, "state": st})
+                exp.add(
+                    "dvmm_node_state",
+                    "gauge",
+                    "1 for the state the member is in",
+                    1 if m["state"] == st else 0,
+                    {**labels, "state": st},
+                )
             exp.add("dvmm_node_vcpus", "gauge", "vCPUs the node offers", m["vcpus"], labels)
-            exp.add("dvmm_node_memory_bytes", "gauge", "memory the node offers", m["memory"],
-                    labels)
+            exp.add(
+                "dvmm_node_memory_bytes", "gauge", "memory the node offers", m["memory"], labels
+            )
             exp.add("dvmm_node_used_vcpus", "gauge", "vCPUs used by VMs", m["used_vcpus"], labels)
-            exp.add("dvmm_node_used_memory_bytes", "gauge", "memory homed by VMs",
-                    m["used_memory"], labels)
-            exp.add("dvmm_node_last_heartbeat_age_seconds", "gauge",
-                    "seconds since the last heartbeat", m["last_heard_s"], labels)
+            exp.add(
+                "dvmm_node_used_memory_bytes",
+                "gauge",
+                "memory homed by VMs",
+                m["used_memory"],
+                labels,
+            )
+            exp.add(
+                "dvmm_node_last_heartbeat_age_seconds",
+                "gauge",
+                "seconds since the last heartbeat",
+                m["last_heard_s"],
+                labels,
+            )
         states: dict[str, int] = {}
         for rec in self.store.list_vms():
             states[rec.state] = states.get(rec.state, 0) + 1
-            exp.add("dvmm_vm_info", "gauge", "VMs owned by this node",
-                    1, {"vm": rec.name, "state": rec.state})
-            exp.add("dvmm_vm_vcpus", "gauge", "vCPUs of the VM", rec.request.get("vcpus", 0),
-                    {"vm": rec.name})
+            exp.add(
+                "dvmm_vm_info",
+                "gauge",
+                "VMs owned by this node",
+                1,
+                {"vm": rec.name, "state": rec.state},
+            )
+            exp.add(
+                "dvmm_vm_vcpus",
+                "gauge",
+                "vCPUs of the VM",
+                rec.request.get("vcpus", 0),
+                {"vm": rec.name},
+            )
         for st in ("booting", "running", "stopping", "stopped", "failed"):
-            exp.add("dvmm_vms", "gauge", "VMs owned by this node, by state", states.get(st, 0),
-                    {"state": st})
+            exp.add(
+                "dvmm_vms",
+                "gauge",
+                "VMs owned by this node, by state",
+                states.get(st, 0),
+                {"state": st},
+            )
         for sh in self.vmm.shares.values():
             add_worker_stats(exp, self.vmm.live_stats(sh), {"vm": sh.rec.vm, "node": node})
         c = self.network.counters
-        exp.add("dvmmd_auth_failures_total", "counter", "peer authentication failures",
-                c.auth_failures)
-        exp.add("dvmmd_protocol_errors_total", "counter", "peer protocol errors",
-                c.protocol_errors)
-        exp.add("dvmmd_peer_connections_total", "counter", "accepted peer connections",
-                c.connections_accepted)
+        exp.add(
+            "dvmmd_auth_failures_total", "counter", "peer authentication failures", c.auth_failures
+        )
+        exp.add("dvmmd_protocol_errors_total", "counter", "peer protocol errors", c.protocol_errors)
+        exp.add(
+            "dvmmd_peer_connections_total",
+            "counter",
+            "accepted peer connections",
+            c.connections_accepted,
+        )
         exp.add("dvmmd_rpcs_served_total", "counter", "peer RPCs served", c.rpcs_served)
-        exp.add("dvmmd_api_requests_total", "counter", "local API requests",
-                self.api_handler.requests)
+        exp.add(
+            "dvmmd_api_requests_total", "counter", "local API requests", self.api_handler.requests
+        )
         exp.add("dvmmd_incarnation", "gauge", "daemon incarnation", self.incarnation)
         return exp.render()
 
@@ -138,24 +190,32 @@ class Daemon:
             try:
                 await self.network.start()
             except OSError as e:
-                raise StartupError(f"cannot listen on {cfg.listen[0]}:{cfg.listen[1]} "
-                                   f"(node.listen): {e.strerror or e}") from None
+                raise StartupError(
+                    f"cannot listen on {cfg.listen[0]}:{cfg.listen[1]} "
+                    f"(node.listen): {e.strerror or e}"
+                ) from None
             try:
                 await self.api.start()
             except OSError as e:
                 raise StartupError(f"API socket {cfg.api_socket}: {e}") from None
             if cfg.metrics_listen:
                 try:
-                    metrics_server = await serve_metrics(*cfg.metrics_listen,
-                                                         self.render_metrics)
+                    metrics_server = await serve_metrics(*cfg.metrics_listen, self.render_metrics)
                 except OSError as e:
-                    raise StartupError(f"cannot serve metrics on {cfg.metrics_listen}: "
-                                       f"{e.strerror or e}") from None
-            log.info("dvmmd %s: node %s (incarnation %d) listening on %s, API %s%s",
-                     __version__, cfg.node_name, self.incarnation, cfg.advertise_str,
-                     cfg.api_socket,
-                     f", metrics {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"
-                     if cfg.metrics_listen else "")
+                    raise StartupError(
+                        f"cannot serve metrics on {cfg.metrics_listen}: {e.strerror or e}"
+                    ) from None
+            log.info(
+                "dvmmd %s: node %s (incarnation %d) listening on %s, API %s%s",
+                __version__,
+                cfg.node_name,
+                self.incarnation,
+                cfg.advertise_str,
+                cfg.api_socket,
+                f", metrics {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"
+                if cfg.metrics_listen
+                else "",
+            )
             notify(f"READY=1\nSTATUS=node {cfg.node_name} serving")
             await self._main_loop()
         finally:
@@ -191,18 +251,24 @@ class Daemon:
 
 def _setup_logging(level: str) -> None:
     under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
-    fmt = ("%(levelname)s %(name)s: %(message)s" if under_systemd
-           else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=fmt,
-                        stream=sys.stderr)
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_systemd
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=fmt, stream=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dvmmd", description="dvmm node daemon")
-    p.add_argument("--config", default=os.environ.get("DVMMD_CONFIG", DEFAULT_CONFIG_PATH),
-                   help=f"configuration file (default: $DVMMD_CONFIG or {DEFAULT_CONFIG_PATH})")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration and exit")
+    p.add_argument(
+        "--config",
+        default=os.environ.get("DVMMD_CONFIG", DEFAULT_CONFIG_PATH),
+        help=f"configuration file (default: $DVMMD_CONFIG or {DEFAULT_CONFIG_PATH})",
+    )
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
     p.add_argument("--version", action="version", version=f"dvmmd {__version__}")
     args = p.parse_args(argv)
     try:
@@ -211,8 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dvmmd: config error: {e}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"dvmmd: {args.config}: OK (node {cfg.node_name}, {cfg.vcpus} vCPUs, "
-              f"{cfg.memory} bytes)")
+        print(
+            f"dvmmd: {args.config}: OK (node {cfg.node_name}, {cfg.vcpus} vCPUs, "
+            f"{cfg.memory} bytes)"
+        )
         return 0
     _setup_logging(cfg.log_level)
     try:

@@ -43,9 +43,15 @@ class Member:
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         age = (now if now is not None else time.monotonic()) - self.last_heard
-        return {"name": self.name, "addr": self.addr, "state": self.state,
-                "incarnation": self.incarnation, "last_heard_s": round(age, 3),
-                "since": self.since, **{k: self.info.get(k, 0) for k in _INFO_INTS}}
+        return {
+            "name": self.name,
+            "addr": self.addr,
+            "state": self.state,
+            "incarnation": self.incarnation,
+            "last_heard_s": round(age, 3),
+            "since": self.since,
+            **{k: self.info.get(k, 0) for k in _INFO_INTS},
+        }
 
 
 @dataclass(frozen=True)
@@ -77,23 +83,35 @@ def validate_heartbeat(msg: Message) -> None:
     if len(members) > MAX_GOSSIP:
         raise ProtocolError("heartbeat: too many members")
     for m in members:
-        if (not isinstance(m, dict) or set(m) != {"name", "addr"}
-                or not isinstance(m["name"], str) or not isinstance(m["addr"], str)
-                or len(m["name"]) > 64 or len(m["addr"]) > 300):
+        if (
+            not isinstance(m, dict)
+            or set(m) != {"name", "addr"}
+            or not isinstance(m["name"], str)
+            or not isinstance(m["addr"], str)
+            or len(m["name"]) > 64
+            or len(m["addr"]) > 300
+        ):
             raise ProtocolError("heartbeat: malformed members entry")
 
 
 class Membership:
-    def __init__(self, name: str, addr: str, incarnation: int, *, suspect_timeout: float,
-                 failure_timeout: float, local_info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        incarnation: int,
+        *,
+        suspect_timeout: float,
+        failure_timeout: float,
+        local_info: Callable[[], dict[str, Any]],
+    ) -> None:
         self.name = name
         self.addr = addr
         self.incarnation = incarnation
         self.suspect_timeout = suspect_timeout
         self.failure_timeout = failure_timeout
         self.local_info = local_info
-        self.members: dict[str, Member] = {
-            name: Member(name, addr, "alive", incarnation)}
+        self.members: dict[str, Member] = {name: Member(name, addr, "alive", incarnation)}
         self.listeners: list[Listener] = []
         self.seq = 0
 
@@ -101,10 +119,18 @@ class Membership:
 
     def heartbeat(self) -> Message:
         self.seq += 1
-        return {"type": "heartbeat", "node": self.name, "incarnation": self.incarnation,
-                "seq": self.seq, "info": self.local_info(),
-                "members": [{"name": m.name, "addr": m.addr} for m in self.members.values()
-                            if m.state in ("alive", "suspect")]}
+        return {
+            "type": "heartbeat",
+            "node": self.name,
+            "incarnation": self.incarnation,
+            "seq": self.seq,
+            "info": self.local_info(),
+            "members": [
+                {"name": m.name, "addr": m.addr}
+                for m in self.members.values()
+                if m.state in ("alive", "suspect")
+            ],
+        }
 
     def leave_message(self) -> Message:
         return {"type": "leave", "node": self.name, "incarnation": self.incarnation}
@@ -125,8 +151,8 @@ class Membership:
             self.members[name] = m
             log.info("node %s (%s) joined", name, addr)
             self._emit(MemberEvent(name, "unknown", "alive"))
-        elif inc < m.incarnation:
-            return []  # a stale message from a previous incarnation
+        elif inc < m.incarnation or (inc == m.incarnation and m.state == "left"):
+            return []  # stale: a previous incarnation, or sent just before leaving
         else:
             restarted = inc > m.incarnation
             old = m.state
@@ -138,17 +164,20 @@ class Membership:
                 log.warning("node %s restarted (incarnation %d)", name, inc)
                 m.state = "alive"
                 m.since = time.time()
-                self._emit(MemberEvent(name, old, "alive", restarted=True,
-                                       reason=f"node {name} restarted"))
+                self._emit(
+                    MemberEvent(name, old, "alive", restarted=True, reason=f"node {name} restarted")
+                )
             elif old != "alive":
                 m.state = "alive"
                 m.since = time.time()
                 log.info("node %s is alive again (was %s)", name, old)
                 self._emit(MemberEvent(name, old, "alive"))
         known = {x.addr for x in self.members.values()}
-        return [g["addr"] for g in msg["members"]
-                if g["name"] != self.name and g["name"] not in self.members
-                and g["addr"] not in known]
+        return [
+            g["addr"]
+            for g in msg["members"]
+            if g["name"] != self.name and g["name"] not in self.members and g["addr"] not in known
+        ]
 
     def on_leave(self, msg: Message) -> None:
         m = self.members.get(msg["node"])
@@ -170,11 +199,20 @@ class Membership:
             if m.name == self.name or m.state in ("dead", "left"):
                 continue
             age = now - m.last_heard
-            new = ("alive" if age <= self.suspect_timeout
-                   else "suspect" if age <= self.failure_timeout else "dead")
+            new = (
+                "alive"
+                if age <= self.suspect_timeout
+                else "suspect"
+                if age <= self.failure_timeout
+                else "dead"
+            )
             if new != m.state:
-                ev = MemberEvent(m.name, m.state, new,
-                                 reason=f"node {m.name} is {new} (no heartbeat for {age:.1f}s)")
+                ev = MemberEvent(
+                    m.name,
+                    m.state,
+                    new,
+                    reason=f"node {m.name} is {new} (no heartbeat for {age:.1f}s)",
+                )
                 (log.warning if new == "dead" else log.info)("%s", ev.reason)
                 m.state = new
                 m.since = time.time()

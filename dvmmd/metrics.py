@@ -4,7 +4,7 @@
 (membership, resources), the VMs it owns, and the counters of the VMM workers on its
 own node (scrape every node for the whole picture). Worker counters come from the
 worker's result (``stats``) or its live ``RESULT.json.stats`` file: every numeric
-field becomes ``dvmm_vm_<field>{vm,node}``, a list of numbers gets an ``index`` label,
+field becomes ``dvmm_vm_<field>{vm,node}`` (nested objects: ``<outer>_<inner>``), a list of numbers gets an ``index`` label,
 and a ``{"buckets": [[le, count], ...], "sum": s, "count": n}`` object becomes a
 histogram (e.g. fault latency).
 """
@@ -45,21 +45,30 @@ class Exposition:
     def __init__(self) -> None:
         self.families: dict[str, tuple[str, str, list[str]]] = {}
 
-    def add(self, name: str, kind: str, help_: str, value: float,
-            labels: dict[str, str] | None = None) -> None:
+    def add(
+        self, name: str, kind: str, help_: str, value: float, labels: dict[str, str] | None = None
+    ) -> None:
         fam = self.families.setdefault(name, (kind, help_, []))
         fam[2].append(f"{name}{_labels(labels or {})} {_num(value)}")
 
-    def add_histogram(self, name: str, help_: str, buckets: Iterable[tuple[float, float]],
-                      total: float, count: float, labels: dict[str, str]) -> None:
+    def add_histogram(
+        self,
+        name: str,
+        help_: str,
+        buckets: Iterable[tuple[float, float]],
+        total: float,
+        count: float,
+        labels: dict[str, str],
+    ) -> None:
         fam = self.families.setdefault(name, ("histogram", help_, []))
         cumulative = 0.0
         saw_inf = False
         for le, c in sorted(buckets):
             cumulative = max(cumulative, float(c))  # accept cumulative or per-bucket counts
             saw_inf = saw_inf or math.isinf(le)
-            fam[2].append(f"{name}_bucket{_labels({**labels, 'le': _num(float(le))})} "
-                          f"{_num(cumulative)}")
+            fam[2].append(
+                f"{name}_bucket{_labels({**labels, 'le': _num(float(le))})} {_num(cumulative)}"
+            )
         if not saw_inf:
             fam[2].append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {_num(count)}")
         fam[2].append(f"{name}_sum{_labels(labels)} {_num(total)}")
@@ -74,8 +83,11 @@ class Exposition:
         return "\n".join(out) + "\n"
 
 
-def add_worker_stats(exp: Exposition, stats: dict[str, Any], labels: dict[str, str]) -> None:
+def add_worker_stats(
+    exp: Exposition, stats: dict[str, Any], labels: dict[str, str], prefix: str = ""
+) -> None:
     for key, value in sorted(stats.items()):
+        key = prefix + str(key)
         name = "dvmm_vm_" + _NAME_BAD.sub("_", key).lower()
         if isinstance(value, bool):
             continue
@@ -83,17 +95,28 @@ def add_worker_stats(exp: Exposition, stats: dict[str, Any], labels: dict[str, s
             exp.add(name, "gauge", f"VMM worker counter {key}", value, labels)
         elif isinstance(value, list) and all(isinstance(x, (int, float)) for x in value):
             for i, x in enumerate(value):
-                exp.add(name, "gauge", f"VMM worker counter {key} (per index)", x,
-                        {**labels, "index": str(i)})
+                exp.add(
+                    name,
+                    "gauge",
+                    f"VMM worker counter {key} (per index)",
+                    x,
+                    {**labels, "index": str(i)},
+                )
         elif isinstance(value, dict) and isinstance(value.get("buckets"), list):
             try:
                 buckets = [(float(b[0]), float(b[1])) for b in value["buckets"]]
-                exp.add_histogram(name, f"VMM worker histogram {key}", buckets,
-                                  float(value.get("sum", 0)),
-                                  float(value.get("count", buckets[-1][1] if buckets else 0)),
-                                  labels)
+                exp.add_histogram(
+                    name,
+                    f"VMM worker histogram {key}",
+                    buckets,
+                    float(value.get("sum", 0)),
+                    float(value.get("count", buckets[-1][1] if buckets else 0)),
+                    labels,
+                )
             except (TypeError, ValueError, IndexError):
                 continue
+        elif isinstance(value, dict):
+            add_worker_stats(exp, value, labels, key + "_")
 
 
 async def serve(host: str, port: int, render: Callable[[], str]) -> asyncio.Server:
@@ -115,8 +138,10 @@ async def serve(host: str, port: int, render: Callable[[], str]) -> asyncio.Serv
             else:
                 status, body, ctype = "404 Not Found", "not found\n", "text/plain"
             data = body.encode()
-            head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+            ).encode()
             writer.write(head + (data if parts and parts[0] != "HEAD" else b""))
             await writer.drain()
         except (OSError, TimeoutError, UnicodeDecodeError, ValueError) as e:

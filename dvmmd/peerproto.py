@@ -35,14 +35,22 @@ SCHEMAS: dict[str, dict[str, tuple[type | None, ...]]] = {
     "welcome": {},
     "refused": {"reason": (str,)},
     # membership
-    "heartbeat": {"node": (str,), "incarnation": (int,), "seq": (int,), "info": (dict,),
-                  "members": (list,)},
+    "heartbeat": {
+        "node": (str,),
+        "incarnation": (int,),
+        "seq": (int,),
+        "info": (dict,),
+        "members": (list,),
+    },
     "leave": {"node": (str,), "incarnation": (int,)},
     # request / reply
     "rpc": {"id": (int,), "method": (str,), "params": (dict,)},
-    "rpc_reply": {"id": (int,), "ok": (bool,), "result": (dict, list, str, int, float, bool,
-                                                          None),
-                  "error": (str, None)},
+    "rpc_reply": {
+        "id": (int,),
+        "ok": (bool,),
+        "result": (dict, list, str, int, float, bool, None),
+        "error": (str, None),
+    },
 }
 
 
@@ -75,8 +83,9 @@ def validate(msg: Any) -> Message:
         if field not in msg:
             raise ProtocolError(f"{mtype}: missing field {field!r}")
         if not _type_ok(msg[field], kinds):
-            raise ProtocolError(f"{mtype}: field {field!r} has the wrong type "
-                                f"({type(msg[field]).__name__})")
+            raise ProtocolError(
+                f"{mtype}: field {field!r} has the wrong type ({type(msg[field]).__name__})"
+            )
     extra = set(msg) - set(schema) - {"type"}
     if extra:
         raise ProtocolError(f"{mtype}: unexpected field(s) {sorted(extra)[:5]}")
@@ -131,6 +140,7 @@ class Connection:
 
     async def recv(self, timeout: float | None = None) -> Message:
         """Next message; raises ProtocolError on garbage, ConnectionError on EOF."""
+
         async def _read() -> Message:
             try:
                 header = await self.reader.readexactly(HEADER.size)
@@ -144,6 +154,7 @@ class Connection:
             except asyncio.IncompleteReadError:
                 raise ProtocolError("truncated frame body") from None
             return decode_body(body)
+
         if timeout is None:
             return await _read()
         return await asyncio.wait_for(_read(), timeout)

@@ -57,8 +57,14 @@ class _Dialer:
 
 
 class PeerNetwork:
-    def __init__(self, cfg: Config, key: bytes, membership: Membership,
-                 rpc_handler: RpcHandler, client_handler: RpcHandler | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        key: bytes,
+        membership: Membership,
+        rpc_handler: RpcHandler,
+        client_handler: RpcHandler | None,
+    ) -> None:
         self.cfg = cfg
         self.key = key
         self.membership = membership
@@ -77,8 +83,7 @@ class PeerNetwork:
 
     async def start(self) -> None:
         host, port = self.cfg.listen
-        self.server = await asyncio.start_server(self._on_accept, host, port,
-                                                 reuse_address=True)
+        self.server = await asyncio.start_server(self._on_accept, host, port, reuse_address=True)
         for hp in self.cfg.peers + ((self.cfg.seed,) if self.cfg.seed else ()):
             self.ensure_dialer(f"{hp[0]}:{hp[1]}")
 
@@ -104,8 +109,11 @@ class PeerNetwork:
         for t in list(self.tasks):
             t.cancel()
         # Let the connection handlers see EOF and finish, rather than being cancelled.
-        handlers = [t for t in (*self.handlers, *(d.task for d in self.dialers.values()))
-                    if t is not None and not t.done()]
+        handlers = [
+            t
+            for t in (*self.handlers, *(d.task for d in self.dialers.values()))
+            if t is not None and not t.done()
+        ]
         if handlers:
             await asyncio.wait(handlers, timeout=2.0)
 
@@ -140,11 +148,13 @@ class PeerNetwork:
         while not d.stopped:
             conn: Connection | None = None
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                        max(2.0, self.cfg.heartbeat_interval))
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), max(2.0, self.cfg.heartbeat_interval)
+                )
                 conn = Connection(reader, writer)
-                peer = await dial_handshake(conn, self.key, self.cfg.node_name,
-                                            self.cfg.advertise_str)
+                peer = await dial_handshake(
+                    conn, self.key, self.cfg.node_name, self.cfg.advertise_str
+                )
                 if peer.node == self.cfg.node_name:
                     log.info("peer address %s is this node; not dialling it", d.addr)
                     self.self_addrs.add(d.addr)
@@ -153,8 +163,7 @@ class PeerNetwork:
                     break
                 other = self._by_node(peer.node)
                 if other is not None and other is not d:
-                    log.debug("%s is %s, already connected via %s", d.addr, peer.node,
-                              other.addr)
+                    log.debug("%s is %s, already connected via %s", d.addr, peer.node, other.addr)
                     await conn.aclose()
                     await asyncio.sleep(10 * self.cfg.heartbeat_interval)
                     continue
@@ -170,8 +179,9 @@ class PeerNetwork:
                 self.counters.protocol_errors += 1
                 self._note_error(d, f"protocol error from {d.addr}: {e}", logging.WARNING)
             except (TimeoutError, OSError, ConnectionError) as e:
-                self._note_error(d, f"cannot reach {d.addr}: {e or type(e).__name__}",
-                                 logging.DEBUG)
+                self._note_error(
+                    d, f"cannot reach {d.addr}: {e or type(e).__name__}", logging.DEBUG
+                )
             finally:
                 d.conn = None
                 for fut in d.pending.values():
@@ -222,8 +232,9 @@ class PeerNetwork:
                 if t.done() and not t.cancelled():
                     t.exception()  # retrieved: the error that matters was raised above
 
-    async def call(self, node: str, method: str, params: dict[str, Any],
-                   timeout: float = 10.0) -> Any:
+    async def call(
+        self, node: str, method: str, params: dict[str, Any], timeout: float = 10.0
+    ) -> Any:
         """Call `method` on `node`; raises PeerError (unreachable, timeout, remote error)."""
         d = self._by_node(node)
         if d is None or d.conn is None:
@@ -235,8 +246,7 @@ class PeerNetwork:
             await d.conn.send({"type": "rpc", "id": rid, "method": method, "params": params})
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise PeerError(f"node {node} did not answer {method} within {timeout:.0f}s") \
-                from None
+            raise PeerError(f"node {node} did not answer {method} within {timeout:.0f}s") from None
         except (OSError, ConnectionError) as e:
             raise PeerError(f"node {node}: {e}") from None
         finally:
@@ -245,13 +255,15 @@ class PeerNetwork:
     def pending_addrs(self) -> list[dict[str, Any]]:
         """Dialled addresses whose node we have never reached (for `dvmmctl nodes`)."""
         known = set(self.membership.members)
-        return [{"addr": d.addr, "error": d.last_error} for d in self.dialers.values()
-                if not d.stopped and (d.node is None or d.node not in known)]
+        return [
+            {"addr": d.addr, "error": d.last_error}
+            for d in self.dialers.values()
+            if not d.stopped and (d.node is None or d.node not in known)
+        ]
 
     # --- accepting -----------------------------------------------------------------
 
-    async def _on_accept(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(reader, writer)
         self.counters.connections_accepted += 1
         self.inbound.add(conn)
@@ -267,16 +279,21 @@ class PeerNetwork:
                 return
             except ProtocolError as e:
                 self.counters.protocol_errors += 1
-                log.warning("refused connection from %s: protocol error before "
-                            "authentication: %s", conn.peer, e)
+                log.warning(
+                    "refused connection from %s: protocol error before authentication: %s",
+                    conn.peer,
+                    e,
+                )
                 return
             except TimeoutError:
                 log.warning("refused connection from %s: handshake timed out", conn.peer)
                 return
             if peer.role == "client":
                 if self.client_handler is None:
-                    log.warning("refused remote API client %s: remote API is disabled "
-                                "(api.remote = false)", conn.peer)
+                    log.warning(
+                        "refused remote API client %s: remote API is disabled (api.remote = false)",
+                        conn.peer,
+                    )
                     return
                 log.info("remote API client %s (%s) authenticated", peer.node, conn.peer)
             elif peer.node == self.cfg.node_name:
@@ -286,8 +303,9 @@ class PeerNetwork:
             await self._serve(conn, peer)
         except ProtocolError as e:
             self.counters.protocol_errors += 1
-            log.warning("disconnecting %s (%s): protocol error: %s", conn.peer,
-                        "unauthenticated", e)
+            log.warning(
+                "disconnecting %s (%s): protocol error: %s", conn.peer, "unauthenticated", e
+            )
         except (OSError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -306,8 +324,9 @@ class PeerNetwork:
                     raise ProtocolError(f"a client may only send rpc, not {t}")
                 elif t == "heartbeat":
                     if msg["node"] != peer.node:
-                        raise ProtocolError(f"heartbeat for {msg['node']!r} on {peer.node}'s "
-                                            "connection")
+                        raise ProtocolError(
+                            f"heartbeat for {msg['node']!r} on {peer.node}'s connection"
+                        )
                     for addr in self.membership.on_heartbeat(msg, peer.addr):
                         self.ensure_dialer(addr)
                 elif t == "leave":
@@ -327,13 +346,23 @@ class PeerNetwork:
         reply: Message
         try:
             result = await handler(msg["method"], msg["params"], peer)
-            reply = {"type": "rpc_reply", "id": msg["id"], "ok": True, "result": result,
-                     "error": None}
+            reply = {
+                "type": "rpc_reply",
+                "id": msg["id"],
+                "ok": True,
+                "result": result,
+                "error": None,
+            }
         except Exception as e:  # every failure becomes an error reply, never a crash
             if not isinstance(e, (RpcError, ValueError, LookupError)):
                 log.exception("rpc %s from %s failed", msg["method"], peer.node)
-            reply = {"type": "rpc_reply", "id": msg["id"], "ok": False, "result": None,
-                     "error": str(e) or type(e).__name__}
+            reply = {
+                "type": "rpc_reply",
+                "id": msg["id"],
+                "ok": False,
+                "result": None,
+                "error": str(e) or type(e).__name__,
+            }
         try:
             await conn.send(reply)
         except (OSError, ConnectionError, ProtocolError) as e:

@@ -73,41 +73,58 @@ class Placement:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Placement:
-        return Placement(tuple(NodeShare(node=s["node"], cpus=tuple(s["cpus"]),
-                                         mem_start=s["mem_start"], mem_size=s["mem_size"])
-                               for s in data["shares"]))
+        return Placement(
+            tuple(
+                NodeShare(
+                    node=s["node"],
+                    cpus=tuple(s["cpus"]),
+                    mem_start=s["mem_start"],
+                    mem_size=s["mem_size"],
+                )
+                for s in data["shares"]
+            )
+        )
 
 
 PlacementPolicy = Callable[[Sequence[NodeResources], PlacementRequest], Placement]
 
 
 def _describe(nodes: Sequence[NodeResources]) -> str:
-    return ", ".join(f"{n.name}: {n.vcpus_free} vCPUs/{format_size(n.memory_free)}"
-                     for n in nodes) or "no nodes"
+    return (
+        ", ".join(f"{n.name}: {n.vcpus_free} vCPUs/{format_size(n.memory_free)}" for n in nodes)
+        or "no nodes"
+    )
 
 
 def _candidates(nodes: Sequence[NodeResources], req: PlacementRequest) -> list[NodeResources]:
     if req.vcpus < 1:
         raise PlacementError(f"a VM needs at least 1 vCPU (asked for {req.vcpus})")
     if req.memory < MIB or req.memory % PAGE:
-        raise PlacementError(f"memory must be at least 1M and a multiple of 4K "
-                             f"(asked for {req.memory} bytes)")
+        raise PlacementError(
+            f"memory must be at least 1M and a multiple of 4K (asked for {req.memory} bytes)"
+        )
     by_name = {n.name: n for n in nodes}
     if req.nodes is not None:
         if not req.nodes:
             raise PlacementError("the node list is empty")
         unknown = [n for n in req.nodes if n not in by_name]
         if unknown:
-            raise PlacementError(f"unknown or unavailable node(s): {', '.join(unknown)} "
-                                 f"(available: {', '.join(sorted(by_name)) or 'none'})")
+            raise PlacementError(
+                f"unknown or unavailable node(s): {', '.join(unknown)} "
+                f"(available: {', '.join(sorted(by_name)) or 'none'})"
+            )
         if len(set(req.nodes)) != len(req.nodes):
             raise PlacementError("a node appears twice in the node list")
         if req.max_nodes is not None and len(req.nodes) > req.max_nodes:
-            raise PlacementError(f"{len(req.nodes)} nodes requested but at most "
-                                 f"{req.max_nodes} can be used (multi-node VMs unavailable)")
+            raise PlacementError(
+                f"{len(req.nodes)} nodes requested but at most "
+                f"{req.max_nodes} can be used (multi-node VMs unavailable)"
+            )
         if len(req.nodes) > req.vcpus:
-            raise PlacementError(f"{len(req.nodes)} nodes need at least {len(req.nodes)} "
-                                 f"vCPUs (every node runs at least one)")
+            raise PlacementError(
+                f"{len(req.nodes)} nodes need at least {len(req.nodes)} "
+                f"vCPUs (every node runs at least one)"
+            )
         return [by_name[n] for n in req.nodes]
     usable = [n for n in nodes if n.vcpus_free > 0 and n.memory_free > 0]
     total_v = sum(n.vcpus_free for n in usable)
@@ -115,18 +132,22 @@ def _candidates(nodes: Sequence[NodeResources], req: PlacementRequest) -> list[N
     limit = req.max_nodes or len(usable)
     if req.vcpus > total_v or req.memory > total_m or not usable:
         scope = "the cluster offers" if limit > 1 else "any node offers"
-        raise PlacementError(f"cannot place {req.vcpus} vCPUs and {format_size(req.memory)}: "
-                             f"{scope} only {total_v} free vCPUs and {format_size(total_m)} "
-                             f"({_describe(nodes)})")
+        raise PlacementError(
+            f"cannot place {req.vcpus} vCPUs and {format_size(req.memory)}: "
+            f"{scope} only {total_v} free vCPUs and {format_size(total_m)} "
+            f"({_describe(nodes)})"
+        )
     # Boot node first (preferred node if usable), then the roomiest nodes.
     usable.sort(key=lambda n: (n.name != req.prefer, -n.vcpus_free, -n.memory_free, n.name))
     if limit == 1:
         fits = [n for n in usable if n.vcpus_free >= req.vcpus and n.memory_free >= req.memory]
         if not fits:
-            raise PlacementError(f"no single node can hold {req.vcpus} vCPUs and "
-                                 f"{format_size(req.memory)} ({_describe(nodes)})")
+            raise PlacementError(
+                f"no single node can hold {req.vcpus} vCPUs and "
+                f"{format_size(req.memory)} ({_describe(nodes)})"
+            )
         return fits[:1]
-    return usable[:min(limit, req.vcpus)]
+    return usable[: min(limit, req.vcpus)]
 
 
 def _split_memory(total: int, weights: Sequence[int]) -> list[int]:
@@ -166,27 +187,32 @@ def default_policy(nodes: Sequence[NodeResources], req: PlacementRequest) -> Pla
         vcpus = _water_fill(req.vcpus, [n.vcpus_free for n in chosen], minimum=1)
     mems = _split_memory(req.memory, vcpus)
     if any(m > n.memory_free for m, n in zip(mems, chosen)):
-        mems = _water_fill(req.memory // PAGE, [n.memory_free // PAGE for n in chosen],
-                           minimum=1, weights=vcpus)
+        mems = _water_fill(
+            req.memory // PAGE, [n.memory_free // PAGE for n in chosen], minimum=1, weights=vcpus
+        )
         mems = [m * PAGE for m in mems]
     placement = _build([n.name for n in chosen], vcpus, mems)
     check_placement(placement, nodes, req)
     return placement
 
 
-def _water_fill(total: int, caps: Sequence[int], minimum: int = 0,
-                weights: Sequence[int] | None = None) -> list[int]:
+def _water_fill(
+    total: int, caps: Sequence[int], minimum: int = 0, weights: Sequence[int] | None = None
+) -> list[int]:
     """Distribute `total` units over bins with capacities `caps`, as evenly as possible
     (proportionally to `weights`), every bin getting at least `minimum`."""
     if sum(caps) < total or any(c < minimum for c in caps):
-        raise PlacementError("the chosen nodes do not have enough free resources "
-                             f"(need {total} units, capacities {list(caps)})")
+        raise PlacementError(
+            "the chosen nodes do not have enough free resources "
+            f"(need {total} units, capacities {list(caps)})"
+        )
     w = list(weights) if weights else [1] * len(caps)
     alloc = [minimum] * len(caps)
     left = total - minimum * len(caps)
     if left < 0:
-        raise PlacementError(f"cannot give {len(caps)} nodes at least {minimum} each "
-                             f"out of {total}")
+        raise PlacementError(
+            f"cannot give {len(caps)} nodes at least {minimum} each out of {total}"
+        )
     open_bins = [i for i in range(len(caps)) if alloc[i] < caps[i]]
     while left > 0 and open_bins:
         wsum = sum(w[i] for i in open_bins)
@@ -205,15 +231,15 @@ def _water_fill(total: int, caps: Sequence[int], minimum: int = 0,
     return alloc
 
 
-def check_placement(p: Placement, nodes: Sequence[NodeResources],
-                    req: PlacementRequest) -> None:
+def check_placement(p: Placement, nodes: Sequence[NodeResources], req: PlacementRequest) -> None:
     """Raise PlacementError unless `p` is a valid answer to `req` on `nodes`."""
     by_name = {n.name: n for n in nodes}
     if not p.shares:
         raise PlacementError("placement has no nodes")
     if req.max_nodes is not None and len(p.shares) > req.max_nodes:
-        raise PlacementError(f"placement uses {len(p.shares)} nodes, at most "
-                             f"{req.max_nodes} allowed")
+        raise PlacementError(
+            f"placement uses {len(p.shares)} nodes, at most {req.max_nodes} allowed"
+        )
     cpus = [c for s in p.shares for c in s.cpus]
     if sorted(cpus) != list(range(req.vcpus)):
         raise PlacementError(f"placement must assign every vCPU 0..{req.vcpus - 1} once")
@@ -231,23 +257,28 @@ def check_placement(p: Placement, nodes: Sequence[NodeResources],
         if not s.cpus:
             raise PlacementError(f"node {s.node} gets no vCPUs")
         if s.mem_start != expect or s.mem_size <= 0 or s.mem_size % PAGE:
-            raise PlacementError(f"memory ranges must be contiguous, page-aligned and "
-                                 f"non-empty (node {s.node})")
+            raise PlacementError(
+                f"memory ranges must be contiguous, page-aligned and non-empty (node {s.node})"
+            )
         expect += s.mem_size
         if len(s.cpus) > n.vcpus_free:
-            raise PlacementError(f"node {s.node} has {n.vcpus_free} free vCPUs, placement "
-                                 f"gives it {len(s.cpus)}")
+            raise PlacementError(
+                f"node {s.node} has {n.vcpus_free} free vCPUs, placement gives it {len(s.cpus)}"
+            )
         if s.mem_size > n.memory_free:
-            raise PlacementError(f"node {s.node} has {format_size(n.memory_free)} free, "
-                                 f"placement homes {format_size(s.mem_size)} there")
+            raise PlacementError(
+                f"node {s.node} has {format_size(n.memory_free)} free, "
+                f"placement homes {format_size(s.mem_size)} there"
+            )
     if expect != req.memory:
         raise PlacementError(f"memory ranges cover {expect} bytes, VM has {req.memory}")
     if req.nodes is not None and p.nodes != list(req.nodes):
         raise PlacementError("placement must use exactly the requested nodes, in order")
 
 
-def place(nodes: Sequence[NodeResources], req: PlacementRequest,
-          policy: PlacementPolicy = default_policy) -> Placement:
+def place(
+    nodes: Sequence[NodeResources], req: PlacementRequest, policy: PlacementPolicy = default_policy
+) -> Placement:
     """Run a policy and check its answer."""
     p = policy(nodes, req)
     check_placement(p, nodes, req)

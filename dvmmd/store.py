@@ -68,9 +68,16 @@ class VmRecord:
     updated_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "request": self.request, "placement": self.placement,
-                "state": self.state, "reason": self.reason, "result": self.result,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+        return {
+            "name": self.name,
+            "request": self.request,
+            "placement": self.placement,
+            "state": self.state,
+            "reason": self.reason,
+            "result": self.result,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass
@@ -108,11 +115,12 @@ class Store:
                         self.db.execute(stmt)
                 row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
                 if row is None:
-                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)",
-                                    (str(SCHEMA_VERSION),))
+                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 elif int(row[0]) != SCHEMA_VERSION:
-                    raise StoreError(f"{self.path}: schema version {row[0]} is not "
-                                     f"supported (expected {SCHEMA_VERSION})")
+                    raise StoreError(
+                        f"{self.path}: schema version {row[0]} is not "
+                        f"supported (expected {SCHEMA_VERSION})"
+                    )
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open state database {self.path}: {e}") from None
 
@@ -133,8 +141,7 @@ class Store:
         with self._tx():
             row = self.db.execute("SELECT value FROM meta WHERE key='incarnation'").fetchone()
             value = int(row[0]) + 1 if row else 1
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('incarnation', ?)",
-                            (str(value),))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('incarnation', ?)", (str(value),))
         return value
 
     # --- vms -----------------------------------------------------------------
@@ -144,9 +151,17 @@ class Store:
         with self._tx():
             self.db.execute(
                 "INSERT OR REPLACE INTO vms VALUES (?,?,?,?,?,?,?,?)",
-                (rec.name, json.dumps(rec.request), json.dumps(rec.placement), rec.state,
-                 rec.reason, None if rec.result is None else json.dumps(rec.result),
-                 rec.created_at, rec.updated_at))
+                (
+                    rec.name,
+                    json.dumps(rec.request),
+                    json.dumps(rec.placement),
+                    rec.state,
+                    rec.reason,
+                    None if rec.result is None else json.dumps(rec.result),
+                    rec.created_at,
+                    rec.updated_at,
+                ),
+            )
 
     def get_vm(self, name: str) -> VmRecord | None:
         row = self.db.execute("SELECT * FROM vms WHERE name=?", (name,)).fetchone()
@@ -155,9 +170,15 @@ class Store:
     def list_vms(self) -> list[VmRecord]:
         return [_vm_from_row(r) for r in self.db.execute("SELECT * FROM vms ORDER BY name")]
 
-    def update_vm(self, name: str, *, state: str | None = None, reason: str | None = None,
-                  result: dict[str, Any] | None = None,
-                  placement: dict[str, Any] | None = None) -> VmRecord:
+    def update_vm(
+        self,
+        name: str,
+        *,
+        state: str | None = None,
+        reason: str | None = None,
+        result: dict[str, Any] | None = None,
+        placement: dict[str, Any] | None = None,
+    ) -> VmRecord:
         with self._tx():
             rec = self.get_vm(name)
             if rec is None:
@@ -176,8 +197,15 @@ class Store:
             self.db.execute(
                 "UPDATE vms SET state=?, reason=?, result=?, placement=?, updated_at=? "
                 "WHERE name=?",
-                (rec.state, rec.reason, None if rec.result is None else json.dumps(rec.result),
-                 json.dumps(rec.placement), rec.updated_at, name))
+                (
+                    rec.state,
+                    rec.reason,
+                    None if rec.result is None else json.dumps(rec.result),
+                    json.dumps(rec.placement),
+                    rec.updated_at,
+                    name,
+                ),
+            )
         return rec
 
     def delete_vm(self, name: str) -> bool:
@@ -192,9 +220,20 @@ class Store:
         with self._tx():
             self.db.execute(
                 "INSERT OR REPLACE INTO shares VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.vm, rec.owner, rec.boot_id, rec.node_index, rec.vcpus, rec.memory, rec.state,
-                 rec.reason, rec.pid, None if rec.result is None else json.dumps(rec.result),
-                 rec.updated_at))
+                (
+                    rec.vm,
+                    rec.owner,
+                    rec.boot_id,
+                    rec.node_index,
+                    rec.vcpus,
+                    rec.memory,
+                    rec.state,
+                    rec.reason,
+                    rec.pid,
+                    None if rec.result is None else json.dumps(rec.result),
+                    rec.updated_at,
+                ),
+            )
 
     def get_share(self, vm: str) -> ShareRecord | None:
         row = self.db.execute("SELECT * FROM shares WHERE vm=?", (vm,)).fetchone()
@@ -214,17 +253,29 @@ class Store:
         """
         with self._tx():
             q = ",".join("?" * len(ACTIVE_STATES))
-            vms = [r[0] for r in self.db.execute(
-                f"SELECT name FROM vms WHERE state IN ({q})", ACTIVE_STATES)]
+            vms = [
+                r[0]
+                for r in self.db.execute(
+                    f"SELECT name FROM vms WHERE state IN ({q})", ACTIVE_STATES
+                )
+            ]
             sq = ",".join("?" * len(SHARE_ACTIVE_STATES))
-            shares = [r[0] for r in self.db.execute(
-                f"SELECT vm FROM shares WHERE state IN ({sq})", SHARE_ACTIVE_STATES)]
+            shares = [
+                r[0]
+                for r in self.db.execute(
+                    f"SELECT vm FROM shares WHERE state IN ({sq})", SHARE_ACTIVE_STATES
+                )
+            ]
             now = time.time()
-            self.db.execute(f"UPDATE vms SET state='failed', reason=?, updated_at=? "
-                            f"WHERE state IN ({q})", (reason, now, *ACTIVE_STATES))
-            self.db.execute(f"UPDATE shares SET state='failed', reason=?, pid=NULL, "
-                            f"updated_at=? WHERE state IN ({sq})",
-                            (reason, now, *SHARE_ACTIVE_STATES))
+            self.db.execute(
+                f"UPDATE vms SET state='failed', reason=?, updated_at=? WHERE state IN ({q})",
+                (reason, now, *ACTIVE_STATES),
+            )
+            self.db.execute(
+                f"UPDATE shares SET state='failed', reason=?, pid=NULL, "
+                f"updated_at=? WHERE state IN ({sq})",
+                (reason, now, *SHARE_ACTIVE_STATES),
+            )
         return vms, shares
 
 
@@ -255,12 +306,29 @@ def _loads(text: str | None) -> Any:
 
 
 def _vm_from_row(row: tuple[Any, ...]) -> VmRecord:
-    return VmRecord(name=row[0], request=json.loads(row[1]), placement=json.loads(row[2]),
-                    state=row[3], reason=row[4], result=_loads(row[5]), created_at=row[6],
-                    updated_at=row[7])
+    return VmRecord(
+        name=row[0],
+        request=json.loads(row[1]),
+        placement=json.loads(row[2]),
+        state=row[3],
+        reason=row[4],
+        result=_loads(row[5]),
+        created_at=row[6],
+        updated_at=row[7],
+    )
 
 
 def _share_from_row(row: tuple[Any, ...]) -> ShareRecord:
-    return ShareRecord(vm=row[0], owner=row[1], boot_id=row[2], node_index=row[3],
-                       vcpus=row[4], memory=row[5], state=row[6], reason=row[7], pid=row[8],
-                       result=_loads(row[9]), updated_at=row[10])
+    return ShareRecord(
+        vm=row[0],
+        owner=row[1],
+        boot_id=row[2],
+        node_index=row[3],
+        vcpus=row[4],
+        memory=row[5],
+        state=row[6],
+        reason=row[7],
+        pid=row[8],
+        result=_loads(row[9]),
+        updated_at=row[10],
+    )

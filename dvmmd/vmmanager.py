@@ -87,6 +87,7 @@ def multinode_supported(setting: str) -> tuple[bool, str]:
         return False, "disabled by worker.multi_node"
     try:
         import importlib
+
         native = importlib.import_module("dvmmd._native")
     except ImportError as e:
         return False, f"dvmmd._native is not available ({e})"
@@ -175,8 +176,15 @@ class LocalShare:
 
 
 class VmManager:
-    def __init__(self, cfg: Config, store: Store, membership: Membership, call: CallFn,
-                 secret: bytes, policy: PlacementPolicy = default_policy) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        membership: Membership,
+        call: CallFn,
+        secret: bytes,
+        policy: PlacementPolicy = default_policy,
+    ) -> None:
         self.cfg = cfg
         self.name = cfg.node_name
         self.store = store
@@ -194,8 +202,9 @@ class VmManager:
 
     # --- plumbing -------------------------------------------------------------------
 
-    async def call(self, node: str, method: str, params: dict[str, Any],
-                   timeout: float = 10.0) -> Any:
+    async def call(
+        self, node: str, method: str, params: dict[str, Any], timeout: float = 10.0
+    ) -> Any:
         if node == self.name:
             return await self.handle_rpc(method, params)
         return await self._remote_call(node, method, params, timeout)
@@ -251,8 +260,9 @@ class VmManager:
     async def list_all(self) -> dict[str, Any]:
         vms = [dict(r.to_json(), owner=self.name) for r in self.store.list_vms()]
         unreachable = []
-        results = await asyncio.gather(*(self.call(p, "vm_list", {}) for p in self._peers()),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.call(p, "vm_list", {}) for p in self._peers()), return_exceptions=True
+        )
         for peer, res in zip(self._peers(), results):
             if isinstance(res, BaseException):
                 unreachable.append(f"{peer}: {res}")
@@ -266,19 +276,23 @@ class VmManager:
         if self.store.get_vm(name) is not None:
             return self.name
         peers = self._peers()
-        results = await asyncio.gather(*(self.call(p, "vm_find", {"name": name})
-                                         for p in peers), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.call(p, "vm_find", {"name": name}) for p in peers), return_exceptions=True
+        )
         for peer, res in zip(peers, results):
             if isinstance(res, dict):
                 return peer
         known = sorted(v["name"] for v in (await self.list_all())["vms"])
-        raise VmError(f"no VM named {name!r}" + (f" (known: {', '.join(known)})" if known
-                                                else " (no VMs are defined)"))
+        raise VmError(
+            f"no VM named {name!r}"
+            + (f" (known: {', '.join(known)})" if known else " (no VMs are defined)")
+        )
 
     async def op(self, op: str, name: str, args: dict[str, Any]) -> Any:
         owner = await self.locate(name)
-        return await self.call(owner, "vm_op", {"op": op, "name": name, "args": args},
-                               self.cfg.stop_grace + 15.0)
+        return await self.call(
+            owner, "vm_op", {"op": op, "name": name, "args": args}, self.cfg.stop_grace + 15.0
+        )
 
     async def console(self, name: str, follow: bool, emit: Emit) -> dict[str, Any]:
         """Stream the console of VM `name` from its boot node; returns the final status."""
@@ -312,15 +326,21 @@ class VmManager:
         out = []
         for m in self.membership.alive():
             i = m.info
-            out.append(NodeResources(m.name, max(0, i.get("vcpus", 0) - i.get("used_vcpus", 0)),
-                                     max(0, i.get("memory", 0) - i.get("used_memory", 0))))
+            out.append(
+                NodeResources(
+                    m.name,
+                    max(0, i.get("vcpus", 0) - i.get("used_vcpus", 0)),
+                    max(0, i.get("memory", 0) - i.get("used_memory", 0)),
+                )
+            )
         return out
 
     async def boot(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         name = args.get("name")
         if not isinstance(name, str) or not is_valid_name(name):
-            raise VmError(f"invalid VM name {name!r} (1-63 of A-Z a-z 0-9 _ . -, starting "
-                          "alphanumeric)")
+            raise VmError(
+                f"invalid VM name {name!r} (1-63 of A-Z a-z 0-9 _ . -, starting alphanumeric)"
+            )
         try:
             vcpus = int(args.get("vcpus", 1))
             memory = check_guest_memory(parse_memory(args.get("memory", "256M")))
@@ -333,11 +353,13 @@ class VmManager:
             try:
                 kernel = str(find_bundled_guest())
             except SpecError as e:
-                raise VmError(f"no kernel given (--kernel), no vm.kernel in {self.cfg.path}, "
-                              f"and {e}") from None
+                raise VmError(
+                    f"no kernel given (--kernel), no vm.kernel in {self.cfg.path}, and {e}"
+                ) from None
         nodes = args.get("nodes")
-        if nodes is not None and (not isinstance(nodes, list)
-                                  or not all(isinstance(n, str) for n in nodes)):
+        if nodes is not None and (
+            not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes)
+        ):
             raise VmError("nodes must be a list of node names")
         timeout_s = float(args.get("timeout_s") or 0)
         async with self._lock(name):
@@ -345,36 +367,56 @@ class VmManager:
             if old is not None and old.state in ACTIVE_STATES:
                 raise VmError(f"VM {name} already exists and is {old.state}")
             peers = self._peers()
-            found = await asyncio.gather(*(self.call(p, "vm_find", {"name": name})
-                                           for p in peers), return_exceptions=True)
+            found = await asyncio.gather(
+                *(self.call(p, "vm_find", {"name": name}) for p in peers), return_exceptions=True
+            )
             for peer, res in zip(peers, found):
                 if isinstance(res, dict):
-                    raise VmError(f"a VM named {name} is defined on node {peer} "
-                                  f"({res['state']}); use another name or `dvmmctl rm {name}`")
+                    raise VmError(
+                        f"a VM named {name} is defined on node {peer} "
+                        f"({res['state']}); use another name or `dvmmctl rm {name}`"
+                    )
             multi, why = multinode_supported(self.cfg.multi_node)
-            req = PlacementRequest(vcpus=vcpus, memory=memory,
-                                   nodes=tuple(nodes) if nodes else None,
-                                   max_nodes=None if multi else 1, prefer=self.name)
+            req = PlacementRequest(
+                vcpus=vcpus,
+                memory=memory,
+                nodes=tuple(nodes) if nodes else None,
+                max_nodes=None if multi else 1,
+                prefer=self.name,
+            )
             try:
                 placement = place(self.resources(), req, self.policy)
             except PlacementError as e:
                 hint = f" [multi-node VMs unavailable: {why}]" if not multi else ""
                 raise VmError(f"impossible request: {e}{hint}") from None
             boot_id = uuid.uuid4().hex
-            request = {"vcpus": vcpus, "memory": memory, "kernel": kernel,
-                       "initrd": args.get("initrd"),
-                       "cmdline": args.get("cmdline") or DEFAULT_CMDLINE,
-                       "nodes": nodes, "timeout_s": timeout_s, "boot_id": boot_id}
+            request = {
+                "vcpus": vcpus,
+                "memory": memory,
+                "kernel": kernel,
+                "initrd": args.get("initrd"),
+                "cmdline": args.get("cmdline") or DEFAULT_CMDLINE,
+                "nodes": nodes,
+                "timeout_s": timeout_s,
+                "boot_id": boot_id,
+            }
             pj = placement.to_json()
             for s in pj["shares"]:
                 s.update(state="prepared", reason="", stats=None)
-            rec = VmRecord(name=name, request=request, placement=pj, state="booting",
-                           reason="booting",
-                           created_at=old.created_at if old else time.time())
+            rec = VmRecord(
+                name=name,
+                request=request,
+                placement=pj,
+                state="booting",
+                reason="booting",
+                created_at=old.created_at if old else time.time(),
+            )
             self.store.put_vm(rec)
             self.stop_reasons.pop(name, None)
-            desc = ", ".join(f"{s.node} (vCPUs {_ranges(s.cpus)}, {format_size(s.mem_size)})"
-                             for s in placement.shares)
+            desc = ", ".join(
+                f"{s.node} (vCPUs {_ranges(s.cpus)}, {format_size(s.mem_size)})"
+                for s in placement.shares
+            )
             note = "" if multi else f" [single node: {why}]"
             await progress(f"placement: {vcpus} vCPU(s), {format_size(memory)} on {desc}{note}")
             try:
@@ -388,8 +430,9 @@ class VmManager:
                     for s in cur.placement["shares"]:
                         if s.get("state") in SHARE_ACTIVE_STATES:
                             s["state"] = "stopped"
-                    self.store.update_vm(name, state="failed", reason=reason,
-                                         placement=cur.placement)
+                    self.store.update_vm(
+                        name, state="failed", reason=reason, placement=cur.placement
+                    )
                 if isinstance(e, VmError):
                     raise VmError(reason) from None
                 raise
@@ -397,45 +440,92 @@ class VmManager:
             assert cur is not None
             if cur.state == "booting":  # the guest may already have finished
                 cur = self.store.update_vm(
-                    name, state="running", reason="running on " + ", ".join(placement.nodes))
+                    name, state="running", reason="running on " + ", ".join(placement.nodes)
+                )
             await progress(f"{cur.state}: {cur.reason}")
             return dict(cur.to_json(), owner=self.name)
 
-    async def _boot_shares(self, name: str, boot_id: str, request: dict[str, Any],
-                           placement: Placement, progress: Progress) -> None:
+    async def _boot_shares(
+        self,
+        name: str,
+        boot_id: str,
+        request: dict[str, Any],
+        placement: Placement,
+        progress: Progress,
+    ) -> None:
         multi = len(placement.shares) > 1
         addrs = []
         for i, s in enumerate(placement.shares):
             await progress(f"preparing node {s.node}")
-            r = await self.call(s.node, "share_prepare", {
-                "name": name, "boot_id": boot_id, "owner": self.name, "node_index": i,
-                "vcpus": len(s.cpus), "memory": s.mem_size, "kernel": request["kernel"],
-                "initrd": request["initrd"], "multi": multi}, 15.0)
+            r = await self.call(
+                s.node,
+                "share_prepare",
+                {
+                    "name": name,
+                    "boot_id": boot_id,
+                    "owner": self.name,
+                    "node_index": i,
+                    "vcpus": len(s.cpus),
+                    "memory": s.mem_size,
+                    "kernel": request["kernel"],
+                    "initrd": request["initrd"],
+                    "multi": multi,
+                },
+                15.0,
+            )
             addrs.append(r["addr"])
-        spec = {"vcpus": request["vcpus"], "memory": request["memory"],
-                "kernel": request["kernel"], "initrd": request["initrd"],
-                "cmdline": request["cmdline"], "numa": placement.numa(),
-                "console_stdout": False, "timeout_s": request["timeout_s"]}
+        spec = {
+            "vcpus": request["vcpus"],
+            "memory": request["memory"],
+            "kernel": request["kernel"],
+            "initrd": request["initrd"],
+            "cmdline": request["cmdline"],
+            "numa": placement.numa(),
+            "console_stdout": False,
+            "timeout_s": request["timeout_s"],
+        }
         cluster = None
         if multi:
-            cluster = {"nodes": [{"addr": a} for a in addrs], "secret_hex": self.secret.hex(),
-                       "boot_node": 0}
+            cluster = {
+                "nodes": [{"addr": a} for a in addrs],
+                "secret_hex": self.secret.hex(),
+                "boot_node": 0,
+            }
         order = list(range(1, len(placement.shares))) + [0]
         for i in order:
             node = placement.shares[i].node
-            await progress(f"starting worker on {node}"
-                           + (" (boot node)" if multi and i == 0 else ""))
-            await self.call(node, "share_start", {"name": name, "boot_id": boot_id,
-                                                  "node_index": i, "spec": spec,
-                                                  "cluster": cluster}, 30.0)
+            await progress(
+                f"starting worker on {node}" + (" (boot node)" if multi and i == 0 else "")
+            )
+            await self.call(
+                node,
+                "share_start",
+                {
+                    "name": name,
+                    "boot_id": boot_id,
+                    "node_index": i,
+                    "spec": spec,
+                    "cluster": cluster,
+                },
+                30.0,
+            )
 
-    async def _stop_shares(self, name: str, nodes: list[str], reason: str,
-                           force: bool) -> list[str]:
+    async def _stop_shares(
+        self, name: str, nodes: list[str], reason: str, force: bool
+    ) -> list[str]:
         """Stop VM `name` on `nodes`; returns the nodes that could not be reached."""
         results = await asyncio.gather(
-            *(self.call(n, "share_stop", {"name": name, "force": force, "reason": reason},
-                        self.cfg.stop_grace + 10.0) for n in nodes),
-            return_exceptions=True)
+            *(
+                self.call(
+                    n,
+                    "share_stop",
+                    {"name": name, "force": force, "reason": reason},
+                    self.cfg.stop_grace + 10.0,
+                )
+                for n in nodes
+            ),
+            return_exceptions=True,
+        )
         failed = []
         for n, r in zip(nodes, results):
             if isinstance(r, BaseException):
@@ -487,8 +577,14 @@ class VmManager:
                     break
                 await asyncio.sleep(0.1)
             if rec.state in ACTIVE_STATES:
-                extra = (f"; node(s) {', '.join(unreachable)} unreachable (their daemons stop "
-                         "orphaned workers)") if unreachable else ""
+                extra = (
+                    (
+                        f"; node(s) {', '.join(unreachable)} unreachable (their daemons stop "
+                        "orphaned workers)"
+                    )
+                    if unreachable
+                    else ""
+                )
                 rec = self.store.update_vm(name, state="stopped", reason=reason + extra)
             self.stop_reasons.pop(name, None)
             return dict(rec.to_json(), owner=self.name)
@@ -497,15 +593,23 @@ class VmManager:
         rec = self.store.get_vm(name)
         assert rec is not None
         shares = rec.placement["shares"]
-        res = await asyncio.gather(*(self.call(s["node"], "share_stats", {"name": name})
-                                     for s in shares), return_exceptions=True)
+        res = await asyncio.gather(
+            *(self.call(s["node"], "share_stats", {"name": name}) for s in shares),
+            return_exceptions=True,
+        )
         nodes = []
         for s, r in zip(shares, res):
             if isinstance(r, dict):
                 nodes.append(r)
             else:
-                nodes.append({"node": s["node"], "state": s.get("state"),
-                              "stats": s.get("stats") or {}, "error": str(r)})
+                nodes.append(
+                    {
+                        "node": s["node"],
+                        "state": s.get("state"),
+                        "stats": s.get("stats") or {},
+                        "error": str(r),
+                    }
+                )
         return {"name": name, "state": rec.state, "reason": rec.reason, "nodes": nodes}
 
     async def remove_owned(self, name: str) -> dict[str, Any]:
@@ -531,8 +635,9 @@ class VmManager:
         if not 0 <= idx < len(shares) or shares[idx]["node"] != node:
             raise VmError(f"share {idx} of VM {name} is not on {node}")
         result = params.get("result") or {}
-        shares[idx].update(state=params["state"], reason=params["reason"],
-                           stats=result.get("stats"))
+        shares[idx].update(
+            state=params["state"], reason=params["reason"], stats=result.get("stats")
+        )
         if rec.state not in ACTIVE_STATES:
             self.store.update_vm(name, placement=rec.placement)
             return {}
@@ -549,13 +654,20 @@ class VmManager:
         else:
             state, reason = "failed", f"worker on node {node}: {params['reason']}"
         log.info("VM %s: %s", name, reason)
-        self.store.update_vm(name, state=state, reason=reason, result=result,
-                             placement=rec.placement)
-        others = [s["node"] for i, s in enumerate(shares)
-                  if i != idx and s.get("state") in SHARE_ACTIVE_STATES]
+        self.store.update_vm(
+            name, state=state, reason=reason, result=result, placement=rec.placement
+        )
+        others = [
+            s["node"]
+            for i, s in enumerate(shares)
+            if i != idx and s.get("state") in SHARE_ACTIVE_STATES
+        ]
         if others and stop_reason is None:
-            self.spawn(self._stop_shares(name, others, f"VM {name} ended: {reason}",
-                                         force=state == "failed"))
+            self.spawn(
+                self._stop_shares(
+                    name, others, f"VM {name} ended: {reason}", force=state == "failed"
+                )
+            )
         return {}
 
     # --- membership events ----------------------------------------------------------
@@ -572,16 +684,20 @@ class VmManager:
                 for s in rec.placement["shares"]:
                     if s["node"] == ev.name and s.get("state") in SHARE_ACTIVE_STATES:
                         s.update(state="lost", reason=why)
-                self.store.update_vm(rec.name, state="failed", reason=reason,
-                                     placement=rec.placement)
+                self.store.update_vm(
+                    rec.name, state="failed", reason=reason, placement=rec.placement
+                )
                 others = [n for n in nodes if n != ev.name]
                 self.spawn(self._stop_shares(rec.name, others, reason, force=True))
         for sh in list(self.shares.values()):
             if sh.rec.owner == ev.name and sh.active:
-                log.warning("VM %s: its owner %s is gone (%s); stopping the local worker",
-                            sh.rec.vm, ev.name, why)
-                self.spawn(self._stop_local(sh, f"owner node {ev.name} failed: {why}",
-                                            force=True))
+                log.warning(
+                    "VM %s: its owner %s is gone (%s); stopping the local worker",
+                    sh.rec.vm,
+                    ev.name,
+                    why,
+                )
+                self.spawn(self._stop_local(sh, f"owner node {ev.name} failed: {why}", force=True))
 
     # --- share side (every node) ----------------------------------------------------
 
@@ -618,20 +734,29 @@ class VmManager:
         vcpus, memory = int(p["vcpus"]), int(p["memory"])
         used_v, used_m = self.used()
         if used_v + vcpus > self.cfg.vcpus:
-            raise VmError(f"node {self.name} has {self.cfg.vcpus - used_v} free vCPUs, "
-                          f"{vcpus} needed")
+            raise VmError(
+                f"node {self.name} has {self.cfg.vcpus - used_v} free vCPUs, {vcpus} needed"
+            )
         if used_m + memory > self.cfg.memory:
-            raise VmError(f"node {self.name} has {format_size(self.cfg.memory - used_m)} free "
-                          f"memory, {format_size(memory)} needed")
+            raise VmError(
+                f"node {self.name} has {format_size(self.cfg.memory - used_m)} free "
+                f"memory, {format_size(memory)} needed"
+            )
         for what in ("kernel", "initrd"):  # every node's worker loads the spec's files
             path = p.get(what)
             if path and not os.access(str(path), os.R_OK):
                 raise VmError(f"{what} {path} is not readable on node {self.name}")
         d = self.vm_dir / name
         d.mkdir(parents=True, exist_ok=True, mode=0o750)
-        rec = ShareRecord(vm=name, owner=str(p["owner"]), boot_id=str(p["boot_id"]),
-                          node_index=int(p["node_index"]), vcpus=vcpus, memory=memory,
-                          state="prepared")
+        rec = ShareRecord(
+            vm=name,
+            owner=str(p["owner"]),
+            boot_id=str(p["boot_id"]),
+            node_index=int(p["node_index"]),
+            vcpus=vcpus,
+            memory=memory,
+            state="prepared",
+        )
         sh = LocalShare(rec, d)
         if p.get("multi"):
             sh.port = self._reserve_port()
@@ -654,15 +779,15 @@ class VmManager:
         spec = dict(p["spec"])
         spec["console_log"] = str(sh.console_path)
         cluster = p.get("cluster")
-        spec["cluster"] = None if cluster is None else {"node_index": int(p["node_index"]),
-                                                        **cluster}
+        spec["cluster"] = (
+            None if cluster is None else {"node_index": int(p["node_index"]), **cluster}
+        )
         try:
             spec = validate_spec(spec)
         except SpecError as e:
             self._finish(sh, "failed", f"invalid VM spec: {e}", None)
             raise VmError(f"node {self.name}: invalid VM spec: {e}") from None
-        for f in (sh.result_path, sh.console_path,
-                  sh.result_path.with_suffix(".json.stats")):
+        for f in (sh.result_path, sh.console_path, sh.result_path.with_suffix(".json.stats")):
             f.unlink(missing_ok=True)
         _write_json(sh.spec_path, spec)
         sh.console_path.touch(mode=0o640)
@@ -671,19 +796,27 @@ class VmManager:
         try:
             self._release(sh)  # the worker binds the port itself now
             sh.proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, preexec_fn=_set_pdeathsig, cwd=str(sh.dir))
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                preexec_fn=_set_pdeathsig,
+                cwd=str(sh.dir),
+            )
         except OSError as e:
             self._finish(sh, "failed", f"cannot start worker {cmd[0]}: {e}", None)
-            raise VmError(f"node {self.name}: cannot start worker ({' '.join(cmd[:3])}): "
-                          f"{e}") from None
+            raise VmError(
+                f"node {self.name}: cannot start worker ({' '.join(cmd[:3])}): {e}"
+            ) from None
         finally:
             logf.close()
         sh.rec.state = "running"
         sh.rec.pid = sh.proc.pid
         self.store.put_share(sh.rec)
-        log.info("VM %s: worker pid %d started (node index %d)", name, sh.proc.pid,
-                 sh.rec.node_index)
+        log.info(
+            "VM %s: worker pid %d started (node index %d)", name, sh.proc.pid, sh.rec.node_index
+        )
         self.spawn(self._watch(sh))
         return {"pid": sh.proc.pid}
 
@@ -693,33 +826,48 @@ class VmManager:
         result = _read_json(sh.result_path)
         if result is None:
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-            result = {"reason": "crash" if sh.stop_reason is None else "stopped",
-                      "status": None, "error": f"worker {how} without writing a result "
-                      f"(see {sh.dir / 'worker.log'})", "vcpu_dump": None, "stats": {}}
+            result = {
+                "reason": "crash" if sh.stop_reason is None else "stopped",
+                "status": None,
+                "error": f"worker {how} without writing a result (see {sh.dir / 'worker.log'})",
+                "vcpu_dump": None,
+                "stats": {},
+            }
         state, reason = classify(result, sh.stop_reason)
         self._finish(sh, state, reason, result)
         log.info("VM %s: worker on this node ended: %s", sh.rec.vm, reason)
         await self._report_exit(sh, result)
 
-    def _finish(self, sh: LocalShare, state: str, reason: str,
-                result: dict[str, Any] | None) -> None:
+    def _finish(
+        self, sh: LocalShare, state: str, reason: str, result: dict[str, Any] | None
+    ) -> None:
         self._release(sh)
         sh.rec.state, sh.rec.reason, sh.rec.result, sh.rec.pid = state, reason, result, None
         self.store.put_share(sh.rec)
         sh.done.set()
 
     async def _report_exit(self, sh: LocalShare, result: dict[str, Any]) -> None:
-        params = {"name": sh.rec.vm, "boot_id": sh.rec.boot_id, "node": self.name,
-                  "node_index": sh.rec.node_index, "state": sh.rec.state,
-                  "reason": sh.rec.reason, "result": result}
+        params = {
+            "name": sh.rec.vm,
+            "boot_id": sh.rec.boot_id,
+            "node": self.name,
+            "node_index": sh.rec.node_index,
+            "state": sh.rec.state,
+            "reason": sh.rec.reason,
+            "result": result,
+        }
         for attempt in range(5):
             try:
                 await self.call(sh.rec.owner, "share_exited", params)
                 return
             except Exception as e:  # noqa: BLE001 -- retried, then logged
                 if attempt == 4 or self.membership.state_of(sh.rec.owner) in ("dead", "left"):
-                    log.warning("VM %s: cannot report the worker's exit to owner %s: %s",
-                                sh.rec.vm, sh.rec.owner, e)
+                    log.warning(
+                        "VM %s: cannot report the worker's exit to owner %s: %s",
+                        sh.rec.vm,
+                        sh.rec.owner,
+                        e,
+                    )
                     return
                 await asyncio.sleep(1.0)
 
@@ -741,8 +889,12 @@ class VmManager:
                 await asyncio.wait_for(sh.done.wait(), self.cfg.stop_grace)
                 return
             except TimeoutError:
-                log.warning("VM %s: worker %d ignored SIGTERM for %.0fs; killing it",
-                            sh.rec.vm, pid, self.cfg.stop_grace)
+                log.warning(
+                    "VM %s: worker %d ignored SIGTERM for %.0fs; killing it",
+                    sh.rec.vm,
+                    pid,
+                    self.cfg.stop_grace,
+                )
         _kill(pid, signal.SIGKILL)
         try:
             await asyncio.wait_for(sh.done.wait(), 10.0)
@@ -783,8 +935,14 @@ class VmManager:
             if rec is None:
                 raise VmError(f"VM {name} has no worker on node {self.name}")
             sh = LocalShare(rec, self.vm_dir / name)
-        return {"node": self.name, "node_index": sh.rec.node_index, "state": sh.rec.state,
-                "reason": sh.rec.reason, "pid": sh.rec.pid, "stats": self.live_stats(sh)}
+        return {
+            "node": self.name,
+            "node_index": sh.rec.node_index,
+            "state": sh.rec.state,
+            "reason": sh.rec.reason,
+            "pid": sh.rec.pid,
+            "stats": self.live_stats(sh),
+        }
 
     async def console_read(self, p: dict[str, Any]) -> dict[str, Any]:
         name = str(p["name"])
@@ -794,8 +952,12 @@ class VmManager:
         sh = self.shares.get(name)
         path = self.vm_dir / name / "console.log"
         offset, data, size = _read_chunk(path, offset, CONSOLE_CHUNK)
-        return {"data": data.decode("utf-8", "replace"), "offset": offset + len(data),
-                "size": size, "active": bool(sh is not None and sh.active)}
+        return {
+            "data": data.decode("utf-8", "replace"),
+            "offset": offset + len(data),
+            "size": size,
+            "active": bool(sh is not None and sh.active),
+        }
 
     # --- shutdown --------------------------------------------------------------------
 
@@ -807,14 +969,16 @@ class VmManager:
             if rec.state in ACTIVE_STATES:
                 self.stop_reasons[rec.name] = f"dvmmd on {self.name} shut down"
         active = [s for s in self.shares.values() if s.active]
-        await asyncio.gather(*(self._stop_local(s, f"dvmmd on {self.name} shut down",
-                                                force=False) for s in active),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self._stop_local(s, f"dvmmd on {self.name} shut down", force=False) for s in active),
+            return_exceptions=True,
+        )
         await asyncio.sleep(0)
         for rec in self.store.list_vms():
             if rec.state in ACTIVE_STATES:
-                self.store.update_vm(rec.name, state="stopped",
-                                     reason=f"dvmmd on {self.name} shut down")
+                self.store.update_vm(
+                    rec.name, state="stopped", reason=f"dvmmd on {self.name} shut down"
+                )
         for t in list(self.tasks):
             t.cancel()
 

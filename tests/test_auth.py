@@ -100,8 +100,16 @@ async def _forging_dialer() -> tuple[object, object]:
     server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
     r, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
     conn = Connection(r, w)
-    await conn.send({"type": "hello", "proto": 1, "node": "evil", "addr": "x:1",
-                     "role": "node", "nonce": auth.new_nonce()})
+    await conn.send(
+        {
+            "type": "hello",
+            "proto": 1,
+            "node": "evil",
+            "addr": "x:1",
+            "role": "node",
+            "nonce": auth.new_nonce(),
+        }
+    )
     assert (await conn.recv(5))["type"] == "challenge"
     await conn.send({"type": "auth", "mac": "0" * 64})
     reply = await conn.recv(5)
@@ -188,4 +196,5 @@ def test_random_garbage_never_crashes() -> None:
         assert isinstance(e, (ProtocolError, ConnectionError, dict))
     body = json.dumps({"type": "welcome"}).encode()
     assert asyncio.run(_recv_from(MAGIC + struct.pack("!I", len(body)) + body)) == {
-        "type": "welcome"}
+        "type": "welcome"
+    }

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import REPO, dvmmctl
+from conftest import REPO, assert_all_passed, dvmmctl, requires_kvm
 
 from dvmmd import cli
 
@@ -184,3 +186,50 @@ def test_describe_result() -> None:
 def test_format_stats() -> None:
     text = cli.format_stats({"exits": {"io": 3, "mmio": 4}, "runtime_ns": 10})
     assert "exits.io" in text and "exits.mmio" in text and "runtime_ns" in text
+
+
+def _without_cluster_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.import_module
+
+    def fake(name: str, package: str | None = None) -> Any:
+        if name == "dvmmd.cluster_cli":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+
+
+def test_own_demo_without_cluster_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_cluster_cli(monkeypatch)
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"doctor", "run", "demo"}
+    assert sub.choices["demo"].get_default("func") is cli.cmd_demo
+
+
+def test_broken_cluster_cli_does_not_break_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.import_module
+
+    def broken(name: str, package: str | None = None) -> Any:
+        if name == "dvmmd.cluster_cli":
+            raise SyntaxError("oops")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    parser = cli.build_parser()
+    assert "cluster verbs unavailable" in capsys.readouterr().err
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"doctor", "run", "demo"} <= set(sub.choices)
+
+
+@requires_kvm
+def test_own_demo_boots_the_guest(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], guest_kernel: Path
+) -> None:
+    _without_cluster_cli(monkeypatch)
+    assert cli.main(["demo"]) == 0
+    out = capfd.readouterr().out
+    assert "one node with 2 vCPUs" in out
+    assert_all_passed(out)

@@ -95,3 +95,9 @@ def test_relative_state_dir_rejected() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "systemd" / "dvmmd.toml.example"
+    c = load_config(example)
+    assert c.api_socket == Path("/run/dvmmd/dvmmd.sock") and c.metrics_listen is not None

@@ -15,9 +15,12 @@ from dvmmd.store import ShareRecord, Store, StoreError, VmRecord
 
 
 def vm(name: str, state: str = "running") -> VmRecord:
-    return VmRecord(name=name, request={"vcpus": 2, "memory": 1 << 28},
-                    placement={"shares": [{"node": "a", "cpus": [0, 1], "mem_start": 0,
-                                           "mem_size": 1 << 28}]}, state=state)
+    return VmRecord(
+        name=name,
+        request={"vcpus": 2, "memory": 1 << 28},
+        placement={"shares": [{"node": "a", "cpus": [0, 1], "mem_start": 0, "mem_size": 1 << 28}]},
+        state=state,
+    )
 
 
 def test_roundtrip_and_reopen(tmp_path: Path) -> None:
@@ -92,8 +95,9 @@ def test_sigkill_during_writes_never_corrupts(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     for _ in range(3):
-        p = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], env=env,
-                             stdout=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(db)], env=env, stdout=subprocess.PIPE
+        )
         try:
             assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
             time.sleep(0.3)

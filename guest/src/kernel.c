@@ -340,8 +340,10 @@ static u64 scan_rsdp(u64 start, u64 len)
 }
 static u64 find_rsdp(struct hvm_start_info *si)
 {
+#ifndef FORCE_RSDP_SCAN
     if (si && si->rsdp_paddr)
         return si->rsdp_paddr;
+#endif
     u64 ebda = (u64)(*(volatile u16 *)0x40E) << 4;
     u64 p = 0;
     if (ebda >= 0x80000 && ebda < 0xA0000)

@@ -1053,6 +1053,7 @@ void NORETURN user_main(u64 arg)
     if (me != 0) {
         while (!rt_ready)
             sys(SYS_YIELD, 1000, 0, 0);
+        sys(SYS_BARRIER, 0, 0, 0); /* exercises the kernel barrier once */
         ap_loop(me);
     }
     u64 boot_us = us_since(si->boot_tsc);
@@ -1089,6 +1090,7 @@ void NORETURN user_main(u64 arg)
         uexit(1);
     }
     rt_ready = 1;
+    sys(SYS_BARRIER, 0, 0, 0);
     u64 t = rdtsc();
     for (u32 i = 0; i < norder; i++)
         run_workload(&workloads[order[i]]);

@@ -286,7 +286,11 @@ mod tests {
     #[test]
     fn layout_agrees_with_boot() {
         for size in [16u64 << 20, 256 << 20, 3 << 30, 5 << 30] {
-            assert_eq!(crate::boot::ram_ranges(size), ram_layout(size), "size {size:#x}");
+            assert_eq!(
+                crate::boot::ram_ranges(size),
+                ram_layout(size),
+                "size {size:#x}"
+            );
         }
     }
 

@@ -910,6 +910,7 @@ pub struct Vcpu {
     reset_sregs: kvm_sregs,
     pending_nmi: bool,
     halted_if: bool,
+    last_cr8: u64,
 }
 
 const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
@@ -937,6 +938,7 @@ impl Vcpu {
             reset_sregs,
             pending_nmi: false,
             halted_if: true,
+            last_cr8: 0,
         }
     }
 
@@ -1094,7 +1096,8 @@ impl Vcpu {
                     self.pending_nmi = true;
                 }
                 let run = self.fd.get_kvm_run();
-                run.cr8 = l.cr8();
+                self.last_cr8 = l.cr8();
+                run.cr8 = self.last_cr8;
                 let can = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
                 let mut vector = None;
                 let mut more = false;
@@ -1164,9 +1167,9 @@ impl Vcpu {
             // SAFETY: run_ptr points to this vCPU's mmapped kvm_run, alive as long as
             // self.fd; `cr8` is outside the exit union the borrowed exit data lives in.
             let cr8 = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*run_ptr).cr8)) };
-            let mut l = lock(&self.shared.lapic);
-            if l.cr8() != cr8 {
-                l.set_cr8(cr8);
+            if cr8 != self.last_cr8 {
+                lock(&self.shared.lapic).set_cr8(cr8);
+                self.last_cr8 = cr8;
             }
         }
         let action = match res {

@@ -966,6 +966,105 @@ mod tests {
         assert!(e.to_string().contains("no node"), "{e}");
     }
 
+    fn router(n: u32) -> (Arc<InterruptRouter>, Vec<Arc<VcpuShared>>) {
+        let shared: Vec<Arc<VcpuShared>> = (0..n)
+            .map(|i| {
+                let mut l = LocalApic::new(i, i == 0, 0);
+                l.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0); // software-enable
+                Arc::new(VcpuShared::new(i, l))
+            })
+            .collect();
+        let r = Arc::new(InterruptRouter::new(
+            shared.clone(),
+            crate::ioapic::IoApic::new(n as u8),
+            None,
+        ));
+        (r, shared)
+    }
+
+    fn fixed(vector: u8, dest: u32, shorthand: apic::Shorthand) -> InterruptMessage {
+        InterruptMessage {
+            vector,
+            delivery_mode: apic::DeliveryMode::Fixed,
+            trigger_mode: apic::TriggerMode::Edge,
+            level: true,
+            destination: apic::Destination {
+                id: dest,
+                mode: apic::DestinationMode::Physical,
+                shorthand,
+                x2apic_format: false,
+            },
+            source_id: Some(0),
+        }
+    }
+
+    #[test]
+    fn router_delivers_ipis_to_matching_apics() {
+        let (r, v) = router(3);
+        r.send_ipi(0, fixed(0x40, 2, apic::Shorthand::None));
+        assert_eq!(lock(&v[2].lapic).pending_interrupt(), Some(0x40));
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), None);
+        r.send_ipi(0, fixed(0x50, 0, apic::Shorthand::AllExcludingSelf));
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), Some(0x50));
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), None);
+        r.send_ipi(0, fixed(0x60, 0xFF, apic::Shorthand::None)); // broadcast
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), Some(0x60));
+        assert_eq!(r.ipis_delivered(), 1 + 2 + 3);
+        // Garbage destination: nobody.
+        r.send_ipi(0, fixed(0x70, 0x77, apic::Shorthand::None));
+        assert_eq!(r.ipis_delivered(), 6);
+    }
+
+    #[test]
+    fn ioapic_pin_reaches_its_destination() {
+        let (r, v) = router(2);
+        let mut dev = IoApicDevice(r.clone());
+        // Pin 4 -> vector 0x24, edge, physical destination APIC 1.
+        dev.write(0x00, &(0x10u32 + 2 * 4 + 1).to_le_bytes());
+        dev.write(0x10, &(1u32 << 24).to_le_bytes());
+        dev.write(0x00, &(0x10u32 + 2 * 4).to_le_bytes());
+        dev.write(0x10, &0x24u32.to_le_bytes());
+        r.set_irq(COM1_IRQ, true);
+        r.set_irq(COM1_IRQ, false);
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), Some(0x24));
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), None);
+        // Out-of-range pin: ignored.
+        r.set_irq(99, true);
+        let mut id = [0u8; 4];
+        dev.write(0x00, &0u32.to_le_bytes());
+        dev.read(0x10, &mut id);
+        assert_eq!(
+            u32::from_le_bytes(id) >> 24,
+            2,
+            "IOAPIC id = number of vCPUs"
+        );
+    }
+
+    #[test]
+    fn numa_ranges_split_at_the_hole() {
+        let ram = GuestRam::new((3u64 << 30) + (1 << 30)).unwrap();
+        let nodes = vec![
+            NumaNode {
+                cpus: vec![0],
+                mem_start: 0,
+                mem_size: 2 << 30,
+            },
+            NumaNode {
+                cpus: vec![1],
+                mem_start: 2 << 30,
+                mem_size: 2 << 30,
+            },
+        ];
+        assert_eq!(
+            numa_gpa_ranges(&ram, &nodes),
+            vec![
+                (0, 2 << 30, 0),
+                (2 << 30, 1 << 30, 1),
+                (crate::memory::HIGH_RAM_START, 1 << 30, 1)
+            ]
+        );
+    }
+
     #[test]
     fn result_json_shape() {
         let r = VmResult::from_stop(StopReason::DebugExit(3), VmStats::default());

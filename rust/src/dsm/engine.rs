@@ -193,7 +193,7 @@ impl DsmEngine {
         }
         let mut homes = Vec::with_capacity(n);
         for r in &cfg.ram {
-            if r.start % PAGE as u64 != 0 || r.end % PAGE as u64 != 0 {
+            if !r.start.is_multiple_of(PAGE as u64) || !r.end.is_multiple_of(PAGE as u64) {
                 return Err(DsmError::Config("RAM ranges must be page-aligned".into()));
             }
             homes.push(r.start / PAGE as u64..r.end / PAGE as u64);
@@ -201,7 +201,7 @@ impl DsmEngine {
         let node = protocol::Node::new(cfg.node_index, homes)?;
         let pages = node.pages();
         let len = pages as usize * PAGE;
-        if cfg.guest_addr % PAGE != 0 || cfg.engine_addr % PAGE != 0 {
+        if !cfg.guest_addr.is_multiple_of(PAGE) || !cfg.engine_addr.is_multiple_of(PAGE) {
             return Err(DsmError::Config("mappings must be page-aligned".into()));
         }
         let secret = Secret::new(&cfg.secret)?;
@@ -429,6 +429,9 @@ fn deliver_response(sh: &Shared, tag: u64, payload: Vec<u8>) {
     }
 }
 
+/// At most this many evictions in flight.
+const MAX_EVICTING: usize = 32;
+
 static ZERO: [u8; PAGE] = [0u8; PAGE];
 
 struct Engine {
@@ -457,8 +460,8 @@ impl Engine {
         let extra = [self.sh.mem.fd(), self.sh.wake.as_raw_fd()];
         while !self.sh.stop.load(Ordering::Relaxed) {
             let since = last_activity.elapsed();
-            let spinning = (!self.pending_since.is_empty() && since < self.spin)
-                || since < self.idle_spin;
+            let spinning =
+                (!self.pending_since.is_empty() && since < self.spin) || since < self.idle_spin;
             let timeout = if spinning {
                 Some(Duration::ZERO)
             } else {
@@ -517,7 +520,9 @@ impl Engine {
         match self.node.fault(f.page, access, effects) {
             Ok(FaultOutcome::Resolved) => Stats::inc(&st.local_faults),
             Ok(FaultOutcome::Waiting) => {
-                self.pending_since.entry(f.page).or_insert_with(Instant::now);
+                self.pending_since
+                    .entry(f.page)
+                    .or_insert_with(Instant::now);
             }
             Err(e) => {
                 self.sh.fail(format!("fault at page {}: {e}", f.page));
@@ -549,11 +554,7 @@ impl Engine {
                     self.on_msg(from, msg, data, effects);
                     self.drain_local(effects);
                 }
-                Frame::App {
-                    kind,
-                    tag,
-                    payload,
-                } => {
+                Frame::App { kind, tag, payload } => {
                     if kind & APP_RESPONSE != 0 {
                         deliver_response(&self.sh, tag, payload);
                     } else {
@@ -680,7 +681,8 @@ impl Engine {
                         None => return Err(format!("page {page}: grant without its data")),
                     }
                 };
-                mem.install(page, src, writable).map_err(|e| e.to_string())?;
+                mem.install(page, src, writable)
+                    .map_err(|e| e.to_string())?;
                 st.resident(1);
                 if self.is_foreign(page) {
                     self.foreign_resident += 1;
@@ -712,7 +714,10 @@ impl Engine {
             return;
         };
         let mut tries = self.foreign.len();
-        while self.foreign_resident.saturating_sub(self.evicting.len()) > budget && tries > 0 {
+        // Pages being evicted still count as resident until they are dropped, so
+        // the foreign footprint stays at `budget` plus what arrives while the
+        // evictions are in flight (a few pages).
+        while self.foreign_resident > budget && self.evicting.len() < MAX_EVICTING && tries > 0 {
             tries -= 1;
             let Some(page) = self.foreign.pop_front() else {
                 break;

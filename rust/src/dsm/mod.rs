@@ -1,6 +1,66 @@
-//! Distributed shared memory (issue 4).
+//! Distributed shared memory (issue 4): one coherent guest-physical address
+//! space over several nodes.
+//!
+//! # Parts
+//!
+//! - [`protocol`]: the coherence protocol as a pure state machine (IVY
+//!   fixed-distributed-manager with versions; states, messages and the version
+//!   rule are documented there). Property-tested in `tests/dsm_protocol.rs`.
+//! - [`wire`]: framed, versioned binary protocol; fixed 48-byte `#[repr(C)]`
+//!   zerocopy headers, every field validated.
+//! - [`auth`]: HMAC-SHA256 mutual challenge/response with the cluster secret.
+//! - [`transport`]: the [`transport::Transport`] trait and a TCP mesh with a
+//!   control lane and a bulk lane per pair of nodes.
+//! - [`uffd`]: userfaultfd on the guest mapping; install (UFFDIO_COPY),
+//!   downgrade (UFFDIO_WRITEPROTECT), drop (fallocate PUNCH_HOLE).
+//! - [`engine`]: the per-node engine thread tying them together.
+//! - [`stats`](mod@stats): counters.
+//!
+//! # API for the VM
+//!
+//! ```ignore
+//! let cfg = DsmConfig::new(node_index, node_addrs, secret, ram_ranges_per_node,
+//!                          memfd, guest_mapping_addr, engine_mapping_addr);
+//! // Before anything touches guest memory (the memfd must be all holes):
+//! let dsm = unsafe { DsmEngine::start(cfg)? };   // forms the authenticated mesh
+//! // Guest memory is now coherent: KVM and every VMM access through the guest
+//! // mapping fault into the engine like guest accesses. Nothing else to do.
+//! dsm.send(node, APP_IPI, &ipi_bytes)?;                     // fire and forget
+//! let reply = dsm.request(node, APP_IO, &io_req, timeout)?; // synchronous
+//! match dsm.recv_app(timeout) {                             // VM-side event loop
+//!     Some(AppEvent::Message { from, kind, tag, payload }) => {
+//!         // tag != 0: answer with dsm.respond(from, kind, tag, &reply)
+//!     }
+//!     Some(AppEvent::PeerDown { node, reason }) => { /* stop the VM: error names node */ }
+//!     Some(AppEvent::Error(e)) => { /* stop the VM with e */ }
+//!     None => {}
+//! }
+//! let s = dsm.stats();   // StatsSnapshot (serde)
+//! dsm.shutdown();        // after the vCPUs have stopped
+//! ```
+//!
+//! `ram[i]` is the byte range of guest RAM offsets (not GPAs: the MMIO hole is
+//! skipped) that node i is home of, i.e. `numa[i].mem_start..+mem_size`. Each
+//! node starts as the owner of its own range; untouched pages are zero and cost
+//! neither memory nor transfers. With `foreign_budget = Some(B)` a node keeps
+//! at most about B pages of other nodes' ranges resident (evicting the oldest
+//! back to their home), so its resident guest memory stays below its share + B:
+//! this is the memory aggregation bound.
+//!
+//! Application message kinds ([`engine::APP_IPI`], [`engine::APP_IO`],
+//! [`engine::APP_STOP`], [`engine::APP_ERROR`]) travel on the control lane of
+//! the same mesh; payloads (≤ 4 KiB) are opaque to the DSM layer.
 
 pub mod auth;
+pub mod engine;
 pub mod protocol;
+pub mod stats;
 pub mod transport;
+pub mod uffd;
 pub mod wire;
+
+pub use engine::{
+    AppEvent, DsmConfig, DsmEngine, DsmError, DsmHandle, APP_ERROR, APP_IO, APP_IPI, APP_RESPONSE,
+    APP_STOP,
+};
+pub use stats::StatsSnapshot;

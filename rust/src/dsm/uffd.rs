@@ -250,7 +250,11 @@ impl GuestMem {
                 start: self.gaddr(page),
                 len: PAGE as u64,
             },
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
         };
         ioctl(self.fd(), UFFDIO_WRITEPROTECT, &mut w)
             .map_err(|e| Self::err("UFFDIO_WRITEPROTECT", page, e))
@@ -278,7 +282,11 @@ impl GuestMem {
             )
         };
         if r != 0 {
-            return Err(Self::err("fallocate(PUNCH_HOLE)", page, std::io::Error::last_os_error()));
+            return Err(Self::err(
+                "fallocate(PUNCH_HOLE)",
+                page,
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -291,7 +299,11 @@ impl GuestMem {
         // neither faults into userfaultfd nor allocates. Concurrent guest writes
         // are excluded: the page is write-protected first.
         unsafe {
-            std::ptr::copy_nonoverlapping((self.engine + page as usize * PAGE) as *const u8, out.as_mut_ptr(), PAGE);
+            std::ptr::copy_nonoverlapping(
+                (self.engine + page as usize * PAGE) as *const u8,
+                out.as_mut_ptr(),
+                PAGE,
+            );
         }
     }
 
@@ -301,7 +313,8 @@ impl GuestMem {
         let pages = self.len / PAGE;
         let mut v = vec![0u8; pages];
         // SAFETY: the engine mapping is `len` bytes; `v` has one byte per page.
-        let r = unsafe { libc::mincore(self.engine as *mut libc::c_void, self.len, v.as_mut_ptr()) };
+        let r =
+            unsafe { libc::mincore(self.engine as *mut libc::c_void, self.len, v.as_mut_ptr()) };
         if r != 0 {
             return 0;
         }

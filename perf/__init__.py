@@ -1,0 +1,1 @@
+"""dvmm performance suite (issue 6): `python -m perf.run` or `make perf`."""
