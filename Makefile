@@ -6,6 +6,7 @@
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff, mypy
 #   make setup   apt packages (only the missing ones), the .venv, Python tools,
 #                the native extension (maturin develop --release), the guest
+#   make perf    set up, then the performance suite (perf/README.md); QUICK=1: short
 #   make clean   remove the venv, the built extension and the guest build
 #
 # Everything Python lives in .venv. Steps are skipped when already done
@@ -52,10 +53,10 @@ NATIVE_SO := $(wildcard $(ROOT)/dvmmd/_native*.so)
 CARGO_ENV = PYO3_PYTHON=$(PY) \
 	LD_LIBRARY_PATH="$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
 
-.PHONY: help setup apt venv guest demo test test-rust test-python lint clean distclean FORCE
+.PHONY: help setup apt venv guest demo test test-rust test-python lint perf clean distclean FORCE
 
 help:
-	@sed -n '2,14p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,15p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
 
 # ------------------------------------------------------------------ setup
 
@@ -107,27 +108,38 @@ demo: setup
 test: setup
 	@cd $(ROOT); failed=""; \
 	step() { echo "== make test: $$*"; "$$@" || failed="$$failed [$$*]"; }; \
-	step env -C rust $(CARGO_ENV) cargo test; \
-	step $(VENV)/bin/ruff check dvmmd tests; \
+	step env -C rust $(CARGO_ENV) cargo test --release; \
+	step $(VENV)/bin/ruff check dvmmd tests perf; \
 	step $(VENV)/bin/mypy; \
 	step $(VENV)/bin/pytest -v; \
 	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
 	echo "make test: every suite passed"
 
 test-rust: setup
-	cd $(ROOT)/rust && $(CARGO_ENV) cargo test
+	cd $(ROOT)/rust && $(CARGO_ENV) cargo test --release
 
 test-python: setup
-	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests
+	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests perf
 	cd $(ROOT) && $(VENV)/bin/mypy
 	cd $(ROOT) && $(VENV)/bin/pytest -v
 
 lint: setup
 	cd $(ROOT)/rust && cargo fmt --check
 	cd $(ROOT)/rust && $(CARGO_ENV) cargo clippy --all-targets -- -D warnings
-	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests
-	cd $(ROOT) && $(VENV)/bin/ruff format --check dvmmd tests
+	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests perf
+	cd $(ROOT) && $(VENV)/bin/ruff format --check dvmmd tests perf
 	cd $(ROOT) && $(VENV)/bin/mypy
+
+# ------------------------------------------------------------------ perf
+
+PERF_TOOLS := matplotlib==3.10.9 py-spy==0.4.3
+
+$(STAMPS)/perfdeps: $(STAMPS)/pydeps $(ROOT)/Makefile
+	$(PY) -m pip install -q $(PERF_TOOLS)
+	@touch $@
+
+perf: setup $(STAMPS)/perfdeps
+	cd $(ROOT) && $(PY) -m perf.run $(if $(QUICK),--quick)
 
 # ------------------------------------------------------------------ clean
 

@@ -356,3 +356,33 @@ def test_timeout_stops_a_spinning_guest(make_kernel: MakeKernel) -> None:
                 timeout=120)  # fmt: skip
     assert r.returncode == 124, (r.returncode, r.stderr)
     assert "timeout" in r.stderr
+
+
+@requires_kvm
+def test_worker_sigterm_stops_the_vm(make_kernel: MakeKernel, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    spec = build_spec(vcpus=1, memory=16 * M, kernel=make_kernel(b"\xeb\xfe"), console_stdout=False)
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvmmd.worker", str(spec_path), str(result_path)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, "the worker ended before it was stopped"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, err
+    result = json.loads(result_path.read_text())
+    assert result["reason"] == "stopped" and "SIGTERM" in result["error"]
