@@ -53,7 +53,7 @@ NATIVE_SO := $(wildcard $(ROOT)/dvmmd/_native*.so)
 CARGO_ENV = PYO3_PYTHON=$(PY) \
 	LD_LIBRARY_PATH="$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
 
-.PHONY: help setup apt venv guest demo test test-rust test-python lint perf clean distclean FORCE
+.PHONY: help setup apt venv guest demo test test-rust test-python lint perf install-systemd clean distclean FORCE
 
 help:
 	@sed -n '2,15p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
@@ -140,6 +140,18 @@ $(STAMPS)/perfdeps: $(STAMPS)/pydeps $(ROOT)/Makefile
 
 perf: setup $(STAMPS)/perfdeps
 	cd $(ROOT) && $(PY) -m perf.run $(if $(QUICK),--quick)
+
+# ------------------------------------------------------------------ install
+
+#   make install-systemd   install dvmmd system-wide with its unit (systemd/README.md)
+PREFIX ?= /usr/local
+install-systemd:
+	python3 -m pip install --prefix $(PREFIX) .
+	install -D -m 0644 systemd/dvmmd.service /etc/systemd/system/dvmmd.service
+	install -d -m 0750 /etc/dvmmd
+	test -e /etc/dvmmd/dvmmd.toml || install -m 0640 systemd/dvmmd.toml.example /etc/dvmmd/dvmmd.toml
+	test -e /etc/dvmmd/secret || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/dvmmd/secret)
+	systemctl daemon-reload
 
 # ------------------------------------------------------------------ clean
 
