@@ -3,6 +3,7 @@
 //! Layout (one obvious place for each part):
 //! - `memory`   guest RAM (memfd, mapped twice: guest view + engine view)
 //! - `bus`      port-I/O and MMIO buses
+//! - `cluster`  one node's link to the others: remote IPIs, forwarded I/O, stop
 //! - `devices`  16550 UART, debug-exit port
 //! - `apic`     userspace local APIC (xAPIC MMIO + x2APIC MSRs, timer)
 //! - `ioapic`   userspace IOAPIC
@@ -18,6 +19,7 @@ pub mod acpi;
 pub mod apic;
 pub mod boot;
 pub mod bus;
+pub mod cluster;
 pub mod cpuid;
 pub mod devices;
 pub mod dsm;

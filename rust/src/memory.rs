@@ -1,9 +1,10 @@
 //! Guest RAM: one memfd, mapped `MAP_SHARED` twice.
 //!
-//! * The **guest mapping** backs the KVM memslots and every VMM access (boot loader,
-//!   devices, ACPI) through a [`vm_memory::GuestMemoryMmap`] built over it with
-//!   [`FileOffset`]s. The coherence engine registers userfaultfd on this mapping, so
-//!   VMM accesses through it are coherent exactly like guest accesses.
+//! * The **guest mapping** (one contiguous mapping of the whole memfd) backs the KVM
+//!   memslots and every VMM access (boot loader, devices, ACPI) through a
+//!   [`vm_memory::GuestMemoryMmap`] whose regions are windows into it. The coherence
+//!   engine registers userfaultfd on this mapping, so VMM accesses through it are
+//!   coherent exactly like guest accesses.
 //! * The **engine mapping** is a second mapping of the same memfd. The coherence
 //!   engine reads and writes page contents through it without faulting on the
 //!   guest mapping's userfaultfd registration (e.g. fill a page, then
@@ -18,7 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Smallest guest the VMM accepts (the bundled guest and the tables need some room).
 pub const MIN_MEMORY: u64 = 16 << 20;
@@ -90,7 +91,7 @@ pub struct RamRegion {
     pub engine_host_addr: u64,
 }
 
-/// The engine mapping (munmapped on drop).
+/// A shared mapping of the whole memfd (munmapped on drop).
 struct EngineMap {
     addr: *mut u8,
     len: usize,
@@ -118,6 +119,7 @@ pub struct GuestRam {
     size: u64,
     regions: Vec<RamRegion>,
     mem: GuestMemoryMmap,
+    _guest: EngineMap,
     _engine: EngineMap,
 }
 
@@ -147,37 +149,49 @@ impl GuestRam {
         let memfd = Arc::new(file);
 
         let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
-        // SAFETY: a fresh shared mapping of our own memfd, length checked above; the
-        // result is checked against MAP_FAILED.
-        let engine_addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
+        let map = |what: fn(std::io::Error) -> MemoryError| {
+            // SAFETY: a fresh shared mapping of our own memfd, length checked above;
+            // the result is checked against MAP_FAILED.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                    memfd.as_raw_fd(),
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(what(std::io::Error::last_os_error()));
+            }
+            Ok(EngineMap {
+                addr: addr.cast(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                memfd.as_raw_fd(),
-                0,
-            )
+            })
         };
-        if engine_addr == libc::MAP_FAILED {
-            return Err(MemoryError::EngineMmap(std::io::Error::last_os_error()));
-        }
-        let engine = EngineMap {
-            addr: engine_addr.cast(),
-            len,
-        };
+        let engine = map(MemoryError::EngineMmap)?;
+        // The guest view is ONE contiguous mapping of the whole memfd (the
+        // coherence engine registers it with userfaultfd as a single range);
+        // each RAM region is a window into it.
+        let guest = map(|e| MemoryError::Mmap(e.to_string()))?;
 
         let mut regions = Vec::new();
         let mut guest_regions = Vec::new();
         let mut off = 0u64;
         for (gpa, rsize) in ram_layout(size) {
             let rlen = usize::try_from(rsize).map_err(|_| MemoryError::TooLarge(size))?;
-            let mapping: MmapRegion = MmapRegion::build(
-                Some(FileOffset::from_arc(memfd.clone(), off)),
-                rlen,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
+            // SAFETY: `guest.addr + off .. + rlen` lies inside the guest mapping
+            // (the regions tile the memfd), which `GuestRam` keeps mapped at least
+            // as long as the region (field order: `mem` drops before `_guest`).
+            let mapping: MmapRegion = unsafe {
+                MmapRegion::build_raw(
+                    guest.addr.add(off as usize),
+                    rlen,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                )
+            }
             .map_err(|e| MemoryError::Mmap(e.to_string()))?;
             let host = mapping.as_ptr() as u64;
             let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
@@ -199,6 +213,7 @@ impl GuestRam {
             size,
             regions,
             mem,
+            _guest: guest,
             _engine: engine,
         })
     }
@@ -216,6 +231,16 @@ impl GuestRam {
     /// RAM ranges as `(gpa, size)`.
     pub fn ram_ranges(&self) -> Vec<(u64, u64)> {
         self.regions.iter().map(|r| (r.gpa, r.size)).collect()
+    }
+
+    /// Host address of RAM offset 0 in the guest mapping (contiguous over all RAM).
+    pub fn guest_base(&self) -> usize {
+        self._guest.addr as usize
+    }
+
+    /// Host address of RAM offset 0 in the engine mapping (contiguous over all RAM).
+    pub fn engine_base(&self) -> usize {
+        self._engine.addr as usize
     }
 
     /// The memfd backing guest RAM.

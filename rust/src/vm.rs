@@ -65,6 +65,8 @@ pub enum VmError {
     Acpi(String),
     #[error("cannot serialize the result: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot join the cluster: {0}")]
+    Cluster(String),
 }
 
 impl VmError {
@@ -123,9 +125,9 @@ pub struct VmSpec {
     /// Stop the VM after this many seconds (0 or absent: no limit).
     #[serde(default)]
     pub timeout_s: f64,
-    /// Distributed VM (issue 4); must be null for a single-node VM for now.
+    /// Distributed VM (issue 4): this worker's node and the others; null: one node.
     #[serde(default)]
-    pub cluster: Option<serde_json::Value>,
+    pub cluster: Option<crate::cluster::ClusterSpec>,
     /// Log unknown port/MMIO accesses to stderr (dvmm extension).
     #[serde(default)]
     pub debug: bool,
@@ -177,8 +179,9 @@ impl VmSpec {
         if !(self.timeout_s.is_finite() && self.timeout_s >= 0.0) {
             return bad(format!("timeout_s = {}: must be >= 0", self.timeout_s));
         }
-        if self.cluster.as_ref().is_some_and(|c| !c.is_null()) {
-            return bad("cluster: distributed VMs are not supported by this build yet".into());
+        if let Some(c) = &self.cluster {
+            c.validate(self.numa.as_deref())
+                .map_err(VmError::InvalidSpec)?;
         }
         if let Some(numa) = &self.numa {
             if numa.is_empty() {
@@ -250,11 +253,17 @@ pub struct VmStats {
     pub setup_ms: f64,
     pub run_ms: f64,
     pub per_vcpu_exits: Vec<u64>,
+    /// The vCPUs this node ran (all of them for a single-node VM).
+    pub local_vcpus: Vec<u32>,
+    /// Coherence counters of this node (distributed VM only).
+    pub dsm: Option<crate::dsm::StatsSnapshot>,
 }
 
 /// The result of a run (docs/interfaces.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct VmResult {
+    /// The node this result is from (0 for a single-node VM).
+    pub node: usize,
     pub reason: String,
     pub status: Option<u8>,
     pub error: Option<String>,
@@ -273,6 +282,7 @@ impl VmResult {
             StopReason::Stopped => ("stopped", None, None, None),
         };
         VmResult {
+            node: 0,
             reason: reason.into(),
             status,
             error,
@@ -290,8 +300,9 @@ impl VmResult {
 /// include vCPUs that live on other nodes. The receiving node hands them to
 /// [`InterruptRouter::deliver_local`].
 pub trait RemoteInterruptSink: Send + Sync {
-    /// Forward `msg` (an IPI or an IOAPIC interrupt) to the other nodes.
-    fn forward(&self, msg: &InterruptMessage);
+    /// Forward `msg` (an IPI or an IOAPIC interrupt) to the other nodes;
+    /// `delivered_locally` local APICs already accepted it.
+    fn forward(&self, msg: &InterruptMessage, delivered_locally: usize);
 }
 
 /// Delivers interrupt messages (ICR writes, IOAPIC pins) to the matching local APICs
@@ -305,7 +316,7 @@ pub struct InterruptRouter {
 }
 
 impl InterruptRouter {
-    /// A router for the local vCPUs `vcpus` (their APIC IDs are their indexes).
+    /// A router for the local vCPUs `vcpus` (each with its global APIC ID).
     pub fn new(
         vcpus: Vec<Arc<VcpuShared>>,
         ioapic: crate::ioapic::IoApic,
@@ -350,16 +361,16 @@ impl InterruptRouter {
                 }
             }
         }
+        self.ipis_delivered
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         n
     }
 
     fn route(&self, msg: &InterruptMessage) {
         let n = self.deliver_local(msg);
-        self.ipis_delivered
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(r) = &self.remote {
             if msg.destination.shorthand != apic::Shorthand::SelfOnly {
-                r.forward(msg);
+                r.forward(msg, n);
             }
         }
     }
@@ -470,13 +481,19 @@ pub struct Vm {
     spec: VmSpec,
     _kvm: Kvm,
     _vm: VmFd,
-    ram: GuestRam,
     router: Arc<InterruptRouter>,
     shared: Vec<Arc<VcpuShared>>,
     vcpus: Vec<Vcpu>,
-    serial: Arc<Mutex<Serial>>,
+    serial: Option<Arc<Mutex<Serial>>>,
     stop: Arc<VmStop>,
     setup: Duration,
+    /// The buses (also served to other nodes by the cluster thread).
+    pio: Bus,
+    mmio: Bus,
+    /// Distributed VM: the link to the other nodes. Declared before `ram`: the
+    /// engine must stop before the mappings go away.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    ram: GuestRam,
 }
 
 impl std::fmt::Debug for Vm {
@@ -554,8 +571,28 @@ impl Vm {
             .map_err(kvm_op("enable KVM_CAP_X86_USER_SPACE_MSR"))?;
         install_msr_filter(&vm)?;
 
-        // Guest RAM and memslots.
+        // Guest RAM; for a distributed VM the coherence engine takes it over before
+        // anything (KVM, the loader, ACPI) touches it.
+        let numa = spec.numa_nodes();
         let ram = GuestRam::new(spec.memory)?;
+        let stop = Arc::new(VmStop::new());
+        let cluster = match &spec.cluster {
+            Some(c) => Some(
+                crate::cluster::Cluster::start(c, &numa, n, &ram, stop.clone())
+                    .map_err(VmError::Cluster)?,
+            ),
+            None => None,
+        };
+        let is_boot = cluster.as_ref().is_none_or(|c| c.is_boot());
+        // The vCPUs this node runs (APIC IDs are global).
+        let local: Vec<u32> = match &spec.cluster {
+            Some(c) => {
+                let mut v = numa[c.node_index].cpus.clone();
+                v.sort_unstable();
+                v
+            }
+            None => (0..n).collect(),
+        };
         for (slot, r) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -572,8 +609,8 @@ impl Vm {
 
         // vCPU handles with their LAPICs; TSC frequency for the TSC-deadline timer.
         let clock = VmClock::new();
-        let mut fds = Vec::with_capacity(n as usize);
-        for i in 0..n {
+        let mut fds = Vec::with_capacity(local.len());
+        for &i in &local {
             fds.push(
                 vm.create_vcpu(u64::from(i))
                     .map_err(kvm_op(format!("KVM_CREATE_VCPU {i}")))?,
@@ -585,12 +622,13 @@ impl Vm {
             fd.set_msrs(&msrs)
                 .map_err(kvm_op(format!("KVM_SET_MSRS on vCPU {i}")))?;
         }
-        let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
-        let tsc_now = read_tsc(&fds[0]);
+        let tsc_khz = fds.first().and_then(|f| f.get_tsc_khz().ok()).unwrap_or(0);
+        let tsc_now = fds.first().and_then(read_tsc);
 
         let now = clock.now_ns();
-        let shared: Vec<Arc<VcpuShared>> = (0..n)
-            .map(|i| {
+        let shared: Vec<Arc<VcpuShared>> = local
+            .iter()
+            .map(|&i| {
                 let mut l = LocalApic::new(i, i == 0, tsc_khz);
                 if let Some(t) = tsc_now {
                     l.set_tsc_reference(now, t);
@@ -600,48 +638,84 @@ impl Vm {
             .collect();
 
         let ioapic = crate::ioapic::IoApic::new(n as u8);
-        let router = Arc::new(InterruptRouter::new(shared.clone(), ioapic, None));
+        let remote = cluster.clone().map(|c| c as Arc<dyn RemoteInterruptSink>);
+        let router = Arc::new(InterruptRouter::new(shared.clone(), ioapic, remote));
 
-        // Devices.
-        let console = ConsoleWriter::new(spec.console_log.as_deref(), spec.console_stdout)?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            console,
-            Some(router.clone() as Arc<dyn IrqLine>),
-            COM1_IRQ,
-        )));
+        // Devices: on the boot node; the other nodes forward to it.
         let mut pio = Bus::new();
-        pio.insert(u64::from(COM1_PORT), 8, "COM1", serial.clone())?;
-        pio.insert(
-            u64::from(DEBUG_EXIT_PORT),
-            1,
-            "debug-exit",
-            Arc::new(Mutex::new(DebugExit)),
-        )?;
         let mut mmio = Bus::new();
-        mmio.insert(
-            IOAPIC_BASE,
-            IOAPIC_SIZE,
-            "IOAPIC",
-            Arc::new(Mutex::new(IoApicDevice(router.clone()))),
-        )?;
+        let mut serial = None;
+        if is_boot {
+            let console = ConsoleWriter::new(spec.console_log.as_deref(), spec.console_stdout)?;
+            let s = Arc::new(Mutex::new(Serial::new(
+                console,
+                Some(router.clone() as Arc<dyn IrqLine>),
+                COM1_IRQ,
+            )));
+            pio.insert(u64::from(COM1_PORT), 8, "COM1", s.clone())?;
+            serial = Some(s);
+            pio.insert(
+                u64::from(DEBUG_EXIT_PORT),
+                1,
+                "debug-exit",
+                Arc::new(Mutex::new(DebugExit)),
+            )?;
+            mmio.insert(
+                IOAPIC_BASE,
+                IOAPIC_SIZE,
+                "IOAPIC",
+                Arc::new(Mutex::new(IoApicDevice(router.clone()))),
+            )?;
+        } else if let Some(c) = &cluster {
+            let fwd = c.clone() as Arc<dyn crate::bus::RemoteBusForwarder>;
+            let proxy = |base: u64, is_pio: bool| {
+                Arc::new(Mutex::new(crate::bus::ProxyDevice::new(
+                    base,
+                    is_pio,
+                    fwd.clone(),
+                )))
+            };
+            pio.insert(
+                u64::from(COM1_PORT),
+                8,
+                "COM1 (remote)",
+                proxy(u64::from(COM1_PORT), true),
+            )?;
+            pio.insert(
+                u64::from(DEBUG_EXIT_PORT),
+                1,
+                "debug-exit (remote)",
+                proxy(u64::from(DEBUG_EXIT_PORT), true),
+            )?;
+            mmio.insert(
+                IOAPIC_BASE,
+                IOAPIC_SIZE,
+                "IOAPIC (remote)",
+                proxy(IOAPIC_BASE, false),
+            )?;
+        }
 
-        // ACPI tables and the kernel.
-        let rsdp = write_acpi(&ram, &spec)?;
-        let mem = ram.guest_memory();
-        let boot = crate::boot::load_kernel(
-            mem,
-            spec.memory,
-            Path::new(&spec.kernel),
-            spec.initrd.as_deref().map(Path::new),
-            spec.cmdline.as_deref().unwrap_or(""),
-            rsdp,
-        )?;
+        // ACPI tables and the kernel (once, by the boot node: through the guest
+        // mapping, so the other nodes see them through the coherence protocol).
+        let boot = if is_boot {
+            let rsdp = write_acpi(&ram, &spec)?;
+            let mem = ram.guest_memory();
+            Some(crate::boot::load_kernel(
+                mem,
+                spec.memory,
+                Path::new(&spec.kernel),
+                spec.initrd.as_deref().map(Path::new),
+                spec.cmdline.as_deref().unwrap_or(""),
+                rsdp,
+            )?)
+        } else {
+            None
+        };
 
         // vCPUs.
-        let stop = Arc::new(VmStop::new());
         let env = Arc::new(VcpuEnv {
-            pio,
-            mmio,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
             irq: router.clone(),
             clock,
             stop: stop.clone(),
@@ -654,9 +728,9 @@ impl Vm {
             total_vcpus: n,
             tsc_deadline: true,
         };
-        let mut vcpus = Vec::with_capacity(n as usize);
-        for (i, fd) in fds.into_iter().enumerate() {
-            let i = i as u32;
+        let mut vcpus = Vec::with_capacity(local.len());
+        for (k, fd) in fds.into_iter().enumerate() {
+            let i = local[k];
             let c = cpuid::vcpu_cpuid(&supported, i, &cfg)?;
             fd.set_cpuid2(&c)
                 .map_err(kvm_op(format!("KVM_SET_CPUID2 on vCPU {i}")))?;
@@ -673,7 +747,7 @@ impl Vm {
             let reset_sregs = fd
                 .get_sregs()
                 .map_err(kvm_op(format!("KVM_GET_SREGS on vCPU {i}")))?;
-            if i == 0 {
+            if let (0, Some(boot)) = (i, &boot) {
                 let mut regs = reset_regs;
                 let mut sregs = reset_sregs;
                 boot.entry.apply(&mut regs, &mut sregs);
@@ -684,7 +758,7 @@ impl Vm {
             }
             vcpus.push(Vcpu::new(
                 fd,
-                shared[i as usize].clone(),
+                shared[k].clone(),
                 env.clone(),
                 i == 0,
                 reset_regs,
@@ -696,13 +770,16 @@ impl Vm {
             spec,
             _kvm: kvm,
             _vm: vm,
-            ram,
             router,
             shared,
             vcpus,
             serial,
             stop,
             setup: t0.elapsed(),
+            pio,
+            mmio,
+            cluster,
+            ram,
         })
     }
 
@@ -733,6 +810,26 @@ impl Vm {
     /// vCPU thread and return the result.
     pub fn run(mut self) -> VmResult {
         let t0 = Instant::now();
+        // Distributed VM: the thread serving the other nodes (IPIs, I/O, stop).
+        if let Some(c) = &self.cluster {
+            c.fast_path(self.router.clone(), self.pio.clone(), self.mmio.clone());
+        }
+        let server = self.cluster.clone().map(|c| {
+            let (router, pio, mmio) = (self.router.clone(), self.pio.clone(), self.mmio.clone());
+            std::thread::Builder::new()
+                .name("dvmm-cluster".into())
+                .spawn(move || c.serve(&router, &pio, &mmio))
+        });
+        let server = match server {
+            Some(Ok(h)) => Some(h),
+            Some(Err(e)) => {
+                self.stop.request(StopReason::Error(format!(
+                    "cannot spawn the cluster thread: {e}"
+                )));
+                None
+            }
+            None => None,
+        };
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut failed = None;
         for v in self.vcpus.drain(..) {
@@ -761,8 +858,29 @@ impl Vm {
                 }
             }
         };
+        if let Some(c) = &self.cluster {
+            c.broadcast_stop(&reason);
+        }
         for s in &self.shared {
             s.stop();
+        }
+        if let Some(c) = &self.cluster {
+            // A vCPU blocked on a page held by a node that vanished never comes back
+            // by itself: after a grace period give up coherence so it can leave.
+            let end = Instant::now() + Duration::from_secs(3);
+            while handles.iter().any(|h| !h.is_finished()) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if handles.iter().any(|h| !h.is_finished()) {
+                eprintln!(
+                    "dvmm: {}: vCPUs still blocked on guest memory 3 s after the stop; releasing it",
+                    c.describe(c.me)
+                );
+                c.dsm.release_memory();
+                for s in &self.shared {
+                    s.kick();
+                }
+            }
         }
         let mut total = VcpuStats::default();
         let mut per_vcpu = Vec::new();
@@ -775,7 +893,20 @@ impl Vm {
                 Err(_) => per_vcpu.push(0),
             }
         }
-        lock(&self.serial).flush();
+        if let Some(s) = &self.serial {
+            lock(s).flush();
+        }
+        let mut dsm = None;
+        if let Some(c) = &self.cluster {
+            // Keep serving memory until every peer's vCPUs are out too.
+            c.finish(Duration::from_secs(5));
+            dsm = Some(c.dsm.stats());
+            c.dsm.shutdown();
+            c.quit();
+        }
+        if let Some(h) = server {
+            let _ = h.join();
+        }
         let run = t0.elapsed();
         let stats = VmStats {
             exits: EXIT_KINDS
@@ -804,8 +935,12 @@ impl Vm {
             setup_ms: self.setup.as_secs_f64() * 1e3,
             run_ms: run.as_secs_f64() * 1e3,
             per_vcpu_exits: per_vcpu,
+            local_vcpus: self.shared.iter().map(|s| s.index).collect(),
+            dsm,
         };
-        VmResult::from_stop(reason, stats)
+        let mut r = VmResult::from_stop(reason, stats);
+        r.node = self.cluster.as_ref().map_or(0, |c| usize::from(c.me));
+        r
     }
 }
 

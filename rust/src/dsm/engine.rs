@@ -128,7 +128,12 @@ pub enum AppEvent {
     Error(String),
 }
 
+/// A fast-path handler for application messages, run on the engine thread (see
+/// [`DsmHandle::set_app_handler`]).
+pub type AppHandler = Box<dyn Fn(NodeId, u64, u64, &[u8]) -> bool + Send + Sync>;
+
 struct Shared {
+    app_handler: Mutex<Option<AppHandler>>,
     me: NodeId,
     transport: Arc<dyn Transport>,
     stats: Stats,
@@ -168,7 +173,7 @@ impl Shared {
 /// Handle to a running engine.
 pub struct DsmHandle {
     sh: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Entry point.
@@ -234,6 +239,7 @@ impl DsmEngine {
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
         let (tx, rx) = mpsc::channel();
         let sh = Arc::new(Shared {
+            app_handler: Mutex::new(None),
             me: cfg.node_index,
             transport: Arc::new(mesh),
             stats: Stats::default(),
@@ -267,7 +273,7 @@ impl DsmEngine {
             .map_err(|e| DsmError::Config(format!("spawn: {e}")))?;
         Ok(DsmHandle {
             sh,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 }
@@ -286,6 +292,30 @@ impl DsmHandle {
     /// Counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.sh.stats.snapshot()
+    }
+
+    /// Handle application messages on the engine thread itself, saving the
+    /// wake-up of the thread blocked in [`DsmHandle::recv_app`] (~25 us here):
+    /// `handler(from, kind, tag, payload)` returns true when it consumed the
+    /// message, false to pass it on to `recv_app`. It must be quick and must not
+    /// touch guest memory or wait for the engine (it runs on the engine thread).
+    /// Replaces any previous handler; [`DsmHandle::clear_app_handler`] removes it
+    /// (do so before tearing down what it refers to).
+    pub fn set_app_handler(&self, handler: AppHandler) {
+        *self
+            .sh
+            .app_handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    /// Remove the fast-path handler: every message goes to `recv_app` again.
+    pub fn clear_app_handler(&self) {
+        *self
+            .sh
+            .app_handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Counter for forwarded IPIs/I/O (the VM side counts what it forwards).
@@ -402,13 +432,24 @@ impl DsmHandle {
     /// Stop the engine thread and close the connections. Guest memory must no
     /// longer be accessed by then (threads faulting afterwards are not served
     /// until the userfaultfd is closed with the handle).
-    pub fn shutdown(&mut self) {
+    pub fn shutdown(&self) {
         self.sh.stop.store(true, Ordering::Relaxed);
         self.sh.kick();
-        if let Some(t) = self.thread.take() {
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
             let _ = t.join();
         }
         self.sh.transport.shutdown();
+    }
+
+    /// Last resort when the VM is stopping and a peer is gone: stop serving
+    /// faults and unregister the guest mapping from userfaultfd, which wakes
+    /// every thread blocked on a fault (their accesses then see whatever the
+    /// memfd holds). Coherence is over after this; only call it once the VM's
+    /// result no longer depends on guest memory.
+    pub fn release_memory(&self) {
+        self.shutdown();
+        self.sh.mem.release();
     }
 }
 
@@ -558,12 +599,21 @@ impl Engine {
                     if kind & APP_RESPONSE != 0 {
                         deliver_response(&self.sh, tag, payload);
                     } else {
-                        self.sh.post(AppEvent::Message {
-                            from,
-                            kind,
-                            tag,
-                            payload,
-                        });
+                        let handled = self
+                            .sh
+                            .app_handler
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_ref()
+                            .is_some_and(|h| h(from, kind, tag, &payload));
+                        if !handled {
+                            self.sh.post(AppEvent::Message {
+                                from,
+                                kind,
+                                tag,
+                                payload,
+                            });
+                        }
                     }
                 }
                 Frame::Ping | Frame::Auth { .. } => {}

@@ -60,7 +60,7 @@ pub mod uffd;
 pub mod wire;
 
 pub use engine::{
-    AppEvent, DsmConfig, DsmEngine, DsmError, DsmHandle, APP_ERROR, APP_IO, APP_IPI, APP_RESPONSE,
-    APP_STOP,
+    AppEvent, AppHandler, DsmConfig, DsmEngine, DsmError, DsmHandle, APP_ERROR, APP_IO, APP_IPI,
+    APP_RESPONSE, APP_STOP,
 };
 pub use stats::StatsSnapshot;

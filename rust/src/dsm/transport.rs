@@ -208,7 +208,30 @@ pub struct TcpMesh {
     kick: OwnedFd,
     dead_after: Duration,
     down_reported: AtomicU64,
-    closed: AtomicBool,
+    closed: Arc<AtomicBool>,
+}
+
+/// Accept and refuse every connection after the mesh is formed (until `closed`):
+/// a foreign or garbage-sending peer gets a logged refusal, never a session.
+fn refuse_loop(listener: TcpListener, secret: &Secret, me: NodeId, closed: &AtomicBool) {
+    while !closed.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                let _ = s.set_nonblocking(false);
+                let why =
+                    match auth::accept(&mut s, secret, me, Duration::from_millis(500), &|_, _| {
+                        false
+                    }) {
+                        Ok(_) => "the mesh is already formed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                log(&format!("refusing connection from {from}: {why}"));
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 fn log(msg: &str) {
@@ -299,7 +322,7 @@ impl TcpMesh {
                         }
                     }
                 }
-                Ok(got)
+                Ok((got, listener))
             })?;
         let mut conns: Vec<Option<[Arc<Conn>; 2]>> = (0..n).map(|_| None).collect();
         let mut result = Ok(());
@@ -336,7 +359,17 @@ impl TcpMesh {
             .join()
             .map_err(|_| TransportError::Config("acceptor thread panicked"))?;
         result?;
-        let mut accepted = accepted?;
+        let (mut accepted, listener) = accepted?;
+        // Once the mesh is formed nobody else may join: keep the port open only to
+        // refuse late or foreign connections with a logged reason.
+        let closed = Arc::new(AtomicBool::new(false));
+        {
+            let closed = closed.clone();
+            let secret = cfg.secret.clone();
+            thread::Builder::new()
+                .name("dsm-refuse".into())
+                .spawn(move || refuse_loop(listener, &secret, me, &closed))?;
+        }
         accepted.sort_by_key(|g| (g.0, g.1 as u8));
         let mut it = accepted.into_iter();
         while let (Some(c), Some(b)) = (it.next(), it.next()) {
@@ -360,7 +393,7 @@ impl TcpMesh {
             kick,
             dead_after: cfg.dead_after,
             down_reported: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
+            closed,
         })
     }
 
@@ -639,5 +672,12 @@ impl Transport for TcpMesh {
                 let _ = c.stream.shutdown(Shutdown::Both);
             }
         }
+    }
+}
+
+impl Drop for TcpMesh {
+    fn drop(&mut self) {
+        // Ends the refusing listener thread (and so frees the port).
+        self.closed.store(true, Ordering::Relaxed);
     }
 }

@@ -155,6 +155,14 @@ impl GuestMem {
         })
     }
 
+    /// Unregister the guest mapping (wakes every blocked fault; later accesses
+    /// no longer fault into the engine).
+    pub fn release(&self) {
+        let _ = self
+            .uffd
+            .unregister(self.guest as *mut libc::c_void, self.len);
+    }
+
     /// The userfaultfd (for poll).
     pub fn fd(&self) -> RawFd {
         self.uffd.as_raw_fd()
