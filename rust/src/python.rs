@@ -35,5 +35,9 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run_vm, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    // What this build can do, so the daemon can decide placement: "cluster" =
+    // a VM spread over several nodes (the `cluster` field of the spec).
+    m.add("FEATURES", vec!["cluster"])?;
+    m.add("MULTI_NODE", true)?;
     Ok(())
 }
