@@ -217,8 +217,11 @@ def _die(message: str, code: int) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
-    if args.nodes > 1:
-        parser.error(f"--nodes {args.nodes}: multi-node runs are not available yet")
+    if args.nodes > 1 or args.netns:
+        # One VM over N local worker processes (loopback or network namespaces).
+        from dvmmd import localcluster
+
+        return localcluster.run(args)
     try:
         spec = build_spec(
             vcpus=args.vcpus,
@@ -312,10 +315,13 @@ def _add_run_parser(sub: Any) -> None:
         type=nodes_arg,
         default=1,
         metavar="N",
-        help="nodes to spread the VM over (only 1 for now)",
+        help="local nodes (worker processes on 127.0.0.x) to spread the VM over, 1-16 (1)",
     )
     p.add_argument("--json", action="store_true", help="print the result JSON at the end")
     p.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
+    from dvmmd import localcluster
+
+    localcluster.add_arguments(p)
     p.set_defaults(func=cmd_run, parser=p)
 
 

@@ -35,7 +35,8 @@ With ``--nodes 1`` one worker runs the VM with no ``cluster`` field, exactly as
 a single-node VM.
 
 Entry points: ``add_arguments(parser)`` adds the options beyond ``dvmmctl
-run``'s (``--netns``, ``--base-port``); ``run(args) -> int`` does the run;
+run``'s (``--netns``, ``--base-port``, ``--foreign-budget``); ``run(args) -> int``
+does the run;
 ``python -m dvmmd.localcluster`` is a standalone command with every option.
 """
 
@@ -685,6 +686,8 @@ class Launcher:
             )
         elif reason == "timeout":
             print(f"{PROG}: error: the VM timed out: {error or self.opts.timeout}", file=sys.stderr)
+        elif self.signum is not None:
+            print(f"{PROG}: {error}: the VM was stopped", file=sys.stderr)
         elif reason not in ("debug_exit", "shutdown") and (error or reason != "stopped"):
             print(f"{PROG}: error: {error or reason}", file=sys.stderr)
         sys.stderr.flush()
@@ -735,10 +738,10 @@ class Launcher:
                 self._spawn()
                 self._watch()
             result, code, warnings = self._outcome()
-            self.keep_logs = code != 0
+            self.keep_logs = code != 0 and self.signum is None and bool(self.nodes)
             self._report(result, code, warnings)
         finally:
-            self._cleanup(keep_logs=code != 0 and bool(self.nodes))
+            self._cleanup(keep_logs=self.keep_logs)
             for signo, handler in old.items():
                 signal.signal(signo, handler)
         return code

@@ -16,12 +16,15 @@ Every subprocess has a timeout; every test kills what it started.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -139,10 +142,24 @@ def _pump(stream: Any, sink: list[str]) -> None:
     stream.close()
 
 
+_launch_tmp: str | None = None
+
+
+def _launcher_tmpdir() -> str:
+    """A TMPDIR for launchers, removed when the test run ends: a failed run keeps
+    its node logs in a temporary directory, and these tests fail runs on purpose."""
+    global _launch_tmp
+    if _launch_tmp is None:
+        _launch_tmp = tempfile.mkdtemp(prefix="dvmm-test-launch-")
+        atexit.register(shutil.rmtree, _launch_tmp, True)
+    return _launch_tmp
+
+
 def start_launcher(*args: str, argv: list[str] | None = None) -> Launch:
     """Start ``python -m dvmmd.localcluster ARGS`` (or ``argv``) in the background."""
     env = dict(os.environ)
     env.pop("DVMM_DEBUG", None)
+    env["TMPDIR"] = _launcher_tmpdir()
     cmd = argv if argv is not None else [sys.executable, "-m", "dvmmd.localcluster", *args]
     proc = subprocess.Popen(
         cmd,
@@ -273,9 +290,11 @@ def cluster_unavailable(tmp_dir: Path) -> str | None:
     if not GUEST.is_file():
         return f"the bundled guest is not built ({GUEST}): run `make -C guest`"
     try:
-        from dvmmd import _native  # noqa: F401
+        from dvmmd import _native
     except ImportError as e:
         return f"the native module dvmmd._native is not built: {e} (`make setup`)"
+    if getattr(_native, "MULTI_NODE", None) is True:
+        return None  # the build says so; older builds are probed below
     if _cluster_support is None:
         kernel = tmp_dir / "probe-exit0.mb"
         from conftest import multiboot_kernel

@@ -78,6 +78,10 @@ pub struct ClusterSpec {
     /// resident (dvmm extension; absent: no limit).
     #[serde(default)]
     pub foreign_budget_pages: Option<usize>,
+    /// DSM hold window in microseconds (0: off; absent: the engine's default,
+    /// see [`crate::dsm::engine::DEFAULT_HOLD_WINDOW_US`]).
+    #[serde(default)]
+    pub hold_window_us: Option<u64>,
     /// Give up forming the mesh after this many seconds (default 30).
     #[serde(default)]
     pub connect_timeout_s: Option<f64>,
@@ -300,6 +304,9 @@ impl Cluster {
             ram.engine_base(),
         );
         cfg.foreign_budget = spec.foreign_budget_pages;
+        if let Some(us) = spec.hold_window_us {
+            cfg.hold_window = Duration::from_micros(us);
+        }
         if let Some(t) = spec.connect_timeout_s {
             cfg.connect_deadline = Duration::from_secs_f64(t);
         }
@@ -659,6 +666,7 @@ mod tests {
             secret_hex: "00112233445566778899aabbccddeeff".into(),
             boot_node: 0,
             foreign_budget_pages: None,
+            hold_window_us: None,
             connect_timeout_s: None,
         };
         ok.validate(Some(&numa)).unwrap();

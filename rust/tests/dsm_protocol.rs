@@ -138,6 +138,15 @@ impl Sim {
 
     /// Deliver the head of the `k`-th non-empty lane; false if all are empty.
     fn deliver(&mut self, k: usize, retry: bool) -> bool {
+        self.deliver_nth(k, 0, retry)
+    }
+
+    /// Deliver a message of the `k`-th non-empty lane that is the oldest one for
+    /// its page in that lane (the `j`-th such, modulo their number): the
+    /// engine's hold window defers an invalidation or fetch of a held page and
+    /// keeps later messages for that page behind it, but lets messages for
+    /// other pages overtake it. False if every lane is empty.
+    fn deliver_nth(&mut self, k: usize, j: usize, retry: bool) -> bool {
         let nonempty: Vec<Lane> = self
             .lanes
             .iter()
@@ -148,7 +157,11 @@ impl Sim {
             return false;
         }
         let lane = nonempty[k % nonempty.len()];
-        let (msg, payload) = self.lanes.get_mut(&lane).unwrap().pop_front().unwrap();
+        let q = self.lanes.get_mut(&lane).unwrap();
+        let firsts: Vec<usize> = (0..q.len())
+            .filter(|&i| q.iter().take(i).all(|(m, _)| m.page() != q[i].0.page()))
+            .collect();
+        let (msg, payload) = q.remove(firsts[j % firsts.len()]).unwrap();
         let (from, to, _) = lane;
         let mut out = Vec::new();
         self.nodes[to as usize]
@@ -213,9 +226,18 @@ impl Sim {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Access { node: usize, page: u64, write: bool },
-    Evict { node: usize, page: u64 },
+    Access {
+        node: usize,
+        page: u64,
+        write: bool,
+    },
+    Evict {
+        node: usize,
+        page: u64,
+    },
     Deliver(usize),
+    /// Per-page FIFO only (the hold window's deferral).
+    DeliverOutOfOrder(usize, usize),
     Retry(usize),
 }
 
@@ -223,7 +245,8 @@ fn op(n: usize, pages: u64) -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..n, 0..pages, any::<bool>()).prop_map(|(node, page, write)| Op::Access { node, page, write }),
         1 => (0..n, 0..pages).prop_map(|(node, page)| Op::Evict { node, page }),
-        6 => (0..64usize).prop_map(Op::Deliver),
+        4 => (0..64usize).prop_map(Op::Deliver),
+        2 => (0..64usize, 0..8usize).prop_map(|(k, j)| Op::DeliverOutOfOrder(k, j)),
         1 => (0..n).prop_map(Op::Retry),
     ]
 }
@@ -250,6 +273,9 @@ fn run(n: usize, per: u64, ops: &[Op], drain: &[usize]) {
             Op::Evict { node, page } => sim.evict(node, page),
             Op::Deliver(k) => {
                 sim.deliver(k, false);
+            }
+            Op::DeliverOutOfOrder(k, j) => {
+                sim.deliver_nth(k, j, false);
             }
             Op::Retry(node) => sim.retry(node),
         }

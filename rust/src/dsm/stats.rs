@@ -21,6 +21,7 @@ pub struct Stats {
     pub zero_pages_sent: AtomicU64,
     pub transfers_skipped: AtomicU64,
     pub evictions: AtomicU64,
+    pub held_requests: AtomicU64,
     pub ipis_forwarded: AtomicU64,
     pub io_forwarded: AtomicU64,
     pub resident_pages: AtomicU64,
@@ -47,6 +48,9 @@ pub struct StatsSnapshot {
     pub zero_pages_sent: u64,
     pub transfers_skipped: u64,
     pub evictions: u64,
+    /// Invalidations/fetches deferred by the hold window.
+    #[serde(default)]
+    pub held_requests: u64,
     pub ipis_forwarded: u64,
     pub io_forwarded: u64,
     pub resident_pages: u64,
@@ -106,6 +110,7 @@ impl Stats {
             zero_pages_sent: g(&self.zero_pages_sent),
             transfers_skipped: g(&self.transfers_skipped),
             evictions: g(&self.evictions),
+            held_requests: g(&self.held_requests),
             ipis_forwarded: g(&self.ipis_forwarded),
             io_forwarded: g(&self.io_forwarded),
             resident_pages: g(&self.resident_pages),

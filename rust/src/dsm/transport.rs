@@ -604,13 +604,21 @@ impl Transport for TcpMesh {
             None => ping_every,
             Some(t) => t.min(ping_every),
         };
-        let ms = if t.is_zero() {
-            0
-        } else {
-            t.as_millis().max(1) as libc::c_int
+        // ppoll: sub-millisecond timeouts (hold-window deadlines).
+        let ts = libc::timespec {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_nsec: t.subsec_nanos() as libc::c_long,
         };
-        // SAFETY: fds is a valid array of pollfd of the given length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // SAFETY: fds is a valid array of pollfd of the given length; ts is a
+        // valid timespec; no signal mask change.
+        let r = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == ErrorKind::Interrupted {
