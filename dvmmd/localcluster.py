@@ -135,6 +135,8 @@ class Options:
     json: bool = False
     #: Memory aggregation: bytes of other nodes' memory a node may keep resident.
     foreign_budget: int | None = None
+    #: DSM hold window (us) against ping-pong pages; None = the engine's default, 0 = off.
+    hold_window_us: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -153,7 +155,18 @@ class Options:
             stats=bool(getattr(args, "stats", d.stats)),
             json=bool(getattr(args, "json", d.json)),
             foreign_budget=getattr(args, "foreign_budget", d.foreign_budget),
+            hold_window_us=getattr(args, "hold_window_us", d.hold_window_us),
         )
+
+
+def _hold_arg(text: str) -> int:
+    try:
+        us = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid hold window {text!r}: not an integer") from None
+    if not 0 <= us <= 100_000:
+        raise argparse.ArgumentTypeError(f"hold window {us} us: must be 0..100000")
+    return us
 
 
 def _port_arg(text: str) -> int:
@@ -206,6 +219,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --nodes: memory aggregation: each node keeps at most SIZE of other "
         "nodes' memory resident, evicting the oldest pages back home, so it holds at most "
         "its share + SIZE (default: no limit)",
+    )
+    parser.add_argument(
+        "--hold-window-us",
+        type=_hold_arg,
+        default=None,
+        metavar="US",
+        help="with --nodes: keep a page just written here for up to US microseconds before "
+        "giving it away (against ping-pong pages); 0 = plain invalidation protocol "
+        "(default: the engine's, 100)",
     )
 
 
@@ -410,6 +432,8 @@ class Launcher:
                 }
                 if opts.foreign_budget is not None:
                     cluster["foreign_budget_pages"] = max(1, opts.foreign_budget // PAGE_SIZE)
+                if opts.hold_window_us is not None:
+                    cluster["hold_window_us"] = opts.hold_window_us
             try:
                 spec = build_spec(
                     vcpus=opts.vcpus,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -621,3 +622,58 @@ def test_boot_bundled_guest(cluster: Cluster) -> None:
     assert st["state"] == "stopped", (st, r.stdout[-2000:])
     assert st["result"]["reason"] == "debug_exit" and st["result"]["status"] == 0
     assert r.stdout.strip(), "the guest printed nothing on its console"
+    assert re.search(r"dvmm-guest: \d+ passed, 0 failed", r.stdout), r.stdout[-2000:]
+
+
+def _worker_pids(base: Path) -> list[int]:
+    """Live worker processes whose command line mentions a path under ``base``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "dvmmd.worker" in cmd and str(base) in cmd and pid_alive(int(d.name)):
+            pids.append(int(d.name))
+    return pids
+
+
+def test_stop_real_guest_across_two_nodes(cluster: Cluster) -> None:
+    """A real VM spread over 2 nodes: list shows it running, stop ends every worker."""
+    if importlib.util.find_spec("dvmmd._native") is None:
+        pytest.skip("dvmmd._native is not built (make setup)")
+    guest = _guest()
+    if guest is None:
+        pytest.skip("the bundled guest is not built (make -C guest)")
+    from dvmmd.vmmanager import multinode_supported
+
+    multi, why = multinode_supported("auto")
+    if not multi:
+        pytest.skip(f"multi-node VMs are not available: {why}")
+    a, b = cluster.add(2)
+    for n in (a, b):
+        n.write_config([m.addr for m in (a, b) if m is not n], fake_worker=False)
+    cluster.start_all()
+    # ep over 64 GiB of samples runs for minutes: long enough to be stopped.
+    r = a.ctl(
+        "boot", "long", "--vcpus", "2", "--memory", "128M", "--kernel", str(guest),
+        "--nodes", "n1,n2", "--cmdline", "run=ep ep.size=64G timeout=600", timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    while "boot cpus=2 nodes=2" not in a.ctl("console", "long", "--no-follow").stdout:
+        assert time.monotonic() < deadline, "the guest never printed its boot line"
+        time.sleep(0.5)
+    r = b.ctl("list")
+    assert r.returncode == 0 and "long" in r.stdout and "running" in r.stdout
+    assert len(_worker_pids(cluster.base)) == 2
+    r = b.ctl("stop", "long", timeout=60)
+    assert r.returncode == 0, r.stderr
+    st = a.req("status", name="long")
+    assert st["state"] == "stopped", st
+    deadline = time.monotonic() + 15
+    while _worker_pids(cluster.base):
+        assert time.monotonic() < deadline, "a worker was left behind after stop"
+        time.sleep(0.2)
