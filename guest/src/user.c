@@ -753,6 +753,257 @@ static int ipi_check(char *out, u64 n)
 }
 
 /* ---------------------------------------------------------------- */
+/* stress: every CPU does a random mix of atomic adds, plain reads and */
+/* plain writes to the words it owns, over one shared region whose     */
+/* pages are interleaved over the NUMA nodes (numa=local). Readers     */
+/* check coherence and ordering as they go; CPU 0 replays every CPU's  */
+/* stream afterwards and compares the region word by word.             */
+/*                                                                     */
+/* Layout: 64-byte lines alternate: even lines hold "atomic" words     */
+/* (lock xadd of random values), odd lines "owned" words: owned word   */
+/* number j belongs to CPU j % ncpus, which alone writes it, with      */
+/* value (seq << 32) | tag(word, owner), seq = that CPU's count of      */
+/* writes so far (1, 2, ...); 0 = never written. After each write the   */
+/* owner stores (seq << 32) | word in its progress word (another page, */
+/* on its node).                                                       */
+/* Checks while running, per reader and word (a shadow copy of what     */
+/* this CPU last saw or did):                                           */
+/*  mono:    an atomic word never decreases, an owned word's seq never  */
+/*           goes back (coherence; read-your-own-adds);                 */
+/*  corrupt: an owned word holds a tag that is not its owner's;         */
+/*  order:   message passing: after reading an owner's progress word   */
+/*           (seq s, word w), w must hold seq >= s (stores are seen in  */
+/*           the order they were made: TSO/SC);                         */
+/*  own:     a CPU reading its own word sees exactly its last write.    */
+
+#define ST_MAX_MEM (256UL << 20)
+#define ST_MAX_ITERS ((1UL << 31) - 1)
+
+struct st_cpu {
+    u64 total, adds, reads, writes; /* sum of values added; op counts */
+    u64 mono, corrupt, order, own;  /* violations seen */
+} ALIGNED(CACHELINE);
+static struct st_cpu st[MAX_CPUS];
+/* Set up by one CPU, read by all after a barrier: volatile, since GCC may keep
+ * a static whose address is never taken in a register across the barrier. */
+static u64 *volatile st_chunk[MAX_CPUS];         /* page p: st_chunk[p % st_nn] + (p / st_nn) pages */
+static volatile u64 *volatile st_prog[MAX_CPUS]; /* each CPU's last write: (seq << 32) | word */
+static volatile u64 st_pages, st_nn;
+static const char *volatile st_bad;
+
+static inline u64 st_next(u64 *s) /* xorshift64* */
+{
+    u64 x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DUL;
+}
+static inline u64 st_seed(u64 seed, u32 cpu)
+{
+    u64 s = splitmix(seed ^ splitmix(0x5354524553530000UL + cpu));
+    return s ? s : 1;
+}
+static inline u64 st_pick(u64 r, u64 n) { return (u64)(((unsigned __int128)r * n) >> 64); }
+static inline u64 st_tag(u64 seed, u64 w, u32 owner) { return (u32)splitmix(seed ^ (w << 8) ^ owner) | 1; }
+static inline u64 st_val(u64 seed, u64 w, u32 owner, u64 seq) { return seq ? (seq << 32) | st_tag(seed, w, owner) : 0; }
+static inline u64 st_atomic_word(u64 a) { return (a >> 3) * 16 + (a & 7); }
+static inline u64 st_owned_word(u64 j) { return (j >> 3) * 16 + 8 + (j & 7); }
+static inline int st_is_owned(u64 w) { return (w >> 3) & 1; }
+static inline u64 st_owned_index(u64 w) { return (w >> 4) * 8 + (w & 7); }
+
+static inline volatile u64 *st_word(u64 w)
+{
+    u64 p = w >> 9;
+    return (volatile u64 *)((char *)st_chunk[p % st_nn] + (p / st_nn) * 4096) + (w & 511);
+}
+
+enum { ST_ADD, ST_READ, ST_WRITE };
+struct st_op { u32 kind; u64 w, v; };
+
+/* One step of CPU me's stream: the same in the parallel run and the replay,
+ * and independent of anything read (so the final contents are determined). */
+static inline void st_decode(u64 r, u32 me, u64 half, u64 nmine, struct st_op *o)
+{
+    u32 k = r & 0xFF;
+    if (k < 96) {
+        o->kind = ST_ADD;
+        o->w = st_atomic_word(st_pick(r, half));
+        o->v = ((r >> 8) & 0xFFFFFF) + 1; /* no wrap: iters < 2^31, cpus <= 128 */
+    } else if (k < 192) {
+        o->kind = ST_READ;
+        o->w = st_pick(r, 2 * half);
+    } else {
+        o->kind = ST_WRITE;
+        o->w = st_owned_word(st_pick(r, nmine) * ncpu + me);
+    }
+}
+
+/* a plain read x of word w owned by another CPU */
+static inline void st_seen(struct st_cpu *r, u64 *sh, u64 seed, u64 w, u32 owner, u64 x)
+{
+    u64 xs = x >> 32;
+    if (x && (x & 0xFFFFFFFF) != st_tag(seed, w, owner)) {
+        r->corrupt++;
+        return;
+    }
+    r->mono += xs < sh[w];
+    sh[w] = xs;
+}
+
+static void *st_alloc(s64 node, u64 size)
+{
+    void *p = ualloc(node, size);
+    for (u32 n = 0; !p && n < nnode; n++)
+        p = ualloc(n, size);
+    return p;
+}
+
+static void stress_par(u32 me)
+{
+    u64 it = PRM(P_ITERS), seed = PRM(P_SEED);
+    if (me == 0) {
+        st_bad = 0;
+        st_pages = PRM(P_MEM) / 4096;
+        st_nn = numa_local() && nnode ? nnode : 1;
+        if (st_pages == 0 || PRM(P_MEM) > ST_MAX_MEM)
+            st_bad = "stress.mem must be 4K..256M";
+        else if (it > ST_MAX_ITERS)
+            st_bad = "stress.iters must be < 2^31";
+        for (u64 n = 0; n < st_nn && !st_bad; n++) {
+            u64 np = (st_pages - n + st_nn - 1) / st_nn;
+            st_chunk[n] = np ? st_alloc((s64)n, np * 4096) : 0;
+            if (np && !st_chunk[n])
+                alloc_failed = 1;
+        }
+    }
+    barrier_all(me);
+    if (st_bad || alloc_failed)
+        return;
+    u64 words = st_pages * 512, half = words / 2;
+    u64 nmine = (half - me + ncpu - 1) / ncpu;
+    u64 *sh = st_alloc(data_node(me), words * 8);
+    volatile u64 *prog = st_alloc(data_node(me), 4096);
+    if (!sh || !prog) {
+        alloc_failed = 1;
+    } else {
+        memset(sh, 0, words * 8);
+        *prog = 0;
+        st_prog[me] = prog;
+        for (u64 p = me; p < st_pages; p += ncpu) /* first touch spread over the CPUs */
+            memset((void *)st_word(p * 512), 0, 4096);
+    }
+    barrier_all(me);
+    if (alloc_failed)
+        return;
+    struct st_cpu r = { 0 };
+    u64 s = st_seed(seed, me), seq = 0;
+    TIMED_START(me);
+    for (u64 i = 0; i < it; i++) {
+        struct st_op o;
+        st_decode(st_next(&s), me, half, nmine, &o);
+        volatile u64 *p = st_word(o.w);
+        if (o.kind == ST_ADD) {
+            u64 old = xadd(p, o.v);
+            r.mono += old < sh[o.w];
+            sh[o.w] = old + o.v;
+            r.total += o.v;
+            r.adds++;
+        } else if (o.kind == ST_WRITE) {
+            *p = st_val(seed, o.w, me, ++seq);
+            *st_prog[me] = (seq << 32) | o.w;
+            sh[o.w] = seq;
+            r.writes++;
+        } else {
+            u64 x = *p;
+            r.reads++;
+            if (!st_is_owned(o.w)) {
+                r.mono += x < sh[o.w];
+                sh[o.w] = x;
+                continue;
+            }
+            u32 owner = st_owned_index(o.w) % ncpu;
+            if (owner == me) {
+                r.own += x != st_val(seed, o.w, me, sh[o.w]);
+                continue;
+            }
+            st_seen(&r, sh, seed, o.w, owner, x);
+            /* message passing: the word named in the owner's progress word
+             * was written before it */
+            u64 pg = *st_prog[owner], ps = pg >> 32, pw = pg & 0xFFFFFFFF;
+            if (!ps)
+                continue;
+            if (pw >= words || !st_is_owned(pw) || st_owned_index(pw) % ncpu != owner) {
+                r.corrupt++;
+                continue;
+            }
+            u64 y = *st_word(pw);
+            r.order += (y >> 32) < ps;
+            st_seen(&r, sh, seed, pw, owner, y);
+        }
+    }
+    st[me] = r;
+    TIMED_END(me);
+}
+
+static inline u64 st_mix(u64 cs, u64 x) { return (cs ^ x) * 0x100000001B3UL; }
+
+static int stress_check(char *out, u64 n)
+{
+    u64 it = PRM(P_ITERS), seed = PRM(P_SEED);
+    if (st_bad)
+        return snfmt(out, n, "bad parameter (%s)", st_bad), 1;
+    u64 words = st_pages * 512, half = words / 2;
+    u64 *exp = ualloc(-1, words * 8);
+    if (!exp)
+        return snfmt(out, n, "mem=%lu out of memory for the serial check", st_pages * 4096), 1;
+    memset(exp, 0, words * 8);
+    /* serial replay of every CPU's stream */
+    u64 eadds = 0, ereads = 0, ewrites = 0, etotal = 0, bad_totals = 0;
+    for (u32 c = 0; c < ncpu; c++) {
+        u64 s = st_seed(seed, c), seq = 0, tot = 0, nmine = (half - c + ncpu - 1) / ncpu;
+        for (u64 i = 0; i < it; i++) {
+            struct st_op o;
+            st_decode(st_next(&s), c, half, nmine, &o);
+            if (o.kind == ST_ADD)
+                exp[o.w] += o.v, tot += o.v, eadds++;
+            else if (o.kind == ST_WRITE)
+                exp[o.w] = st_val(seed, o.w, c, ++seq), ewrites++;
+            else
+                ereads++;
+        }
+        bad_totals += tot != st[c].total;
+        etotal += tot;
+    }
+    u64 adds = 0, reads = 0, writes = 0, total = 0, mono = 0, corrupt = 0, order = 0, own = 0;
+    for (u32 c = 0; c < ncpu; c++) {
+        adds += st[c].adds, reads += st[c].reads, writes += st[c].writes, total += st[c].total;
+        mono += st[c].mono, corrupt += st[c].corrupt, order += st[c].order, own += st[c].own;
+    }
+    u64 cs = 0xCBF29CE484222325UL, ecs = cs, sum = 0, wrong = 0;
+    for (u64 w = 0; w < words; w++) {
+        u64 x = *st_word(w);
+        if (!st_is_owned(w))
+            sum += x;
+        wrong += x != exp[w];
+        cs = st_mix(cs, x);
+        ecs = st_mix(ecs, exp[w]);
+    }
+    snfmt(out, n, "cpus=%u iters=%lu mem=%lu seed=%lu numa=%s adds=%lu reads=%lu writes=%lu checksum=%016lx", ncpu,
+          it, st_pages * 4096, seed, numa_local() ? "local" : "ignore", adds, reads, writes, cs);
+    if (wrong || cs != ecs || sum != total || total != etotal || bad_totals || adds != eadds ||
+        reads != ereads || writes != ewrites || mono || corrupt || order || own) {
+        snfmt(out + strlen(out), n - strlen(out),
+              " expected_checksum=%016lx wrong_words=%lu sum=%lu added=%lu expected_added=%lu bad_totals=%lu"
+              " mono=%lu corrupt=%lu order=%lu own=%lu",
+              ecs, wrong, sum, total, etotal, bad_totals, mono, corrupt, order, own);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
 /* fault (not part of run=all): the last CPU reads an unmapped address */
 /* at CPL3; the kernel must report it as a FAIL line and exit non-zero. */
 
@@ -788,10 +1039,11 @@ static struct workload workloads[] = {
     { "sweep", sweep_par, sweep_check, DEF(0, 0, 16 << 20, 0, 0, 0), B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0 },
     { "falseshare", falseshare_par, falseshare_check, DEF(200000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0 },
     { "ipi", ipi_par, ipi_check, DEF(200, 0, 0, 0, 0, 1), B(P_ITERS) | B(P_PEER) | COMMON_P, {{0}}, 0 },
+    { "stress", stress_par, stress_check, DEF(20000, 0, 512 << 10, 0, 0, 0), B(P_ITERS) | B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0 },
     /* not in run=all: */
     { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
 };
-#define NALL 8 /* run=all runs the first NALL */
+#define NALL 9 /* run=all runs the first NALL */
 #define NWL (sizeof workloads / sizeof workloads[0])
 
 /* ---------------------------------------------------------------- */
