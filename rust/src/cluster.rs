@@ -82,6 +82,10 @@ pub struct ClusterSpec {
     /// see [`crate::dsm::engine::DEFAULT_HOLD_WINDOW_US`]).
     #[serde(default)]
     pub hold_window_us: Option<u64>,
+    /// DSM sequential prefetch, pages per batch at most (0: off; absent: the
+    /// engine's default, see [`crate::dsm::engine::DEFAULT_PREFETCH_MAX_PAGES`]).
+    #[serde(default)]
+    pub prefetch_max_pages: Option<u32>,
     /// Give up forming the mesh after this many seconds (default 30).
     #[serde(default)]
     pub connect_timeout_s: Option<f64>,
@@ -306,6 +310,9 @@ impl Cluster {
         cfg.foreign_budget = spec.foreign_budget_pages;
         if let Some(us) = spec.hold_window_us {
             cfg.hold_window = Duration::from_micros(us);
+        }
+        if let Some(n) = spec.prefetch_max_pages {
+            cfg.prefetch_max_pages = n;
         }
         if let Some(t) = spec.connect_timeout_s {
             cfg.connect_deadline = Duration::from_secs_f64(t);
@@ -667,6 +674,7 @@ mod tests {
             boot_node: 0,
             foreign_budget_pages: None,
             hold_window_us: None,
+            prefetch_max_pages: None,
             connect_timeout_s: None,
         };
         ok.validate(Some(&numa)).unwrap();

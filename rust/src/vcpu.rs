@@ -28,15 +28,15 @@
 //!   owned by the vCPU thread, returned when it ends).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, Once};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 
-use crate::apic::{ApicAction, LocalApic};
+use crate::apic::{ApicAction, InterruptMessage, LocalApic};
 use crate::bus::{lock, Bus, BusAction};
 
 /// Guest-physical base of the local APIC page.
@@ -172,11 +172,18 @@ pub struct VcpuShared {
     pub lapic: Mutex<LocalApic>,
     request: AtomicU8,
     state: AtomicU8,
-    kick_flag: AtomicBool,
+    /// 1 = kicked since the vCPU last looked; also the futex word it sleeps on.
+    kick_flag: AtomicU32,
+    /// The vCPU is (about to be) asleep in [`VcpuShared::wait_kick`].
+    sleeping: AtomicBool,
     in_guest: AtomicBool,
     thread: AtomicU64, // pthread_t, 0 = not running
-    ctl: Mutex<()>,
-    cv: Condvar,
+    /// Interrupt messages posted by [`VcpuShared::post`] (sender side, lock-free).
+    inbox_tx: mpsc::Sender<InterruptMessage>,
+    /// Receiver side, taken by the vCPU thread when it starts.
+    inbox_rx: Mutex<Option<mpsc::Receiver<InterruptMessage>>>,
+    /// Posted messages the LAPIC accepted (statistics).
+    posted_accepted: AtomicU64,
 }
 
 impl std::fmt::Debug for VcpuShared {
@@ -191,16 +198,55 @@ impl std::fmt::Debug for VcpuShared {
 impl VcpuShared {
     /// A handle for vCPU `index` with its LAPIC.
     pub fn new(index: u32, lapic: LocalApic) -> Self {
+        let (tx, rx) = mpsc::channel();
         VcpuShared {
             index,
             lapic: Mutex::new(lapic),
             request: AtomicU8::new(Request::None as u8),
             state: AtomicU8::new(VcpuState::Created as u8),
-            kick_flag: AtomicBool::new(false),
+            kick_flag: AtomicU32::new(0),
+            sleeping: AtomicBool::new(false),
             in_guest: AtomicBool::new(false),
             thread: AtomicU64::new(0),
-            ctl: Mutex::new(()),
-            cv: Condvar::new(),
+            inbox_tx: tx,
+            inbox_rx: Mutex::new(Some(rx)),
+            posted_accepted: AtomicU64::new(0),
+        }
+    }
+
+    /// Hand an interrupt message to this vCPU without taking its LAPIC lock: the vCPU
+    /// thread applies it (`matches` + `accept`) the next time it looks at its LAPIC,
+    /// which the kick makes happen at once. Used by [`crate::vm::InterruptRouter`] when
+    /// the LAPIC lock is busy, so a real-time DSM engine thread never waits for a vCPU
+    /// thread that was preempted while holding it (priority inversion).
+    pub fn post(&self, msg: InterruptMessage) {
+        // The receiver lives as long as the vCPU; a send to a finished vCPU is moot.
+        let _ = self.inbox_tx.send(msg);
+        self.kick();
+    }
+
+    /// The inbox receiver slot (tests that play the vCPU thread).
+    #[cfg(test)]
+    pub(crate) fn inbox_rx_for_tests(&self) -> &Mutex<Option<mpsc::Receiver<InterruptMessage>>> {
+        &self.inbox_rx
+    }
+
+    /// Posted messages the LAPIC accepted so far.
+    pub fn posted_accepted(&self) -> u64 {
+        self.posted_accepted.load(Ordering::Relaxed)
+    }
+
+    /// Apply the posted messages to `lapic` (held by the caller).
+    pub(crate) fn drain_posted(
+        &self,
+        rx: Option<&mpsc::Receiver<InterruptMessage>>,
+        lapic: &mut LocalApic,
+    ) {
+        let Some(rx) = rx else { return };
+        while let Ok(m) = rx.try_recv() {
+            if lapic.matches(&m) && lapic.accept(&m) {
+                self.posted_accepted.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -250,12 +296,13 @@ impl VcpuShared {
     }
 
     /// Make the vCPU re-examine its LAPIC and requests now: leaves `KVM_RUN` if it is
-    /// in the guest, wakes it if it sleeps.
+    /// in the guest, wakes it if it sleeps. Never blocks (no lock: the kicker may be the
+    /// real-time DSM engine thread and the vCPU thread may be preempted anywhere).
     pub fn kick(&self) {
-        self.kick_flag.store(true, Ordering::SeqCst);
-        {
-            let _g = lock(&self.ctl);
-            self.cv.notify_all();
+        self.kick_flag.store(1, Ordering::SeqCst);
+        // Dekker with `wait_kick`: it sets `sleeping` before it looks at the flag.
+        if self.sleeping.load(Ordering::SeqCst) {
+            futex_wake(&self.kick_flag);
         }
         if self.in_guest.load(Ordering::SeqCst) {
             let t = self.thread.load(Ordering::Acquire);
@@ -269,21 +316,53 @@ impl VcpuShared {
         }
     }
 
-    /// Sleep until kicked, or until `timeout` passes (None: no timeout).
+    /// Sleep until kicked, or until `timeout` passes (None: no timeout). Returns at
+    /// once if a kick came since the flag was last consumed. May return early
+    /// (signals): callers re-check what they wait for.
     fn wait_kick(&self, timeout: Option<Duration>) {
-        let g = lock(&self.ctl);
-        if self.kick_flag.swap(false, Ordering::SeqCst) {
-            return;
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.kick_flag.swap(0, Ordering::SeqCst) == 0 {
+            // The kernel re-checks the word: a kick between the swap and the sleep
+            // makes FUTEX_WAIT return at once (EAGAIN), so no kick is lost.
+            futex_wait(&self.kick_flag, 0, timeout);
         }
-        match timeout {
-            Some(t) => {
-                let _ = self.cv.wait_timeout(g, t);
-            }
-            None => {
-                let _g = self.cv.wait(g);
-            }
-        }
-        self.kick_flag.store(false, Ordering::SeqCst);
+        self.sleeping.store(false, Ordering::SeqCst);
+        self.kick_flag.store(0, Ordering::SeqCst);
+    }
+}
+
+/// FUTEX_WAIT on `word` while it holds `val`, at most `timeout`.
+fn futex_wait(word: &AtomicU32, val: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, aligned u32 for the duration of the call; `tsp` is
+    // null or points to a valid relative timespec on our stack.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            tsp,
+        );
+    }
+}
+
+/// Wake every thread waiting on `word`.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a live, aligned u32; FUTEX_WAKE only reads the address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
     }
 }
 
@@ -911,6 +990,7 @@ pub struct Vcpu {
     pending_nmi: bool,
     halted_if: bool,
     last_cr8: u64,
+    inbox: Option<mpsc::Receiver<InterruptMessage>>,
 }
 
 const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
@@ -939,6 +1019,7 @@ impl Vcpu {
             pending_nmi: false,
             halted_if: true,
             last_cr8: 0,
+            inbox: None,
         }
     }
 
@@ -962,6 +1043,7 @@ impl Vcpu {
             libc::sigaddset(&mut set, kick_signal());
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         }
+        self.inbox = lock(&self.shared.inbox_rx).take();
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         RUN_PTR.with(|p| p.set(run_ptr));
         // SAFETY: pthread_self has no preconditions.
@@ -1028,6 +1110,7 @@ impl Vcpu {
     fn wait_for_sipi(&mut self) -> Result<(), VcpuError> {
         let sipi = {
             let mut l = lock(&self.shared.lapic);
+            self.shared.drain_posted(self.inbox.as_ref(), &mut l);
             let _ = l.take_init();
             let _ = l.take_nmi();
             l.take_sipi()
@@ -1063,6 +1146,7 @@ impl Vcpu {
         let now = self.env.clock.now_ns();
         let (wake, init, deadline) = {
             let mut l = lock(&self.shared.lapic);
+            self.shared.drain_posted(self.inbox.as_ref(), &mut l);
             l.advance(now);
             if l.take_nmi() {
                 self.pending_nmi = true;
@@ -1087,6 +1171,7 @@ impl Vcpu {
         let now = self.env.clock.now_ns();
         let (vector, more, deadline, init) = {
             let mut l = lock(&self.shared.lapic);
+            self.shared.drain_posted(self.inbox.as_ref(), &mut l);
             l.advance(now);
             if l.take_init() {
                 (None, false, None, true)
@@ -1155,7 +1240,7 @@ impl Vcpu {
 
         // Dekker handshake with `VcpuShared::kick`.
         self.shared.in_guest.store(true, Ordering::SeqCst);
-        if self.shared.kick_flag.swap(false, Ordering::SeqCst) {
+        if self.shared.kick_flag.swap(0, Ordering::SeqCst) != 0 {
             self.shared.in_guest.store(false, Ordering::SeqCst);
             return Ok(None);
         }
@@ -1193,7 +1278,7 @@ impl Vcpu {
             Err(err) => return Err(VcpuError::Run { vcpu: index, err }),
         };
         self.fd.set_kvm_immediate_exit(0);
-        self.shared.kick_flag.store(false, Ordering::SeqCst);
+        self.shared.kick_flag.store(0, Ordering::SeqCst);
         Ok(match action {
             VcpuAction::Continue => None,
             VcpuAction::Halt => {

@@ -351,9 +351,20 @@ impl InterruptRouter {
             }
         } else {
             for v in &self.vcpus {
-                let accepted = {
-                    let mut l = lock(&v.lapic);
-                    l.matches(msg) && l.accept(msg)
+                // Never wait for a LAPIC lock: the caller may be the (real-time) DSM
+                // engine thread and the holder a preempted vCPU thread. A busy LAPIC
+                // gets the message posted; its vCPU applies it before it next looks
+                // at its LAPIC (the kick makes that immediate).
+                let accepted = match v.lapic.try_lock() {
+                    Ok(mut l) => l.matches(msg) && l.accept(msg),
+                    Err(std::sync::TryLockError::Poisoned(e)) => {
+                        let mut l = e.into_inner();
+                        l.matches(msg) && l.accept(msg)
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        v.post(*msg);
+                        continue;
+                    }
                 };
                 if accepted {
                     n += 1;
@@ -391,6 +402,7 @@ impl InterruptRouter {
     pub fn ipis_delivered(&self) -> u64 {
         self.ipis_delivered
             .load(std::sync::atomic::Ordering::Relaxed)
+            + self.vcpus.iter().map(|v| v.posted_accepted()).sum::<u64>()
     }
 }
 
@@ -1131,6 +1143,34 @@ mod tests {
             },
             source_id: Some(0),
         }
+    }
+
+    #[test]
+    fn remote_delivery_never_waits_for_a_busy_lapic() {
+        // Regression: the DSM engine thread delivers remote IPIs; it must not block on
+        // the LAPIC lock of a vCPU thread that was preempted while holding it. With the
+        // lock held by this very thread, a blocking delivery would deadlock here.
+        let (r, v) = router(2);
+        let rx = lock(v[1].inbox_rx_for_tests()).take();
+        {
+            let _held = lock(&v[1].lapic);
+            r.deliver_local(&fixed(0x41, 1, apic::Shorthand::None));
+        }
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), None); // posted, not yet seen
+        let mut l = lock(&v[1].lapic);
+        v[1].drain_posted(rx.as_ref(), &mut l);
+        assert_eq!(l.pending_interrupt(), Some(0x41));
+        drop(l);
+        assert_eq!(r.ipis_delivered(), 1);
+        // Messages for someone else are dropped by the vCPU's own matching.
+        {
+            let _held = lock(&v[1].lapic);
+            r.deliver_local(&fixed(0x42, 0, apic::Shorthand::None));
+        }
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), Some(0x42));
+        let mut l = lock(&v[1].lapic);
+        v[1].drain_posted(rx.as_ref(), &mut l);
+        assert_eq!(l.pending_interrupt(), Some(0x41));
     }
 
     #[test]

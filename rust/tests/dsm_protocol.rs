@@ -7,8 +7,15 @@
 //! at most one writable copy and no other copy beside it; every valid copy holds
 //! the value of the last write (so every read returns it); copysets match the
 //! nodes' states; and in the end every blocked access completes (no deadlock).
+//! Sequential prefetch (`Node::prefetch`: batched read requests, declined
+//! per page when busy at the home) is one of the random operations.
+//!
+//! A blocked access is modelled like a thread blocked in userfaultfd: it calls
+//! `fault` once, then sleeps until the engine wakes its page (install, wake,
+//! write-unprotect) and only then faults again, so a lost wake-up shows up
+//! as an access blocked forever.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use dvmm::dsm::protocol::{Access, CacheState, Data, Effect, FaultOutcome, Msg, Node, NodeId};
 use proptest::prelude::*;
@@ -23,6 +30,9 @@ struct Sim {
     blocked: Vec<Vec<(u64, Access)>>,
     done_accesses: usize,
     reads: usize,
+    prefetches: usize,
+    /// Pages whose blocked threads have been woken (install, wake).
+    woken: Vec<HashSet<u64>>,
 }
 
 impl Sim {
@@ -41,6 +51,8 @@ impl Sim {
             blocked: vec![Vec::new(); n],
             done_accesses: 0,
             reads: 0,
+            prefetches: 0,
+            woken: vec![HashSet::new(); n],
         }
     }
 
@@ -74,18 +86,22 @@ impl Sim {
                         payload.expect("install without payload")
                     };
                     self.mem[ni][page as usize] = Some(v);
+                    self.woken[ni].insert(page);
                 }
                 Effect::Drop { page } => self.mem[ni][page as usize] = None,
-                Effect::MakeWritable { .. } | Effect::WriteProtect { .. } | Effect::Wake { .. } => {
+                Effect::MakeWritable { page } | Effect::Wake { page } => {
+                    self.woken[ni].insert(page);
                 }
+                Effect::WriteProtect { .. } => {}
             }
         }
     }
 
     /// Try an access; returns true if it completed.
-    fn try_access(&mut self, n: usize, page: u64, access: Access) -> bool {
+    fn try_access(&mut self, n: usize, page: u64, access: Access, first: bool) -> bool {
         if !self.nodes[n].can_access(page, access) {
-            if self.nodes[n].is_pending(page) {
+            // A blocked thread faults again only once woken.
+            if !first && !self.woken[n].remove(&page) {
                 return false;
             }
             let mut out = Vec::new();
@@ -116,15 +132,28 @@ impl Sim {
     }
 
     fn access(&mut self, n: usize, page: u64, access: Access) {
-        if !self.try_access(n, page, access) {
+        if !self.try_access(n, page, access, true) {
             self.blocked[n].push((page, access));
         }
+    }
+
+    fn prefetch(&mut self, n: usize, after: u64, max: u32) {
+        let mut out = Vec::new();
+        let (start, count) = self.nodes[n].prefetch(after, max, &mut out).unwrap();
+        if count > 0 {
+            for p in start..start + u64::from(count) {
+                assert!(self.nodes[n].is_pending(p));
+                assert_eq!(self.nodes[n].state(p).unwrap().0, CacheState::Invalid);
+            }
+            self.prefetches += 1;
+        }
+        self.apply(n as NodeId, out, None);
     }
 
     fn retry(&mut self, n: usize) {
         let list = std::mem::take(&mut self.blocked[n]);
         for (page, access) in list {
-            if !self.try_access(n, page, access) {
+            if !self.try_access(n, page, access, false) {
                 self.blocked[n].push((page, access));
             }
         }
@@ -235,6 +264,13 @@ enum Op {
         node: usize,
         page: u64,
     },
+    /// Sequential prefetch after `page` (as the engine issues after a read
+    /// fault): up to `max` pages in one message.
+    Prefetch {
+        node: usize,
+        page: u64,
+        max: u32,
+    },
     Deliver(usize),
     /// Per-page FIFO only (the hold window's deferral).
     DeliverOutOfOrder(usize, usize),
@@ -245,6 +281,7 @@ fn op(n: usize, pages: u64) -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..n, 0..pages, any::<bool>()).prop_map(|(node, page, write)| Op::Access { node, page, write }),
         1 => (0..n, 0..pages).prop_map(|(node, page)| Op::Evict { node, page }),
+        2 => (0..n, 0..pages, 1u32..=6).prop_map(|(node, page, max)| Op::Prefetch { node, page, max }),
         4 => (0..64usize).prop_map(Op::Deliver),
         2 => (0..64usize, 0..8usize).prop_map(|(k, j)| Op::DeliverOutOfOrder(k, j)),
         1 => (0..n).prop_map(Op::Retry),
@@ -252,7 +289,7 @@ fn op(n: usize, pages: u64) -> impl Strategy<Value = Op> {
 }
 
 fn scenario() -> impl Strategy<Value = (usize, u64, Vec<Op>, Vec<usize>)> {
-    (2usize..=4, 1u64..=2).prop_flat_map(|(n, per)| {
+    (2usize..=4, 1u64..=4).prop_flat_map(|(n, per)| {
         (
             Just(n),
             Just(per),
@@ -271,6 +308,7 @@ fn run(n: usize, per: u64, ops: &[Op], drain: &[usize]) {
                 sim.access(node, page, a)
             }
             Op::Evict { node, page } => sim.evict(node, page),
+            Op::Prefetch { node, page, max } => sim.prefetch(node, page, max),
             Op::Deliver(k) => {
                 sim.deliver(k, false);
             }
@@ -482,4 +520,58 @@ fn out_of_protocol_messages_are_errors() {
         )
         .is_err());
     assert!(a.handle(1, Msg::Evict { page: 0 }, &mut out).is_ok());
+    // Prefetch: empty, too long, or reaching past the home's range.
+    for (page, count) in [(0, 0), (0, 65), (1, 2), (2, 1)] {
+        assert!(a
+            .handle(1, Msg::Prefetch { page, count }, &mut out)
+            .is_err());
+    }
+    // A refusal with no prefetch pending.
+    let mut b = Node::new(1, vec![0..2, 2..4]).unwrap();
+    assert!(b.handle(0, Msg::Nack { page: 0 }, &mut out).is_err());
+    assert!(b.handle(1, Msg::Nack { page: 0 }, &mut out).is_err());
+}
+
+/// A sequential scan with prefetch: one message asks for a run of pages; a
+/// page busy at the home is declined (or served) and an access waiting on it
+/// still completes, whatever the delivery order.
+#[test]
+fn prefetch_batches_and_declines() {
+    for seed in 0..200usize {
+        let mut sim = Sim::new(3, 16);
+        // Node 0 (home of 0..16) writes its pages; node 2 takes page 2.
+        for p in 0..16 {
+            sim.access(0, p, Access::Write);
+        }
+        sim.access(2, 2, Access::Write);
+        while sim.deliver(0, true) {}
+        // Node 1 reads page 0 and prefetches after it.
+        sim.access(1, 0, Access::Read);
+        sim.prefetch(1, 0, 8);
+        assert_eq!(sim.prefetches, 1);
+        let msgs = sim.lanes.values().map(|q| q.len()).sum::<usize>();
+        assert_eq!(msgs, 2, "one request and one prefetch message");
+        // Meanwhile node 0 reads page 2 (a transaction at the home) and node
+        // 1 touches page 2 too.
+        sim.access(0, 2, Access::Read);
+        sim.access(1, 2, Access::Read);
+        let mut k = seed;
+        while sim.deliver(k, true) {
+            k = k.wrapping_mul(31).wrapping_add(7);
+            sim.check();
+        }
+        for node in 0..3 {
+            sim.retry(node);
+        }
+        while sim.deliver(0, true) {}
+        assert!(sim.blocked.iter().all(|b| b.is_empty()), "seed {seed}");
+        for p in 0..9 {
+            assert_eq!(
+                sim.nodes[1].state(p).unwrap().0,
+                CacheState::Shared,
+                "seed {seed} page {p}"
+            );
+        }
+        sim.check();
+    }
 }

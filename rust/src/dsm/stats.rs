@@ -22,6 +22,10 @@ pub struct Stats {
     pub transfers_skipped: AtomicU64,
     pub evictions: AtomicU64,
     pub held_requests: AtomicU64,
+    pub prefetch_requests: AtomicU64,
+    pub prefetched_pages: AtomicU64,
+    pub prefetch_declined: AtomicU64,
+    pub prefetch_late: AtomicU64,
     pub ipis_forwarded: AtomicU64,
     pub io_forwarded: AtomicU64,
     pub resident_pages: AtomicU64,
@@ -51,6 +55,19 @@ pub struct StatsSnapshot {
     /// Invalidations/fetches deferred by the hold window.
     #[serde(default)]
     pub held_requests: u64,
+    /// Sequential prefetch messages sent (each asks for several pages).
+    #[serde(default)]
+    pub prefetch_requests: u64,
+    /// Pages installed by prefetch (not asked for by a fault).
+    #[serde(default)]
+    pub prefetched_pages: u64,
+    /// Prefetched pages the home declined (busy there).
+    #[serde(default)]
+    pub prefetch_declined: u64,
+    /// Faults on pages whose prefetch was still in flight (late hits: the
+    /// access waited, but less than a full round trip).
+    #[serde(default)]
+    pub prefetch_late: u64,
     pub ipis_forwarded: u64,
     pub io_forwarded: u64,
     pub resident_pages: u64,
@@ -111,6 +128,10 @@ impl Stats {
             transfers_skipped: g(&self.transfers_skipped),
             evictions: g(&self.evictions),
             held_requests: g(&self.held_requests),
+            prefetch_requests: g(&self.prefetch_requests),
+            prefetched_pages: g(&self.prefetched_pages),
+            prefetch_declined: g(&self.prefetch_declined),
+            prefetch_late: g(&self.prefetch_late),
             ipis_forwarded: g(&self.ipis_forwarded),
             io_forwarded: g(&self.io_forwarded),
             resident_pages: g(&self.resident_pages),

@@ -11,7 +11,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::protocol::{Access, Data, Keep, Msg, NodeId, PageIdx, MAX_NODES};
+use super::protocol::{Access, Data, Keep, Msg, NodeId, PageIdx, MAX_NODES, MAX_PREFETCH};
 
 /// "DVMS" (dvmm shared memory).
 pub const MAGIC: u32 = 0x534d_5644;
@@ -73,6 +73,9 @@ pub mod ty {
     pub const FETCH: u16 = 5;
     pub const GRANT: u16 = 6;
     pub const DONE: u16 = 7;
+    /// Sequential prefetch: `page` = first page, `arg0` = number of pages.
+    pub const PREFETCH: u16 = 8;
+    pub const NACK: u16 = 9;
     /// Application (non-memory) message; `arg0` = app kind, `arg1` = app tag.
     pub const APP: u16 = 16;
     /// Keep-alive.
@@ -160,6 +163,8 @@ pub fn encode_msg(msg: &Msg, data: Option<&[u8]>, seq: u64, out: &mut Vec<u8>) {
         Msg::Inv { page } => header(ty::INV, 0, 0, page, seq, 0, 0),
         Msg::InvAck { page } => header(ty::INV_ACK, 0, 0, page, seq, 0, 0),
         Msg::Done { page } => header(ty::DONE, 0, 0, page, seq, 0, 0),
+        Msg::Prefetch { page, count } => header(ty::PREFETCH, 0, 0, page, seq, u64::from(count), 0),
+        Msg::Nack { page } => header(ty::NACK, 0, 0, page, seq, 0, 0),
         Msg::Fetch {
             page,
             to,
@@ -222,7 +227,9 @@ pub fn check_header(h: &Header, expected_seq: u64, limits: &Limits) -> Result<us
     let flags = h.flags.get();
     let (allowed_flags, len_ok) = match t {
         ty::REQ => (F_WRITE, len == 0),
-        ty::EVICT | ty::INV | ty::INV_ACK | ty::DONE | ty::PING => (0, len == 0),
+        ty::EVICT | ty::INV | ty::INV_ACK | ty::DONE | ty::PING | ty::PREFETCH | ty::NACK => {
+            (0, len == 0)
+        }
         ty::FETCH => (F_KEEP_DROP | F_DATA, len == 0),
         ty::GRANT => {
             let l = if flags & F_PAGE != 0 {
@@ -249,7 +256,19 @@ pub fn check_header(h: &Header, expected_seq: u64, limits: &Limits) -> Result<us
             expected: expected_seq,
         });
     }
-    if (ty::REQ..=ty::DONE).contains(&t) && h.page.get() >= limits.pages {
+    if t == ty::PREFETCH {
+        let count = h.arg0.get();
+        if count == 0
+            || count > u64::from(MAX_PREFETCH)
+            || h.page.get().saturating_add(count) > limits.pages
+        {
+            return Err(WireError::Length {
+                ty: t,
+                len: count.min(u64::from(u32::MAX)) as u32,
+            });
+        }
+    }
+    if (ty::REQ..=ty::NACK).contains(&t) && h.page.get() >= limits.pages {
         return Err(WireError::Page {
             page: h.page.get(),
             pages: limits.pages,
@@ -280,6 +299,12 @@ pub fn decode(h: &Header, payload: Vec<u8>) -> Result<Frame, WireError> {
         ty::INV => Msg::Inv { page },
         ty::INV_ACK => Msg::InvAck { page },
         ty::DONE => Msg::Done { page },
+        ty::PREFETCH => Msg::Prefetch {
+            page,
+            // Validated by check_header (1..=MAX_PREFETCH).
+            count: h.arg0.get() as u32,
+        },
+        ty::NACK => Msg::Nack { page },
         ty::FETCH => Msg::Fetch {
             page,
             to: NodeId::try_from(h.arg1.get()).map_err(|_| WireError::Node(h.arg1.get()))?,

@@ -367,3 +367,60 @@ fn dump_formats_registers() {
     let j = serde_json::to_value(&d).unwrap();
     assert_eq!(j["exit_reason"], "triple fault");
 }
+
+// ---------------------------------------------------------------------------------
+// Halted wait / kick (regression: a kick must never be lost nor block the kicker)
+// ---------------------------------------------------------------------------------
+
+fn shared() -> Arc<VcpuShared> {
+    Arc::new(VcpuShared::new(1, LocalApic::new(1, false, 0)))
+}
+
+#[test]
+fn kick_before_wait_is_not_lost() {
+    let s = shared();
+    s.kick();
+    let t = std::time::Instant::now();
+    s.wait_kick(Some(Duration::from_secs(10)));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "kick before the wait was lost"
+    );
+    // Consumed: the next wait times out.
+    let t = std::time::Instant::now();
+    s.wait_kick(Some(Duration::from_millis(20)));
+    assert!(t.elapsed() >= Duration::from_millis(15));
+}
+
+#[test]
+fn kick_between_check_and_sleep_is_not_lost() {
+    // The window the old condvar design had to close with a lock: the waiter has
+    // announced itself and looked at the flag, then the kick comes, then it sleeps.
+    // The futex re-checks the word, so the sleep returns at once.
+    let s = shared();
+    s.sleeping.store(true, Ordering::SeqCst);
+    assert_eq!(s.kick_flag.swap(0, Ordering::SeqCst), 0);
+    s.kick(); // sees `sleeping` and wakes (nobody is in the futex yet)
+    let t = std::time::Instant::now();
+    futex_wait(&s.kick_flag, 0, Some(Duration::from_secs(10)));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "kick in the window was lost"
+    );
+}
+
+#[test]
+fn kick_wakes_a_sleeping_vcpu() {
+    let s = shared();
+    let s2 = s.clone();
+    let h = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        s2.wait_kick(Some(Duration::from_secs(10)));
+        t.elapsed()
+    });
+    while !s.sleeping.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    s.kick();
+    assert!(h.join().unwrap() < Duration::from_secs(5));
+}
