@@ -67,6 +67,7 @@ enum {
     SYS_INFO = 16,        /* () -> address of struct sysinfo */
     SYS_WAKE = 17,        /* (cpu) -> 0: send a wake-up IPI (ends a SYS_YIELD) */
     SYS_NODE_MEM = 18,    /* (node) -> bytes of RAM on node */
+    SYS_PERCPU_PAGE = 19, /* (cpu) -> a 4 KiB page on cpu's node for its user per-CPU state */
 };
 
 struct sysinfo {

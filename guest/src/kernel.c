@@ -50,10 +50,11 @@ struct cpu {
     u32 pad;
     u64 block;              /* per-CPU memory block */
     u64 ustack_top;
+    u64 upage;              /* user per-CPU page (SYS_PERCPU_PAGE) */
     volatile u64 pings, pongs;
-    volatile u32 ping_reply_to;
-    volatile u32 wake_pending;  /* a VEC_WAKE arrived while not halted */
-} ALIGNED(CACHELINE);
+    volatile u32 wake_pending;  /* a VEC_WAKE/VEC_PONG arrived while not halted */
+} ALIGNED(4096);            /* one page per CPU: written by its owner only
+                             * (pages move between nodes in dvmm) */
 
 /* ---------------------------------------------------------------- */
 /* Globals (small: .bss is zeroed by emulated code)                  */
@@ -68,6 +69,13 @@ extern void halt_forever(void) NORETURN;
 extern void user_main(u64 cpu) NORETURN;   /* user.c, runs at CPL3 */
 
 static struct cpu cpus[MAX_CPUS];
+/* Read-mostly IPI routing data, each in a page of its own (padded) so that
+ * the IPI path never touches a page another CPU keeps writing:
+ * online_apic[rank] is written at boot only; ping_reply.to[rank] (the APIC
+ * ID a PING to that CPU answers) is written by senders, and only when it
+ * changes, so in steady state it stays read-shared on every node. */
+static struct { u32 apic[MAX_CPUS]; } ALIGNED(4096) online_apic;
+static struct { volatile u32 to[MAX_CPUS]; } ALIGNED(4096) ping_reply;
 static struct cpu *online[MAX_CPUS];
 static u32 ncpus, nonline;
 static s32 apic_to_cpu[MAX_APICID];
@@ -678,27 +686,32 @@ static u64 do_syscall(struct trap_frame *f)
     case SYS_TSC_KHZ:
         return tsc_khz;
     case SYS_YIELD:
-        /* A wake-up that arrived while this CPU ran at CPL3 ends the
-         * yield at once (no lost wake-ups); otherwise halt until any
-         * interrupt or the one-shot timer. */
-        if (!c->wake_pending) {
+        /* A wake-up (VEC_WAKE or VEC_PONG) that arrived while this CPU
+         * ran at CPL3 ends the yield at once (no lost wake-ups). The
+         * int3 gate is an interrupt gate: IF is 0 from here on, so an
+         * interrupt arriving after this check stays pending and ends the
+         * halt (cpu_idle_wait is `sti; hlt`: sti's shadow covers hlt);
+         * otherwise halt until any interrupt or the one-shot timer. */
+        if (!READ_ONCE(c->wake_pending)) {
             if (a0 > 4000000)
                 a0 = 4000000;
             apic_write(APIC_TMICT, (u32)(a0 ? a0 * 1000 : 1));
             cpu_idle_wait();
         }
-        c->wake_pending = 0;
+        WRITE_ONCE(c->wake_pending, 0);
         return 0;
     case SYS_IPI_PING:
         if (a0 >= nonline)
             return (u64)-1;
-        online[a0]->ping_reply_to = c->apic_id;
-        apic_send(online[a0]->apic_id, VEC_PING);
+        if (READ_ONCE(ping_reply.to[a0]) != c->apic_id)
+            WRITE_ONCE(ping_reply.to[a0], c->apic_id);
+        __asm__ volatile("mfence" ::: "memory"); /* visible before the IPI */
+        apic_send(online_apic.apic[a0], VEC_PING);
         return 0;
     case SYS_WAKE:
         if (a0 >= nonline)
             return (u64)-1;
-        apic_send(online[a0]->apic_id, VEC_WAKE);
+        apic_send(online_apic.apic[a0], VEC_WAKE);
         return 0;
     case SYS_IPI_COUNTERS:
         return a0 < nonline ? (u64)&online[a0]->pings : 0;
@@ -706,6 +719,8 @@ static u64 do_syscall(struct trap_frame *f)
         return (u64)cmdline;
     case SYS_INFO:
         return (u64)&sysinfo;
+    case SYS_PERCPU_PAGE:
+        return a0 < nonline ? online[a0]->upage : 0;
     case SYS_NODE_MEM:
         return a0 < nnodes ? node_mem[a0] : 0;
     }
@@ -720,7 +735,7 @@ void trap(struct trap_frame *f)
         return;
     }
     if (v == VEC_WAKE) {
-        this_cpu()->wake_pending = 1;
+        WRITE_ONCE(this_cpu()->wake_pending, 1);
         apic_eoi();
         return;
     }
@@ -732,11 +747,15 @@ void trap(struct trap_frame *f)
         struct cpu *c = this_cpu();
         c->pings++;
         apic_eoi();
-        apic_send(c->ping_reply_to, VEC_PONG);
+        apic_send(READ_ONCE(ping_reply.to[c->rank]), VEC_PONG);
         return;
     }
     if (v == VEC_PONG) {
-        this_cpu()->pongs++;
+        /* also a wake-up: a PONG that lands between the waiter's last
+         * check at CPL3 and its SYS_YIELD must end that yield at once */
+        struct cpu *c = this_cpu();
+        c->pongs++;
+        WRITE_ONCE(c->wake_pending, 1);
         apic_eoi();
         return;
     }
@@ -842,7 +861,8 @@ void NORETURN kmain(u32 start_info)
         struct cpu *cp = &cpus[i];
         cp->block = kalloc_any(cp->node, PERCPU_SIZE, KSTACK_SIZE);
         u64 us = kalloc_any(cp->node, USTACK_SIZE, 4096);
-        if (!cp->block || !us) {
+        cp->upage = kalloc_any(cp->node, 4096, 4096);
+        if (!cp->block || !us || !cp->upage) {
             ncpus = i;
             break;
         }
@@ -870,6 +890,7 @@ void NORETURN kmain(u32 start_info)
     sysinfo.tsc_source = tsc_src;
     for (u32 i = 0; i < nonline; i++) {
         sysinfo.apic_id[i] = online[i]->apic_id;
+        online_apic.apic[i] = online[i]->apic_id;
         sysinfo.node[i] = online[i]->node;
     }
     __asm__ volatile("mfence" ::: "memory");

@@ -44,8 +44,13 @@ struct percpu {
     u64 idle;                  /* waiting for work: no deadline */
     u64 a, b, c, d;            /* per-CPU results */
     s32 node;
-} ALIGNED(CACHELINE);
-static struct percpu pc[MAX_CPUS];
+} ALIGNED(4096);
+/* One page per CPU, on that CPU's node (SYS_PERCPU_PAGE), written by its
+ * owner only (except `sleeping`, read by wakers, and the resets by CPU 0
+ * between workloads): in dvmm pages move between nodes, so per-CPU state
+ * must not share a page with another CPU's. Set up by CPU 0 before
+ * rt_ready. */
+static struct percpu *pc[MAX_CPUS];
 
 static void uprintf(const char *fmt, ...)
 {
@@ -79,7 +84,7 @@ static void waiter_init(struct waiter *w, u32 me)
 {
     u64 now = rdtsc();
     w->spin_end = now + spin_cycles;
-    w->deadline = pc[me].idle ? ~0UL : now + timeout_s * tsc_khz * 1000;
+    w->deadline = pc[me]->idle ? ~0UL : now + timeout_s * tsc_khz * 1000;
     w->sleep_us = 50;
 }
 
@@ -119,27 +124,27 @@ static void waiter_sleep(struct waiter *w, u64 max_us)
         while (!(cond)) {                                        \
             if (waiter_spin(&w_, what))                          \
                 continue;                                        \
-            xchg(&pc[me].sleeping, 1);                           \
+            xchg(&pc[me]->sleeping, 1);                           \
             if (cond) {                                          \
-                pc[me].sleeping = 0;                             \
+                pc[me]->sleeping = 0;                             \
                 break;                                           \
             }                                                    \
             waiter_sleep(&w_, max_us);                           \
-            pc[me].sleeping = 0;                                 \
+            pc[me]->sleeping = 0;                                 \
         }                                                        \
     } while (0)
 
 static void wake(u32 cpu)
 {
     mfence();
-    if (pc[cpu].sleeping)
+    if (pc[cpu]->sleeping)
         sys(SYS_WAKE, cpu, 0, 0);
 }
 static void wake_all(u32 me)
 {
     mfence();
     for (u32 i = 0; i < ncpu; i++)
-        if (i != me && pc[i].sleeping)
+        if (i != me && pc[i]->sleeping)
             sys(SYS_WAKE, i, 0, 0);
 }
 
@@ -193,7 +198,7 @@ static struct workload *W;      /* the workload being run */
 #define PRM(i) (W->p.v[i])
 static u64 T0, T1;              /* timed section, TSC, set by CPU 0 */
 static int numa_local(void) { return PRM(P_NUMA) != 0; }
-static s64 data_node(u32 me) { return numa_local() ? pc[me].node : 0; }
+static s64 data_node(u32 me) { return numa_local() ? pc[me]->node : 0; }
 
 static void *ualloc(s64 node, u64 size)
 {
@@ -256,7 +261,7 @@ static void ep_par(u32 me)
     u64 lo, hi;
     chunk(PRM(P_SIZE), me, ncpu, &lo, &hi);
     TIMED_START(me);
-    ep_range(lo, hi, PRM(P_SEED), &pc[me].a, &pc[me].b);
+    ep_range(lo, hi, PRM(P_SEED), &pc[me]->a, &pc[me]->b);
     TIMED_END(me);
 }
 
@@ -264,8 +269,8 @@ static int ep_check(char *out, u64 n)
 {
     u64 in = 0, cs = 0, ein, ecs;
     for (u32 c = 0; c < ncpu; c++) {
-        in += pc[c].a;
-        cs += pc[c].b;
+        in += pc[c]->a;
+        cs += pc[c]->b;
     }
     ep_range(0, PRM(P_SIZE), PRM(P_SEED), &ein, &ecs); /* serial recomputation */
     u64 pi6 = in * 4000000 / PRM(P_SIZE);
@@ -291,7 +296,7 @@ static void counter_par(u32 me)
     u64 s = 0, it = PRM(P_ITERS);
     for (u64 i = 0; i < it; i++)
         s += xadd(&counter.v, 1);
-    pc[me].a = s;
+    pc[me]->a = s;
     TIMED_END(me);
 }
 
@@ -299,7 +304,7 @@ static int counter_check(char *out, u64 n)
 {
     u64 t = (u64)ncpu * PRM(P_ITERS), s = 0;
     for (u32 c = 0; c < ncpu; c++)
-        s += pc[c].a;
+        s += pc[c]->a;
     /* every value 0..t-1 is fetched exactly once */
     u64 es = (t % 2 == 0) ? (t / 2) * (t - 1) : t * ((t - 1) / 2);
     snfmt(out, n, "cpus=%u iters=%lu total=%lu", ncpu, PRM(P_ITERS), counter.v);
@@ -570,9 +575,9 @@ static void ring_par(u32 me)
             wake(partner);
         }
     }
-    pc[me].a = consumer ? bad : 0;
-    pc[me].b = consumer ? sum : 0;
-    pc[me].c = consumer;
+    pc[me]->a = consumer ? bad : 0;
+    pc[me]->b = consumer ? sum : 0;
+    pc[me]->c = consumer;
     TIMED_END(me);
 }
 
@@ -580,10 +585,10 @@ static int ring_check(char *out, u64 n)
 {
     u64 it = PRM(P_ITERS), seed = PRM(P_SEED), bad = 0, sum = 0, esum = 0, rings_n = 0;
     for (u32 c = 0; c < ncpu; c++)
-        if (pc[c].c) {
+        if (pc[c]->c) {
             rings_n++;
-            bad += pc[c].a;
-            sum += pc[c].b;
+            bad += pc[c]->a;
+            sum += pc[c]->b;
             for (u64 s = 0; s < it; s++)
                 esum += ring_val(seed, c / 2, s);
         }
@@ -622,8 +627,8 @@ static void sweep_par(u32 me)
     u64 *q = sw_part[v], g1 = v * words, err = 0;
     for (u64 k = 0; k < words; k++)
         err += q[k] != sw_pat(seed, g1 + k);
-    pc[me].a = err;
-    pc[me].b = sys(SYS_NODE_OF_ADDR, (u64)p, 0, 0) == (u64)(s64)pc[me].node;
+    pc[me]->a = err;
+    pc[me]->b = sys(SYS_NODE_OF_ADDR, (u64)p, 0, 0) == (u64)(s64)pc[me]->node;
     TIMED_END(me);
 }
 
@@ -631,8 +636,8 @@ static int sweep_check(char *out, u64 n)
 {
     u64 err = 0, local = 0, bytes = sw_words * 8 * ncpu;
     for (u32 c = 0; c < ncpu; c++) {
-        err += pc[c].a;
-        local += pc[c].b;
+        err += pc[c]->a;
+        local += pc[c]->b;
     }
     u64 wus = (sw_t1 - T0) * 1000 / tsc_khz, vus = (T1 - sw_t1) * 1000 / tsc_khz;
     snfmt(out, n, "bytes=%lu numa=%s local_parts=%lu/%u write_us=%lu verify_us=%lu write_mb_s=%lu errors=%lu", bytes,
@@ -698,6 +703,8 @@ static int falseshare_check(char *out, u64 n)
 /* CPL0 handler EOIs and replies                                     */
 
 static volatile u64 ipi_done;
+/* written once per run: the peer polls ipi_done, so nothing CPU 0 writes
+ * per round may share its page */
 static u64 ipi_min, ipi_sum, ipi_pings, ipi_pongs;
 
 static void ipi_par(u32 me)
@@ -719,19 +726,20 @@ static void ipi_par(u32 me)
     volatile u64 *mine = (volatile u64 *)sys(SYS_IPI_COUNTERS, 0, 0, 0);
     volatile u64 *theirs = (volatile u64 *)sys(SYS_IPI_COUNTERS, peer, 0, 0);
     u64 pong0 = mine[1], ping0 = theirs[0];
-    ipi_min = ~0UL;
-    ipi_sum = 0;
+    u64 min = ~0UL, sum = 0;
     T0 = rdtsc();
     for (u64 r = 0; r < it; r++) {
         u64 t = rdtsc();
         sys(SYS_IPI_PING, peer, 0, 0);
         WAIT_UNTIL(0, mine[1] != pong0 + r, "ipi pong", 1000);
         t = rdtsc() - t;
-        ipi_sum += t;
-        if (t < ipi_min)
-            ipi_min = t;
+        sum += t;
+        if (t < min)
+            min = t;
     }
     T1 = rdtsc();
+    ipi_sum = sum;
+    ipi_min = min;
     ipi_pongs = mine[1] - pong0;
     ipi_pings = theirs[0] - ping0;
     ipi_done = 1;
@@ -747,7 +755,7 @@ static int ipi_check(char *out, u64 n)
     if (peer >= ncpu)
         return snfmt(out, n, "bad parameter peer=%lu (cpus=%u)", peer, ncpu), 1;
     snfmt(out, n, "peer=%lu peer_node=%ld rounds=%lu pings=%lu pongs=%lu rtt_ns=%lu min_rtt_ns=%lu", peer,
-          (s64)pc[peer].node, it, ipi_pings, ipi_pongs, ipi_sum * 1000000 / tsc_khz / it,
+          (s64)pc[peer]->node, it, ipi_pings, ipi_pongs, ipi_sum * 1000000 / tsc_khz / it,
           ipi_min * 1000000 / tsc_khz);
     return ipi_pings != it || ipi_pongs != it;
 }
@@ -1255,9 +1263,9 @@ static void NORETURN ap_loop(u32 me)
     u64 seen = 0;
     for (;;) {
         /* long idle waits are fine: the dispatcher wakes us */
-        pc[me].idle = 1;
+        pc[me]->idle = 1;
         WAIT_UNTIL(me, job.gen != seen, "work", 5000);
-        pc[me].idle = 0;
+        pc[me]->idle = 0;
         seen = job.gen;
         job.fn(me);
         xadd(&job.done, 1);
@@ -1274,7 +1282,8 @@ static void run_workload(struct workload *w)
     T0 = T1 = 0;
     memset(res, 0, sizeof res);
     for (u32 c = 0; c < ncpu; c++)
-        pc[c].a = pc[c].b = pc[c].c = pc[c].d = 0;
+        if (pc[c]->a | pc[c]->b | pc[c]->c | pc[c]->d) /* no needless page moves */
+            pc[c]->a = pc[c]->b = pc[c]->c = pc[c]->d = 0;
     /* timeout_s is read by every CPU's waits: set before the dispatch */
     timeout_s = w->p.v[P_TIMEOUT];
     u64 t = rdtsc();
@@ -1316,8 +1325,11 @@ void NORETURN user_main(u64 arg)
     spin_cycles = (50000 + 4 * syscall_ns) * tsc_khz / 1000000;
     ncpu = si->ncpus;
     nnode = si->nnodes;
-    for (u32 c = 0; c < ncpu; c++)
-        pc[c].node = (s32)sys(SYS_NODE_OF_CPU, c, 0, 0);
+    for (u32 c = 0; c < ncpu; c++) {
+        pc[c] = (struct percpu *)sys(SYS_PERCPU_PAGE, c, 0, 0);
+        memset(pc[c], 0, sizeof *pc[c]);
+        pc[c]->node = (s32)sys(SYS_NODE_OF_CPU, c, 0, 0);
+    }
     const char *cl = (const char *)sys(SYS_CMDLINE, 0, 0, 0);
     uprintf("dvmm-guest: boot cpus=%u nodes=%u apic=%s tsc_mhz=%lu tsc_src=%s mem_mb=%lu boot_ms=%lu syscall_ns=%lu cmdline='%s'\n",
             ncpu, nnode, si->x2apic ? "x2apic" : "xapic", tsc_khz / 1000, si->tsc_source, si->mem_bytes >> 20,
@@ -1327,7 +1339,7 @@ void NORETURN user_main(u64 arg)
         u32 k = 0;
         cpus[0] = 0;
         for (u32 c = 0; c < ncpu; c++)
-            if (pc[c].node == (s32)n)
+            if (pc[c]->node == (s32)n)
                 k += snfmt(cpus + k, sizeof cpus - k, "%s%u", k ? "," : "", c);
         uprintf("dvmm-guest: node %u cpus=%s mem_mb=%lu\n", n, k ? cpus : "-", sys(SYS_NODE_MEM, n, 0, 0) >> 20);
     }
