@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from perf.common import BUILD, HIGHER_IS_BETTER, REPO, RESULTS
+from perf.common import BUILD, HIGHER_IS_BETTER, PERF, REPO, RESULTS
 
 
 def permutation_p(
@@ -63,6 +64,14 @@ def permutation_p(
     return hits / total
 
 
+def min_p(n_a: int, n_b: int) -> float:
+    """The smallest p-value the exact two-sided test can give with these sample counts
+    (2 of the C(n_a+n_b, n_a) arrangements are at least as extreme as a perfect split)."""
+    if n_a < 2 or n_b < 2:
+        return 1.0
+    return min(1.0, 2 / math.comb(n_a + n_b, n_a)) if n_a + n_b <= 16 else 0.0
+
+
 def compare(
     runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]], alpha: float, min_change: float
 ) -> list[dict[str, Any]]:
@@ -88,6 +97,8 @@ def compare(
         changed = p < alpha and abs(rel) > min_change
         better = (rel > 0) == (k in HIGHER_IS_BETTER)
         verdict = ("better" if better else "worse") if changed else "same within noise"
+        if verdict == "same within noise" and min_p(len(a), len(b)) >= alpha:
+            verdict = f"undecidable: n={len(a)}+{len(b)} cannot reach p < {alpha}"
         rows.append({"key": k, "a": ma, "b": mb, "change_pct": round(rel * 100, 2),
                      "p": round(p, 4), "n_a": len(a), "n_b": len(b), "verdict": verdict})  # fmt: skip
     return rows
@@ -110,14 +121,31 @@ def prepare(rev: str, root: Path) -> Path:
     return wt
 
 
+def _shim(root: Path) -> Path:
+    """A directory holding only ``perf`` -> this checkout's perf/: on PYTHONPATH it makes
+    ``import perf`` this suite while ``import dvmmd`` still resolves to the worktree's own
+    package (its venv's editable install; the suite starts dvmmctl with cwd = worktree).
+    Putting this checkout's root on PYTHONPATH instead would shadow the worktree's dvmmd."""
+    shim = root / "shim"
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "perf"
+    if not link.is_symlink():
+        link.symlink_to(PERF, target_is_directory=True)
+    return shim
+
+
 def run_suite(wt: Path, out: Path, quick: bool) -> dict[str, Any]:
     """This checkout's suite against the worktree's product (its venv, module and guest)."""
     py = wt / ".venv" / "bin" / "python"
-    env = dict(os.environ, PYTHONPATH=str(REPO), DVMM_PERF_REPO=str(wt))
+    shim = _shim(wt.parent)
+    env = dict(os.environ, PYTHONPATH=str(shim), DVMM_PERF_REPO=str(wt))
+    env.pop("VIRTUAL_ENV", None)
     cmd = [str(py), "-m", "perf.run", "--out", str(out), "--no-profile", "--no-report"]
     if quick:
         cmd.append("--quick")
-    _sh(cmd, wt, env)
+    # cwd = the shim: `python -m` puts the cwd first on sys.path, and the worktree's own
+    # (older) perf/ must not shadow this suite
+    _sh(cmd, shim, env)
     doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
     return doc
 
@@ -143,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--min-change", type=float, default=0.03, help="relative change floor (0.03)")
     ap.add_argument("--out", type=Path, default=RESULTS / "ab")
     args = ap.parse_args(argv)
+    args.out = args.out.resolve()  # the suite runs with another cwd
     root = BUILD / "ab"
     root.mkdir(parents=True, exist_ok=True)
     wa, wb = prepare(args.rev_a, root), prepare(args.rev_b, root)

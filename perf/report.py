@@ -93,19 +93,53 @@ def _plots(doc: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         plt.close(fig)
         made.append(("remote_fault_hist.png", "remote read / write fault latency histograms"))
 
+    pairs = [(wl, f"{wl}_2node_ops_per_s", f"{wl}_2node_plain_ops_per_s")
+             for wl in ("counter", "falseshare")]  # fmt: skip
+    pairs = [x for x in pairs if allk.get(x[1], {}).get("value") is not None]
+    if pairs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.38
+        for j, (label, idx, color) in enumerate((("hold window (default)", 1, "#37a"),
+                                                 ("plain invalidation", 2, "#a73"))):  # fmt: skip
+            xs, vals, lo, hi = [], [], [], []
+            for i, pr in enumerate(pairs):
+                f = allk.get(pr[idx], {})
+                if f.get("value") is None:
+                    continue
+                xs.append(i + (j - 0.5) * width)
+                vals.append(f["value"])
+                lo.append(f["value"] - f["spread"]["min"])
+                hi.append(f["spread"]["max"] - f["value"])
+            if xs:
+                ax.bar(xs, vals, width, yerr=[lo, hi], capsize=5, label=label, color=color)
+        ax.set_xticks(range(len(pairs)), [pr[0] for pr in pairs])
+        ax.set_yscale("log")
+        ax.set_ylabel("guest ops/s (median, min..max)")
+        ax.set_title("Contended workloads, 2 nodes x 1 vCPU")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "contended_ops.png", dpi=110)
+        plt.close(fig)
+        made.append(("contended_ops.png", "counter / falseshare: hold window vs plain protocol"))
+
     rows = doc.get("extra", {}).get("fault_scaling")
     if rows:
+        cores = rows[0].get("host_cores") or 2
         fig, ax = plt.subplots(figsize=(7, 4))
         for nodes in sorted({r["nodes"] for r in rows}):
-            pts = [r for r in rows if r["nodes"] == nodes]
+            pts = sorted((r for r in rows if r["nodes"] == nodes), key=lambda r: r["vcpus"])
             ax.plot([r["vcpus"] for r in pts], [r["faults_per_s"] for r in pts], "o-",
-                    label=f"{nodes} nodes")  # fmt: skip
-        ax.axvspan(2.5, max(r["vcpus"] for r in rows) + 0.5, color="red", alpha=0.08,
-                   label="oversubscribed: > 2 host cores")  # fmt: skip
-        ax.set_xlabel("faulting vCPUs")
-        ax.set_ylabel("DSM faults / s")
-        ax.set_title("Fault throughput scaling (all nodes on one 2-core host)")
-        ax.legend()
+                    label=f"{nodes} nodes: all DSM faults")  # fmt: skip
+            ax.plot([r["vcpus"] for r in pts], [r["remote_faults_per_s"] for r in pts], "x--",
+                    label=f"{nodes} nodes: remote (messaged) faults")  # fmt: skip
+        ax.axvspan(cores + 0.5, max(r["vcpus"] for r in rows) + 0.5, color="red", alpha=0.08,
+                   label=f"oversubscribed: more vCPUs than the {cores} host cores")  # fmt: skip
+        ax.set_xlabel(
+            f"faulting vCPUs (all nodes on one {cores}-core host; each node also runs a DSM thread)"
+        )
+        ax.set_ylabel("faults / s of the guest sweep")
+        ax.set_title("DSM fault throughput vs vCPUs and nodes (sweep, numa=ignore)")
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "fault_scaling.png", dpi=110)
         plt.close(fig)
@@ -121,16 +155,20 @@ def render(doc: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         f"Revision `{doc.get('revision')}`, {doc.get('date')}, "
         f"{'quick' if doc.get('quick') else 'full'} suite in {doc.get('duration_s')} s. "
         f"Host: {h.get('cpus')} CPUs ({h.get('cpu_model', '?')}), virtualization: "
-        f"{h.get('virtualization')}, kernel {h.get('kernel')}.\n"
+        f"{h.get('virtualization')}, kernel {h.get('kernel')}. Load average (1/5/15 min) "
+        f"at start {h.get('loadavg_start')}, at end {h.get('loadavg_end')}.\n"
     )
     L.append("Values are medians over repetitions; spread is min..max and the interquartile "
              "half-range relative to the median. `null` = not measurable on this revision "
              "(reason under *Missing*).\n")  # fmt: skip
     L.append("## Targets (issue 6)\n")
-    L.append("| target | formula | value | status |")
-    L.append("| --- | --- | --- | --- |")
+    L.append("| target | formula | bound | value | status |")
+    L.append("| --- | --- | --- | --- | --- |")
     for t in doc.get("targets", []):
-        L.append(f"| {t['target']} | `{t['expr']}` | {_fmt(t['value'])} | **{t['status']}** |")
+        L.append(
+            f"| {t['name']} | `{t['expr']}` | {t['target']} | {_fmt(t['value'])} | "
+            f"**{t['status']}** |"
+        )
     L.append("")
     L.append("## Keys\n")
     L.append("| key | value | unit | n | min..max | ±IQR/2 |")
@@ -162,6 +200,19 @@ def render(doc: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         L.append("## Missing\n")
         for k, why in doc["missing"].items():
             L.append(f"- `{k}`: {why.splitlines()[0][:400]}")
+        L.append("")
+    rows = doc.get("extra", {}).get("fault_scaling")
+    if rows:
+        L.append("## Fault-throughput scaling\n")
+        L.append("| nodes | vCPUs | oversubscribed | sweep s | DSM faults | remote faults | "
+                 "faults/s | remote/s |")  # fmt: skip
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            L.append(
+                f"| {r['nodes']} | {r['vcpus']} | {'yes' if r['oversubscribed'] else 'no'} | "
+                f"{_fmt(r['sweep_s'])} | {_fmt(r['faults'])} | {_fmt(r['remote_faults'])} | "
+                f"{_fmt(r['faults_per_s'])} | {_fmt(r['remote_faults_per_s'])} |"
+            )
         L.append("")
     prof = doc.get("extra", {}).get("profiles")
     if prof:

@@ -4,11 +4,14 @@
 
 1. micro-benchmarks under pytest-benchmark (perf/test_micro.py): raw TCP between two
    processes on the nodes' addresses, the local userfaultfd floor;
-2. the bundled guest's ep workload under QEMU/KVM and dvmm on one node, interleaved;
-3. the distributed-VM figures (issue 4): when ``dvmmctl run --nodes 2`` is not usable
-   they are recorded as null with the reason under ``missing`` — never guessed;
-4. profiles: py-spy flame graph of a worker under load, ``perf`` top symbols of its
-   Rust threads (py-spy only sees threads that run Python);
+2. the bundled guest's ep (+ ipi) workload under QEMU/KVM, dvmm on one node and dvmm on
+   two nodes (``dvmmctl run --nodes 2``), interleaved run by run;
+3. the other distributed-VM figures: remote faults and scan (sweep), counter and
+   falseshare with the DSM hold window and without (``--hold-window-us 0``), NUMA
+   locality, the fault-throughput scaling sweep. A figure that cannot be measured is
+   recorded as null with the reason under ``missing`` -- never guessed;
+4. profiles under a 2-node load: py-spy flame graphs of the workers and of the daemons
+   (``dvmmctl demo``), ``perf record -g`` of the workers' native threads;
 5. perf/results/latest.json and report.md with PNG plots (perf.report).
 """
 
@@ -98,8 +101,8 @@ def run_micro(c: Collector, p: Params, out: Path) -> None:
         c.extra["micro_failures"] = failed[-20:]
 
 
-def run_vm1(c: Collector, p: Params) -> None:
-    c.add(*measure.ep_1node(p))
+def run_vm1(c: Collector, p: Params, two_node: bool) -> None:
+    c.add(*measure.ep_runs(p, two_node))
 
 
 DIST_KEYS = [
@@ -109,91 +112,116 @@ DIST_KEYS = [
 ]  # fmt: skip
 
 
+EP2_KEYS = ["dvmm_2node_2vcpu_s", "ep_efficiency_2node", "ipi_roundtrip_p50_us"]
+PLAIN_KEYS = ["falseshare_2node_plain_ops_per_s", "counter_2node_plain_ops_per_s"]
+
+
 def run_distributed(c: Collector, p: Params) -> None:
-    try:
-        measure.check_distributed()
-    except Missing as e:
-        c.miss([*DIST_KEYS, "falseshare_2node_plain_ops_per_s", "fault_scaling"], str(e))
-        return
+    hold = measure.hold_window_supported()
+    c.extra["hold_window_switch"] = hold
 
     def remote() -> None:
         figs, hists = measure.remote_faults(p)
         c.add(*figs)
         c.extra["dsm_histograms"] = hists
 
-    def ep2() -> None:
-        one = c.figures.get("dvmm_1node_2vcpu_s")
-        if one is None:
-            raise Missing("needs dvmm_1node_2vcpu_s, which is missing")
-        c.add(*measure.ep_2node(p, one))
-
     def scaling() -> None:
         c.extra["fault_scaling"] = measure.scaling(p)
 
     c.stage("remote_faults", DIST_KEYS[:4], remote)
-    c.stage("ipi_2node", ["ipi_roundtrip_p50_us"], lambda: c.add(measure.ipi_2node(p)))
-    c.stage("ep_2node", ["dvmm_2node_2vcpu_s", "ep_efficiency_2node"], ep2)
-    c.stage("counter", ["counter_2node_ops_per_s"], lambda: c.add(measure.counter_ops(p)))
-    c.stage("falseshare", ["falseshare_2node_ops_per_s"], lambda: c.add(measure.falseshare_ops(p)))
+    c.stage("contended", ["counter_2node_ops_per_s", "falseshare_2node_ops_per_s", *PLAIN_KEYS],
+            lambda: c.add(*measure.contended_ops(p, hold)))  # fmt: skip
     c.stage("numa", ["numa_local_speedup"], lambda: c.add(measure.numa_speedup(p)))
     c.stage("scaling", ["fault_scaling"], scaling)
-    c.miss(
-        ["falseshare_2node_plain_ops_per_s"],
-        "dvmm has no switch yet to run the plain invalidation protocol (no ping-pong "
-        "detection) for the comparison the issue asks for",
-    )
+    if not hold:
+        c.miss(
+            PLAIN_KEYS,
+            "dvmmctl run has no --hold-window-us (no switch to the plain invalidation protocol)",
+        )
+
+
+PROFILE_LOAD = "run=sweep,falseshare,counter,ipi sweep.mem=64M ipi.iters=300 falseshare.iters=2M"
+
+
+def _perf_report(perf_bin: str, data: Path, title: str) -> str:
+    text = [title]
+    for sort in ("comm,dso", "comm,dso,sym"):
+        rep = subprocess.run(
+            [perf_bin, "report", "-i", str(data), "--stdio", "--no-children",
+             "--sort", sort, "-g", "none", "--percent-limit", "0.5"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        text.append(f"### perf report --sort {sort}\n{rep.stdout}")
+    rep = subprocess.run(
+        [perf_bin, "report", "-i", str(data), "--stdio", "--no-children", "--comm",
+         "dsm-0,dsm-1,vcpu0,vcpu1", "--sort", "comm,sym", "-g", "graph,3,caller",
+         "--percent-limit", "3"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    text.append(f"### call chains (-g) of the DSM and vCPU threads, >= 3 %\n{rep.stdout[:60000]}")
+    return "\n".join(text)
 
 
 def run_profiles(c: Collector, p: Params, out: Path) -> None:
-    """Flame graph of a VMM worker under load (py-spy) and perf's view of its native threads."""
-    load = "run=ep,sweep,counter ep.size=64M sweep.mem=32M"
-    worker = [sys.executable, "-m", "dvmmd.cli", "run", "--vcpus", "2", "--cmdline", load]
-    notes: dict[str, str] = {}
+    """Profiles under a 2-node load: py-spy flame graphs of the workers and of the
+    daemons (``dvmmctl demo``), and ``perf record -g`` of the workers' native threads."""
+    load = PROFILE_LOAD
+    worker = [sys.executable, "-m", "dvmmd.cli", "run", "--nodes", "2", "--vcpus", "2",
+              "--memory", "256M", "--cmdline", load]  # fmt: skip
+    demo = [sys.executable, "-m", "dvmmd.cli", "demo", "--vcpus", "2", "--cmdline", load]
+    notes: dict[str, str] = {"load": f"guest cmdline '{load}' on 2 nodes x 1 vCPU"}
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if Path(spy).exists():
-        svg = out / "worker-flame.svg"
-        r = subprocess.run(
-            [spy, "record", "--native", "--idle", "-r", "250", "-o", str(svg), "--", *worker],
-            cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        notes["worker_flame"] = (
-            f"{svg.name}: py-spy record --native --idle of `dvmmctl run --vcpus 2 --cmdline "
-            f"'{load}'`. py-spy samples only threads that run Python: the main thread waiting "
-            "in _native.run_vm (GIL released) is shown with its native frames; the Rust vCPU "
-            "threads are in worker-perf.txt"
-            if r.returncode == 0 and svg.exists()
-            else f"py-spy failed ({r.returncode}): {r.stderr[-400:]}"
+    # --nonblocking: py-spy's default pauses the sampled process; a worker paused for
+    # long enough is declared dead by its peer (no traffic for 3 s) and the VM fails.
+    # --native needs the pause, so it is off: native frames are in the perf profile.
+    spy_base = [spy, "record", "--subprocesses", "--nonblocking", "--idle", "-r", "100"]
+    for name, cmd, what in (
+        ("worker-flame.svg", worker, "dvmmctl run --nodes 2 (launcher + 2 VMM workers)"),
+        ("daemon-flame.svg", demo, "dvmmctl demo (2 dvmmd daemons, their VMM workers, the CLI)"),
+    ):
+        if not Path(spy).exists():
+            notes[name] = "py-spy not installed in the venv (pip install py-spy)"
+            continue
+        svg = out / name
+        svg.unlink(missing_ok=True)
+        r = subprocess.run([*spy_base, "-o", str(svg), "--", *cmd], cwd=REPO,
+                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        ok = r.returncode == 0 and svg.exists()
+        notes[name] = (
+            f"py-spy record --subprocesses --nonblocking --idle of {what}. py-spy sees only "
+            "Python threads: a worker's Python main thread just waits in _native.run_vm "
+            "(the Rust vCPU, DSM and transport threads are invisible to it; see "
+            "worker-perf.txt); the daemons are pure Python (asyncio API, peers, VM manager)"
+            if ok
+            else f"py-spy failed ({r.returncode}): {(r.stderr or r.stdout)[-400:]}"
         )
-    else:
-        notes["worker_flame"] = "py-spy not installed in the venv (pip install py-spy)"
     perf_bin = shutil.which("perf")
-    if perf_bin:
+    if perf_bin is None:
+        notes["worker-perf.txt"] = "perf not installed (apt-get install linux-perf)"
+    else:
         data = out / "worker.perf.data"
         r = subprocess.run(
             [perf_bin, "record", "-F", "999", "-g", "-o", str(data), "--", *worker],
             cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
         if r.returncode == 0 and data.exists():
-            text = []
-            for sort in ("comm,dso", "comm,dso,sym"):
-                rep = subprocess.run(
-                    [perf_bin, "report", "-i", str(data), "--stdio", "--no-children",
-                     "--sort", sort, "-g", "none", "--percent-limit", "0.5"],
-                    capture_output=True, text=True, timeout=300, check=False,
-                )  # fmt: skip
-                text.append(f"### perf report --sort {sort}\n{rep.stdout}")
-            (out / "worker-perf.txt").write_text("\n".join(text))
-            notes["worker_perf"] = (
-                "worker-perf.txt: perf record -g of the same run, by thread/dso/symbol"
+            (out / "worker-perf.txt").write_text(
+                _perf_report(
+                    perf_bin, data,
+                    f"# perf record -F 999 -g (cpu-clock) of `dvmmctl run --nodes 2 --vcpus 2 "
+                    f"--cmdline '{load}'`\n# threads: vcpuN = KVM_RUN loop of vCPU N, dsm-N = "
+                    "node N's DSM engine (uffd faults, protocol, page copy); guest CPL3 time is "
+                    "not visible to host perf (it shows as the vCPU thread in the kernel)\n",
+                )
+            )  # fmt: skip
+            notes["worker-perf.txt"] = (
+                "perf record -g of the 2-node run (all processes), by thread/DSO/symbol and "
+                "the call chains of the vCPU and DSM threads"
             )
-            data.unlink(missing_ok=True)
-            Path(str(data) + ".old").unlink(missing_ok=True)
         else:
-            notes["worker_perf"] = f"perf record failed ({r.returncode}): {r.stderr[-300:]}"
-    notes["daemon_flame"] = (
-        "not profiled: the distributed VM (issue 4) is not usable yet, so there is no daemon "
-        "under load to profile"
-    )
+            notes["worker-perf.txt"] = f"perf record failed ({r.returncode}): {r.stderr[-300:]}"
+        data.unlink(missing_ok=True)
+        Path(str(data) + ".old").unlink(missing_ok=True)
     c.extra["profiles"] = notes
 
 
@@ -205,7 +233,7 @@ def git_revision() -> str:
     return r.stdout.strip() or "unknown"
 
 
-def assemble(c: Collector, p: Params, started: float) -> dict[str, Any]:
+def assemble(c: Collector, p: Params, started: float, host: dict[str, Any]) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     for k, unit in ISSUE_KEYS.items():
         if k in c.json_figs:
@@ -228,7 +256,7 @@ def assemble(c: Collector, p: Params, started: float) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": p.quick,
         "duration_s": round(time.monotonic() - started, 1),
-        "host": host_description(),
+        "host": host,
         "keys": keys,
         "extra_keys": extra_keys,
         "missing": dict(c.missing),
@@ -247,17 +275,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="only latest.json, no Markdown/PNG")
     args = ap.parse_args(argv)
     p = Params(quick=args.quick)
-    out: Path = args.out
+    out: Path = args.out.resolve()  # sub-commands run with other cwds
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    host = host_description()  # its loadavg_start is now
     c = Collector()
     c.stage("micro", ["tcp_rtt_p50_us", "tcp_stream_gbps", "local_fault_floor_p50_us"],
             lambda: run_micro(c, p, out))  # fmt: skip
-    c.stage("vm_1node", ["qemu_1node_2vcpu_s", "dvmm_1node_2vcpu_s"], lambda: run_vm1(c, p))
-    c.stage("distributed", DIST_KEYS, lambda: run_distributed(c, p))
+    two_node = True
+    try:
+        measure.check_distributed()
+    except Missing as e:
+        two_node = False
+        c.miss([*DIST_KEYS, *PLAIN_KEYS, "fault_scaling"], str(e))
+    c.stage("ep_ipi", ["qemu_1node_2vcpu_s", "dvmm_1node_2vcpu_s", *EP2_KEYS],
+            lambda: run_vm1(c, p, two_node))  # fmt: skip
+    if two_node:
+        c.stage("distributed", DIST_KEYS, lambda: run_distributed(c, p))
     if not args.no_profile:
         c.stage("profiles", [], lambda: run_profiles(c, p, out))
-    doc = assemble(c, p, started)
+    doc = assemble(c, p, started, host)
+    doc["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     (out / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(f"perf: wrote {out / 'latest.json'} in {doc['duration_s']} s", flush=True)
     if not args.no_report:

@@ -36,6 +36,22 @@ def test_dsm_snapshots_summed_over_nodes() -> None:
     assert t["read_faults"] == 7 and t["latency_us_log2"] == [0, 2, 4]
 
 
+def test_dsm_snapshots_of_a_dvmmctl_json_summary() -> None:
+    node = {"read_faults": 3, "latency_us_log2": [0, 1, 2]}
+    summary = {
+        "status": 0,
+        "nodes": [
+            {"node": 0, "addr": "127.0.0.1:1", "stats": {"exits_total": 9, "dsm": node}},
+            {"node": 1, "addr": "127.0.0.2:1", "stats": {"dsm": dict(node, read_faults=4)}},
+        ],
+        "totals": {"read_faults": 7, "latency_us_log2": [0, 2, 4]},
+    }
+    t = sum_counters(find_dsm_snapshots(summary))  # the per-node ones, not totals again
+    assert t["read_faults"] == 7 and t["latency_us_log2"] == [0, 2, 4]
+    only_totals = {"nodes": [{"node": 0, "stats": {"dsm": None}}], "totals": summary["totals"]}
+    assert find_dsm_snapshots(only_totals) == [summary["totals"]]
+
+
 def test_log2_histogram_percentile() -> None:
     # all faults in [32, 64) us
     h = [0.0] * 24

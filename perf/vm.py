@@ -78,14 +78,20 @@ def run_dvmm(
     memory: str = "256M",
     timeout: float = 600,
     extra_args: tuple[str, ...] = (),
+    hold_window_us: int | None = None,
 ) -> VmRun:
-    """``dvmmctl run --nodes N --vcpus V --memory M --cmdline ... --json``."""
+    """``dvmmctl run --nodes N --vcpus V --memory M --cmdline ... --json``.
+
+    ``hold_window_us``: the DSM hold window against ping-pong pages (``None``: the
+    engine's default; 0: the plain invalidation protocol)."""
     cmd = [
         *dvmmctl_cmd(), "run", "--vcpus", str(vcpus), "--memory", memory,
         "--cmdline", cmdline, "--json", "--timeout", str(int(timeout)),
     ]  # fmt: skip
     if nodes != 1:
         cmd += ["--nodes", str(nodes)]
+    if hold_window_us is not None:
+        cmd += ["--hold-window-us", str(hold_window_us)]
     cmd += list(extra_args)
     env = dict(os.environ)
     env.pop("DVMM_DEBUG", None)
