@@ -12,12 +12,13 @@ The daemon answers with zero or more event lines, ``{"event": "progress", "messa
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. A connection can
 carry several requests in turn.
 
-Ops: ping, nodes, boot, list, status, console, stop, rm, stats.
+Ops: ping, nodes, boot, list, status, console, console_input, stop, rm, stats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import grp
 import json
 import logging
@@ -99,6 +100,18 @@ class ApiHandler:
                 status = await self.vmm.console(name(), False, collect)
                 return {"console": "".join(chunks), "status": status}
             return await self.vmm.console(name(), follow, emit)
+        if op == "console_input":
+            # {"name", "data": text} or {"name", "data_b64": base64}.
+            if "data_b64" in args:
+                try:
+                    data = base64.b64decode(str(args["data_b64"]), validate=True)
+                except ValueError:
+                    raise ApiError("console_input: data_b64 is not valid base64") from None
+            elif isinstance(args.get("data"), str):
+                data = args["data"].encode("utf-8")
+            else:
+                raise ApiError("console_input: expected 'data' (text) or 'data_b64'")
+            return await self.vmm.console_input(name(), data)
         raise ApiError(f"unknown op {op!r}")
 
     async def remote(self, method: str, params: dict[str, Any], _peer: object) -> Any:

@@ -215,6 +215,17 @@ def _die(message: str, code: int) -> None:
     os._exit(code)
 
 
+def _want_console_stdin(args: argparse.Namespace) -> bool:
+    """--console-stdin / --no-console-stdin, else: when stdin is a terminal."""
+    flag = getattr(args, "console_stdin", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (OSError, ValueError):
+        return False
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if args.nodes > 1 or args.netns:
@@ -232,6 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             console_log=args.console_log,
             console_stdout=True,
             timeout_s=args.timeout,
+            console_stdin=_want_console_stdin(args),
         )
     except SpecError as e:
         parser.error(str(e))
@@ -303,6 +315,13 @@ def _add_run_parser(sub: Any) -> None:
         help=f"kernel command line ({DEFAULT_CMDLINE!r})",
     )
     p.add_argument("--console-log", metavar="PATH", help="also write the console to PATH")
+    p.add_argument(
+        "--console-stdin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="feed stdin to the guest's serial console (default: when stdin is a terminal; "
+        "single-node runs only)",
+    )
     p.add_argument(
         "--timeout",
         type=timeout_arg,

@@ -9,6 +9,7 @@ They talk to the local dvmmd over its unix socket (api.py): ``--socket PATH``, e
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import select
@@ -291,27 +292,65 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send_input(args: argparse.Namespace, name: str, data: bytes) -> None:
+    """Send `data` to the serial console of VM `name` (console_input op)."""
+    if data:
+        b64 = base64.b64encode(data).decode("ascii")
+        call(args, "console_input", {"name": name, "data_b64": b64})
+
+
+def _raw_mode(fd: int) -> list[Any]:
+    """Put terminal `fd` in raw mode (keystrokes go to the guest as typed, Ctrl-C
+    included), keeping output post-processing so the guest's newlines render; return
+    the saved attributes."""
+    import termios
+    import tty as ttymod
+
+    saved = termios.tcgetattr(fd)
+    ttymod.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[1] |= termios.OPOST | termios.ONLCR
+    termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+    return saved
+
+
 def _console(args: argparse.Namespace, name: str, follow: bool) -> int:
     out = sys.stdout
+    text = getattr(args, "input", None)
+    if text is not None:
+        _send_input(args, name, text.encode("utf-8"))
     tty = follow and sys.stdin.isatty()
     if tty:
-        print(f"[attached to {name}; Ctrl-] to detach]", file=sys.stderr, flush=True)
+        print(
+            f"[attached to {name}; typing goes to the guest; Ctrl-] to detach]",
+            file=sys.stderr,
+            flush=True,
+        )
     with Client(args.socket, None) as c:
         c.send("console", {"name": name, "follow": follow})
         saved = None
         if tty:
-            import termios
-            import tty as ttymod
-
-            saved = termios.tcgetattr(sys.stdin.fileno())
-            ttymod.setcbreak(sys.stdin.fileno())
+            saved = _raw_mode(sys.stdin.fileno())
+        input_error = False
         try:
             while True:
                 if tty and not c.buf:
                     ready, _, _ = select.select([c.sock, sys.stdin], [], [])
-                    if sys.stdin in ready and DETACH_KEY in os.read(sys.stdin.fileno(), 64):
-                        print(f"\n[detached from {name}; the VM keeps running]", file=sys.stderr)
-                        return 0
+                    if sys.stdin in ready:
+                        typed = os.read(sys.stdin.fileno(), 1024)
+                        before, detach, _ = typed.partition(DETACH_KEY)
+                        try:
+                            _send_input(args, name, before)
+                        except CliError as e:
+                            if not input_error:
+                                print(f"\r\n[console input: {e}]", file=sys.stderr, flush=True)
+                            input_error = True
+                        if detach or not typed:
+                            print(
+                                f"\n[detached from {name}; the VM keeps running]",
+                                file=sys.stderr,
+                            )
+                            return 0
                     if c.sock not in ready:
                         continue
                 msg = c.read_message()
@@ -593,6 +632,11 @@ def register(subparsers: Any) -> None:
         vm=True,
     )
     p.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
+    p.add_argument(
+        "--input",
+        metavar="TEXT",
+        help="send TEXT to the guest's serial console first (non-interactive input)",
+    )
     p = add("stop", "stop a VM (SIGTERM to its workers; --force kills them)", cmd_stop, vm=True)
     p.add_argument("--force", action="store_true", help="kill the workers immediately")
     add("rm", "remove a stopped VM's definition", cmd_rm, json_flag=False, vm=True)

@@ -32,6 +32,7 @@ object); `stats` and the metrics endpoint report them if present.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import json
 import logging
@@ -157,6 +158,13 @@ class LocalShare:
     stop_reason: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     prepared_at: float = field(default_factory=time.monotonic)
+    #: The console input FIFO, held open read-write by the daemon (boot node only) so
+    #: input written before the VMM opened it waits in the pipe.
+    console_in_fd: int | None = None
+
+    @property
+    def console_in_path(self) -> Path:
+        return self.dir / "console.in"
 
     @property
     def spec_path(self) -> Path:
@@ -246,6 +254,7 @@ class VmManager:
             "share_stats": self.share_stats,
             "share_exited": self.on_share_exited,
             "console_read": self.console_read,
+            "console_write": self.console_write,
         }
         h = handlers.get(method)
         if h is None:
@@ -319,6 +328,13 @@ class VmManager:
                     break
             await asyncio.sleep(0.2)
         return await self.op("status", name, {})  # type: ignore[no-any-return]
+
+    async def console_input(self, name: str, data: bytes) -> dict[str, Any]:
+        """Send `data` to the serial console of VM `name` (on its boot node)."""
+        rec = await self.op("status", name, {})
+        boot = rec["placement"]["shares"][0]["node"]
+        params = {"name": name, "data": base64.b64encode(data).decode("ascii")}
+        return await self.call(boot, "console_write", params)  # type: ignore[no-any-return]
 
     # --- boot (this node becomes the owner) ----------------------------------------
 
@@ -779,6 +795,16 @@ class VmManager:
         spec = dict(p["spec"])
         spec["console_log"] = str(sh.console_path)
         cluster = p.get("cluster")
+        boot_index = 0 if cluster is None else int(cluster.get("boot_node", 0))
+        if int(p.get("node_index", 0)) == boot_index:
+            try:
+                self._open_console_input(sh)
+            except OSError as e:
+                self._finish(sh, "failed", f"cannot create the console input FIFO: {e}", None)
+                raise VmError(
+                    f"node {self.name}: cannot create {sh.console_in_path}: {e}"
+                ) from None
+            spec["console_input"] = str(sh.console_in_path)
         spec["cluster"] = (
             None if cluster is None else {"node_index": int(p["node_index"]), **cluster}
         )
@@ -838,10 +864,22 @@ class VmManager:
         log.info("VM %s: worker on this node ended: %s", sh.rec.vm, reason)
         await self._report_exit(sh, result)
 
+    def _open_console_input(self, sh: LocalShare) -> None:
+        self._close_console_input(sh)
+        sh.console_in_path.unlink(missing_ok=True)
+        os.mkfifo(sh.console_in_path, 0o600)
+        sh.console_in_fd = os.open(sh.console_in_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _close_console_input(self, sh: LocalShare) -> None:
+        if sh.console_in_fd is not None:
+            os.close(sh.console_in_fd)
+            sh.console_in_fd = None
+
     def _finish(
         self, sh: LocalShare, state: str, reason: str, result: dict[str, Any] | None
     ) -> None:
         self._release(sh)
+        self._close_console_input(sh)
         sh.rec.state, sh.rec.reason, sh.rec.result, sh.rec.pid = state, reason, result, None
         self.store.put_share(sh.rec)
         sh.done.set()
@@ -959,6 +997,37 @@ class VmManager:
             "active": bool(sh is not None and sh.active),
         }
 
+    async def console_write(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Write base64 `data` into the console input FIFO of the local boot share."""
+        name = str(p["name"])
+        if not is_valid_name(name):
+            raise VmError(f"invalid VM name {name!r}")
+        try:
+            data = base64.b64decode(str(p.get("data", "")), validate=True)
+        except ValueError:
+            raise VmError("console input: data is not valid base64") from None
+        sh = self.shares.get(name)
+        if sh is None or not sh.active or sh.console_in_fd is None:
+            raise VmError(f"VM {name} is not running with its console on node {self.name}")
+        fd = sh.console_in_fd
+        deadline = time.monotonic() + CONSOLE_WRITE_TIMEOUT_S
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+                view = view[n:]
+            except BlockingIOError:
+                # The pipe is full: the guest is not reading its console.
+                if time.monotonic() > deadline:
+                    raise VmError(
+                        f"VM {name}: console input not consumed "
+                        f"({len(data) - len(view)} of {len(data)} bytes sent)"
+                    ) from None
+                await asyncio.sleep(0.02)
+                if sh.console_in_fd != fd:
+                    raise VmError(f"VM {name} stopped") from None
+        return {"written": len(data)}
+
     # --- shutdown --------------------------------------------------------------------
 
     async def shutdown(self) -> None:
@@ -981,6 +1050,10 @@ class VmManager:
                 )
         for t in list(self.tasks):
             t.cancel()
+
+
+#: How long console_write waits for a full console input pipe to drain.
+CONSOLE_WRITE_TIMEOUT_S = 5.0
 
 
 def _open_log(path: Path) -> BinaryIO:

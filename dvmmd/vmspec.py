@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -294,6 +295,20 @@ def _check_console_log(path: Any) -> str | None:
     return str(p)
 
 
+def _check_console_input(path: Any) -> str | None:
+    """A FIFO for console input: it may not exist yet (the worker creates it)."""
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise SpecError(f"console_input must be a path, not {path!r}")
+    p = Path(path).absolute()
+    if p.exists() and not stat.S_ISFIFO(p.stat().st_mode):
+        raise SpecError(f"console input {p} exists and is not a FIFO")
+    if not p.parent.is_dir():
+        raise SpecError(f"console input {p}: directory {p.parent} does not exist")
+    return str(p)
+
+
 def _check_timeout(timeout_s: Any) -> int:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise SpecError(f"timeout must be a number of seconds, not {timeout_s!r}")
@@ -318,11 +333,19 @@ def build_spec(
     timeout_s: float = 0,
     numa: list[dict[str, Any]] | None = None,
     cluster: Mapping[str, Any] | None = None,
+    console_input: str | os.PathLike[str] | None = None,
+    console_stdin: bool = False,
 ) -> dict[str, Any]:
     """Build and check a VM spec. ``kernel=None`` means the bundled guest."""
     kernel_path = find_bundled_guest() if kernel is None else Path(kernel)
+    extra: dict[str, Any] = {}
+    if console_input is not None:
+        extra["console_input"] = str(console_input)
+    if console_stdin:
+        extra["console_stdin"] = True
     return validate_spec(
         {
+            **extra,
             "vcpus": vcpus,
             "memory": memory,
             "kernel": str(kernel_path),
@@ -344,6 +367,7 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     known = {
         "vcpus", "memory", "kernel", "initrd", "cmdline", "numa",
         "console_log", "console_stdout", "timeout_s", "cluster",
+        "console_input", "console_stdin",
     }  # fmt: skip
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -368,7 +392,18 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"console_stdout must be true or false, not {console_stdout!r}")
     cluster_in = spec.get("cluster")
     cluster = None if cluster_in is None else _check_cluster(cluster_in, numa)
+    # Console input: only present in the normalized spec when asked for.
+    extra: dict[str, Any] = {}
+    console_input = _check_console_input(spec.get("console_input"))
+    if console_input is not None:
+        extra["console_input"] = console_input
+    console_stdin = spec.get("console_stdin", False)
+    if not isinstance(console_stdin, bool):
+        raise SpecError(f"console_stdin must be true or false, not {console_stdin!r}")
+    if console_stdin:
+        extra["console_stdin"] = True
     return {
+        **extra,
         "vcpus": vcpus,
         "memory": memory,
         "kernel": kernel,

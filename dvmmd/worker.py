@@ -107,6 +107,17 @@ def run_native(spec: dict[str, Any]) -> dict[str, Any]:
     return parse_result(box["result"])
 
 
+def ensure_console_fifo(spec: dict[str, Any]) -> None:
+    """Create the spec's ``console_input`` FIFO if it does not exist yet."""
+    path = spec.get("console_input")
+    if not path:
+        return
+    try:
+        os.mkfifo(path, 0o600)
+    except FileExistsError:
+        pass
+
+
 def write_result_atomic(path: Path, result: dict[str, Any]) -> None:
     data = json.dumps(result, indent=1, sort_keys=True) + "\n"
     directory = path.parent if str(path.parent) else Path(".")
@@ -155,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, Any] = {"reason": "error", "status": None, "error": f"{what}: {e}"}
         else:
             try:
+                ensure_console_fifo(spec)
                 result = run_native(spec)
+            except OSError as e:
+                result = {
+                    "reason": "error",
+                    "status": None,
+                    "error": f"cannot create console input {spec.get('console_input')}: {e}",
+                }
             except (NativeMissing, VmmHung) as e:
                 result = {"reason": "error", "status": None, "error": str(e)}
         write_result_atomic(result_path, result)

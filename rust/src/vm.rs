@@ -18,7 +18,7 @@ use crate::apic::{self, InterruptMessage, LocalApic};
 use crate::bus::{lock, Bus, BusDevice};
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{
-    ConsoleWriter, DebugExit, IrqLine, Serial, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT,
+    ConsoleInput, ConsoleWriter, DebugExit, IrqLine, Serial, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT,
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{
@@ -122,6 +122,12 @@ pub struct VmSpec {
     pub console_log: Option<String>,
     #[serde(default)]
     pub console_stdout: bool,
+    /// A FIFO whose bytes are fed to the guest's COM1 receiver (boot node only).
+    #[serde(default)]
+    pub console_input: Option<String>,
+    /// Feed the process's stdin to COM1 too (boot node only).
+    #[serde(default)]
+    pub console_stdin: bool,
     /// Stop the VM after this many seconds (0 or absent: no limit).
     #[serde(default)]
     pub timeout_s: f64,
@@ -497,6 +503,8 @@ pub struct Vm {
     shared: Vec<Arc<VcpuShared>>,
     vcpus: Vec<Vcpu>,
     serial: Option<Arc<Mutex<Serial>>>,
+    /// Console input (boot node only), started by `run`.
+    console_input: Option<ConsoleInput>,
     stop: Arc<VmStop>,
     setup: Duration,
     /// The buses (also served to other nodes by the cluster thread).
@@ -657,7 +665,9 @@ impl Vm {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let mut serial = None;
+        let mut console_input = None;
         if is_boot {
+            console_input = ConsoleInput::open(spec.console_input.as_deref(), spec.console_stdin)?;
             let console = ConsoleWriter::new(spec.console_log.as_deref(), spec.console_stdout)?;
             let s = Arc::new(Mutex::new(Serial::new(
                 console,
@@ -786,6 +796,7 @@ impl Vm {
             shared,
             vcpus,
             serial,
+            console_input,
             stop,
             setup: t0.elapsed(),
             pio,
@@ -842,9 +853,24 @@ impl Vm {
             }
             None => None,
         };
-        let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut failed = None;
+        let input = match (self.console_input.take(), &self.serial) {
+            (Some(i), Some(s)) => match i.spawn(s.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    failed = Some(StopReason::Error(format!(
+                        "cannot spawn the console input thread: {e}"
+                    )));
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut handles = Vec::with_capacity(self.vcpus.len());
         for v in self.vcpus.drain(..) {
+            if failed.is_some() {
+                break;
+            }
             match v.spawn() {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -904,6 +930,9 @@ impl Vm {
                 }
                 Err(_) => per_vcpu.push(0),
             }
+        }
+        if let Some(t) = input {
+            t.stop();
         }
         if let Some(s) = &self.serial {
             lock(s).flush();

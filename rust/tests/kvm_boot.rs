@@ -216,3 +216,72 @@ fn pause_resume_and_stop_a_running_vm() {
     assert_eq!(r.reason, "stopped");
     assert_eq!(ctl.states(), vec![VcpuState::Stopped]);
 }
+
+/// A guest echoing COM1 input (polling LSR bit 0) until it reads 'q', then exiting
+/// with status 7.
+fn echo_guest() -> Vec<u8> {
+    let mut code = Vec::new();
+    // loop: mov dx, LSR; in al, dx; test al, 1; jz loop
+    code.extend(asm::mov_dx(0x3FD));
+    code.extend([0xEC, 0xA8, 0x01, 0x74, 0xF7]);
+    // mov dx, RBR; in al, dx; cmp al, 'q'; je done; out dx, al; jmp loop
+    code.extend(asm::mov_dx(0x3F8));
+    code.extend([0xEC, 0x3C, b'q', 0x74, 0x03, asm::OUT_DX_AL, 0xEB, 0xEB]);
+    // done:
+    code.extend(asm::exit(7));
+    multiboot_kernel(&code)
+}
+
+#[test]
+fn console_input_from_a_fifo_reaches_the_guest() {
+    if !kvm_available("console_input_from_a_fifo_reaches_the_guest") {
+        return;
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = scratch("console-in");
+    let (k, log) = write_kernel(&dir, "echo.bin", &echo_guest());
+    let fifo = dir.join("console.in");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Open read-write (never blocks): the bytes wait in the pipe until the VM reads.
+    let mut w = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    // More than the UART's 64-byte FIFO before the 'q': nothing may be dropped.
+    let long: Vec<u8> = (0..200).map(|i| b'a' + (i % 16) as u8).collect();
+    w.write_all(b"hello ").unwrap();
+    w.write_all(&long).unwrap();
+    w.write_all(b"q").unwrap();
+    let mut s = spec(&k, &log);
+    s["console_input"] = json!(fifo.to_str().unwrap());
+    let r = run(s);
+    assert_eq!(r["reason"], "debug_exit", "{r}");
+    assert_eq!(r["status"], 7, "{r}");
+    let mut want = b"hello ".to_vec();
+    want.extend(&long);
+    assert_eq!(std::fs::read(&log).unwrap(), want);
+}
+
+#[test]
+fn bad_console_input_path_is_a_clear_error() {
+    if !kvm_available("bad_console_input_path_is_a_clear_error") {
+        return;
+    }
+    let dir = scratch("console-in-bad");
+    let (k, log) = write_kernel(&dir, "echo.bin", &echo_guest());
+    let mut s = spec(&k, &log);
+    s["console_input"] = json!("/nonexistent-dir/console.in");
+    let e = dvmm::vm::run_vm(&s.to_string()).unwrap_err();
+    assert!(e.is_user_error(), "{e}");
+    assert!(e.to_string().contains("/nonexistent-dir/console.in"), "{e}");
+    // A regular file is not a FIFO.
+    s["console_input"] = json!(k);
+    let e = dvmm::vm::run_vm(&s.to_string()).unwrap_err();
+    assert!(e.to_string().contains("not a FIFO"), "{e}");
+}

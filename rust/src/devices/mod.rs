@@ -4,7 +4,7 @@ pub mod debug_exit;
 pub mod serial;
 
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
-pub use serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
+pub use serial::{ConsoleInput, ConsoleInputThread, ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
 
 /// An interrupt line into the VM's interrupt controllers (the IOAPIC pins).
 /// Implemented by the VM's interrupt router.
@@ -18,6 +18,11 @@ pub trait IrqLine: Send + Sync {
 pub enum DeviceError {
     #[error("cannot open console log {path}: {source}")]
     ConsoleLog {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open console input {path}: {source}")]
+    ConsoleInput {
         path: String,
         source: std::io::Error,
     },
