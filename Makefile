@@ -136,6 +136,10 @@ PERF_TOOLS := matplotlib==3.10.9 py-spy==0.4.3
 
 $(STAMPS)/perfdeps: $(STAMPS)/pydeps $(ROOT)/Makefile
 	$(PY) -m pip install -q $(PERF_TOOLS)
+	@# linux-perf: the worker's native profile (perf record -g); optional.
+	@command -v perf >/dev/null || { sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf \
+	  || echo "perf: linux-perf not installed; the native worker profile will be skipped"; }
 	@touch $@
 
 perf: setup $(STAMPS)/perfdeps
