@@ -11,15 +11,29 @@
 //! | `APP_IO` (request) | [`IoRequest`] | perform a port/MMIO access on the device owner's bus |
 //! | `APP_STOP` | [`encode_stop`] | the VM stopped (debug exit, crash, error, ...) |
 //! | `APP_DONE` | empty | the sender's vCPUs are joined; it leaves once everyone is done |
+//! | `APP_ADDR` | [`encode_addressing`] | a vCPU of the sender changed its APIC addressing |
+//! | `APP_EOI` | `[vector u8]` | EOI of a level-triggered vector, for the IOAPIC's node |
 //!
-//! **Interrupts.** The [`RemoteInterruptSink`] sends an interrupt message to the node
-//! running a physical destination APIC ID, or to every other node for broadcast,
-//! shorthand and logical destinations (the receiver filters with
-//! [`InterruptRouter::deliver_local`]). INIT, SIPI and NMI are ordinary messages, so
-//! the guest's own INIT-SIPI-SIPI starts APs on every node. Lowest-priority messages
-//! are delivered locally when a local APIC matches and only forwarded otherwise (so
-//! one node's lowest match wins; with several remote candidates each remote node
-//! delivers to its own lowest match — the bundled guest uses fixed delivery only).
+//! **Interrupts.** Every node keeps the [`apic::ApicAddressing`] of every vCPU (its
+//! own from its LAPICs, the others' from `APP_ADDR` broadcasts sent whenever a
+//! vCPU's ID / LDR / DFR / APIC mode changes, starting from the power-on state that
+//! the APIC ID determines). The node an interrupt originates on resolves its exact
+//! targets over that table with [`apic::route_targets`] (lowest priority: exactly
+//! one vCPU, the lowest matching APIC ID; logical, broadcast and shorthand
+//! destinations: every match) and sends each remote target, as `APP_IPI`, a
+//! physical re-encoding of the message ([`crate::vm::resolved_for`]) to the node
+//! that runs it alone; the receiver delivers it with
+//! [`InterruptRouter::deliver_local`], which can only match that one vCPU. So an
+//! interrupt is delivered once per target, never once per node. INIT, SIPI and NMI
+//! are ordinary messages, so the guest's own INIT-SIPI-SIPI starts APs on every
+//! node. Ordering: `APP_ADDR` and `APP_IPI` travel on the same FIFO control lane
+//! and are both handled on the engine thread, so every node applies one sender's
+//! addressing updates before that sender's later IPIs; across senders the guest
+//! synchronises as on real hardware (see [`InterruptRouter`]).
+//!
+//! **EOI.** The IOAPIC lives on the boot node; an EOI of a level-triggered vector
+//! on another node goes there as `APP_EOI` and the boot node's IOAPIC
+//! re-delivers a still-asserted pin, routed like any other interrupt.
 //!
 //! **I/O.** Devices live on the boot node (COM1, debug exit, IOAPIC). Other nodes map
 //! [`ProxyDevice`](crate::bus::ProxyDevice)s that forward each access synchronously
@@ -50,6 +64,51 @@ use crate::vm::{InterruptRouter, NumaNode, RemoteInterruptSink};
 
 /// Application message: "my vCPUs are joined" (see the module docs).
 pub const APP_DONE: u64 = 5;
+
+/// Application message: addressing update of one of the sender's vCPUs.
+pub const APP_ADDR: u64 = 6;
+
+/// Application message: EOI of a level-triggered vector, for the IOAPIC owner.
+pub const APP_EOI: u64 = 7;
+
+/// Size of an [`encode_addressing`] payload.
+pub const ADDRESSING_BYTES: usize = 13;
+
+/// Encode an `APP_ADDR` payload:
+/// `[vcpu u32 LE][id u32 LE][ldr u32 LE][flags u8: 1 flat model, 2 x2APIC, 4 enabled]`.
+pub fn encode_addressing(vcpu: u32, a: &apic::ApicAddressing) -> [u8; ADDRESSING_BYTES] {
+    let mut b = [0u8; ADDRESSING_BYTES];
+    b[0..4].copy_from_slice(&vcpu.to_le_bytes());
+    b[4..8].copy_from_slice(&a.id.to_le_bytes());
+    b[8..12].copy_from_slice(&a.ldr.to_le_bytes());
+    b[12] = u8::from(a.flat_model) | (u8::from(a.x2apic) << 1) | (u8::from(a.enabled) << 2);
+    b
+}
+
+/// Decode [`encode_addressing`].
+pub fn decode_addressing(b: &[u8]) -> Result<(u32, apic::ApicAddressing), String> {
+    if b.len() != ADDRESSING_BYTES {
+        return Err(format!(
+            "addressing update of {} bytes (expected {ADDRESSING_BYTES})",
+            b.len()
+        ));
+    }
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let flags = b[12];
+    if flags & !7 != 0 {
+        return Err(format!("addressing update with reserved flags {flags:#x}"));
+    }
+    Ok((
+        word(0),
+        apic::ApicAddressing {
+            id: word(4),
+            ldr: word(8),
+            flat_model: flags & 1 != 0,
+            x2apic: flags & 2 != 0,
+            enabled: flags & 4 != 0,
+        },
+    ))
+}
 
 /// How long a forwarded I/O access may take before the VM is stopped with an error.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -408,7 +467,8 @@ impl Cluster {
         let me = Arc::downgrade(self);
         self.dsm
             .set_app_handler(Box::new(move |from, kind, tag, payload| {
-                if kind != APP_IPI && kind != APP_IO {
+                // APP_ADDR with APP_IPI: one sender's updates stay ahead of its IPIs.
+                if !matches!(kind, APP_IPI | APP_IO | APP_ADDR | APP_EOI) {
                     return false;
                 }
                 match me.upgrade() {
@@ -492,6 +552,26 @@ impl Cluster {
                     let _ = self.dsm.respond(from, APP_IO, tag, &reply);
                 }
             }
+            APP_ADDR => match decode_addressing(payload) {
+                Ok((vcpu, a)) => {
+                    if self.cpu_node.get(vcpu as usize) != Some(&from)
+                        || !router.apply_remote_addressing(vcpu, a)
+                    {
+                        bad(format!(
+                            "an addressing update for vCPU {vcpu}, which it does not run"
+                        ));
+                    }
+                }
+                Err(e) => bad(format!("a malformed addressing update: {e}")),
+            },
+            APP_EOI => match payload {
+                [vector] if router.owns_ioapic() => router.remote_eoi(*vector),
+                [_] => bad("an EOI to a node that owns no IOAPIC".into()),
+                _ => bad(format!(
+                    "a malformed EOI message of {} bytes",
+                    payload.len()
+                )),
+            },
             APP_STOP => match decode_stop(&self.describe(from), payload) {
                 Ok(r) => self.stop.request(r),
                 Err(e) => bad(format!("a malformed stop message: {e}")),
@@ -526,31 +606,32 @@ fn perform_io(pio: &Bus, mmio: &Bus, mut req: IoRequest, stop: &VmStop) -> Vec<u
 }
 
 impl RemoteInterruptSink for Cluster {
-    fn forward(&self, msg: &InterruptMessage, delivered_locally: usize) {
-        let d = &msg.destination;
-        if msg.delivery_mode == apic::DeliveryMode::LowestPriority && delivered_locally > 0 {
+    fn forward(&self, vcpu: u32, msg: &InterruptMessage) {
+        let sent = match self.cpu_node.get(vcpu as usize) {
+            Some(&n) if n != self.me => self.dsm.send(n, APP_IPI, &msg.to_bytes()).is_ok(),
+            _ => false,
+        };
+        self.dsm.count_forwarded(u64::from(sent), 0);
+    }
+
+    fn publish_addressing(&self, vcpu: u32, a: &apic::ApicAddressing) {
+        let p = encode_addressing(vcpu, a);
+        for n in self.peers() {
+            // A vanished peer stops the VM through PeerDown.
+            let _ = self.dsm.send(n, APP_ADDR, &p);
+        }
+    }
+
+    fn forward_eoi(&self, vector: u8) {
+        if self.is_boot() {
             return;
         }
-        let broadcast = if d.x2apic_format { u32::MAX } else { 0xFF };
-        let bytes = msg.to_bytes();
-        let mut sent = 0;
-        if d.shorthand == apic::Shorthand::None
-            && d.mode == apic::DestinationMode::Physical
-            && d.id != broadcast
-        {
-            if let Some(&n) = self.cpu_node.get(d.id as usize) {
-                if n != self.me && self.dsm.send(n, APP_IPI, &bytes).is_ok() {
-                    sent += 1;
-                }
-            }
-        } else {
-            for n in self.peers() {
-                if self.dsm.send(n, APP_IPI, &bytes).is_ok() {
-                    sent += 1;
-                }
-            }
+        if let Err(e) = self.dsm.send(self.boot, APP_EOI, &[vector]) {
+            self.stop.request(StopReason::Error(format!(
+                "EOI of vector {vector:#x} forwarded to {} failed: {e}",
+                self.describe(self.boot)
+            )));
         }
-        self.dsm.count_forwarded(sent, 0);
     }
 }
 
@@ -644,6 +725,38 @@ mod tests {
         assert_eq!(e, StopReason::Error("node 1: boom".into()));
         assert!(decode_stop("n", &[9, 0]).is_err());
         assert!(decode_stop("n", &[]).is_err());
+    }
+
+    #[test]
+    fn addressing_update_round_trip_and_rejects_garbage() {
+        let a = apic::ApicAddressing {
+            id: 0x1_0013,
+            ldr: 0x0001_0008,
+            flat_model: false,
+            x2apic: true,
+            enabled: true,
+        };
+        let b = encode_addressing(7, &a);
+        assert_eq!(decode_addressing(&b).unwrap(), (7, a));
+        for flat in [false, true] {
+            for x2 in [false, true] {
+                for en in [false, true] {
+                    let a = apic::ApicAddressing {
+                        id: 3,
+                        ldr: 0x0800_0000,
+                        flat_model: flat,
+                        x2apic: x2,
+                        enabled: en,
+                    };
+                    assert_eq!(decode_addressing(&encode_addressing(3, &a)).unwrap().1, a);
+                }
+            }
+        }
+        assert!(decode_addressing(&b[..12]).is_err());
+        assert!(decode_addressing(&[]).is_err());
+        let mut bad = b;
+        bad[12] |= 0x80;
+        assert!(decode_addressing(&bad).unwrap_err().contains("reserved"));
     }
 
     #[test]

@@ -735,6 +735,10 @@ pub trait InterruptSink: Send + Sync {
     fn send_ipi(&self, from: u32, msg: crate::apic::InterruptMessage);
     /// The LAPIC of vCPU `from` received an EOI for `vector`.
     fn eoi(&self, from: u32, vector: u8);
+    /// The addressing (ID, LDR, DFR, mode) of the LAPIC of vCPU `from` may have
+    /// changed to `now` (a register or APIC base write, INIT). Distributed VMs
+    /// tell the other nodes; the default ignores it.
+    fn addressing_changed(&self, _from: u32, _now: crate::apic::ApicAddressing) {}
 }
 
 /// Why the guest crashed (exit-level information; registers are added by the loop).
@@ -841,11 +845,16 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
             ctx.stats.exits[EK_MMIO] += 1;
             if is_lapic(addr) {
                 ctx.stats.lapic_accesses += 1;
-                let out = {
+                let (out, before, after) = {
                     let mut l = lock(ctx.lapic);
                     l.advance(ctx.now_ns);
-                    l.mmio_write(addr - LAPIC_BASE, data, ctx.now_ns)
+                    let before = l.addressing();
+                    let out = l.mmio_write(addr - LAPIC_BASE, data, ctx.now_ns);
+                    (out, before, l.addressing())
                 };
+                if before != after {
+                    ctx.irq.addressing_changed(ctx.vcpu, after);
+                }
                 lapic_output(ctx, out);
                 VcpuAction::Continue
             } else {
@@ -888,11 +897,16 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
         }
         VcpuExit::X86Wrmsr(m) => {
             ctx.stats.exits[EK_MSR] += 1;
-            let r = {
+            let (r, before, after) = {
                 let mut l = lock(ctx.lapic);
                 l.advance(ctx.now_ns);
-                l.msr_write(m.index, m.data, ctx.now_ns)
+                let before = l.addressing();
+                let r = l.msr_write(m.index, m.data, ctx.now_ns);
+                (r, before, l.addressing())
             };
+            if before != after {
+                ctx.irq.addressing_changed(ctx.vcpu, after);
+            }
             match r {
                 Ok(out) => {
                     *m.error = 0;
@@ -1142,6 +1156,12 @@ impl Vcpu {
         Ok(())
     }
 
+    /// INIT reset the LDR and DFR: report the addressing (distributed VMs).
+    fn report_init_addressing(&self) {
+        let a = lock(&self.shared.lapic).addressing();
+        self.env.irq.addressing_changed(self.shared.index, a);
+    }
+
     fn halted(&mut self) {
         let now = self.env.clock.now_ns();
         let (wake, init, deadline) = {
@@ -1156,6 +1176,7 @@ impl Vcpu {
             (wake, init, l.next_deadline_ns())
         };
         if init {
+            self.report_init_addressing();
             self.transition(Event::Init);
         } else if wake {
             self.transition(Event::Wake);
@@ -1200,6 +1221,7 @@ impl Vcpu {
         };
         if init {
             timer.set(None);
+            self.report_init_addressing();
             self.transition(Event::Init);
             return Ok(None);
         }

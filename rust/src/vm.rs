@@ -302,39 +302,167 @@ impl VmResult {
 // Interrupt routing
 // ---------------------------------------------------------------------------------
 
-/// Hook for a distributed VM: forwards interrupt messages whose destination may
-/// include vCPUs that live on other nodes. The receiving node hands them to
+/// Hook for a distributed VM: the link from a node's [`InterruptRouter`] to the
+/// other nodes (implemented by [`crate::cluster::Cluster`]).
+///
+/// The router resolves every interrupt message to its exact target vCPUs with
+/// [`apic::route_targets`] over the addressing table of *all* vCPUs (see
+/// [`InterruptRouter`]) and hands each remote target over as a message already
+/// re-encoded for it ([`resolved_for`]); the receiving node hands it to
 /// [`InterruptRouter::deliver_local`].
 pub trait RemoteInterruptSink: Send + Sync {
-    /// Forward `msg` (an IPI or an IOAPIC interrupt) to the other nodes;
-    /// `delivered_locally` local APICs already accepted it.
-    fn forward(&self, msg: &InterruptMessage, delivered_locally: usize);
+    /// Send `msg` (resolved: physical destination of exactly vCPU `vcpu`) to the
+    /// node running vCPU `vcpu`.
+    fn forward(&self, vcpu: u32, msg: &InterruptMessage);
+    /// The addressing of local vCPU `vcpu` changed to `a`: tell every other node.
+    fn publish_addressing(&self, vcpu: u32, a: &apic::ApicAddressing);
+    /// A local LAPIC EOI'd the level-triggered `vector`: forward it to the node
+    /// that owns the IOAPIC (only called on the nodes that do not own it).
+    fn forward_eoi(&self, vector: u8);
+}
+
+/// `msg` re-encoded for exactly the APIC `target`: physical destination, x2APIC
+/// format (whose broadcast, 0xFFFF_FFFF, is never an APIC ID, so an APIC in
+/// either mode matches by its ID alone), no shorthand, and lowest priority turned
+/// into fixed (the arbitration is done).
+pub fn resolved_for(msg: &InterruptMessage, target: &apic::ApicAddressing) -> InterruptMessage {
+    let mut m = *msg;
+    m.destination = apic::Destination {
+        id: target.id,
+        mode: apic::DestinationMode::Physical,
+        shorthand: apic::Shorthand::None,
+        x2apic_format: true,
+    };
+    if m.delivery_mode == apic::DeliveryMode::LowestPriority {
+        m.delivery_mode = apic::DeliveryMode::Fixed;
+    }
+    m
+}
+
+/// Where an EOI of a level-triggered vector must go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EoiRoute {
+    /// This node owns the IOAPIC: [`crate::ioapic::IoApic::end_of_interrupt`] here.
+    Local,
+    /// Another node owns it: forward through [`RemoteInterruptSink::forward_eoi`].
+    Forward,
+}
+
+/// The EOI forwarding decision: local unless this is a node of a distributed VM
+/// that does not own the IOAPIC.
+pub fn eoi_route(distributed: bool, owns_ioapic: bool) -> EoiRoute {
+    if distributed && !owns_ioapic {
+        EoiRoute::Forward
+    } else {
+        EoiRoute::Local
+    }
 }
 
 /// Delivers interrupt messages (ICR writes, IOAPIC pins) to the matching local APICs
 /// and kicks their vCPUs; forwards to other nodes through a [`RemoteInterruptSink`].
+///
+/// **Distributed VMs.** Every node keeps the [`apic::ApicAddressing`] of every
+/// vCPU (`table`, indexed by vCPU index = initial APIC ID): the entries start at
+/// the power-on state and follow the updates the owning vCPU threads report
+/// ([`InterruptSink::addressing_changed`], on LDR / DFR / ID / APIC base writes and
+/// INIT) and that other nodes broadcast (`APP_ADDR`, see [`crate::cluster`]). The
+/// node an interrupt originates on resolves the exact targets over this table
+/// (lowest priority: exactly one vCPU, the lowest matching APIC ID) and sends each
+/// remote target a physical re-encoding only to the node running it, so a
+/// logical or lowest-priority interrupt is delivered once, not once per node.
+///
+/// Ordering: addressing updates and IPIs travel on the same FIFO control lane
+/// per pair of nodes, and a vCPU reports its change before it executes its next
+/// instruction, so every node sees one sender's updates before that sender's
+/// later IPIs. Across senders (vCPU A changes its LDR, vCPU B on another node
+/// targets it) the guest must synchronise as it must on real hardware; an IPI
+/// racing the update may be resolved with the previous addressing.
 pub struct InterruptRouter {
     vcpus: Vec<Arc<VcpuShared>>,
     ioapic: Mutex<crate::ioapic::IoApic>,
     remote: Option<Arc<dyn RemoteInterruptSink>>,
+    /// Addressing of every vCPU of the VM (distributed VMs only; empty otherwise).
+    table: Mutex<Vec<apic::ApicAddressing>>,
+    /// vCPU index -> position in `vcpus` for the local ones.
+    local: Vec<Option<usize>>,
+    /// This node owns the IOAPIC (the boot node; always true without cluster).
+    owns_ioapic: bool,
     ipis_delivered: std::sync::atomic::AtomicU64,
     irqs_raised: std::sync::atomic::AtomicU64,
 }
 
 impl InterruptRouter {
-    /// A router for the local vCPUs `vcpus` (each with its global APIC ID).
+    /// A router for the local vCPUs `vcpus` (each with its global APIC ID) of a VM
+    /// of `total` vCPUs; `owns_ioapic` on the node that has the IOAPIC.
     pub fn new(
         vcpus: Vec<Arc<VcpuShared>>,
         ioapic: crate::ioapic::IoApic,
         remote: Option<Arc<dyn RemoteInterruptSink>>,
     ) -> Self {
+        let total = vcpus.iter().map(|v| v.index + 1).max().unwrap_or(0);
+        Self::distributed(vcpus, total, ioapic, remote, true)
+    }
+
+    /// [`InterruptRouter::new`] for one node of a VM of `total` vCPUs;
+    /// `owns_ioapic` on the node that has the IOAPIC.
+    pub fn distributed(
+        vcpus: Vec<Arc<VcpuShared>>,
+        total: u32,
+        ioapic: crate::ioapic::IoApic,
+        remote: Option<Arc<dyn RemoteInterruptSink>>,
+        owns_ioapic: bool,
+    ) -> Self {
+        let mut local = vec![None; total as usize];
+        for (pos, v) in vcpus.iter().enumerate() {
+            if let Some(x) = local.get_mut(v.index as usize) {
+                *x = Some(pos);
+            }
+        }
+        let table = if remote.is_some() {
+            (0..total)
+                .map(|i| match local.get(i as usize).copied().flatten() {
+                    Some(pos) => lock(&vcpus[pos].lapic).addressing(),
+                    // Power-on state, as every node creates it.
+                    None => LocalApic::new(i, i == 0, 0).addressing(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         InterruptRouter {
             vcpus,
             ioapic: Mutex::new(ioapic),
             remote,
+            table: Mutex::new(table),
+            local,
+            owns_ioapic,
             ipis_delivered: Default::default(),
             irqs_raised: Default::default(),
         }
+    }
+
+    /// Deliver `msg` to the one local APIC `v` if it matches; true if accepted.
+    /// Never waits for the LAPIC lock (see [`InterruptRouter::deliver_local`]).
+    fn deliver_one(v: &VcpuShared, msg: &InterruptMessage) -> bool {
+        // Never wait for a LAPIC lock: the caller may be the (real-time) DSM
+        // engine thread and the holder a preempted vCPU thread. A busy LAPIC
+        // gets the message posted; its vCPU applies it before it next looks
+        // at its LAPIC (the kick makes that immediate).
+        let accepted = match v.lapic.try_lock() {
+            Ok(mut l) => l.matches(msg) && l.accept(msg),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                let mut l = e.into_inner();
+                l.matches(msg) && l.accept(msg)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                v.post(*msg);
+                return false;
+            }
+        };
+        if accepted {
+            v.kick();
+        }
+        accepted
     }
 
     /// Deliver `msg` to the local APICs it is for; returns how many accepted it.
@@ -357,24 +485,8 @@ impl InterruptRouter {
             }
         } else {
             for v in &self.vcpus {
-                // Never wait for a LAPIC lock: the caller may be the (real-time) DSM
-                // engine thread and the holder a preempted vCPU thread. A busy LAPIC
-                // gets the message posted; its vCPU applies it before it next looks
-                // at its LAPIC (the kick makes that immediate).
-                let accepted = match v.lapic.try_lock() {
-                    Ok(mut l) => l.matches(msg) && l.accept(msg),
-                    Err(std::sync::TryLockError::Poisoned(e)) => {
-                        let mut l = e.into_inner();
-                        l.matches(msg) && l.accept(msg)
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => {
-                        v.post(*msg);
-                        continue;
-                    }
-                };
-                if accepted {
+                if Self::deliver_one(v, msg) {
                     n += 1;
-                    v.kick();
                 }
             }
         }
@@ -383,13 +495,67 @@ impl InterruptRouter {
         n
     }
 
+    /// The exact targets of `msg` over the whole-VM table: (vCPU index, message
+    /// re-encoded for it).
+    pub fn resolve(&self, msg: &InterruptMessage) -> Vec<(u32, InterruptMessage)> {
+        let t = lock(&self.table);
+        apic::route_targets(msg, &t)
+            .into_iter()
+            .map(|i| (i as u32, resolved_for(msg, &t[i])))
+            .collect()
+    }
+
     fn route(&self, msg: &InterruptMessage) {
-        let n = self.deliver_local(msg);
-        if let Some(r) = &self.remote {
-            if msg.destination.shorthand != apic::Shorthand::SelfOnly {
-                r.forward(msg, n);
+        let Some(remote) = &self.remote else {
+            self.deliver_local(msg);
+            return;
+        };
+        let mut n = 0;
+        for (vcpu, m) in self.resolve(msg) {
+            match self.local.get(vcpu as usize).copied().flatten() {
+                Some(pos) => {
+                    if Self::deliver_one(&self.vcpus[pos], &m) {
+                        n += 1;
+                    }
+                }
+                None => remote.forward(vcpu, &m),
             }
         }
+        self.ipis_delivered
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Apply an addressing update of remote vCPU `vcpu` (from `APP_ADDR`); false
+    /// if `vcpu` is not a vCPU of the VM or runs on this node.
+    pub fn apply_remote_addressing(&self, vcpu: u32, a: apic::ApicAddressing) -> bool {
+        if self.local.get(vcpu as usize).copied().flatten().is_some() {
+            return false;
+        }
+        match lock(&self.table).get_mut(vcpu as usize) {
+            Some(e) => {
+                *e = a;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The addressing this node currently assumes for every vCPU (distributed VMs).
+    pub fn addressing_table(&self) -> Vec<apic::ApicAddressing> {
+        lock(&self.table).clone()
+    }
+
+    /// An EOI for `vector` forwarded from another node (this node owns the IOAPIC).
+    pub fn remote_eoi(&self, vector: u8) {
+        let msgs = lock(&self.ioapic).end_of_interrupt(vector);
+        for m in msgs {
+            self.route(&m);
+        }
+    }
+
+    /// Does this node own the IOAPIC?
+    pub fn owns_ioapic(&self) -> bool {
+        self.owns_ioapic
     }
 
     /// Guest access to the IOAPIC window.
@@ -417,10 +583,26 @@ impl InterruptSink for InterruptRouter {
         self.route(&msg);
     }
     fn eoi(&self, _from: u32, vector: u8) {
-        let msgs = lock(&self.ioapic).end_of_interrupt(vector);
-        for m in msgs {
-            self.route(&m);
+        match (
+            &self.remote,
+            eoi_route(self.remote.is_some(), self.owns_ioapic),
+        ) {
+            (Some(r), EoiRoute::Forward) => r.forward_eoi(vector),
+            _ => self.remote_eoi(vector),
         }
+    }
+    fn addressing_changed(&self, from: u32, now: apic::ApicAddressing) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        {
+            let mut t = lock(&self.table);
+            match t.get_mut(from as usize) {
+                Some(e) if *e != now => *e = now,
+                _ => return,
+            }
+        }
+        remote.publish_addressing(from, &now);
     }
 }
 
@@ -659,7 +841,13 @@ impl Vm {
 
         let ioapic = crate::ioapic::IoApic::new(n as u8);
         let remote = cluster.clone().map(|c| c as Arc<dyn RemoteInterruptSink>);
-        let router = Arc::new(InterruptRouter::new(shared.clone(), ioapic, remote));
+        let router = Arc::new(InterruptRouter::distributed(
+            shared.clone(),
+            n,
+            ioapic,
+            remote,
+            is_boot,
+        ));
 
         // Devices: on the boot node; the other nodes forward to it.
         let mut pio = Bus::new();
@@ -1242,6 +1430,287 @@ mod tests {
             2,
             "IOAPIC id = number of vCPUs"
         );
+    }
+
+    /// Records what a router hands to the other nodes.
+    #[derive(Default)]
+    struct FakeRemote {
+        forwarded: Mutex<Vec<(u32, InterruptMessage)>>,
+        published: Mutex<Vec<(u32, apic::ApicAddressing)>>,
+        eois: Mutex<Vec<u8>>,
+    }
+    impl RemoteInterruptSink for FakeRemote {
+        fn forward(&self, vcpu: u32, msg: &InterruptMessage) {
+            lock(&self.forwarded).push((vcpu, *msg));
+        }
+        fn publish_addressing(&self, vcpu: u32, a: &apic::ApicAddressing) {
+            lock(&self.published).push((vcpu, *a));
+        }
+        fn forward_eoi(&self, vector: u8) {
+            lock(&self.eois).push(vector);
+        }
+    }
+    impl FakeRemote {
+        fn take_forwarded(&self) -> Vec<(u32, InterruptMessage)> {
+            std::mem::take(&mut *lock(&self.forwarded))
+        }
+    }
+
+    /// One node of a 4-vCPU VM running vCPUs 0 and 1 (software-enabled);
+    /// vCPUs 2 and 3 are remote.
+    fn node0(owns_ioapic: bool) -> (Arc<InterruptRouter>, Vec<Arc<VcpuShared>>, Arc<FakeRemote>) {
+        let shared: Vec<Arc<VcpuShared>> = (0..2)
+            .map(|i| {
+                let mut l = LocalApic::new(i, i == 0, 0);
+                l.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0);
+                Arc::new(VcpuShared::new(i, l))
+            })
+            .collect();
+        let fake = Arc::new(FakeRemote::default());
+        let r = Arc::new(InterruptRouter::distributed(
+            shared.clone(),
+            4,
+            crate::ioapic::IoApic::new(4),
+            Some(fake.clone() as Arc<dyn RemoteInterruptSink>),
+            owns_ioapic,
+        ));
+        (r, shared, fake)
+    }
+
+    /// Program a local LAPIC register the way the vCPU thread does (write, then
+    /// report the addressing).
+    fn write_local(r: &InterruptRouter, v: &VcpuShared, reg: u64, val: u32) {
+        let a = {
+            let mut l = lock(&v.lapic);
+            l.mmio_write(reg, &val.to_le_bytes(), 0);
+            l.addressing()
+        };
+        r.addressing_changed(v.index, a);
+    }
+
+    fn logical(mode: apic::DeliveryMode, vector: u8, dest: u32, x2: bool) -> InterruptMessage {
+        let mut m = fixed(vector, dest, apic::Shorthand::None);
+        m.delivery_mode = mode;
+        m.destination.mode = apic::DestinationMode::Logical;
+        m.destination.x2apic_format = x2;
+        m
+    }
+
+    fn remote_entry(id: u32, ldr: u32, flat: bool, x2: bool) -> apic::ApicAddressing {
+        apic::ApicAddressing {
+            id,
+            ldr,
+            flat_model: flat,
+            x2apic: x2,
+            enabled: true,
+        }
+    }
+
+    /// (vCPU, physical destination) of the forwarded messages, checking each is a
+    /// resolved physical x2APIC-format message with no shorthand.
+    fn targets(f: &[(u32, InterruptMessage)]) -> Vec<(u32, u32)> {
+        f.iter()
+            .map(|(v, m)| {
+                assert_eq!(m.destination.mode, apic::DestinationMode::Physical);
+                assert_eq!(m.destination.shorthand, apic::Shorthand::None);
+                assert!(m.destination.x2apic_format);
+                assert_ne!(m.delivery_mode, apic::DeliveryMode::LowestPriority);
+                (*v, m.destination.id)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resolved_targets_flat_logical_across_nodes() {
+        let (r, v, fake) = node0(true);
+        // Initial table: power-on state of every vCPU (LDR 0: no logical match).
+        let t = r.addressing_table();
+        assert_eq!(t.len(), 4);
+        assert_eq!(t[3], LocalApic::new(3, false, 0).addressing());
+        r.send_ipi(
+            0,
+            logical(apic::DeliveryMode::Fixed, 0x30, 0xFF >> 1, false),
+        );
+        assert!(fake.take_forwarded().is_empty());
+        // Flat model: one bit per vCPU.
+        write_local(&r, &v[0], 0xD0, 0x01 << 24);
+        write_local(&r, &v[1], 0xD0, 0x02 << 24);
+        assert!(r.apply_remote_addressing(2, remote_entry(2, 0x04 << 24, true, false)));
+        assert!(r.apply_remote_addressing(3, remote_entry(3, 0x08 << 24, true, false)));
+        r.send_ipi(0, logical(apic::DeliveryMode::Fixed, 0x31, 0x0C, false));
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2), (3, 3)]);
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), None);
+        r.send_ipi(0, logical(apic::DeliveryMode::Fixed, 0x32, 0x05, false));
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2)]);
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), Some(0x32));
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), None);
+        // The re-encoded message reaches exactly its vCPU on the receiving node.
+        let m = resolved_for(
+            &logical(apic::DeliveryMode::LowestPriority, 0x33, 0x03, false),
+            &r.addressing_table()[1],
+        );
+        assert_eq!(m.delivery_mode, apic::DeliveryMode::Fixed);
+        assert_eq!(r.deliver_local(&m), 1);
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), Some(0x33));
+    }
+
+    #[test]
+    fn resolved_targets_cluster_logical_across_nodes() {
+        let (r, v, fake) = node0(true);
+        // Cluster model: cluster 1 = vCPUs 0 (bit 0), 2 (bit 1); cluster 2 = 1, 3.
+        for (x, ldr) in [(0usize, 0x11u32), (1, 0x21)] {
+            write_local(&r, &v[x], 0xE0, 0x0FFF_FFFF);
+            write_local(&r, &v[x], 0xD0, ldr << 24);
+        }
+        assert!(!r.addressing_table()[0].flat_model);
+        r.apply_remote_addressing(2, remote_entry(2, 0x12 << 24, false, false));
+        r.apply_remote_addressing(3, remote_entry(3, 0x22 << 24, false, false));
+        r.send_ipi(0, logical(apic::DeliveryMode::Fixed, 0x40, 0x13, false));
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2)]);
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), Some(0x40));
+        r.send_ipi(0, logical(apic::DeliveryMode::Fixed, 0x41, 0x22, false));
+        assert_eq!(targets(&fake.take_forwarded()), vec![(3, 3)]);
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), None);
+    }
+
+    #[test]
+    fn resolved_targets_x2apic_cluster_across_nodes() {
+        let (r, v, fake) = node0(true);
+        for x in &v {
+            let a = {
+                let mut l = lock(&x.lapic);
+                let bsp = if x.index == 0 { apic::APIC_BASE_BSP } else { 0 };
+                l.set_apic_base(
+                    apic::APIC_DEFAULT_BASE | apic::APIC_BASE_ENABLE | apic::APIC_BASE_EXTD | bsp,
+                )
+                .unwrap();
+                l.addressing()
+            };
+            r.addressing_changed(x.index, a);
+        }
+        // x2APIC LDR: cluster = id >> 4 in 31:16, bit id & 15 in 15:0.
+        assert_eq!(r.addressing_table()[1].ldr, 0x0000_0002);
+        r.apply_remote_addressing(2, remote_entry(2, 0x0000_0004, false, true));
+        r.apply_remote_addressing(3, remote_entry(0x13, 0x0001_0008, false, true));
+        r.send_ipi(
+            0,
+            logical(apic::DeliveryMode::Fixed, 0x50, 0x0000_0006, true),
+        );
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2)]);
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), Some(0x50));
+        r.send_ipi(
+            0,
+            logical(apic::DeliveryMode::Fixed, 0x51, 0x0001_0008, true),
+        );
+        assert_eq!(targets(&fake.take_forwarded()), vec![(3, 0x13)]);
+        // Cluster 0 bit 3 names nobody (vCPU 3 is in cluster 1).
+        r.send_ipi(
+            0,
+            logical(apic::DeliveryMode::Fixed, 0x52, 0x0000_0008, true),
+        );
+        assert!(fake.take_forwarded().is_empty());
+    }
+
+    #[test]
+    fn lowest_priority_picks_exactly_one_vcpu_in_the_whole_vm() {
+        let (r, v, fake) = node0(true);
+        for (x, bit) in [(0usize, 0x01u32), (1, 0x02)] {
+            write_local(&r, &v[x], 0xD0, bit << 24);
+        }
+        r.apply_remote_addressing(2, remote_entry(2, 0x04 << 24, true, false));
+        r.apply_remote_addressing(3, remote_entry(3, 0x08 << 24, true, false));
+        // Candidates 1, 2, 3: the local vCPU 1 (lowest ID) alone.
+        r.send_ipi(
+            0,
+            logical(apic::DeliveryMode::LowestPriority, 0x60, 0x0E, false),
+        );
+        assert!(fake.take_forwarded().is_empty());
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), Some(0x60));
+        // Candidates 2, 3 (both remote): one message, to vCPU 2's node only.
+        r.send_ipi(
+            0,
+            logical(apic::DeliveryMode::LowestPriority, 0x61, 0x0C, false),
+        );
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2)]);
+        // A remote vCPU with a lower current ID wins over local ones.
+        r.apply_remote_addressing(3, remote_entry(0, 0x08 << 24, true, false));
+        write_local(&r, &v[0], 0x20, 5 << 24); // vCPU 0 now has APIC ID 5
+        r.send_ipi(
+            1,
+            logical(apic::DeliveryMode::LowestPriority, 0x62, 0x09, false),
+        );
+        assert_eq!(targets(&fake.take_forwarded()), vec![(3, 0)]);
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), None);
+    }
+
+    #[test]
+    fn broadcast_and_shorthands_reach_every_vcpu_once() {
+        let (r, v, fake) = node0(true);
+        r.send_ipi(0, fixed(0x70, 0xFF, apic::Shorthand::None));
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2), (3, 3)]);
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), Some(0x70));
+        assert_eq!(lock(&v[1].lapic).pending_interrupt(), Some(0x70));
+        r.send_ipi(1, {
+            let mut m = fixed(0x71, 0, apic::Shorthand::AllExcludingSelf);
+            m.source_id = Some(1);
+            m
+        });
+        assert_eq!(targets(&fake.take_forwarded()), vec![(2, 2), (3, 3)]);
+        r.send_ipi(0, fixed(0x72, 0, apic::Shorthand::SelfOnly));
+        assert!(fake.take_forwarded().is_empty());
+        // Physical to a remote vCPU: its node only.
+        r.send_ipi(0, fixed(0x73, 3, apic::Shorthand::None));
+        assert_eq!(targets(&fake.take_forwarded()), vec![(3, 3)]);
+    }
+
+    #[test]
+    fn addressing_updates_are_published_once_and_applied_to_remote_entries() {
+        let (r, v, fake) = node0(true);
+        write_local(&r, &v[1], 0xD0, 0x02 << 24);
+        write_local(&r, &v[1], 0xD0, 0x02 << 24); // no change: nothing sent
+        write_local(&r, &v[1], 0xE0, u32::MAX); // DFR already flat: nothing sent
+        let p = std::mem::take(&mut *lock(&fake.published));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, 1);
+        assert_eq!(p[0].1.ldr, 0x02 << 24);
+        // Remote entries only; a node never takes updates for its own vCPUs.
+        let a = remote_entry(2, 0x40 << 24, true, false);
+        assert!(r.apply_remote_addressing(2, a));
+        assert_eq!(r.addressing_table()[2], a);
+        assert!(!r.apply_remote_addressing(0, a));
+        assert!(!r.apply_remote_addressing(4, a));
+        assert!(lock(&fake.published).is_empty());
+    }
+
+    #[test]
+    fn eoi_is_forwarded_to_the_ioapic_owner() {
+        assert_eq!(eoi_route(false, true), EoiRoute::Local);
+        assert_eq!(eoi_route(true, true), EoiRoute::Local);
+        assert_eq!(eoi_route(true, false), EoiRoute::Forward);
+        // A node without the IOAPIC forwards.
+        let (r, _v, fake) = node0(false);
+        r.eoi(1, 0x25);
+        assert_eq!(*lock(&fake.eois), vec![0x25]);
+        // The owner: a still-asserted level pin is re-delivered on the EOI.
+        let (r, v, fake) = node0(true);
+        let mut dev = IoApicDevice(r.clone());
+        // Pin 4 -> vector 0x25, level, physical destination APIC 0.
+        dev.write(0x00, &(0x10u32 + 2 * 4 + 1).to_le_bytes());
+        dev.write(0x10, &0u32.to_le_bytes());
+        dev.write(0x00, &(0x10u32 + 2 * 4).to_le_bytes());
+        dev.write(0x10, &(0x25u32 | 1 << 15).to_le_bytes());
+        r.set_irq(COM1_IRQ, true);
+        {
+            let mut l = lock(&v[0].lapic);
+            assert_eq!(l.pending_interrupt(), Some(0x25));
+            l.acknowledge(0x25);
+            assert_eq!(l.pending_interrupt(), None);
+            let eoi = l.mmio_write(0xB0, &0u32.to_le_bytes(), 0);
+            assert_eq!(eoi, apic::ApicAction::EoiLevel(0x25));
+        }
+        r.remote_eoi(0x25); // as from APP_EOI
+        assert_eq!(lock(&v[0].lapic).pending_interrupt(), Some(0x25));
+        assert!(lock(&fake.eois).is_empty());
     }
 
     #[test]
