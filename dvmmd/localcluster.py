@@ -137,6 +137,8 @@ class Options:
     foreign_budget: int | None = None
     #: DSM hold window (us) against ping-pong pages; None = the engine's default, 0 = off.
     hold_window_us: int | None = None
+    #: DSM sequential prefetch, pages per batch at most; None = the engine's default, 0 = off.
+    prefetch_max_pages: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -156,6 +158,7 @@ class Options:
             json=bool(getattr(args, "json", d.json)),
             foreign_budget=getattr(args, "foreign_budget", d.foreign_budget),
             hold_window_us=getattr(args, "hold_window_us", d.hold_window_us),
+            prefetch_max_pages=getattr(args, "prefetch_max_pages", d.prefetch_max_pages),
         )
 
 
@@ -167,6 +170,24 @@ def _hold_arg(text: str) -> int:
     if not 0 <= us <= 100_000:
         raise argparse.ArgumentTypeError(f"hold window {us} us: must be 0..100000")
     return us
+
+
+#: Largest DSM prefetch batch (the engine's MAX_PREFETCH).
+MAX_PREFETCH_PAGES = 64
+
+
+def _prefetch_arg(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid prefetch batch {text!r}: not an integer"
+        ) from None
+    if not 0 <= n <= MAX_PREFETCH_PAGES:
+        raise argparse.ArgumentTypeError(
+            f"prefetch batch {n} pages: must be 0..{MAX_PREFETCH_PAGES}"
+        )
+    return n
 
 
 def _port_arg(text: str) -> int:
@@ -228,6 +249,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --nodes: keep a page just written here for up to US microseconds before "
         "giving it away (against ping-pong pages); 0 = plain invalidation protocol "
         "(default: the engine's, 100)",
+    )
+    parser.add_argument(
+        "--prefetch-max-pages",
+        type=_prefetch_arg,
+        default=None,
+        metavar="N",
+        help="with --nodes: sequential prefetch: when a node's reads of another node's "
+        f"pages look sequential, request up to N (0..{MAX_PREFETCH_PAGES}) following pages "
+        "at once; 0 = off (default: the engine's)",
     )
 
 
@@ -434,6 +464,8 @@ class Launcher:
                     cluster["foreign_budget_pages"] = max(1, opts.foreign_budget // PAGE_SIZE)
                 if opts.hold_window_us is not None:
                     cluster["hold_window_us"] = opts.hold_window_us
+                if opts.prefetch_max_pages is not None:
+                    cluster["prefetch_max_pages"] = opts.prefetch_max_pages
             try:
                 spec = build_spec(
                     vcpus=opts.vcpus,

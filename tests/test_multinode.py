@@ -380,6 +380,20 @@ def test_cli_usage_errors_exit_2() -> None:
     assert cp.returncode == 2 and "16" in cp.stderr, cp.stderr
 
 
+@pytest.mark.parametrize("value", ["65", "-1", "many"])
+def test_cli_prefetch_max_pages_rejects(value: str) -> None:
+    cp = subprocess.run(
+        [sys.executable, "-m", "dvmmd.localcluster", "--nodes", "2", "--prefetch-max-pages", value],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cp.returncode == 2, cp.stderr
+    assert "--prefetch-max-pages" in cp.stderr and "prefetch batch" in cp.stderr, cp.stderr
+
+
 def test_stats_report_table_and_totals() -> None:
     hist = [0] * 24
     hist[6] = 90  # [32, 64) us
