@@ -788,6 +788,23 @@ fn is_lapic(addr: u64) -> bool {
     addr.wrapping_sub(LAPIC_BASE) < LAPIC_SIZE
 }
 
+/// A guest write to this vCPU's LAPIC (MMIO or MSR): brings its timer up to date,
+/// applies `write`, and reports a change of its addressing (ID, LDR, DFR, mode) so
+/// other nodes can route logical and lowest-priority interrupts to it.
+fn lapic_write<R>(ctx: &ExitContext<'_>, write: impl FnOnce(&mut LocalApic, u64) -> R) -> R {
+    let (r, before, after) = {
+        let mut l = lock(ctx.lapic);
+        l.advance(ctx.now_ns);
+        let before = l.addressing();
+        let r = write(&mut l, ctx.now_ns);
+        (r, before, l.addressing())
+    };
+    if before != after {
+        ctx.irq.addressing_changed(ctx.vcpu, after);
+    }
+    r
+}
+
 /// Handle one exit. Never panics on guest-controlled input: unknown ports read as
 /// all-ones and ignore writes, unknown MMIO likewise, invalid MSR accesses inject #GP.
 pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<VcpuAction, VcpuError> {
@@ -845,16 +862,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
             ctx.stats.exits[EK_MMIO] += 1;
             if is_lapic(addr) {
                 ctx.stats.lapic_accesses += 1;
-                let (out, before, after) = {
-                    let mut l = lock(ctx.lapic);
-                    l.advance(ctx.now_ns);
-                    let before = l.addressing();
-                    let out = l.mmio_write(addr - LAPIC_BASE, data, ctx.now_ns);
-                    (out, before, l.addressing())
-                };
-                if before != after {
-                    ctx.irq.addressing_changed(ctx.vcpu, after);
-                }
+                let out = lapic_write(ctx, |l, now| l.mmio_write(addr - LAPIC_BASE, data, now));
                 lapic_output(ctx, out);
                 VcpuAction::Continue
             } else {
@@ -897,16 +905,7 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
         }
         VcpuExit::X86Wrmsr(m) => {
             ctx.stats.exits[EK_MSR] += 1;
-            let (r, before, after) = {
-                let mut l = lock(ctx.lapic);
-                l.advance(ctx.now_ns);
-                let before = l.addressing();
-                let r = l.msr_write(m.index, m.data, ctx.now_ns);
-                (r, before, l.addressing())
-            };
-            if before != after {
-                ctx.irq.addressing_changed(ctx.vcpu, after);
-            }
+            let r = lapic_write(ctx, |l, now| l.msr_write(m.index, m.data, now));
             match r {
                 Ok(out) => {
                     *m.error = 0;
