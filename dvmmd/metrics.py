@@ -6,7 +6,11 @@ own node (scrape every node for the whole picture). Worker counters come from th
 worker's result (``stats``) or its live ``RESULT.json.stats`` file: every numeric
 field becomes ``dvmm_vm_<field>{vm,node}`` (nested objects: ``<outer>_<inner>``), a list of numbers gets an ``index`` label,
 and a ``{"buckets": [[le, count], ...], "sum": s, "count": n}`` object becomes a
-histogram (e.g. fault latency).
+histogram. The DSM fault latency (``stats.dsm``: ``fault_p50_ns`` ... ``fault_p999_ns``,
+``fault_mean_ns``, ``remote_faults``; rust/src/dsm/stats.rs) is also exported as a
+summary, ``dvmm_vm_dsm_fault_latency_seconds{quantile="0.5"|"0.9"|"0.99"|"0.999"}``
+with ``_sum`` and ``_count`` (and ``dvmm_vm_dsm_fault_latency_max_seconds``); the
+engine's raw HDR buckets (``latency_ns_hdr``, up to thousands) are not exported.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 log = logging.getLogger("dvmmd.metrics")
 
@@ -74,6 +78,21 @@ class Exposition:
         fam[2].append(f"{name}_sum{_labels(labels)} {_num(total)}")
         fam[2].append(f"{name}_count{_labels(labels)} {_num(count)}")
 
+    def add_summary(
+        self,
+        name: str,
+        help_: str,
+        quantiles: Iterable[tuple[float, float]],
+        total: float,
+        count: float,
+        labels: dict[str, str],
+    ) -> None:
+        fam = self.families.setdefault(name, ("summary", help_, []))
+        for q, v in quantiles:
+            fam[2].append(f"{name}{_labels({**labels, 'quantile': _num(float(q))})} {_num(v)}")
+        fam[2].append(f"{name}_sum{_labels(labels)} {_num(total)}")
+        fam[2].append(f"{name}_count{_labels(labels)} {_num(count)}")
+
     def render(self) -> str:
         out = []
         for name, (kind, help_, lines) in sorted(self.families.items()):
@@ -83,10 +102,56 @@ class Exposition:
         return "\n".join(out) + "\n"
 
 
+#: DSM snapshot field -> Prometheus quantile.
+_FAULT_QUANTILES = (
+    ("fault_p50_ns", 0.5),
+    ("fault_p90_ns", 0.9),
+    ("fault_p99_ns", 0.99),
+    ("fault_p999_ns", 0.999),
+)
+#: Lists that are not per-index gauges (the HDR buckets: [[value_ns, count], ...]).
+_NOT_EXPORTED = {"latency_ns_hdr"}
+
+
+def _is_num(v: Any) -> TypeGuard[int | float]:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _add_fault_latency(
+    exp: Exposition, stats: dict[str, Any], labels: dict[str, str], prefix: str
+) -> None:
+    """The DSM fault-latency quantiles as a summary (seconds), when the snapshot has them."""
+    qs = [(q, stats[k]) for k, q in _FAULT_QUANTILES if _is_num(stats.get(k))]
+    count = stats.get("remote_faults")
+    mean = stats.get("fault_mean_ns")
+    if not qs or not _is_num(count) or not _is_num(mean):
+        return
+    base = "dvmm_vm_" + _NAME_BAD.sub("_", prefix).lower() + "fault_latency"
+    exp.add_summary(
+        base + "_seconds",
+        "DSM fault latency (faults needing a message), engine-side, from its HDR histogram",
+        [(q, float(v) / 1e9) for q, v in qs],
+        float(mean) * float(count) / 1e9,
+        float(count),
+        labels,
+    )
+    if _is_num(stats.get("fault_max_ns")):
+        exp.add(
+            base + "_max_seconds",
+            "gauge",
+            "slowest DSM fault so far (engine-side)",
+            float(stats["fault_max_ns"]) / 1e9,
+            labels,
+        )
+
+
 def add_worker_stats(
     exp: Exposition, stats: dict[str, Any], labels: dict[str, str], prefix: str = ""
 ) -> None:
+    _add_fault_latency(exp, stats, labels, prefix)
     for key, value in sorted(stats.items()):
+        if key in _NOT_EXPORTED:
+            continue
         key = prefix + str(key)
         name = "dvmm_vm_" + _NAME_BAD.sub("_", key).lower()
         if isinstance(value, bool):

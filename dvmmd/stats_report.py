@@ -7,26 +7,49 @@ by version, IPIs and I/O forwarded, resident pages current and peak, fault
 latency). ``format_table`` lays them out one column per node plus a total;
 ``totals`` sums them for the ``--json`` summary.
 
+Fault latency: ``fault_mean_ns`` (exact), the quantiles ``fault_p50_ns``,
+``fault_p90_ns``, ``fault_p99_ns``, ``fault_p999_ns`` and ``fault_max_ns`` of the
+engine's HDR histogram (exact to 0.1 %), that histogram's non-empty buckets
+``latency_ns_hdr`` (``[[value_ns, count], ...]``), and the older log2 view
+``latency_us_log2`` (bucket i: [2^(i-1), 2^i) us). Workers from before the HDR
+histogram have only ``fault_mean_ns`` and ``latency_us_log2``: the table then shows
+the log2 bucket bounds instead.
+
 Totals are sums, except: ``fault_mean_ns`` is the mean over every node's
 faults (weighted by ``remote_faults``), ``latency_us_log2`` is summed bucket by
-bucket, and ``resident_peak_max`` (added) is the largest single node's peak,
-which is the memory-aggregation figure (``resident_peak`` itself is the sum of
-the nodes' peaks, an upper bound on the cluster's resident guest memory).
+bucket, ``latency_ns_hdr`` is merged (counts of equal values added) and the
+quantiles are recomputed from it (left out when a node has no ``latency_ns_hdr``),
+``fault_max_ns`` is the largest node's, and ``resident_peak_max`` (added) is the
+largest single node's peak, which is the memory-aggregation figure
+(``resident_peak`` itself is the sum of the nodes' peaks, an upper bound on the
+cluster's resident guest memory).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from dvmmd.sizes import PAGE_SIZE
 
 __all__ = [
+    "QUANTILES",
     "dsm_of",
     "format_table",
+    "hdr_quantile_ns",
     "latency_percentile_us",
+    "merge_hdr",
     "totals",
 ]
+
+#: The quantile fields of a DSM snapshot and their quantile.
+QUANTILES: dict[str, float] = {
+    "fault_p50_ns": 0.5,
+    "fault_p90_ns": 0.9,
+    "fault_p99_ns": 0.99,
+    "fault_p999_ns": 0.999,
+}
 
 #: (key in stats.dsm, row label, how to show it) in display order.
 _DSM_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -36,8 +59,13 @@ _DSM_ROWS: tuple[tuple[str, str, str], ...] = (
     ("local_faults", "local faults (no message)", "n"),
     ("remote_faults", "faults needing a message", "n"),
     ("fault_mean_ns", "fault latency mean", "ns"),
-    ("@p50", "fault latency p50 (<=)", "us"),
-    ("@p99", "fault latency p99 (<=)", "us"),
+    ("fault_p50_ns", "fault latency p50", "ns"),
+    ("fault_p90_ns", "fault latency p90", "ns"),
+    ("fault_p99_ns", "fault latency p99", "ns"),
+    ("fault_p999_ns", "fault latency p99.9", "ns"),
+    ("fault_max_ns", "fault latency max", "ns"),
+    ("@p50", "fault latency p50 (<=, log2)", "us"),
+    ("@p99", "fault latency p99 (<=, log2)", "us"),
     ("invalidations_sent", "invalidations sent", "n"),
     ("invalidations_received", "invalidations received", "n"),
     ("pages_sent", "pages sent", "n"),
@@ -60,7 +88,10 @@ _VM_ROWS: tuple[tuple[str, str, str], ...] = (
     ("run_ms", "run time", "ms"),
 )
 _HIST = "latency_us_log2"
-_SKIP = {_HIST}
+_HDR = "latency_ns_hdr"
+_SKIP = {_HIST, _HDR}
+#: Rows shown only for workers without the HDR fields (the log2 bucket bounds).
+_LOG2_ROWS = {"@p50", "@p99"}
 
 
 def _is_int(v: Any) -> TypeGuard[int]:
@@ -103,6 +134,37 @@ def latency_percentile_us(hist: Any, q: float) -> int | None:
     return None
 
 
+def merge_hdr(hists: Iterable[Any]) -> list[tuple[int, int]]:
+    """Merge ``latency_ns_hdr`` bucket lists: counts of equal values add (every
+    node's histogram has the same bucket boundaries). Malformed entries are skipped."""
+    acc: dict[int, int] = {}
+    for h in hists:
+        if not isinstance(h, Sequence) or isinstance(h, (str, bytes)):
+            continue
+        for pair in h:
+            if isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2:
+                v, c = pair
+                if _is_int(v) and _is_int(c) and c > 0:
+                    acc[v] = acc.get(v, 0) + c
+    return sorted(acc.items())
+
+
+def hdr_quantile_ns(buckets: Sequence[tuple[int, int]], q: float) -> int | None:
+    """The ``q`` quantile (0..1) of a merged ``latency_ns_hdr`` list, computed as the
+    engine's HDR histogram does: the first bucket value whose cumulative count
+    reaches ``max(1, ceil(q * total))``. None when there are no faults."""
+    total = sum(c for _, c in buckets)
+    if total == 0:
+        return None
+    want = max(1, math.ceil(min(q, 1.0) * total))
+    seen = 0
+    for v, c in buckets:
+        seen += c
+        if seen >= want:
+            return v
+    return buckets[-1][0]
+
+
 def totals(per_node_stats: Sequence[Any]) -> dict[str, Any]:
     """Sum the DSM counters of every node (see the module doc for the exceptions)."""
     dsms = [dsm_of(s) for s in per_node_stats]
@@ -111,7 +173,16 @@ def totals(per_node_stats: Sequence[Any]) -> dict[str, Any]:
     for d in dsms:
         keys.extend(k for k in d if k not in keys)
     for k in keys:
-        if k == _HIST:
+        if k in QUANTILES or k == "fault_max_ns":
+            continue  # recomputed below
+        if k == _HDR:
+            hdrs = [d.get(k) for d in dsms if d]
+            if all(isinstance(h, list) for h in hdrs):
+                merged = merge_hdr(hdrs)
+                out[k] = [[v, c] for v, c in merged]
+                for qk, q in QUANTILES.items():
+                    out[qk] = hdr_quantile_ns(merged, q) or 0
+        elif k == _HIST:
             hists = [d[k] for d in dsms if isinstance(d.get(k), list)]
             width = max((len(h) for h in hists), default=0)
             out[k] = [
@@ -129,6 +200,9 @@ def totals(per_node_stats: Sequence[Any]) -> dict[str, Any]:
             vals = [d[k] for d in dsms if _is_num(d.get(k))]
             if vals:
                 out[k] = sum(vals)
+    maxes = [d["fault_max_ns"] for d in dsms if _is_int(d.get("fault_max_ns"))]
+    if maxes:
+        out["fault_max_ns"] = max(maxes)
     peaks = [d["resident_peak"] for d in dsms if _is_int(d.get("resident_peak"))]
     if peaks:
         out["resident_peak_max"] = max(peaks)
@@ -182,8 +256,11 @@ def format_table(nodes: Sequence[Mapping[str, Any]], *, title: str = "dvmm stats
     if multi:
         headers.append("total")
     rows: list[list[str]] = []
-    known = {k for k, _, _ in _DSM_ROWS}
-    dsm_rows = list(_DSM_ROWS)
+    known = {k for k, _, _ in _DSM_ROWS} | set(QUANTILES) | {"fault_max_ns"}
+    hdr = any("fault_p50_ns" in d for d in dsms)
+    # exact quantiles when the workers have them, else the log2 bucket bounds
+    hide = _LOG2_ROWS if hdr else {*QUANTILES, "fault_max_ns"}
+    dsm_rows = [r for r in _DSM_ROWS if r[0] not in hide]
     for d in dsms:
         for k, v in d.items():
             if k not in known and k not in _SKIP and _is_num(v):

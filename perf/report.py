@@ -76,13 +76,38 @@ def _plots(doc: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         plt.close(fig)
         made.append(("ep_times.png", "ep workload: QEMU/KVM vs dvmm"))
 
-    hists = doc.get("extra", {}).get("dsm_histograms")
-    if hists:
+    lat = doc.get("extra", {}).get("dsm_latency") or {}
+    hdr = [(float(v), float(c)) for v, c in lat.get("sweep_read_latency_ns_hdr") or []]
+    hists = doc.get("extra", {}).get("dsm_histograms")  # latest.json before issue 9
+    if hdr:
+        total = sum(c for _, c in hdr)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs, ys, seen = [], [], 0.0
+        for v, c in hdr:
+            seen += c
+            xs.append(v / 1e3)
+            ys.append(seen / total)
+        ax.step(xs, ys, where="post", label=f"engine, sweep read faults (n={int(total)})")
+        for k, style in (("remote_read_fault_p50_us", "--"), ("remote_read_fault_p99_us", ":")):
+            v = allk.get(k, {}).get("value")
+            if v is not None:
+                ax.axvline(v, color="#a73", linestyle=style, label=f"guest faultlat {k}")
+        ax.set_xscale("log")
+        ax.set_xlabel("fault latency (us)")
+        ax.set_ylabel("fraction of faults")
+        ax.set_title("Remote read fault latency: DSM engine histogram (HDR) vs guest")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "remote_fault_hist.png", dpi=110)
+        plt.close(fig)
+        made.append(("remote_fault_hist.png", "engine read-fault latency CDF, guest percentiles"))
+    elif hists:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, h in hists.items():
             if h:
-                xs = [0.5] + [2.0 ** (i - 1) for i in range(1, len(h))]
-                ax.step(xs, h, where="post", label=name)
+                xs2 = [0.5] + [2.0 ** (i - 1) for i in range(1, len(h))]
+                ax.step(xs2, h, where="post", label=name)
         ax.set_xscale("log")
         ax.set_xlabel("fault latency (us, log2 buckets)")
         ax.set_ylabel("faults")
@@ -156,12 +181,14 @@ def render(doc: dict[str, Any], plots: list[tuple[str, str]]) -> str:
         f"{'quick' if doc.get('quick') else 'full'} suite in {doc.get('duration_s')} s. "
         f"Host: {h.get('cpus')} CPUs ({h.get('cpu_model', '?')}), virtualization: "
         f"{h.get('virtualization')}, kernel {h.get('kernel')}. Load average (1/5/15 min) "
-        f"at start {h.get('loadavg_start')}, at end {h.get('loadavg_end')}.\n"
+        f"at start {h.get('loadavg_start')}, at end {h.get('loadavg_end')}."
+        + (f" Stages: {', '.join(doc['stages'])}." if doc.get("stages") else "")
+        + "\n"
     )
     L.append("Values are medians over repetitions; spread is min..max and the interquartile "
              "half-range relative to the median. `null` = not measurable on this revision "
              "(reason under *Missing*).\n")  # fmt: skip
-    L.append("## Targets (issue 6)\n")
+    L.append("## Targets (issue 6, revised by issue 9)\n")
     L.append("| target | formula | bound | value | status |")
     L.append("| --- | --- | --- | --- | --- |")
     for t in doc.get("targets", []):

@@ -1,17 +1,23 @@
 """Run the whole performance suite and write perf/results/latest.json + report.md + plots.
 
-    python -m perf.run [--quick] [--out perf/results] [--no-profile]
+    python -m perf.run [--quick] [--out perf/results] [--no-profile] [--only STAGE,...]
 
-1. micro-benchmarks under pytest-benchmark (perf/test_micro.py): raw TCP between two
-   processes on the nodes' addresses, the local userfaultfd floor;
-2. the bundled guest's ep (+ ipi) workload under QEMU/KVM, dvmm on one node and dvmm on
-   two nodes (``dvmmctl run --nodes 2``), interleaved run by run;
-3. the other distributed-VM figures: remote faults and scan (sweep), counter and
-   falseshare with the DSM hold window and without (``--hold-window-us 0``), NUMA
-   locality, the fault-throughput scaling sweep. A figure that cannot be measured is
+Stages (``--only`` picks some; ``--list-stages`` prints them with their keys):
+
+1. ``micro``: micro-benchmarks under pytest-benchmark (perf/test_micro.py): raw TCP
+   between two processes on the nodes' addresses (blocking and busy-polling), the
+   local userfaultfd floors (blocking and busy-polling handler);
+2. ``ep``: the bundled guest's ep (+ ipi) workload under QEMU/KVM, dvmm on one node and
+   dvmm on two nodes (``dvmmctl run --nodes 2``), interleaved run by run; the ipi keys
+   come from the same boots. ``ipi`` (not in the default set): only the ipi workload,
+   for short A/B runs; skipped when ``ep`` runs;
+3. the other distributed-VM figures: ``remote`` (guest-timed remote faults: faultlat;
+   scan bandwidth and the engine's histogram: sweep), ``contended`` (counter and
+   falseshare with the DSM hold window and without, ``--hold-window-us 0``), ``numa``
+   (locality), ``scaling`` (fault throughput). A figure that cannot be measured is
    recorded as null with the reason under ``missing`` -- never guessed;
-4. profiles under a 2-node load: py-spy flame graphs of the workers and of the daemons
-   (``dvmmctl demo``), ``perf record -g`` of the workers' native threads;
+4. ``profiles``: under a 2-node load, py-spy flame graphs of the workers and of the
+   daemons (``dvmmctl demo``), ``perf record -g`` of the workers' native threads;
 5. perf/results/latest.json and report.md with PNG plots (perf.report).
 """
 
@@ -39,7 +45,15 @@ from perf.common import (
     Figure,
     host_description,
 )
-from perf.measure import Missing, Params
+from perf.measure import (
+    ENGINE_KEYS,
+    EP_KEYS,
+    FAULTLAT_KEYS,
+    IPI_KEYS,
+    Missing,
+    Params,
+    Partial,
+)
 from perf.probes import ProbeError
 from perf.vm import VmError
 
@@ -58,6 +72,11 @@ class Collector:
             self.figures[f.key] = f
             self.json_figs[f.key] = f.to_json()
             print(f"perf: {f.key} = {f.value:.4g} {f.unit} (n={len(f.samples)})", flush=True)
+
+    def partial(self, r: Partial) -> None:
+        self.add(*r.figures)
+        for k, why in r.missing.items():
+            self.miss([k], why)
 
     def miss(self, keys: Sequence[str], why: str) -> None:
         for k in keys:
@@ -101,43 +120,80 @@ def run_micro(c: Collector, p: Params, out: Path) -> None:
         c.extra["micro_failures"] = failed[-20:]
 
 
-def run_vm1(c: Collector, p: Params, two_node: bool) -> None:
-    c.add(*measure.ep_runs(p, two_node))
+MICRO_KEYS = (
+    "tcp_rtt_p50_us", "tcp_rtt_busy_p50_us", "tcp_stream_gbps", "local_fault_floor_p50_us",
+    "local_fault_floor_busy_p50_us",
+)  # fmt: skip
+SCAN_KEYS = ("remote_scan_gbps", *ENGINE_KEYS)
+CONTENDED_KEYS = ("counter_2node_ops_per_s", "falseshare_2node_ops_per_s")
+PLAIN_KEYS = ("falseshare_2node_plain_ops_per_s", "counter_2node_plain_ops_per_s")
+
+#: name -> (what it runs, the keys it gives), in run order. ``ipi`` is not in the
+#: default set: ``ep``'s boots run the ipi workload too.
+STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "micro": ("C probes: TCP round trip and stream, local userfaultfd floors", MICRO_KEYS),
+    "ep": ("guest ep+ipi: QEMU, dvmm 1 node, dvmm 2 nodes, interleaved", (*EP_KEYS, *IPI_KEYS)),
+    "ipi": ("guest ipi only: QEMU, dvmm 1 node, dvmm 2 nodes (skipped with ep)", IPI_KEYS),
+    "remote": ("guest faultlat + sweep on 2 nodes", (*FAULTLAT_KEYS, *SCAN_KEYS)),
+    "contended": ("counter, falseshare on 2 nodes, hold window / plain", (*CONTENDED_KEYS, *PLAIN_KEYS)),
+    "numa": ("sweep numa=ignore vs numa=local on 2 nodes", ("numa_local_speedup",)),
+    "scaling": ("fault throughput against nodes and vCPUs (extra.fault_scaling)", ()),
+    "profiles": ("py-spy and perf profiles under a 2-node load", ()),
+}  # fmt: skip
+DEFAULT_STAGES = tuple(k for k in STAGES if k != "ipi")
+#: Stages that need ``dvmmctl run --nodes 2`` (ep and ipi run their 1-node part without).
+DISTRIBUTED = ("remote", "contended", "numa", "scaling")
+#: The 2-node keys of ep / ipi.
+TWO_NODE_EP_KEYS = ("dvmm_2node_2vcpu_s", "ep_efficiency_2node", "ipi_roundtrip_p50_us",
+                    "ipi_roundtrip_p99_us")  # fmt: skip
 
 
-DIST_KEYS = [
-    "remote_read_fault_p50_us", "remote_read_fault_p99_us", "remote_write_fault_p50_us",
-    "remote_scan_gbps", "ipi_roundtrip_p50_us", "dvmm_2node_2vcpu_s", "ep_efficiency_2node",
-    "counter_2node_ops_per_s", "falseshare_2node_ops_per_s", "numa_local_speedup",
-]  # fmt: skip
+def parse_stages(only: str | None, no_profile: bool) -> list[str]:
+    """The stages to run, in run order, from ``--only a,b`` (None: the default set)."""
+    if only is None:
+        chosen = list(DEFAULT_STAGES)
+    else:
+        want = [x.strip() for x in only.split(",") if x.strip()]
+        bad = [x for x in want if x not in STAGES]
+        if bad or not want:
+            raise ValueError(
+                f"--only: unknown stage(s) {', '.join(bad) or '(none given)'}; "
+                f"stages: {', '.join(STAGES)}"
+            )
+        chosen = [k for k in STAGES if k in want]
+    if "ep" in chosen and "ipi" in chosen:
+        chosen.remove("ipi")  # ep's boots give the ipi keys
+    if no_profile and "profiles" in chosen:
+        chosen.remove("profiles")
+    return chosen
 
 
-EP2_KEYS = ["dvmm_2node_2vcpu_s", "ep_efficiency_2node", "ipi_roundtrip_p50_us"]
-PLAIN_KEYS = ["falseshare_2node_plain_ops_per_s", "counter_2node_plain_ops_per_s"]
-
-
-def run_distributed(c: Collector, p: Params) -> None:
-    hold = measure.hold_window_supported()
-    c.extra["hold_window_switch"] = hold
-
-    def remote() -> None:
-        figs, hists = measure.remote_faults(p)
+def run_distributed(c: Collector, p: Params, stages: Sequence[str]) -> None:
+    def scan() -> None:
+        figs, lat = measure.remote_scan(p)
         c.add(*figs)
-        c.extra["dsm_histograms"] = hists
+        c.extra["dsm_latency"] = lat
 
     def scaling() -> None:
         c.extra["fault_scaling"] = measure.scaling(p)
 
-    c.stage("remote_faults", DIST_KEYS[:4], remote)
-    c.stage("contended", ["counter_2node_ops_per_s", "falseshare_2node_ops_per_s", *PLAIN_KEYS],
-            lambda: c.add(*measure.contended_ops(p, hold)))  # fmt: skip
-    c.stage("numa", ["numa_local_speedup"], lambda: c.add(measure.numa_speedup(p)))
-    c.stage("scaling", ["fault_scaling"], scaling)
-    if not hold:
-        c.miss(
-            PLAIN_KEYS,
-            "dvmmctl run has no --hold-window-us (no switch to the plain invalidation protocol)",
-        )
+    if "remote" in stages:
+        c.stage("remote_faultlat", FAULTLAT_KEYS, lambda: c.add(*measure.faultlat(p)))
+        c.stage("remote_scan", SCAN_KEYS, scan)
+    if "contended" in stages:
+        hold = measure.hold_window_supported()
+        c.extra["hold_window_switch"] = hold
+        c.stage("contended", [*CONTENDED_KEYS, *PLAIN_KEYS],
+                lambda: c.add(*measure.contended_ops(p, hold)))  # fmt: skip
+        if not hold:
+            c.miss(
+                PLAIN_KEYS,
+                "dvmmctl run has no --hold-window-us (no switch to the plain invalidation protocol)",
+            )
+    if "numa" in stages:
+        c.stage("numa", ["numa_local_speedup"], lambda: c.add(measure.numa_speedup(p)))
+    if "scaling" in stages:
+        c.stage("scaling", ["fault_scaling"], scaling)
 
 
 PROFILE_LOAD = "run=sweep,falseshare,counter,ipi sweep.mem=64M ipi.iters=300 falseshare.iters=2M"
@@ -233,28 +289,40 @@ def git_revision() -> str:
     return r.stdout.strip() or "unknown"
 
 
-def assemble(c: Collector, p: Params, started: float, host: dict[str, Any]) -> dict[str, Any]:
+def assemble(
+    c: Collector, p: Params, started: float, host: dict[str, Any],
+    stages: Sequence[str] = DEFAULT_STAGES,
+) -> dict[str, Any]:  # fmt: skip
     keys: dict[str, Any] = {}
     for k, unit in ISSUE_KEYS.items():
         if k in c.json_figs:
             keys[k] = c.json_figs[k]
         else:
             keys[k] = {"value": None, "unit": unit, "n": 0, "spread": None}
-            c.missing.setdefault(k, "not measured (its stage did not run)")
+            owners = [name for name, (_, ks) in STAGES.items() if k in ks]
+            skipped = owners and not any(s in stages for s in owners)
+            c.missing.setdefault(
+                k,
+                f"stage {' or '.join(owners)} not selected (stages run: {','.join(stages)})"
+                if skipped
+                else "not measured (its stage did not run)",
+            )
     extra_keys = {k: v for k, v in c.json_figs.items() if k not in ISSUE_KEYS}
     values = {k: v.get("value") for k, v in {**keys, **extra_keys}.items()}
     targets = []
     for t in TARGETS:
         ratio = t.evaluate(values)
         targets.append(
-            {"name": t.name, "expr": t.expr, "target": f"{t.op} {t.bound}",
-             "value": None if ratio is None else round(ratio, 4), "status": t.status(ratio)}
+            {"name": t.name, "expr": t.expr, "target": t.bound_text,
+             "value": None if ratio is None else round(ratio, 4), "status": t.status(ratio),
+             "keys": list(t.keys)}
         )  # fmt: skip
     return {
         "schema": 1,
         "revision": git_revision(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": p.quick,
+        "stages": list(stages),
         "duration_s": round(time.monotonic() - started, 1),
         "host": host,
         "keys": keys,
@@ -267,34 +335,65 @@ def assemble(c: Collector, p: Params, started: float, host: dict[str, Any]) -> d
     }
 
 
+def _stage_list() -> str:
+    lines = []
+    for name, (what, keys) in STAGES.items():
+        default = "" if name in DEFAULT_STAGES else " (not in the default set)"
+        lines.append(f"{name}{default}: {what}")
+        if keys:
+            lines.append("    " + ", ".join(keys))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m perf.run",
+        description=__doc__.split("\n\n")[0],
+        epilog="stages: " + ", ".join(STAGES) + " (--list-stages: with their keys)",
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 3 minutes)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output directory (perf/results)")
     ap.add_argument("--no-profile", action="store_true", help="skip py-spy / perf profiles")
     ap.add_argument("--no-report", action="store_true", help="only latest.json, no Markdown/PNG")
+    ap.add_argument(
+        "--only", metavar="STAGE[,STAGE...]",
+        help="run only these stages (default: all but ipi), e.g. --only micro,remote,ipi",
+    )  # fmt: skip
+    ap.add_argument("--list-stages", action="store_true", help="print the stages and exit")
     args = ap.parse_args(argv)
+    if args.list_stages:
+        print(_stage_list())
+        return 0
+    try:
+        stages = parse_stages(args.only, args.no_profile)
+    except ValueError as e:
+        ap.error(str(e))
     p = Params(quick=args.quick)
     out: Path = args.out.resolve()  # sub-commands run with other cwds
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     host = host_description()  # its loadavg_start is now
     c = Collector()
-    c.stage("micro", ["tcp_rtt_p50_us", "tcp_stream_gbps", "local_fault_floor_p50_us"],
-            lambda: run_micro(c, p, out))  # fmt: skip
-    two_node = True
-    try:
-        measure.check_distributed()
-    except Missing as e:
-        two_node = False
-        c.miss([*DIST_KEYS, *PLAIN_KEYS, "fault_scaling"], str(e))
-    c.stage("ep_ipi", ["qemu_1node_2vcpu_s", "dvmm_1node_2vcpu_s", *EP2_KEYS],
-            lambda: run_vm1(c, p, two_node))  # fmt: skip
+    print(f"perf: stages {', '.join(stages)}", flush=True)
+    if "micro" in stages:
+        c.stage("micro", MICRO_KEYS, lambda: run_micro(c, p, out))
+    two_node = False
+    if any(s in stages for s in ("ep", "ipi", *DISTRIBUTED)):
+        try:
+            measure.check_distributed()
+            two_node = True
+        except Missing as e:
+            dist = [k for s in DISTRIBUTED if s in stages for k in STAGES[s][1]]
+            c.miss([*TWO_NODE_EP_KEYS, *dist], str(e))
+    if "ep" in stages:
+        c.stage("ep_ipi", STAGES["ep"][1], lambda: c.partial(measure.ep_runs(p, two_node)))
+    if "ipi" in stages:
+        c.stage("ipi", IPI_KEYS, lambda: c.partial(measure.ipi_runs(p, two_node)))
     if two_node:
-        c.stage("distributed", DIST_KEYS, lambda: run_distributed(c, p))
-    if not args.no_profile:
+        run_distributed(c, p, stages)
+    if "profiles" in stages:
         c.stage("profiles", [], lambda: run_profiles(c, p, out))
-    doc = assemble(c, p, started, host)
+    doc = assemble(c, p, started, host, stages)
     doc["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     (out / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(f"perf: wrote {out / 'latest.json'} in {doc['duration_s']} s", flush=True)

@@ -1,17 +1,45 @@
-"""Unit tests of the suite's own arithmetic (fast; no VM, no probes)."""
+"""Unit tests of the suite's own arithmetic and parsers (fast; no VM, no probes)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from perf.ab import compare, permutation_p
+from perf import measure
+from perf.ab import Side, compare, parse_env, permutation_p, render
 from perf.common import (
+    ISSUE_KEYS,
     TARGETS,
     Figure,
+    GuestFormatError,
+    faultlat_us,
     find_dsm_snapshots,
+    hdr_quantile,
+    ipi_us,
     log2_hist_percentile,
+    merge_hdr,
     parse_results,
     sum_counters,
+)
+from perf.measure import Missing, Params
+from perf.run import DEFAULT_STAGES, STAGES, Collector, assemble, parse_stages
+from perf.vm import VmRun
+
+#: The guest's faultlat line (guest/src/user.c faultlat_check) on 2 nodes x 1 vCPU.
+FAULTLAT = (
+    "dvmm-guest: faultlat cpus=2 pages=2048 shift=1 read_kind=remote "
+    "read_p50_ns=61234 read_p99_ns=180500 read_max_ns=2500000 "
+    "upgrade_p50_ns=45000 upgrade_p99_ns=99000 upgrade_max_ns=400000 "
+    "steal_p50_ns=70000 steal_p99_ns=210000 steal_max_ns=900000 time_us=812345 PASS"
+)
+IPI = (
+    "dvmm-guest: ipi peer=1 peer_node=1 rounds=300 pings=300 pongs=300 rtt_ns=650000 "
+    "min_rtt_ns=256000 rtt_p50_ns=400000 rtt_p99_ns=1900000 time_us=195000 PASS"
+)
+IPI_OLD = (
+    "dvmm-guest: ipi peer=1 peer_node=1 rounds=300 pings=300 pongs=300 rtt_ns=650000 "
+    "min_rtt_ns=256000 time_us=195000 PASS"
 )
 
 
@@ -20,11 +48,89 @@ def test_parse_result_lines() -> None:
         "dvmm-guest: boot cpus=2 nodes=1\n"
         "dvmm-guest: ep samples=4194304 inside=3294631 pi=3.142004 checksum=95 time_us=13452 PASS\n"
         "dvmm-guest: sweep bytes=16777216 numa=local write_us=4 verify_us=9 errors=0 time_us=13 FAIL\n"
+        "dvmm-guest: custom a=1 b=2 PASS\n"
     )
     r = parse_results(out)
     assert r["ep"].time_us == 13452 and r["ep"].passed
     assert r["ep"].num("samples") == 4194304
     assert not r["sweep"].passed and r["sweep"].values["numa"] == "local"
+    assert "boot" not in r
+    assert r["custom"].passed and r["custom"].time_us == 0 and r["custom"].num("b") == 2
+
+
+def test_faultlat_line() -> None:
+    g = parse_results("noise\r\n" + FAULTLAT + "\r\n")["faultlat"]
+    assert g.passed and g.time_us == 812345
+    v = faultlat_us(g)
+    assert v["read_p50"] == pytest.approx(61.234)
+    assert v["read_p99"] == pytest.approx(180.5)
+    assert v["read_max"] == pytest.approx(2500.0)
+    assert v["upgrade_p50"] == pytest.approx(45.0)
+    assert v["steal_p50"] == pytest.approx(70.0) and v["steal_p99"] == pytest.approx(210.0)
+    assert v["cpus"] == 2 and v["pages"] == 2048
+    # the line may carry other fields in any order
+    shuffled = FAULTLAT.replace("shift=1 ", "").replace("cpus=2 ", "x=7 cpus=2 ")
+    assert faultlat_us(parse_results(shuffled)["faultlat"])["read_p50"] == pytest.approx(61.234)
+
+
+def test_faultlat_line_rejects_local_or_incomplete() -> None:
+    one_node = FAULTLAT.replace("shift=1 read_kind=remote", "shift=0 read_kind=first_touch")
+    with pytest.raises(GuestFormatError, match="first_touch"):
+        faultlat_us(parse_results(one_node)["faultlat"])
+    with pytest.raises(GuestFormatError, match="steal_p99_ns"):
+        faultlat_us(parse_results(FAULTLAT.replace("steal_p99_ns", "x"))["faultlat"])
+
+
+def test_ipi_line() -> None:
+    v = ipi_us(parse_results(IPI)["ipi"])
+    assert v == {"p50": 400.0, "p99": 1900.0, "mean": 650.0, "min": 256.0}
+    with pytest.raises(GuestFormatError, match="rtt_p50_ns"):
+        ipi_us(parse_results(IPI_OLD)["ipi"])
+
+
+def _run(*lines: str, result_json: dict[str, object] | None = None) -> VmRun:
+    text = "\n".join(lines) + "\n"
+    return VmRun(text, parse_results(text), 1.0, result_json)
+
+
+def test_ipi_figures_from_runs() -> None:
+    p = Params(quick=True)
+    s = measure._IpiSamples()
+    one = IPI.replace("peer_node=1", "peer_node=0")
+    s.add(_run(one.replace("rtt_p50_ns=400000", "rtt_p50_ns=300000")), _run(one), _run(IPI))
+    s.add(_run(one.replace("rtt_p50_ns=400000", "rtt_p50_ns=310000")), _run(one),
+          _run(IPI.replace("rtt_p50_ns=400000", "rtt_p50_ns=500000")))  # fmt: skip
+    missing: dict[str, str] = {}
+    figs = {f.key: f for f in s.figures(p, "run=ipi", True, missing)}
+    assert not missing
+    assert set(figs) == set(measure.IPI_KEYS)
+    assert figs["qemu_ipi_roundtrip_1node_us"].value == pytest.approx(305.0)
+    assert figs["dvmm_ipi_roundtrip_1node_us"].value == pytest.approx(400.0)
+    assert figs["ipi_roundtrip_p50_us"].samples == [400.0, 500.0]
+    assert figs["ipi_roundtrip_p99_us"].value == pytest.approx(1900.0)
+    assert figs["ipi_roundtrip_p50_us"].extra["2node_min_us"] == pytest.approx(256.0)
+    # an older guest: the ipi keys are missing with the reason, nothing is guessed
+    old = measure._IpiSamples()
+    old.add(_run(IPI_OLD), _run(IPI_OLD), _run(IPI_OLD))
+    assert old.figures(p, "run=ipi", True, missing) == []
+    assert set(missing) == set(measure.IPI_KEYS) and "rtt_p50_ns" in missing["ipi_roundtrip_p50_us"]
+
+
+def test_faultlat_figures() -> None:
+    p = Params(quick=True)
+    runs = [
+        parse_results(FAULTLAT)["faultlat"],
+        parse_results(FAULTLAT.replace("read_p50_ns=61234", "read_p50_ns=81234"))["faultlat"],
+        parse_results(FAULTLAT.replace("read_p50_ns=61234", "read_p50_ns=51234"))["faultlat"],
+    ]
+    figs = {f.key: f for f in measure.faultlat_figures(p, runs, [{"remote_faults": 8000}] * 3)}
+    assert set(figs) == set(measure.FAULTLAT_KEYS)
+    assert figs["remote_read_fault_p50_us"].value == pytest.approx(61.234)
+    assert figs["remote_read_fault_p50_us"].samples == pytest.approx([61.234, 81.234, 51.234])
+    assert figs["remote_read_fault_p99_us"].value == pytest.approx(180.5)
+    assert figs["remote_upgrade_fault_p50_us"].value == pytest.approx(45.0)
+    assert figs["remote_write_fault_p50_us"].value == pytest.approx(70.0)
+    assert figs["remote_read_fault_p50_us"].extra["dsm_remote_faults_per_run_median"] == 8000
 
 
 def test_dsm_snapshots_summed_over_nodes() -> None:
@@ -50,6 +156,52 @@ def test_dsm_snapshots_of_a_dvmmctl_json_summary() -> None:
     assert t["read_faults"] == 7 and t["latency_us_log2"] == [0, 2, 4]
     only_totals = {"nodes": [{"node": 0, "stats": {"dsm": None}}], "totals": summary["totals"]}
     assert find_dsm_snapshots(only_totals) == [summary["totals"]]
+    hdr_only = {"stats": {"dsm": {"latency_ns_hdr": [[1000, 1]]}}}
+    assert find_dsm_snapshots(hdr_only) == [{"latency_ns_hdr": [[1000, 1]]}]
+
+
+def test_sum_counters_latency_fields() -> None:
+    """Means are weighted, quantiles recomputed from the merged HDR buckets, max is the
+    largest node's: never sums."""
+    a = {"remote_faults": 3, "fault_mean_ns": 100, "fault_p50_ns": 20, "fault_p99_ns": 900,
+         "fault_max_ns": 900, "latency_ns_hdr": [[10, 1], [20, 1], [900, 1]]}  # fmt: skip
+    b = {"remote_faults": 1, "fault_mean_ns": 500, "fault_p50_ns": 500, "fault_p99_ns": 500,
+         "fault_max_ns": 500, "latency_ns_hdr": [[20, 0], [500, 1]]}  # fmt: skip
+    t = sum_counters([a, b])
+    assert t["remote_faults"] == 4
+    assert t["fault_mean_ns"] == pytest.approx((3 * 100 + 500) / 4)
+    assert t["fault_max_ns"] == 900
+    assert t["latency_ns_hdr"] == [[10.0, 1.0], [20.0, 1.0], [500.0, 1.0], [900.0, 1.0]]
+    assert t["fault_p50_ns"] == 20 and t["fault_p99_ns"] == 900
+    # a node without the HDR buckets (an older worker): no made-up quantiles
+    t2 = sum_counters([a, {"remote_faults": 1, "fault_mean_ns": 5, "latency_us_log2": [1]}])
+    assert "fault_p50_ns" not in t2 and "latency_ns_hdr" not in t2
+
+
+def test_hdr_quantile_matches_hdrhistogram() -> None:
+    # value_at_quantile: first value whose cumulative count reaches max(1, ceil(q * n))
+    b = merge_hdr([[[1000, 50], [2000, 40]], [[2000, 9], [9000, 1]]])
+    assert b == [(1000.0, 50.0), (2000.0, 49.0), (9000.0, 1.0)]
+    assert hdr_quantile(b, 0.5) == 1000  # 50 of 100
+    assert hdr_quantile(b, 0.51) == 2000
+    assert hdr_quantile(b, 0.99) == 2000
+    assert hdr_quantile(b, 0.999) == 9000
+    assert hdr_quantile(b, 0.0) == 1000 and hdr_quantile(b, 1.0) == 9000
+    assert hdr_quantile([], 0.5) is None
+    assert merge_hdr([None, [[1, -1], "x", [2, 3]]]) == [(2.0, 3.0)]
+
+
+def test_engine_read_quantiles_hdr_and_log2() -> None:
+    p50, p99, kind = measure.engine_read_quantiles(
+        {"latency_ns_hdr": [[40_000, 90], [400_000, 10]], "latency_us_log2": [0] * 24}
+    )
+    assert (p50, p99, kind) == (40.0, 400.0, "hdr")
+    h = [0] * 24
+    h[6] = 100
+    p50, _, kind = measure.engine_read_quantiles({"latency_us_log2": h})
+    assert kind == "log2" and 32 <= p50 < 64
+    with pytest.raises(Missing):
+        measure.engine_read_quantiles({"latency_us_log2": [0] * 24, "latency_ns_hdr": []})
 
 
 def test_log2_histogram_percentile() -> None:
@@ -70,12 +222,63 @@ def test_figure_median_and_spread() -> None:
 
 def test_targets() -> None:
     t = {x.name: x for x in TARGETS}
-    r = t["remote_fault_over_rtt"].evaluate(
-        {"remote_read_fault_p50_us": 80.0, "local_fault_floor_p50_us": 20.0, "tcp_rtt_p50_us": 50.0}
-    )
-    assert r == pytest.approx(1.2) and t["remote_fault_over_rtt"].status(r) == "met"
+    v = {
+        "remote_read_fault_p50_us": 100.0, "remote_read_fault_p99_us": 350.0,
+        "local_fault_floor_busy_p50_us": 30.0, "tcp_rtt_p50_us": 70.0, "tcp_rtt_busy_p50_us": 10.0,
+        "ipi_roundtrip_p50_us": 400.0, "dvmm_ipi_roundtrip_1node_us": 300.0,
+        "qemu_ipi_roundtrip_1node_us": 390.0,
+    }  # fmt: skip
+    r = t["remote_read_vs_floor"].evaluate(v)
+    assert r == pytest.approx(1.0) and t["remote_read_vs_floor"].status(r) == "met"
+    assert t["remote_read_vs_floor"].status(1.01) == "missed"
+    r = t["remote_read_tail"].evaluate(v)
+    assert r == pytest.approx(3.5) and t["remote_read_tail"].status(r) == "met"
+    phys = t["remote_read_vs_physical_floor"]
+    assert phys.evaluate(v) == pytest.approx(2.5) and phys.status(2.5) == "info"
+    assert phys.bound_text == "—"
+    r = t["ipi_cross_node_cost"].evaluate(v)
+    assert r == pytest.approx(100 / 70) and t["ipi_cross_node_cost"].status(r) == "missed"
+    r = t["ipi_1node_vs_qemu"].evaluate(v)
+    assert r == pytest.approx(300 / 390) and t["ipi_1node_vs_qemu"].status(r) == "met"
     assert t["ep_efficiency"].status(0.5) == "missed"
     assert t["ep_efficiency"].status(t["ep_efficiency"].evaluate({})) == "n/a"
+    assert t["dvmm_over_qemu"].bound_text == "<= 1.05"
+    assert "remote_fault_over_rtt" not in t and "ipi_over_rtt" not in t
+    for x in TARGETS:  # every key a target reads is in the table or a known extra
+        for k in x.keys:
+            assert k in ISSUE_KEYS or k.endswith("_plain_ops_per_s"), k
+
+
+def test_stage_filter() -> None:
+    assert parse_stages(None, False) == list(DEFAULT_STAGES) and "ipi" not in DEFAULT_STAGES
+    assert parse_stages("ipi,remote", False) == ["ipi", "remote"]  # run order
+    assert parse_stages("remote, ep ,ipi", False) == ["ep", "remote"]  # ep gives the ipi keys
+    assert parse_stages("micro,profiles", True) == ["micro"]
+    with pytest.raises(ValueError, match="bogus"):
+        parse_stages("remote,bogus", False)
+    with pytest.raises(ValueError):
+        parse_stages(",", False)
+    # every table key comes from some stage
+    staged = {k for _, keys in STAGES.values() for k in keys}
+    assert set(ISSUE_KEYS) <= staged
+
+
+def test_assemble_says_which_stage_was_skipped() -> None:
+    c = Collector()
+    c.add(Figure("remote_read_fault_p50_us", "us", [60.0, 70.0], "m"))
+    c.add(Figure("remote_read_fault_p99_us", "us", [200.0, 300.0], "m"))
+    c.add(Figure("engine_read_fault_p50_us", "us", [40.0], "m"))
+    doc = assemble(c, Params(quick=True), 0.0, {}, ["remote"])
+    assert doc["stages"] == ["remote"]
+    assert doc["keys"]["remote_read_fault_p50_us"]["value"] == 65.0
+    assert doc["keys"]["tcp_rtt_p50_us"]["value"] is None
+    assert "micro" in doc["missing"]["tcp_rtt_p50_us"]
+    assert "ep or ipi" in doc["missing"]["ipi_roundtrip_p50_us"]
+    assert "engine_read_fault_p50_us" in doc["extra_keys"]
+    st = {t["name"]: t for t in doc["targets"]}
+    assert (
+        st["remote_read_tail"]["status"] == "met" and st["remote_read_vs_floor"]["status"] == "n/a"
+    )
 
 
 def test_permutation_test() -> None:
@@ -85,3 +288,48 @@ def test_permutation_test() -> None:
     slow = {"keys": {"tcp_rtt_p50_us": {"value": 20.0, "samples": [20.0, 20.1, 19.9, 20.0, 20.2]}}}
     rows = compare([run, run], [slow, slow], 0.05, 0.03)
     assert rows[0]["verdict"] == "worse"
+
+
+def test_ab_configurations() -> None:
+    assert parse_env(["DVMM_DSM_MODE=rt", "X=a=b", "E="], "--env-a") == {
+        "DVMM_DSM_MODE": "rt", "X": "a=b", "E": ""
+    }  # fmt: skip
+    for bad in ("NOEQUALS", "1X=2", "=v"):
+        with pytest.raises(ValueError, match="--env-b"):
+            parse_env([bad], "--env-b")
+    a = Side("A", None, {}, unset={"DVMM_DSM_MODE"})
+    b = Side("B", None, {"DVMM_DSM_MODE": "rt"})
+    base = {"PATH": "/bin", "DVMM_DSM_MODE": "spin"}
+    assert a.environ(base) == {"PATH": "/bin"}  # A = the default, not the shell's export
+    assert b.environ(base) == {"PATH": "/bin", "DVMM_DSM_MODE": "rt"}
+    assert b.describe() == "this checkout DVMM_DSM_MODE=rt"
+    assert a.describe() == "this checkout DVMM_DSM_MODE unset"
+
+
+def test_ab_table() -> None:
+    def run(v: list[float], ipi: float) -> dict[str, object]:
+        return {
+            "keys": {
+                "remote_read_fault_p50_us": {"value": v[0], "unit": "us", "samples": v},
+                "ipi_roundtrip_p50_us": {"value": ipi, "unit": "us", "samples": [ipi]},
+                "tcp_rtt_p50_us": {"value": None, "unit": "us"},
+            },
+            "extra_keys": {"engine_read_fault_p50_us": {"value": 5.0, "samples": [5.0]}},
+        }
+
+    ra = [run([60.0, 62.0, 61.0], 400.0), run([63.0, 59.0, 60.5], 410.0)]
+    rb = [run([40.0, 41.0, 42.0], 300.0), run([39.0, 40.5, 41.5], 320.0)]
+    rows = compare(ra, rb, 0.05, 0.03, keys=["remote_read_fault_p50_us", "ipi_roundtrip_p50_us"])
+    assert [r["key"] for r in rows] == ["ipi_roundtrip_p50_us", "remote_read_fault_p50_us"]
+    rr = rows[1]
+    assert rr["verdict"] == "better" and rr["n_a"] == 6 and rr["a_min"] == 59.0
+    assert rr["p"] < 0.05 and math.isclose(rr["change_pct"], -32.92, abs_tol=0.01)
+    assert rows[0]["verdict"].startswith("undecidable")  # 2+2 samples
+    md = render(rows, "`DVMM_DSM_MODE=spin`", "`DVMM_DSM_MODE=rt`", ["header line"])
+    lines = md.splitlines()
+    assert lines[0] == "# A/B: A = `DVMM_DSM_MODE=spin` vs B = `DVMM_DSM_MODE=rt`"
+    assert "header line" in lines
+    row = next(x for x in lines if x.startswith("| `remote_read_fault_p50_us`"))
+    assert "| us | 60.75 (59..63, 6) | 40.75 (39..42, 6) | -32.9% |" in row, row
+    assert row.endswith("| better |")
+    assert all(x.count("|") == 8 for x in lines if x.startswith("|"))

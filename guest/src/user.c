@@ -200,9 +200,42 @@ static u64 T0, T1;              /* timed section, TSC, set by CPU 0 */
 static int numa_local(void) { return PRM(P_NUMA) != 0; }
 static s64 data_node(u32 me) { return numa_local() ? pc[me]->node : 0; }
 
+/* Highest end address ualloc has handed out on each node since boot. The
+ * allocator restarts at the same addresses after every workload, so this
+ * is how faultlat finds memory that no workload has touched yet (its
+ * one-node read phase times first touches). A page of its own: every
+ * allocation reads it, and it is written only while a node's mark grows. */
+#define UALLOC_NODES 64 /* kernel.c's MAX_NODES */
+static union { volatile u64 top[UALLOC_NODES]; u8 page[4096]; } ualloc_hw ALIGNED(4096);
+
 static void *ualloc(s64 node, u64 size)
 {
-    return (void *)sys(SYS_ALLOC, (u64)node, size, 4096);
+    u64 p = sys(SYS_ALLOC, (u64)node, size, 4096);
+    if (p && node >= 0 && node < UALLOC_NODES) {
+        volatile u64 *t = &ualloc_hw.top[node];
+        u64 old = *t;
+        while (p + size > old) {
+            u64 seen = __sync_val_compare_and_swap(t, old, p + size);
+            if (seen == old)
+                break;
+            old = seen;
+        }
+    }
+    return (void *)p;
+}
+
+/* size bytes on node that no ualloc has handed out since boot (so untouched
+ * by any workload): skips the allocator past the node's high-water mark.
+ * When that does not fit, ordinary memory and *fresh = 0. */
+static void *ualloc_fresh(s64 node, u64 size, int *fresh)
+{
+    u64 top = node >= 0 && node < UALLOC_NODES ? ualloc_hw.top[node] : ~0UL;
+    u64 p = (u64)ualloc(node, 4096); /* where the bump pointer is now */
+    if (p && top != ~0UL && p + 4096 < top)
+        ualloc(node, top - p - 4096);
+    u64 b = (u64)ualloc(node, size);
+    *fresh = b && b >= top;
+    return (void *)b;
 }
 
 static volatile u64 alloc_failed;
@@ -699,6 +732,78 @@ static int falseshare_check(char *out, u64 n)
 }
 
 /* ---------------------------------------------------------------- */
+/* Latency samples: u32 TSC cycles per event (saturated), sorted in    */
+/* the guest, percentiles by nearest rank.                             */
+
+static inline u32 cyc32(u64 c) { return c > 0xFFFFFFFFUL ? 0xFFFFFFFFU : (u32)c; }
+static inline u64 cyc_ns(u64 c) { return c * 1000000 / tsc_khz; }
+
+static void heap_sift(u32 *a, u64 i, u64 n)
+{
+    u32 v = a[i];
+    for (;;) {
+        u64 c = 2 * i + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && a[c + 1] > a[c])
+            c++;
+        if (a[c] <= v)
+            break;
+        a[i] = a[c];
+        i = c;
+    }
+    a[i] = v;
+}
+
+/* heapsort: O(n log n) worst case, in place, no recursion */
+static void sort_u32(u32 *a, u64 n)
+{
+    if (n < 2)
+        return;
+    for (u64 i = n / 2; i-- > 0;)
+        heap_sift(a, i, n);
+    for (u64 e = n - 1; e > 0; e--) {
+        u32 t = a[0];
+        a[0] = a[e];
+        a[e] = t;
+        heap_sift(a, 0, e);
+    }
+}
+
+/* nearest rank: the smallest sample with at least pct% of them <= it */
+static u64 pctl_ns(const u32 *sorted, u64 n, u64 pct)
+{
+    if (!n)
+        return 0;
+    u64 rank = (pct * n + 99) / 100;
+    return cyc_ns(sorted[rank ? rank - 1 : 0]);
+}
+
+/* rdtsc fenced around exactly one access (Intel SDM, RDTSC): LFENCE
+ * before it waits until every earlier instruction (the timed load) has
+ * completed; LFENCE after it keeps the timed access from starting before
+ * the counter is read; MFENCE first makes a timed store globally visible
+ * (a page fault or write-protect fault is taken before it retires). */
+static inline u64 tsc_begin(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("lfence; rdtsc; lfence" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((u64)hi << 32) | lo;
+}
+static inline u64 tsc_end_load(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((u64)hi << 32) | lo;
+}
+static inline u64 tsc_end_store(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("mfence; lfence; rdtsc" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((u64)hi << 32) | lo;
+}
+
+/* ---------------------------------------------------------------- */
 /* ipi: ping-pong CPU0 <-> peer through fixed-vector IPIs; the peer's */
 /* CPL0 handler EOIs and replies                                     */
 
@@ -706,15 +811,22 @@ static volatile u64 ipi_done;
 /* written once per run: the peer polls ipi_done, so nothing CPU 0 writes
  * per round may share its page */
 static u64 ipi_min, ipi_sum, ipi_pings, ipi_pongs;
+static u32 *volatile ipi_rtt; /* one round trip per round (cycles), CPU 0's node */
 
 static void ipi_par(u32 me)
 {
     u64 it = PRM(P_ITERS), peer = PRM(P_PEER);
     if (ncpu < 2 || peer >= ncpu)
         return;
-    if (me == 0)
+    if (me == 0) {
         ipi_done = 0;
+        ALLOC_OR_FLAG(ipi_rtt, pc[0]->node, it * 4);
+        if (ipi_rtt)
+            memset(ipi_rtt, 0, it * 4); /* touched before the timed rounds */
+    }
     barrier_all(me);
+    if (alloc_failed)
+        return;
     if (me != 0) {
         if (me == peer) {
             /* the peer just waits; the pings arrive as interrupts */
@@ -736,6 +848,7 @@ static void ipi_par(u32 me)
         sum += t;
         if (t < min)
             min = t;
+        ipi_rtt[r] = cyc32(t);
     }
     T1 = rdtsc();
     ipi_sum = sum;
@@ -754,9 +867,12 @@ static int ipi_check(char *out, u64 n)
         return snfmt(out, n, "rounds=0 skipped=1cpu"), 0;
     if (peer >= ncpu)
         return snfmt(out, n, "bad parameter peer=%lu (cpus=%u)", peer, ncpu), 1;
-    snfmt(out, n, "peer=%lu peer_node=%ld rounds=%lu pings=%lu pongs=%lu rtt_ns=%lu min_rtt_ns=%lu", peer,
-          (s64)pc[peer]->node, it, ipi_pings, ipi_pongs, ipi_sum * 1000000 / tsc_khz / it,
-          ipi_min * 1000000 / tsc_khz);
+    sort_u32(ipi_rtt, it);
+    snfmt(out, n,
+          "peer=%lu peer_node=%ld rounds=%lu pings=%lu pongs=%lu rtt_ns=%lu min_rtt_ns=%lu rtt_p50_ns=%lu"
+          " rtt_p99_ns=%lu",
+          peer, (s64)pc[peer]->node, it, ipi_pings, ipi_pongs, ipi_sum * 1000000 / tsc_khz / it,
+          ipi_min * 1000000 / tsc_khz, pctl_ns(ipi_rtt, it, 50), pctl_ns(ipi_rtt, it, 99));
     return ipi_pings != it || ipi_pongs != it;
 }
 
@@ -963,7 +1079,7 @@ static int stress_check(char *out, u64 n)
     if (st_bad)
         return snfmt(out, n, "bad parameter (%s)", st_bad), 1;
     u64 words = st_pages * 512, half = words / 2;
-    u64 *exp = ualloc(-1, words * 8);
+    u64 *exp = ualloc(pc[0]->node, words * 8); /* CPU 0's node, explicit for ualloc_hw */
     if (!exp)
         return snfmt(out, n, "mem=%lu out of memory for the serial check", st_pages * 4096), 1;
     memset(exp, 0, words * 8);
@@ -1012,6 +1128,206 @@ static int stress_check(char *out, u64 n)
 }
 
 /* ---------------------------------------------------------------- */
+/* faultlat: what one access costs when it faults, timed by the guest */
+/* (rdtsc fenced around a single access), one access at a time, in    */
+/* three phases separated by barriers. Every CPU c has a buffer B_c of */
+/* `size` pages on its own node (whatever numa= says) and a partner    */
+/* shift s: the smallest s in 1..ncpu-1 that puts every CPU's partner  */
+/* (c+s)%ncpu on another node, or 0 if there is none (one node).       */
+/*  setup:   c writes word 0 of every page of B_c (its home now holds   */
+/*           them modified, nobody else holds them); with s == 0 B_c is */
+/*           memory no workload has touched and stays untouched (if     */
+/*           none is left, c zeroes B_c: read_kind=reused, local hits). */
+/*  read:    c reads word 0 of every page of B_(c+s): a remote miss     */
+/*           (s == 0: a first touch of its own buffer, expected zero).  */
+/*  upgrade: c writes word 1 of those pages: they are read-shared by    */
+/*           its node and their home.                                   */
+/*  steal:   c writes word 2 of every page of its own B_c, which CPU    */
+/*           (c-s)%ncpu's node now holds modified (s == 0: local hits). */
+/* Each phase visits the pages in its own per-CPU random order, so no   */
+/* sequential prefetcher (the guest's, the host's or dvmm's) hides a    */
+/* miss. Afterwards every CPU checks words 0-2 of every page of B_c.    */
+
+#define FL_MAX_PAGES (1UL << 24) /* u32 page indices */
+enum { FL_READ, FL_UPGRADE, FL_STEAL, FL_PHASES };
+static const char *const fl_phase[FL_PHASES] = { "read", "upgrade", "steal" };
+
+/* written once per CPU at the end (samples taken, wrong values seen) */
+struct fl_res { u64 n[FL_PHASES], bad_read, bad_final; } ALIGNED(CACHELINE);
+static struct fl_res fl_res[MAX_CPUS];
+/* set up by CPU 0, read by all after a barrier */
+static u64 *volatile fl_buf[MAX_CPUS];
+static u32 *volatile fl_smp[MAX_CPUS]; /* per CPU: samples per phase, then a permutation per phase */
+static volatile u64 fl_pages, fl_shift, fl_fresh;
+static const char *volatile fl_bad;
+
+static inline u64 fl_val(u64 seed, u32 cpu, u64 page, u64 word)
+{
+    return splitmix(seed ^ ((u64)cpu << 40) ^ (page << 2) ^ word) | 1; /* never 0: untouched memory is */
+}
+
+static u64 fl_find_shift(void)
+{
+    for (u64 s = 1; s < ncpu; s++) {
+        u32 c = 0;
+        while (c < ncpu && pc[c]->node != pc[(c + s) % ncpu]->node)
+            c++;
+        if (c == ncpu)
+            return s;
+    }
+    return 0;
+}
+
+static void fl_shuffle(u32 *perm, u64 n, u64 *rng)
+{
+    for (u64 i = 0; i < n; i++)
+        perm[i] = (u32)i;
+    for (u64 i = n - 1; n && i > 0; i--) {
+        u64 j = st_pick(st_next(rng), i + 1);
+        u32 t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+}
+
+static void faultlat_par(u32 me)
+{
+    u64 np = PRM(P_SIZE), seed = PRM(P_SEED);
+    if (me == 0) {
+        fl_bad = 0;
+        fl_pages = np;
+        fl_shift = fl_find_shift();
+        fl_fresh = 1;
+        if (np > FL_MAX_PAGES)
+            fl_bad = "faultlat.size must be <= 16M pages";
+        /* One CPU allocates, in CPU order, so each fresh buffer starts
+         * above the one before it. If fresh memory runs out, start again
+         * (nothing else is allocated yet) with memory earlier workloads used. */
+        for (int want_fresh = !fl_shift, ok = 0; !ok && !fl_bad; want_fresh = 0) {
+            ok = 1;
+            for (u32 c = 0; c < ncpu && ok; c++) {
+                s64 node = pc[c]->node;
+                int fresh = 0;
+                fl_buf[c] = want_fresh ? ualloc_fresh(node, np * 4096, &fresh) : ualloc(node, np * 4096);
+                fl_fresh &= fresh;
+                fl_smp[c] = ualloc(node, 2 * FL_PHASES * np * 4);
+                ok = fl_buf[c] && fl_smp[c];
+            }
+            if (!ok && !want_fresh) {
+                alloc_failed = 1;
+                break;
+            }
+            if (!ok)
+                sys(SYS_ALLOC_RESET, 0, 0, 0);
+        }
+    }
+    barrier_all(me);
+    if (fl_bad || alloc_failed)
+        return;
+    u64 sh = fl_shift;
+    u32 home = (u32)((me + sh) % ncpu), writer = (u32)((me + ncpu - sh) % ncpu);
+    volatile u64 *mine = fl_buf[me], *theirs = fl_buf[home];
+    u32 *smp = fl_smp[me], *perm = smp + FL_PHASES * np;
+    struct fl_res r = { { 0 }, 0, 0 };
+    u64 rng = splitmix(seed ^ splitmix(0x464C540000000000UL + me));
+    rng = rng ? rng : 1;
+    /* everything the timed loops touch besides the pages under test is
+     * this CPU's own, on its node, and touched now */
+    memset(smp, 0, FL_PHASES * np * 4);
+    for (u32 ph = 0; ph < FL_PHASES; ph++)
+        fl_shuffle(perm + ph * np, np, &rng);
+    if (sh)
+        for (u64 k = 0; k < np; k++)
+            mine[k * 512] = fl_val(seed, me, k, 0);
+    else if (!fl_fresh) /* no untouched memory left: reads are local hits */
+        for (u64 k = 0; k < np; k++)
+            mine[k * 512] = mine[k * 512 + 1] = mine[k * 512 + 2] = 0;
+    TIMED_START(me);
+    /* read: one word of each of the partner's pages */
+    u32 *o = perm + FL_READ * np, *out = smp + FL_READ * np;
+    for (u64 i = 0; i < np; i++) {
+        u64 k = o[i];
+        volatile u64 *w = theirs + k * 512;
+        u64 t0 = tsc_begin();
+        u64 v = *w;
+        u64 t1 = tsc_end_load();
+        out[i] = cyc32(t1 - t0);
+        r.bad_read += v != (sh ? fl_val(seed, home, k, 0) : 0);
+        r.n[FL_READ]++;
+    }
+    barrier_all(me);
+    /* upgrade: write the pages just read (shared by this node and home) */
+    o = perm + FL_UPGRADE * np, out = smp + FL_UPGRADE * np;
+    for (u64 i = 0; i < np; i++) {
+        u64 k = o[i], v = fl_val(seed, me, k, 1);
+        volatile u64 *w = theirs + k * 512 + 1;
+        u64 t0 = tsc_begin();
+        *w = v;
+        u64 t1 = tsc_end_store();
+        out[i] = cyc32(t1 - t0);
+        r.n[FL_UPGRADE]++;
+    }
+    barrier_all(me);
+    /* steal: write this CPU's own pages, held modified by the writer's node */
+    o = perm + FL_STEAL * np, out = smp + FL_STEAL * np;
+    for (u64 i = 0; i < np; i++) {
+        u64 k = o[i], v = fl_val(seed, me, k, 2);
+        volatile u64 *w = mine + k * 512 + 2;
+        u64 t0 = tsc_begin();
+        *w = v;
+        u64 t1 = tsc_end_store();
+        out[i] = cyc32(t1 - t0);
+        r.n[FL_STEAL]++;
+    }
+    TIMED_END(me);
+    /* exact final contents of B_me (all local again after the steal) */
+    for (u64 k = 0; k < np; k++) {
+        volatile u64 *pg = mine + k * 512;
+        r.bad_final += pg[0] != (sh ? fl_val(seed, me, k, 0) : 0);
+        r.bad_final += pg[1] != fl_val(seed, writer, k, 1);
+        r.bad_final += pg[2] != fl_val(seed, me, k, 2);
+    }
+    fl_res[me] = r;
+}
+
+static int faultlat_check(char *out, u64 n)
+{
+    u64 np = fl_pages, total = ncpu * np, cnt[FL_PHASES] = { 0 }, bad_read = 0, bad_final = 0, bad_n = 0;
+    if (fl_bad)
+        return snfmt(out, n, "bad parameter (%s)", fl_bad), 1;
+    for (u32 c = 0; c < ncpu; c++) {
+        for (u32 ph = 0; ph < FL_PHASES; ph++) {
+            cnt[ph] += fl_res[c].n[ph];
+            bad_n += fl_res[c].n[ph] != np;
+        }
+        bad_read += fl_res[c].bad_read;
+        bad_final += fl_res[c].bad_final;
+    }
+    u32 *all = ualloc(pc[0]->node, total * 4);
+    if (!all)
+        return snfmt(out, n, "pages=%lu out of memory for the percentiles", total), 1;
+    u64 len = snfmt(out, n, "cpus=%u pages=%lu shift=%lu read_kind=%s", ncpu, cnt[FL_READ], fl_shift,
+                    fl_shift ? "remote" : fl_fresh ? "first_touch" : "reused");
+    u64 unsorted = 0;
+    for (u32 ph = 0; ph < FL_PHASES; ph++) {
+        for (u32 c = 0; c < ncpu; c++)
+            memcpy(all + c * np, fl_smp[c] + ph * np, np * 4);
+        sort_u32(all, total);
+        for (u64 i = 1; i < total; i++)
+            unsorted += all[i - 1] > all[i];
+        len += snfmt(out + len, n - len, " %s_p50_ns=%lu %s_p99_ns=%lu %s_max_ns=%lu", fl_phase[ph],
+                     pctl_ns(all, total, 50), fl_phase[ph], pctl_ns(all, total, 99), fl_phase[ph],
+                     total ? cyc_ns(all[total - 1]) : 0);
+    }
+    if (bad_n || cnt[FL_UPGRADE] != total || cnt[FL_STEAL] != total || bad_read || bad_final || unsorted) {
+        snfmt(out + len, n - len, " expected_pages=%lu bad_counts=%lu bad_reads=%lu wrong_words=%lu unsorted=%lu",
+              total, bad_n, bad_read, bad_final, unsorted);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- */
 /* fault (not part of run=all): the last CPU reads an unmapped address */
 /* at CPL3; the kernel must report it as a FAIL line and exit non-zero. */
 
@@ -1048,10 +1364,11 @@ static struct workload workloads[] = {
     { "falseshare", falseshare_par, falseshare_check, DEF(200000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0 },
     { "ipi", ipi_par, ipi_check, DEF(200, 0, 0, 0, 0, 1), B(P_ITERS) | B(P_PEER) | COMMON_P, {{0}}, 0 },
     { "stress", stress_par, stress_check, DEF(20000, 0, 512 << 10, 0, 0, 0), B(P_ITERS) | B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "faultlat", faultlat_par, faultlat_check, DEF(0, 1024, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
     /* not in run=all: */
     { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
 };
-#define NALL 9 /* run=all runs the first NALL */
+#define NALL 10 /* run=all runs the first NALL */
 #define NWL (sizeof workloads / sizeof workloads[0])
 
 /* ---------------------------------------------------------------- */

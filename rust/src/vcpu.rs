@@ -20,7 +20,8 @@
 //!   vCPU sleeps on when it is not in the guest, and, when it is in the guest, send
 //!   the kick signal (`SIGRTMIN`) whose handler sets `kvm_run.immediate_exit`, as
 //!   Firecracker does. The flag/`in_guest` pair is a Dekker handshake, so no kick is
-//!   lost and a vCPU that is not in the guest is not signalled.
+//!   lost and a vCPU that is not in the guest is not signalled; [`KickTarget`] makes
+//!   sure a kick never signals a thread that has left its run function.
 //! * The LAPIC timer is a POSIX timer per vCPU delivering the same signal to the vCPU
 //!   thread (`SIGEV_THREAD_ID`): a guest spinning at CPL3 (no exits) still gets its timer
 //!   interrupt on time; it is only re-armed when the deadline changes.
@@ -30,7 +31,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -177,7 +178,9 @@ pub struct VcpuShared {
     /// The vCPU is (about to be) asleep in [`VcpuShared::wait_kick`].
     sleeping: AtomicBool,
     in_guest: AtomicBool,
-    thread: AtomicU64, // pthread_t, 0 = not running
+    /// The vCPU thread the kick signal goes to (none before it starts and once it
+    /// has left its run function).
+    thread: KickTarget,
     /// Interrupt messages posted by [`VcpuShared::post`] (sender side, lock-free).
     inbox_tx: mpsc::Sender<InterruptMessage>,
     /// Receiver side, taken by the vCPU thread when it starts.
@@ -207,7 +210,7 @@ impl VcpuShared {
             kick_flag: AtomicU32::new(0),
             sleeping: AtomicBool::new(false),
             in_guest: AtomicBool::new(false),
-            thread: AtomicU64::new(0),
+            thread: KickTarget::new(),
             inbox_tx: tx,
             inbox_rx: Mutex::new(Some(rx)),
             posted_accepted: AtomicU64::new(0),
@@ -305,13 +308,24 @@ impl VcpuShared {
             futex_wake(&self.kick_flag);
         }
         if self.in_guest.load(Ordering::SeqCst) {
-            let t = self.thread.load(Ordering::Acquire);
-            if t != 0 {
-                // SAFETY: `t` is the pthread_t of the live vCPU thread (cleared before the
-                // thread ends); sending a signal has no memory-safety implications.
-                unsafe {
-                    libc::pthread_kill(t as libc::pthread_t, kick_signal());
-                }
+            // Never reaches a thread that has returned from its run function.
+            self.thread.signal(kick_signal());
+        }
+    }
+
+    /// Watch the kick flag without sleeping until `until`; consumes a kick and
+    /// returns true when one came (see [`HaltPoll`]).
+    fn poll_kick(&self, until: Instant) -> bool {
+        loop {
+            if self.kick_flag.load(Ordering::Acquire) != 0 {
+                self.kick_flag.store(0, Ordering::SeqCst);
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            for _ in 0..64 {
+                std::hint::spin_loop();
             }
         }
     }
@@ -363,6 +377,129 @@ fn futex_wake(word: &AtomicU32) {
             libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
             i32::MAX,
         );
+    }
+}
+
+/// The thread a kick signals, with the handshake that keeps a kick from ever
+/// signalling a thread that has returned from its run function: once a thread has
+/// exited (and been joined) its `pthread_t` may be invalid or reused, and
+/// `pthread_kill` on it is undefined behaviour.
+///
+/// Protocol (all `SeqCst`, so there is one total order): a kicker announces itself
+/// in `signalling`, then reads `thread`, signals it if set, then withdraws. The
+/// thread [`detach`](Self::detach)es by clearing `thread`, then waits until no kicker
+/// is announced. A kicker that read the live `pthread_t` announced itself before
+/// that read, which came before the clear, so `detach` sees it and waits for its
+/// `pthread_kill` to return; a kicker that comes later reads 0. Kicks stay lock-free
+/// (the kicker may be the real-time DSM engine thread); only the exiting thread can
+/// wait, and only for the few instructions of a `pthread_kill` already under way.
+#[derive(Debug, Default)]
+pub struct KickTarget {
+    /// `pthread_t` of the attached thread; 0 = none.
+    thread: AtomicU64,
+    /// Kickers between their read of `thread` and the end of their `pthread_kill`.
+    signalling: AtomicU32,
+}
+
+impl KickTarget {
+    /// No thread attached.
+    pub const fn new() -> Self {
+        KickTarget {
+            thread: AtomicU64::new(0),
+            signalling: AtomicU32::new(0),
+        }
+    }
+
+    /// Make the calling thread the target of [`signal`](Self::signal) until the
+    /// returned guard is dropped (which [`detach`](Self::detach)es, also when the
+    /// thread unwinds from a panic). Keep the guard in the thread's run function.
+    pub fn attach(&self) -> KickAttachment<'_> {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.thread.store(me as u64, Ordering::SeqCst);
+        KickAttachment(self)
+    }
+
+    /// Stop being the target: when this returns no signal is being sent to the
+    /// attached thread and none will be.
+    pub fn detach(&self) {
+        self.thread.store(0, Ordering::SeqCst);
+        let mut spins = 0u32;
+        while self.signalling.load(Ordering::SeqCst) != 0 {
+            // A kicker is inside pthread_kill (a few hundred ns) unless it was
+            // preempted there: spin briefly, then sleep rather than burn the core.
+            if spins < 1000 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Send `sig` to the attached thread, if there is one; true if it was sent.
+    /// Never blocks.
+    pub fn signal(&self, sig: libc::c_int) -> bool {
+        self.signalling.fetch_add(1, Ordering::SeqCst);
+        let t = self.thread.load(Ordering::SeqCst);
+        let sent = t != 0 && {
+            // SAFETY: `t` was read while this kicker was announced in `signalling`,
+            // so the thread has not got past `detach` (which waits for us) and is
+            // alive: its pthread_t is valid. A signal has no memory effects here.
+            unsafe { libc::pthread_kill(t as libc::pthread_t, sig) == 0 }
+        };
+        self.signalling.fetch_sub(1, Ordering::SeqCst);
+        sent
+    }
+}
+
+/// The calling thread is the target of a [`KickTarget`] while this lives.
+#[must_use = "dropping the attachment detaches the thread at once"]
+#[derive(Debug)]
+pub struct KickAttachment<'a>(&'a KickTarget);
+
+impl Drop for KickAttachment<'_> {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+#[cfg(test)]
+mod kick_target_tests {
+    use super::*;
+
+    /// `detach` must not return while a kicker that may have read the live
+    /// `pthread_t` is still signalling: simulated by announcing a kicker by hand.
+    #[test]
+    fn detach_waits_for_a_kick_in_flight() {
+        let t = Arc::new(KickTarget::new());
+        let (tx, rx) = mpsc::channel();
+        let h = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let a = t.attach();
+                // A kicker announces itself and reads the live thread id ...
+                t.signalling.fetch_add(1, Ordering::SeqCst);
+                assert_ne!(t.thread.load(Ordering::SeqCst), 0);
+                tx.send(()).unwrap();
+                drop(a);
+                Instant::now()
+            })
+        };
+        rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // ... the thread is still inside `detach`, so its id is still valid.
+        assert!(!h.is_finished(), "detach returned under a kick in flight");
+        assert_eq!(
+            t.thread.load(Ordering::SeqCst),
+            0,
+            "new kicks see no thread"
+        );
+        let released = Instant::now();
+        t.signalling.fetch_sub(1, Ordering::SeqCst);
+        let detached = h.join().unwrap();
+        assert!(detached >= released);
+        assert!(!t.signal(libc::SIGUSR2), "kick after exit sent a signal");
     }
 }
 
@@ -696,6 +833,10 @@ pub struct VcpuStats {
     pub nmis_injected: u64,
     pub ipis_sent: u64,
     pub timer_rearms: u64,
+    /// Halts that ended during halt polling (no sleep).
+    pub halt_poll_hits: u64,
+    /// Halts that slept on the futex.
+    pub halt_sleeps: u64,
 }
 
 impl VcpuStats {
@@ -716,6 +857,8 @@ impl VcpuStats {
         self.nmis_injected += o.nmis_injected;
         self.ipis_sent += o.ipis_sent;
         self.timer_rearms += o.timer_rearms;
+        self.halt_poll_hits += o.halt_poll_hits;
+        self.halt_sleeps += o.halt_sleeps;
     }
 
     /// Total number of exits.
@@ -987,6 +1130,56 @@ pub struct VcpuEnv {
     pub clock: VmClock,
     pub stop: Arc<VmStop>,
     pub debug: bool,
+    /// Upper bound of adaptive halt polling (see `HaltPoll`); zero turns it off.
+    pub halt_poll_max: Duration,
+}
+
+/// Default [`VcpuEnv::halt_poll_max`]: KVM's own default `halt_poll_ns` (200 us).
+pub const DEFAULT_HALT_POLL_US: u64 = 200;
+
+/// Adaptive halt polling, as KVM does it in the kernel (`halt_poll_ns`): a vCPU that
+/// halts first watches its kick flag for a short window before it sleeps on the
+/// futex, because waking a sleeping thread costs ~25 us on these hosts, more than
+/// most IPI round trips leave between a halt and the next interrupt. The window
+/// grows (10 us, then doubling up to the maximum) while wake-ups come within the
+/// maximum, and shrinks (halving to zero) after longer sleeps, so an idle vCPU
+/// stops burning its core within a few halts. While polling the core would
+/// otherwise be idle (the vCPU has nothing to run); a real-time DSM engine thread
+/// preempts the poll at once.
+#[derive(Debug, Clone, Copy)]
+struct HaltPoll {
+    window: Duration,
+    max: Duration,
+}
+
+impl HaltPoll {
+    const START: Duration = Duration::from_micros(10);
+
+    fn new(max: Duration) -> Self {
+        HaltPoll {
+            window: Duration::ZERO,
+            max,
+        }
+    }
+
+    /// Adapt after a halt that ended `blocked` after it began; `hit`: the
+    /// poll saw the wake-up.
+    fn adapt(&mut self, blocked: Duration, hit: bool) {
+        if self.max.is_zero() {
+            return;
+        }
+        if hit {
+            return;
+        }
+        if blocked <= self.max {
+            self.window = (self.window * 2).clamp(Self::START, self.max);
+        } else {
+            self.window /= 2;
+            if self.window < Self::START {
+                self.window = Duration::ZERO;
+            }
+        }
+    }
 }
 
 /// One vCPU, owned by its thread once started.
@@ -1004,6 +1197,9 @@ pub struct Vcpu {
     halted_if: bool,
     last_cr8: u64,
     inbox: Option<mpsc::Receiver<InterruptMessage>>,
+    halt_poll: HaltPoll,
+    /// Woken from a HLT executed with IF set; nothing ran in the guest since.
+    after_hlt: bool,
 }
 
 const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
@@ -1019,6 +1215,7 @@ impl Vcpu {
         reset_regs: kvm_regs,
         reset_sregs: kvm_sregs,
     ) -> Self {
+        let halt_poll = HaltPoll::new(env.halt_poll_max);
         Vcpu {
             fd,
             shared,
@@ -1033,6 +1230,8 @@ impl Vcpu {
             halted_if: true,
             last_cr8: 0,
             inbox: None,
+            halt_poll,
+            after_hlt: false,
         }
     }
 
@@ -1059,9 +1258,9 @@ impl Vcpu {
         self.inbox = lock(&self.shared.inbox_rx).take();
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         RUN_PTR.with(|p| p.set(run_ptr));
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        self.shared.thread.store(me as u64, Ordering::Release);
+        let shared = self.shared.clone();
+        // Detaches before this function returns, also if the run loop panics.
+        let attached = shared.thread.attach();
 
         let r = match KickTimer::new(index) {
             Ok(mut timer) => self.run_loop(&mut timer),
@@ -1070,7 +1269,8 @@ impl Vcpu {
         if let Err(e) = r {
             self.env.stop.request(StopReason::Error(e.to_string()));
         }
-        self.shared.thread.store(0, Ordering::Release);
+        // From here on no kick signals this thread (and none is still on its way).
+        drop(attached);
         self.shared.in_guest.store(false, Ordering::SeqCst);
         RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         self.transition(Event::Stop);
@@ -1178,10 +1378,22 @@ impl Vcpu {
             self.report_init_addressing();
             self.transition(Event::Init);
         } else if wake {
+            // The HLT completed with IF set: the interrupt that woke it can be
+            // injected at once (see `run_once`).
+            self.after_hlt = self.halted_if;
             self.transition(Event::Wake);
         } else {
             let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+            let t0 = Instant::now();
+            let window = timeout.map_or(self.halt_poll.window, |t| t.min(self.halt_poll.window));
+            if !window.is_zero() && self.shared.poll_kick(t0 + window) {
+                self.stats.halt_poll_hits += 1;
+                self.halt_poll.adapt(t0.elapsed(), true);
+                return;
+            }
             self.shared.wait_kick(timeout);
+            self.stats.halt_sleeps += 1;
+            self.halt_poll.adapt(t0.elapsed(), false);
         }
     }
 
@@ -1189,6 +1401,7 @@ impl Vcpu {
     fn run_once(&mut self, timer: &mut KickTimer) -> Result<Option<StopReason>, VcpuError> {
         let index = self.shared.index;
         let now = self.env.clock.now_ns();
+        let after_hlt = std::mem::take(&mut self.after_hlt);
         let (vector, more, deadline, init) = {
             let mut l = lock(&self.shared.lapic);
             self.shared.drain_posted(self.inbox.as_ref(), &mut l);
@@ -1203,7 +1416,11 @@ impl Vcpu {
                 let run = self.fd.get_kvm_run();
                 self.last_cr8 = l.cr8();
                 run.cr8 = self.last_cr8;
-                let can = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+                // After an `sti; hlt` exit KVM still reports the STI interrupt
+                // shadow (not ready), which would cost an interrupt-window exit
+                // per wake-up; but the shadow ended with the HLT and IF is set,
+                // so a real CPU takes the interrupt right there.
+                let can = run.if_flag != 0 && (run.ready_for_interrupt_injection != 0 || after_hlt);
                 let mut vector = None;
                 let mut more = false;
                 if let Some(v) = l.pending_interrupt() {

@@ -137,6 +137,11 @@ pub struct VmSpec {
     /// Log unknown port/MMIO accesses to stderr (dvmm extension).
     #[serde(default)]
     pub debug: bool,
+    /// Upper bound of adaptive halt polling in microseconds (0: off; absent:
+    /// [`crate::vcpu::DEFAULT_HALT_POLL_US`], or `DVMM_HALT_POLL_US` from the
+    /// environment for A/B runs).
+    #[serde(default)]
+    pub halt_poll_us: Option<u64>,
 }
 
 impl VmSpec {
@@ -930,6 +935,12 @@ impl Vm {
             clock,
             stop: stop.clone(),
             debug: spec.debug || std::env::var_os("DVMM_DEBUG").is_some(),
+            halt_poll_max: Duration::from_micros(spec.halt_poll_us.unwrap_or_else(|| {
+                std::env::var("DVMM_HALT_POLL_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(crate::vcpu::DEFAULT_HALT_POLL_US)
+            })),
         });
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -4,7 +4,9 @@ pub mod debug_exit;
 pub mod serial;
 
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
-pub use serial::{ConsoleInput, ConsoleInputThread, ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
+pub use serial::{
+    ConsoleInput, ConsoleInputThread, ConsoleOutput, ConsoleWriter, Serial, COM1_IRQ, COM1_PORT,
+};
 
 /// An interrupt line into the VM's interrupt controllers (the IOAPIC pins).
 /// Implemented by the VM's interrupt router.
@@ -21,6 +23,8 @@ pub enum DeviceError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot duplicate stdout for the console: {0}")]
+    ConsoleStdout(std::io::Error),
     #[error("cannot open console input {path}: {source}")]
     ConsoleInput {
         path: String,

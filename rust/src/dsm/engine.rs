@@ -65,8 +65,65 @@ pub enum DsmError {
 
 type Result<T> = std::result::Result<T, DsmError>;
 
-/// Default [`DsmConfig::hold_window`] in microseconds.
-pub const DEFAULT_HOLD_WINDOW_US: u64 = 100;
+/// Default [`DsmConfig::hold_window`] in microseconds: off (A/B in
+/// perf/README.md: the window did not make the false-sharing workloads faster).
+pub const DEFAULT_HOLD_WINDOW_US: u64 = 0;
+
+/// How the engine thread waits for work (A/B candidates of issue 9; the table
+/// is in perf/README.md). Chosen with [`DsmConfig::service`], or for A/B runs
+/// with `DVMM_DSM_MODE=legacy|rt|rt-spin` in the worker's environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceMode {
+    /// The first version: normal priority; busy-polls (with `sched_yield`)
+    /// while a fault waits and for a while after any traffic.
+    Legacy,
+    /// `SCHED_FIFO`, blocks in epoll and never spins: every message wakes it, and
+    /// it runs at once (it preempts a vCPU thread instead of waiting for a slice).
+    Rt,
+    /// `SCHED_FIFO`, blocks in epoll, but busy-polls while one of this node's
+    /// faults waits for its reply (bounded by [`DsmConfig::spin`]): the faulting
+    /// vCPU is blocked meanwhile, so the core would be idle, and the reply is
+    /// seen without a wake-up. No idle spin, no `sched_yield`.
+    RtSpin,
+}
+
+impl ServiceMode {
+    /// The default mode.
+    pub const DEFAULT: ServiceMode = ServiceMode::RtSpin;
+
+    /// Parse a mode name (`legacy`, `rt`, `rt-spin`).
+    pub fn parse(s: &str) -> Option<ServiceMode> {
+        match s {
+            "legacy" => Some(ServiceMode::Legacy),
+            "rt" => Some(ServiceMode::Rt),
+            "rt-spin" => Some(ServiceMode::RtSpin),
+            _ => None,
+        }
+    }
+
+    /// `DVMM_DSM_MODE` from the environment, else the default.
+    pub fn from_env() -> ServiceMode {
+        std::env::var("DVMM_DSM_MODE")
+            .ok()
+            .and_then(|v| ServiceMode::parse(v.trim()))
+            .unwrap_or(ServiceMode::DEFAULT)
+    }
+}
+
+/// A side effect of the protocol that failed: the VM must stop (never carry on).
+#[derive(Debug, thiserror::Error)]
+pub enum EffectError {
+    #[error("sending {msg:?} to node {to}: {err}")]
+    Send {
+        to: NodeId,
+        msg: Msg,
+        err: TransportError,
+    },
+    #[error("grant for page {0} arrived without its data")]
+    MissingData(PageIdx),
+    #[error("page {page}: {err}")]
+    Memory { page: PageIdx, err: UffdError },
+}
 
 /// Default [`DsmConfig::prefetch_max_pages`].
 pub const DEFAULT_PREFETCH_MAX_PAGES: u32 = 0;
@@ -108,10 +165,10 @@ pub struct DsmConfig {
     /// host allows it, so a request arriving while a vCPU thread spins in the
     /// guest preempts it at once instead of after a scheduler slice (~ms).
     /// The engine never spins without a bound, so this cannot starve a core.
-    /// Measured (2 nodes, 2 cores): cuts the fault-latency tail (>512 us: ~3%
-    /// -> ~0.1-0.9%) but a real-time engine's bounded spins then delay the
-    /// vCPU threads, so workloads did not get faster: off by default.
+    /// Only for [`ServiceMode::Legacy`]; the other modes are always real-time.
     pub realtime: bool,
+    /// How the engine thread waits for work.
+    pub service: ServiceMode,
     /// Sequential prefetch: when this node's read faults on pages homed
     /// elsewhere look sequential, also request up to this many following
     /// pages in one message (the batch size doubles from 4 while the stream
@@ -146,6 +203,7 @@ impl DsmConfig {
             idle_spin: Duration::from_micros(50),
             hold_window: Duration::from_micros(DEFAULT_HOLD_WINDOW_US),
             realtime: false,
+            service: ServiceMode::from_env(),
             prefetch_max_pages: DEFAULT_PREFETCH_MAX_PAGES,
         }
     }
@@ -228,6 +286,51 @@ impl DsmEngine {
     /// of the whole `memfd` (total RAM size) that stay mapped, and `memfd` open,
     /// until the handle is shut down (or dropped).
     pub unsafe fn start(cfg: DsmConfig) -> Result<DsmHandle> {
+        let node = Self::layout(&cfg)?;
+        let secret = Secret::new(&cfg.secret)?;
+        let mesh = TcpMesh::connect(&MeshConfig {
+            me: cfg.node_index,
+            addrs: cfg.nodes.clone(),
+            secret,
+            connect_deadline: cfg.connect_deadline,
+            dead_after: cfg.dead_after,
+            limits: Limits {
+                pages: node.pages(),
+                nodes: cfg.nodes.len(),
+            },
+        })?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { Self::start_with(cfg, Arc::new(mesh)) }
+    }
+
+    /// Like [`DsmEngine::start`], over a transport the caller formed (tests
+    /// drive the engine through an in-process transport this way).
+    ///
+    /// # Safety
+    /// As for [`DsmEngine::start`].
+    pub unsafe fn start_with(cfg: DsmConfig, transport: Arc<dyn Transport>) -> Result<DsmHandle> {
+        let node = Self::layout(&cfg)?;
+        if transport.me() != cfg.node_index || transport.nodes() != cfg.nodes.len() {
+            return Err(DsmError::Config(
+                "the transport does not match the node layout".into(),
+            ));
+        }
+        let pages = node.pages();
+        let len = pages as usize * PAGE;
+        // SAFETY: forwarded from this function's contract.
+        let mem = unsafe {
+            GuestMem::new(
+                cfg.memfd,
+                cfg.guest_addr as *mut u8,
+                cfg.engine_addr as *mut u8,
+                len,
+            )?
+        };
+        Self::spawn(cfg, node, mem, transport)
+    }
+
+    /// Check the configuration; the protocol state of this node.
+    fn layout(cfg: &DsmConfig) -> Result<protocol::Node> {
         let n = cfg.nodes.len();
         if cfg.ram.len() != n {
             return Err(DsmError::Config(format!(
@@ -244,29 +347,18 @@ impl DsmEngine {
             homes.push(r.start / PAGE as u64..r.end / PAGE as u64);
         }
         let node = protocol::Node::new(cfg.node_index, homes)?;
-        let pages = node.pages();
-        let len = pages as usize * PAGE;
         if !cfg.guest_addr.is_multiple_of(PAGE) || !cfg.engine_addr.is_multiple_of(PAGE) {
             return Err(DsmError::Config("mappings must be page-aligned".into()));
         }
-        let secret = Secret::new(&cfg.secret)?;
-        // SAFETY: forwarded from this function's contract.
-        let mem = unsafe {
-            GuestMem::new(
-                cfg.memfd,
-                cfg.guest_addr as *mut u8,
-                cfg.engine_addr as *mut u8,
-                len,
-            )?
-        };
-        let mesh = TcpMesh::connect(&MeshConfig {
-            me: cfg.node_index,
-            addrs: cfg.nodes.clone(),
-            secret,
-            connect_deadline: cfg.connect_deadline,
-            dead_after: cfg.dead_after,
-            limits: Limits { pages, nodes: n },
-        })?;
+        Ok(node)
+    }
+
+    fn spawn(
+        cfg: DsmConfig,
+        node: protocol::Node,
+        mem: GuestMem,
+        transport: Arc<dyn Transport>,
+    ) -> Result<DsmHandle> {
         // SAFETY: eventfd has no memory-safety preconditions.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -281,7 +373,7 @@ impl DsmEngine {
         let sh = Arc::new(Shared {
             app_handler: Mutex::new(None),
             me: cfg.node_index,
-            transport: Arc::new(mesh),
+            transport,
             stats: Stats::default(),
             stop: AtomicBool::new(false),
             wake,
@@ -305,6 +397,8 @@ impl DsmEngine {
                 ..cfg.ram[usize::from(cfg.node_index)].end / PAGE as u64,
             spin: cfg.spin,
             idle_spin: cfg.idle_spin,
+            service: cfg.service,
+            failed: false,
             buf: Box::new([0u8; PAGE]),
             hold: cfg.hold_window,
             hold_until: HashMap::new(),
@@ -315,12 +409,18 @@ impl DsmEngine {
             pf_last: None,
             pf_pages: HashSet::new(),
         };
-        let realtime = cfg.realtime;
+        let realtime = cfg.realtime || cfg.service != ServiceMode::Legacy;
+        let me = cfg.node_index;
         let thread = std::thread::Builder::new()
             .name(format!("dsm-{}", cfg.node_index))
             .spawn(move || {
                 if realtime {
-                    set_realtime();
+                    if let Err(e) = set_realtime() {
+                        eprintln!(
+                            "dvmm-dsm: node {me}: warning: cannot run the engine thread \
+                             SCHED_FIFO ({e}); serving faults at normal priority"
+                        );
+                    }
                 }
                 eng.run()
             })
@@ -524,12 +624,15 @@ fn deliver_response(sh: &Shared, tag: u64, payload: Vec<u8>) {
     }
 }
 
-/// Switch the calling thread to `SCHED_FIFO` priority 1; silently stays a
-/// normal thread where that is not permitted.
-fn set_realtime() {
+/// Switch the calling thread to `SCHED_FIFO` priority 1 (the caller logs a
+/// failure and goes on at normal priority).
+fn set_realtime() -> std::io::Result<()> {
     let p = libc::sched_param { sched_priority: 1 };
     // SAFETY: plain syscall on the calling thread with a valid sched_param.
-    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A protocol message held back by the hold window.
@@ -559,6 +662,9 @@ struct Engine {
     my_range: Range<PageIdx>,
     spin: Duration,
     idle_spin: Duration,
+    service: ServiceMode,
+    /// A side effect failed: the VM is stopping; execute nothing more.
+    failed: bool,
     buf: Box<[u8; PAGE]>,
     /// Hold window (zero: off).
     hold: Duration,
@@ -587,8 +693,12 @@ impl Engine {
         while !self.sh.stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let since = now.saturating_duration_since(last_activity);
-            let spinning =
-                (!self.pending_since.is_empty() && since < self.spin) || since < self.idle_spin;
+            let waiting = !self.pending_since.is_empty() && since < self.spin;
+            let spinning = match self.service {
+                ServiceMode::Legacy => waiting || since < self.idle_spin,
+                ServiceMode::Rt => false,
+                ServiceMode::RtSpin => waiting,
+            };
             let timeout = if spinning {
                 Some(Duration::ZERO)
             } else {
@@ -598,9 +708,8 @@ impl Engine {
                     None => Some(t),
                 }
             };
-            if spinning {
-                // Let another real-time engine on this core (co-located nodes)
-                // run; a no-op when nothing else of our class is runnable.
+            if spinning && self.service == ServiceMode::Legacy {
+                // Let another engine on this core (co-located nodes) run.
                 // SAFETY: no preconditions.
                 unsafe { libc::sched_yield() };
             }
@@ -905,15 +1014,28 @@ impl Engine {
         !self.my_range.contains(&page)
     }
 
+    /// Execute the protocol's effects in order. The first failure stops the VM
+    /// and aborts the rest: a failed `Drop` must not be acknowledged, a failed
+    /// `Install` must not be reported `Done`, or peers would go on with a page
+    /// this node does not hold.
     fn exec(&mut self, effects: &[Effect], data: Option<&[u8]>) {
         for e in effects {
+            if self.failed {
+                return;
+            }
             if let Err(err) = self.exec_one(e, data) {
-                self.sh.fail(err);
+                self.failed = true;
+                self.sh.fail(err.to_string());
+                return;
             }
         }
     }
 
-    fn exec_one(&mut self, e: &Effect, data: Option<&[u8]>) -> std::result::Result<(), String> {
+    fn exec_one(
+        &mut self,
+        e: &Effect,
+        data: Option<&[u8]>,
+    ) -> std::result::Result<(), EffectError> {
         let st = &self.sh.stats;
         let mem = &self.sh.mem;
         match *e {
@@ -946,7 +1068,7 @@ impl Engine {
                     self.sh
                         .transport
                         .send_msg(to, &msg, page_data)
-                        .map_err(|err| format!("sending to node {to}: {err}"))
+                        .map_err(|err| EffectError::Send { to, msg, err })
                 }
             }
             Effect::Install {
@@ -959,11 +1081,11 @@ impl Engine {
                 } else {
                     match data.and_then(|d| <&[u8; PAGE]>::try_from(d).ok()) {
                         Some(d) => d,
-                        None => return Err(format!("page {page}: grant without its data")),
+                        None => return Err(EffectError::MissingData(page)),
                     }
                 };
                 mem.install(page, src, writable)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|err| EffectError::Memory { page, err })?;
                 st.resident(1);
                 if self.is_foreign(page) {
                     self.foreign_resident += 1;
@@ -971,14 +1093,15 @@ impl Engine {
                 }
                 Ok(())
             }
-            Effect::MakeWritable { page } => {
-                mem.write_protect(page, false).map_err(|e| e.to_string())
-            }
-            Effect::WriteProtect { page } => {
-                mem.write_protect(page, true).map_err(|e| e.to_string())
-            }
+            Effect::MakeWritable { page } => mem
+                .write_protect(page, false)
+                .map_err(|err| EffectError::Memory { page, err }),
+            Effect::WriteProtect { page } => mem
+                .write_protect(page, true)
+                .map_err(|err| EffectError::Memory { page, err }),
             Effect::Drop { page } => {
-                mem.punch(page).map_err(|e| e.to_string())?;
+                mem.punch(page)
+                    .map_err(|err| EffectError::Memory { page, err })?;
                 st.resident(-1);
                 if self.is_foreign(page) {
                     self.foreign_resident = self.foreign_resident.saturating_sub(1);
@@ -986,7 +1109,9 @@ impl Engine {
                 self.evicting.remove(&page);
                 Ok(())
             }
-            Effect::Wake { page } => mem.wake(page).map_err(|e| e.to_string()),
+            Effect::Wake { page } => mem
+                .wake(page)
+                .map_err(|err| EffectError::Memory { page, err }),
         }
     }
 

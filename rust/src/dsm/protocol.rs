@@ -739,6 +739,10 @@ impl Node {
                 ..
             } => {
                 let l = self.loc(page)?;
+                // MakeWritable (UFFDIO_WRITEPROTECT without DONTWAKE) and Install
+                // (UFFDIO_COPY) wake the faulting threads themselves; only a grant
+                // that changes no mapping needs an explicit Wake.
+                let mut woken = false;
                 match data {
                     Data::None => {
                         if l.state == CacheState::Invalid {
@@ -752,6 +756,7 @@ impl Node {
                         if access == Access::Write && l.state == CacheState::Shared {
                             if l.present {
                                 out.push(Effect::MakeWritable { page });
+                                woken = true;
                             }
                             l.state = CacheState::Modified;
                         }
@@ -780,7 +785,7 @@ impl Node {
                 l.version = version;
                 l.pending = None;
                 l.waiting = false;
-                if data == Data::None {
+                if data == Data::None && !woken {
                     out.push(Effect::Wake { page });
                 }
                 out.push(Effect::Send {

@@ -16,6 +16,13 @@
 //! when the connection's queue is empty, else queued and flushed by the polling
 //! thread (woken through an eventfd). One thread (the engine) polls; it can
 //! include its own file descriptors (the userfaultfd) in the same `poll`.
+//! Coherence messages sent by the polling thread itself are only queued and go
+//! out with one write per connection when it polls next (end of its loop turn):
+//! the several messages one turn produces cost one syscall, not one each.
+//! The poll set is one epoll instance registered once (connections, the kick
+//! eventfd, the caller's extra fds); keep-alives and the silence check run on
+//! a timer, not on every turn, so a turn touches only the connections that
+//! have something to do.
 //! A peer is declared down on EOF, on a socket error, on a malformed frame, or
 //! after `dead_after` without any traffic (keep-alives are sent every
 //! `dead_after / 8` on idle connections).
@@ -23,7 +30,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -57,6 +64,8 @@ pub enum TransportError {
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    #[error(transparent)]
+    Wire(#[from] WireError),
 }
 
 type Result<T> = std::result::Result<T, TransportError>;
@@ -150,6 +159,10 @@ struct Conn {
     rx: Mutex<Rx>,
     down: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Bytes are queued in `tx` (written by the poller's next flush).
+    queued: AtomicBool,
+    /// Registered for EPOLLOUT (the socket refused part of the queue).
+    want_out: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +191,8 @@ impl Conn {
             }),
             down: AtomicBool::new(false),
             reason: Mutex::new(None),
+            queued: AtomicBool::new(false),
+            want_out: AtomicBool::new(false),
         })
     }
 
@@ -203,12 +218,45 @@ impl Conn {
 pub struct TcpMesh {
     me: NodeId,
     n: usize,
-    /// conns[peer][lane]; None for self.
+    /// `conns[peer][lane]`; None for self.
     conns: Vec<Option<[Arc<Conn>; 2]>>,
+    /// Every connection; the index is its epoll token.
+    flat: Vec<Arc<Conn>>,
     kick: OwnedFd,
+    epoll: OwnedFd,
+    /// The extra fds registered in `epoll` (tokens `EXTRA_TOKEN + k`).
+    extra: Mutex<Vec<RawFd>>,
+    /// Some connection has queued bytes.
+    any_queued: AtomicBool,
+    /// Identity of the thread that polls (see [`thread_tag`]); 0: none yet.
+    poller: AtomicUsize,
+    /// Next keep-alive / silence check.
+    next_house: Mutex<Instant>,
     dead_after: Duration,
     down_reported: AtomicU64,
     closed: Arc<AtomicBool>,
+}
+
+/// epoll token of the kick eventfd; extra fd k has `EXTRA_TOKEN + 1 + k`.
+const KICK_TOKEN: u64 = 1 << 32;
+const EXTRA_TOKEN: u64 = KICK_TOKEN + 1;
+
+thread_local! {
+    static TAG: u8 = const { 0 };
+}
+
+/// A number that identifies the calling thread (the address of a thread-local).
+fn thread_tag() -> usize {
+    TAG.with(|t| t as *const u8 as usize)
+}
+
+fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: plain syscall on our epoll fd with a valid epoll_event.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 /// Accept and refuse every connection after the mesh is formed (until `closed`):
@@ -386,15 +434,159 @@ impl TcpMesh {
         }
         // SAFETY: fd is a fresh descriptor owned by nobody else.
         let kick = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: epoll_create1 has no memory-safety preconditions.
+        let efd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: efd is a fresh descriptor owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(efd) };
+        let flat: Vec<Arc<Conn>> = conns
+            .iter()
+            .flatten()
+            .flat_map(|p| p.iter().cloned())
+            .collect();
+        for (i, c) in flat.iter().enumerate() {
+            epoll_ctl(
+                &epoll,
+                libc::EPOLL_CTL_ADD,
+                c.stream.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                i as u64,
+            )?;
+        }
+        epoll_ctl(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            kick.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            KICK_TOKEN,
+        )?;
         Ok(TcpMesh {
             me,
             n,
             conns,
+            flat,
             kick,
+            epoll,
+            extra: Mutex::new(Vec::new()),
+            any_queued: AtomicBool::new(false),
+            poller: AtomicUsize::new(0),
+            next_house: Mutex::new(Instant::now()),
             dead_after: cfg.dead_after,
             down_reported: AtomicU64::new(0),
             closed,
         })
+    }
+
+    /// Register for EPOLLOUT while bytes stay queued (called with `tx` held,
+    /// so the registration matches the queue).
+    fn set_want_out(&self, c: &Conn, want: bool) {
+        if c.want_out.swap(want, Ordering::Relaxed) == want || c.down.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(i) = self.flat.iter().position(|x| std::ptr::eq(&**x, c)) else {
+            return;
+        };
+        let ev = if want {
+            (libc::EPOLLIN | libc::EPOLLOUT) as u32
+        } else {
+            libc::EPOLLIN as u32
+        };
+        // A failure here (fd already closed by shutdown) only loses a wake-up of a
+        // connection that is going away.
+        let _ = epoll_ctl(
+            &self.epoll,
+            libc::EPOLL_CTL_MOD,
+            c.stream.as_raw_fd(),
+            ev,
+            i as u64,
+        );
+    }
+
+    /// Write what `c` has queued; false when the connection failed (reported).
+    fn flush_conn(&self, c: &Conn, events: &mut Vec<Event>) -> bool {
+        let mut tx = lock(&c.tx);
+        match c.flush(&mut tx) {
+            Ok(left) => {
+                c.queued.store(left, Ordering::Relaxed);
+                if left {
+                    self.any_queued.store(true, Ordering::Relaxed);
+                }
+                self.set_want_out(c, left);
+                true
+            }
+            Err(e) => {
+                drop(tx);
+                let r = format!("send failed: {e}");
+                self.mark_down(c, &r);
+                self.report_down(c.peer, r, events);
+                false
+            }
+        }
+    }
+
+    /// Keep-alives, the silence check and reports of connections that went down
+    /// on another thread; run every `ping_every / 4`, not every turn.
+    fn housekeeping(&self, now: Instant, events: &mut Vec<Event>) {
+        let ping_every = self.dead_after / 8;
+        for c in &self.flat {
+            if c.down.load(Ordering::Relaxed) {
+                if !self.closed.load(Ordering::Relaxed) {
+                    let r = lock(&c.reason).clone().unwrap_or_default();
+                    self.report_down(c.peer, r, events);
+                }
+                continue;
+            }
+            {
+                let mut tx = lock(&c.tx);
+                if tx.off == tx.buf.len() && now.duration_since(tx.last) >= ping_every {
+                    let seq = tx.seq;
+                    tx.seq += 1;
+                    wire::encode(&Frame::Ping, seq, &mut tx.buf);
+                    tx.last = now;
+                    c.queued.store(true, Ordering::Relaxed);
+                    self.any_queued.store(true, Ordering::Relaxed);
+                }
+            }
+            let silent = now.duration_since(lock(&c.rx).last);
+            if silent > self.dead_after {
+                let r = format!("no traffic for {} ms", silent.as_millis());
+                self.mark_down(c, &r);
+                self.report_down(c.peer, r, events);
+            }
+        }
+    }
+
+    /// Register the caller's extra fds (once; again only if they change).
+    fn register_extra(&self, extra: &[RawFd]) -> Result<()> {
+        let mut reg = lock(&self.extra);
+        if reg.as_slice() == extra {
+            return Ok(());
+        }
+        for &fd in reg.iter() {
+            // SAFETY: removing an fd from our epoll set; a null event is allowed.
+            unsafe {
+                libc::epoll_ctl(
+                    self.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    fd,
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+        reg.clear();
+        for (k, &fd) in extra.iter().enumerate() {
+            epoll_ctl(
+                &self.epoll,
+                libc::EPOLL_CTL_ADD,
+                fd,
+                libc::EPOLLIN as u32,
+                EXTRA_TOKEN + k as u64,
+            )?;
+            reg.push(fd);
+        }
+        Ok(())
     }
 
     fn conn(&self, to: NodeId, lane: Lane) -> Result<&Arc<Conn>> {
@@ -410,7 +602,15 @@ impl TcpMesh {
         unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    fn send_encoded(&self, to: NodeId, lane: Lane, enc: &dyn Fn(u64, &mut Vec<u8>)) -> Result<()> {
+    /// Queue a frame; write it now unless `defer` (the poller flushes it on its
+    /// next poll) or bytes are queued already (they go first).
+    fn send_encoded(
+        &self,
+        to: NodeId,
+        lane: Lane,
+        defer: bool,
+        enc: &dyn Fn(u64, &mut Vec<u8>),
+    ) -> Result<()> {
         let c = self.conn(to, lane)?;
         if c.down.load(Ordering::Relaxed) {
             return Err(TransportError::PeerDown(to));
@@ -421,21 +621,34 @@ impl TcpMesh {
         tx.seq += 1;
         enc(seq, &mut tx.buf);
         tx.last = Instant::now();
-        if was_empty {
-            match c.flush(&mut tx) {
-                Ok(false) => {}
-                Ok(true) => {
-                    drop(tx);
-                    self.kick();
-                }
-                Err(e) => {
-                    drop(tx);
-                    self.mark_down(c, &format!("send failed: {e}"));
-                    return Err(TransportError::PeerDown(to));
-                }
+        if !was_empty {
+            return Ok(());
+        }
+        if defer {
+            c.queued.store(true, Ordering::Relaxed);
+            self.any_queued.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        match c.flush(&mut tx) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                c.queued.store(true, Ordering::Relaxed);
+                self.any_queued.store(true, Ordering::Relaxed);
+                self.set_want_out(c, true);
+                drop(tx);
+                self.kick();
+                Ok(())
+            }
+            Err(e) => {
+                drop(tx);
+                self.mark_down(c, &format!("send failed: {e}"));
+                Err(TransportError::PeerDown(to))
             }
         }
-        Ok(())
+    }
+
+    fn is_poller(&self) -> bool {
+        self.poller.load(Ordering::Relaxed) == thread_tag()
     }
 
     fn mark_down(&self, c: &Conn, reason: &str) {
@@ -445,17 +658,31 @@ impl TcpMesh {
                 "dropping {:?} connection to node {}: {reason}",
                 c.lane, c.peer
             ));
-            let _ = c.stream.shutdown(Shutdown::Both);
+            self.close_conn(c);
         }
         // The other lane goes down with it.
         if let Some(Some(pair)) = self.conns.get(usize::from(c.peer)) {
             for o in pair {
                 if !o.down.swap(true, Ordering::Relaxed) {
                     *lock(&o.reason) = Some(reason.to_string());
-                    let _ = o.stream.shutdown(Shutdown::Both);
+                    self.close_conn(o);
                 }
             }
         }
+    }
+
+    /// Leave the poll set (a shut-down socket is readable forever) and shut down.
+    fn close_conn(&self, c: &Conn) {
+        // SAFETY: removing an fd from our epoll set; a null event is allowed.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                c.stream.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        let _ = c.stream.shutdown(Shutdown::Both);
     }
 
     fn report_down(&self, node: NodeId, reason: String, events: &mut Vec<Event>) {
@@ -515,7 +742,7 @@ impl Transport for TcpMesh {
     }
 
     fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
-        self.send_encoded(to, lane, &|seq, out| wire::encode(frame, seq, out))
+        self.send_encoded(to, lane, false, &|seq, out| wire::encode(frame, seq, out))
     }
 
     fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
@@ -524,7 +751,11 @@ impl Transport for TcpMesh {
         } else {
             Lane::Control
         };
-        self.send_encoded(to, lane, &|seq, out| wire::encode_msg(msg, data, seq, out))
+        wire::check_msg(msg, data)?;
+        let defer = self.is_poller();
+        self.send_encoded(to, lane, defer, &|seq, out| {
+            wire::encode_msg(msg, data, seq, out)
+        })
     }
 
     fn poll(
@@ -533,88 +764,50 @@ impl Transport for TcpMesh {
         extra: &[RawFd],
         events: &mut Vec<Event>,
     ) -> Result<u64> {
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 * self.n + 1 + extra.len());
-        let mut which: Vec<&Arc<Conn>> = Vec::with_capacity(2 * self.n);
+        self.poller.store(thread_tag(), Ordering::Relaxed);
+        self.register_extra(extra)?;
         let now = Instant::now();
-        let ping_every = self.dead_after / 8;
-        for pair in self.conns.iter().flatten() {
-            for c in pair {
-                if c.down.load(Ordering::Relaxed) {
-                    if !self.closed.load(Ordering::Relaxed) {
-                        let r = lock(&c.reason).clone().unwrap_or_default();
-                        self.report_down(c.peer, r, events);
-                    }
-                    continue;
-                }
-                let mut ev = libc::POLLIN;
-                {
-                    let mut tx = lock(&c.tx);
-                    if tx.off == tx.buf.len() && now.duration_since(tx.last) >= ping_every {
-                        let seq = tx.seq;
-                        tx.seq += 1;
-                        wire::encode(&Frame::Ping, seq, &mut tx.buf);
-                        tx.last = now;
-                    }
-                    if tx.off < tx.buf.len() {
-                        match c.flush(&mut tx) {
-                            Ok(true) => ev |= libc::POLLOUT,
-                            Ok(false) => {}
-                            Err(e) => {
-                                drop(tx);
-                                self.mark_down(c, &format!("send failed: {e}"));
-                                self.report_down(c.peer, format!("send failed: {e}"), events);
-                                continue;
-                            }
-                        }
-                    }
-                }
-                let silent = now.duration_since(lock(&c.rx).last);
-                if silent > self.dead_after {
-                    let r = format!("no traffic for {} ms", silent.as_millis());
-                    self.mark_down(c, &r);
-                    self.report_down(c.peer, r, events);
-                    continue;
-                }
-                fds.push(libc::pollfd {
-                    fd: c.stream.as_raw_fd(),
-                    events: ev,
-                    revents: 0,
-                });
-                which.push(c);
+        let house_every = (self.dead_after / 32).max(Duration::from_millis(1));
+        let next_house = {
+            let mut nh = lock(&self.next_house);
+            if now >= *nh {
+                *nh = now + house_every;
+                drop(nh);
+                self.housekeeping(now, events);
+                now + house_every
+            } else {
+                *nh
             }
-        }
-        let kick_idx = fds.len();
-        fds.push(libc::pollfd {
-            fd: self.kick.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        let extra_idx = fds.len();
-        for &fd in extra {
-            fds.push(libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
+        };
+        // One write per connection for everything queued since the last turn.
+        if self.any_queued.swap(false, Ordering::Relaxed) {
+            for c in &self.flat {
+                if c.queued.load(Ordering::Relaxed) && !c.down.load(Ordering::Relaxed) {
+                    self.flush_conn(c, events);
+                }
+            }
         }
         if !events.is_empty() {
             return Ok(0);
         }
+        let until_house = next_house.saturating_duration_since(now);
         let t = match timeout {
-            None => ping_every,
-            Some(t) => t.min(ping_every),
+            None => until_house,
+            Some(t) => t.min(until_house),
         };
-        // ppoll: sub-millisecond timeouts (hold-window deadlines).
         let ts = libc::timespec {
             tv_sec: t.as_secs() as libc::time_t,
             tv_nsec: t.subsec_nanos() as libc::c_long,
         };
-        // SAFETY: fds is a valid array of pollfd of the given length; ts is a
-        // valid timespec; no signal mask change.
+        const MAX_EVENTS: usize = 64;
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        // SAFETY: evs is a valid array of MAX_EVENTS epoll_events; ts is a valid
+        // timespec (epoll_pwait2: sub-millisecond timeouts); no signal mask change.
         let r = unsafe {
-            libc::ppoll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
+            libc::epoll_pwait2(
+                self.epoll.as_raw_fd(),
+                evs.as_mut_ptr(),
+                MAX_EVENTS as libc::c_int,
                 &ts,
                 std::ptr::null(),
             )
@@ -626,37 +819,44 @@ impl Transport for TcpMesh {
             }
             return Err(e.into());
         }
-        if fds[kick_idx].revents != 0 {
-            let mut v: u64 = 0;
-            // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
-            unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        }
-        for (i, c) in which.iter().enumerate() {
-            let re = fds[i].revents;
-            if re == 0 {
+        let mut ready = 0u64;
+        for ev in &evs[..r as usize] {
+            let (token, re) = (ev.u64, ev.events);
+            if token == KICK_TOKEN {
+                let mut v: u64 = 0;
+                // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
+                unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                // A sender left bytes queued: flush them now.
+                if self.any_queued.swap(false, Ordering::Relaxed) {
+                    for c in &self.flat {
+                        if c.queued.load(Ordering::Relaxed) && !c.down.load(Ordering::Relaxed) {
+                            self.flush_conn(c, events);
+                        }
+                    }
+                }
                 continue;
             }
-            if re & libc::POLLOUT != 0 {
-                let mut tx = lock(&c.tx);
-                if let Err(e) = c.flush(&mut tx) {
-                    drop(tx);
-                    let r = format!("send failed: {e}");
-                    self.mark_down(c, &r);
-                    self.report_down(c.peer, r, events);
-                    continue;
+            if token >= EXTRA_TOKEN {
+                let k = token - EXTRA_TOKEN;
+                if k < 64 {
+                    ready |= 1 << k;
                 }
+                continue;
             }
-            if re & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            let Some(c) = self.flat.get(token as usize) else {
+                continue;
+            };
+            if c.down.load(Ordering::Relaxed) {
+                continue;
+            }
+            if re & libc::EPOLLOUT as u32 != 0 && !self.flush_conn(c, events) {
+                continue;
+            }
+            if re & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
                 if let Err(reason) = self.read_conn(c, events) {
                     self.mark_down(c, &reason);
                     self.report_down(c.peer, reason, events);
                 }
-            }
-        }
-        let mut ready = 0u64;
-        for (k, p) in fds[extra_idx..].iter().enumerate() {
-            if p.revents != 0 && k < 64 {
-                ready |= 1 << k;
             }
         }
         Ok(ready)

@@ -10,8 +10,10 @@
 //! allocates the memfd page, fills it, maps it — write-protected for a shared
 //! copy — and wakes the faulting threads). A page is only ever installed into a
 //! hole (the protocol's `Invalid` state is "punched out of the memfd"), so the
-//! engine never needs MINOR faults. Invalidation is `fallocate(PUNCH_HOLE)`
-//! (frees the memory and zaps every mapping); downgrade is UFFDIO_WRITEPROTECT.
+//! engine never needs MINOR faults; finding the page already there (EEXIST) is
+//! an error naming the page, never papered over by replacing it. Invalidation
+//! is `fallocate(PUNCH_HOLE)` (frees the memory and zaps every mapping);
+//! downgrade is UFFDIO_WRITEPROTECT.
 //! Page contents are read through the engine's second mapping of the memfd,
 //! only for pages this node holds, so the engine never faults on the guest
 //! mapping and never allocates a hole by reading it.
@@ -36,6 +38,15 @@ pub enum UffdError {
     },
     #[error("reading fault events: {0}")]
     Read(std::io::Error),
+    /// UFFDIO_COPY found the page already present. The protocol installs only
+    /// into holes, so this is a coherence bug (or something populated guest
+    /// memory behind the engine's back); overwriting would silently lose
+    /// whatever the page holds, so the engine fails the VM instead.
+    #[error(
+        "page {page} (RAM offset {:#x}) is already present: refusing to install over it",
+        page * PAGE as u64
+    )]
+    AlreadyPresent { page: u64 },
 }
 
 type Result<T> = std::result::Result<T, UffdError>;
@@ -230,7 +241,9 @@ impl GuestMem {
     }
 
     /// Install `data` (4 KiB) into a hole; write-protected unless `writable`.
-    /// Wakes the faulting threads.
+    /// Wakes the faulting threads. A page that is already present is an error
+    /// ([`UffdError::AlreadyPresent`]), never overwritten: the protocol only
+    /// installs into holes, and replacing the page would lose its contents.
     pub fn install(&self, page: u64, data: &[u8; PAGE], writable: bool) -> Result<()> {
         let mut c = UffdioCopy {
             dst: self.gaddr(page),
@@ -242,10 +255,7 @@ impl GuestMem {
         match ioctl(self.fd(), UFFDIO_COPY, &mut c) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                // Something populated the hole (should not happen): replace it.
-                self.punch(page)?;
-                c.copy = 0;
-                ioctl(self.fd(), UFFDIO_COPY, &mut c).map_err(|e| Self::err("UFFDIO_COPY", page, e))
+                Err(UffdError::AlreadyPresent { page })
             }
             Err(e) => Err(Self::err("UFFDIO_COPY", page, e)),
         }
@@ -300,18 +310,25 @@ impl GuestMem {
     }
 
     /// Copy a page this node holds (present) out through the engine mapping.
+    ///
+    /// The copy is made of volatile 8-byte loads: the page is guest memory, and
+    /// although the protocol write-protects a page before it sends it, the
+    /// compiler must not be allowed to assume the source cannot change under
+    /// it (a plain copy of memory another thread writes is a data race, which
+    /// the optimizer may exploit). Volatile aligned 8-byte loads are single
+    /// `mov`s on x86-64: every word is a value some writer stored, and the
+    /// loop costs a few hundred cycles per page.
     pub fn read_page(&self, page: u64, out: &mut [u8; PAGE]) {
         debug_assert!(page as usize * PAGE < self.len);
-        // SAFETY: the engine mapping covers the whole memfd and the page is
-        // present (the protocol only sends pages this node holds), so reading it
-        // neither faults into userfaultfd nor allocates. Concurrent guest writes
-        // are excluded: the page is write-protected first.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (self.engine + page as usize * PAGE) as *const u8,
-                out.as_mut_ptr(),
-                PAGE,
-            );
+        let src = (self.engine + page as usize * PAGE) as *const u64;
+        for (i, dst) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: the engine mapping covers the whole memfd and is page
+            // aligned, so `src.add(i)` (i < 512) is an aligned u64 inside this
+            // page; the page is present (the protocol only sends pages this node
+            // holds), so reading it neither faults into userfaultfd nor
+            // allocates. Volatile: see above.
+            let w = unsafe { std::ptr::read_volatile(src.add(i)) };
+            dst.copy_from_slice(&w.to_ne_bytes());
         }
     }
 
@@ -337,5 +354,164 @@ impl GuestMem {
     /// Whether the region is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A memfd of `pages` pages mapped twice (guest view, engine view), as the
+    /// VM sets guest RAM up; unmapped and closed on drop.
+    struct Ram {
+        fd: RawFd,
+        guest: *mut u8,
+        engine: *mut u8,
+        len: usize,
+    }
+
+    // SAFETY: the mappings stay valid until `drop`, which runs after every
+    // thread using them in these tests has been joined.
+    unsafe impl Send for Ram {}
+    // SAFETY: as above; concurrent access goes through atomics or volatile reads.
+    unsafe impl Sync for Ram {}
+
+    impl Ram {
+        fn new(pages: usize) -> Ram {
+            let len = pages * PAGE;
+            // SAFETY: plain syscalls creating and mapping a fresh memfd; every
+            // result is checked before use.
+            unsafe {
+                let fd = libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC);
+                assert!(fd >= 0);
+                assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
+                let prot = libc::PROT_READ | libc::PROT_WRITE;
+                let g = libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0);
+                let e = libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0);
+                assert!(g != libc::MAP_FAILED && e != libc::MAP_FAILED);
+                Ram {
+                    fd,
+                    guest: g.cast(),
+                    engine: e.cast(),
+                    len,
+                }
+            }
+        }
+
+        fn mem(&self) -> GuestMem {
+            // SAFETY: both mappings cover the whole memfd and outlive the
+            // returned GuestMem (tests drop it before `self`).
+            unsafe { GuestMem::new(self.fd, self.guest, self.engine, self.len) }
+                .expect("userfaultfd")
+        }
+
+        /// Word `i` of page `page` through the guest mapping.
+        fn guest_word(&self, page: usize, i: usize) -> &AtomicU64 {
+            assert!(page * PAGE + i * 8 + 8 <= self.len);
+            // SAFETY: in bounds (checked), 8-byte aligned (page-aligned base),
+            // and the mapping lives as long as `self`.
+            unsafe { &*(self.guest.add(page * PAGE + i * 8) as *const AtomicU64) }
+        }
+    }
+
+    impl Drop for Ram {
+        fn drop(&mut self) {
+            // SAFETY: unmapping our own mappings and closing our own memfd;
+            // nothing uses them any more.
+            unsafe {
+                libc::munmap(self.guest.cast(), self.len);
+                libc::munmap(self.engine.cast(), self.len);
+                libc::close(self.fd);
+            }
+        }
+    }
+
+    #[test]
+    fn install_over_a_present_page_is_an_error_and_keeps_the_first_copy() {
+        let ram = Ram::new(4);
+        let mem = ram.mem();
+        let first = [0xA5u8; PAGE];
+        let second = [0x5Au8; PAGE];
+        mem.install(2, &first, true).unwrap();
+        for writable in [true, false] {
+            match mem.install(2, &second, writable) {
+                Err(UffdError::AlreadyPresent { page: 2 }) => {}
+                r => panic!("second install: {r:?}"),
+            }
+        }
+        let e = mem.install(2, &second, true).unwrap_err().to_string();
+        assert!(e.contains("page 2") && e.contains("0x2000"), "{e}");
+        // The first copy is intact, through both views.
+        let mut out = [0u8; PAGE];
+        mem.read_page(2, &mut out);
+        assert!(out == first);
+        assert_eq!(
+            ram.guest_word(2, 17).load(Ordering::Relaxed),
+            u64::MAX / 0xff * 0xA5
+        );
+        // A hole is still installable, and after a punch the page is again.
+        mem.install(3, &second, false).unwrap();
+        mem.punch(2).unwrap();
+        mem.install(2, &second, true).unwrap();
+        mem.read_page(2, &mut out);
+        assert!(out == second);
+        mem.release();
+    }
+
+    #[test]
+    fn read_page_copies_the_page_exactly() {
+        let ram = Ram::new(2);
+        let mem = ram.mem();
+        let mut data = [0u8; PAGE];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 + i / 256) as u8;
+        }
+        mem.install(1, &data, false).unwrap();
+        // Into a destination that is not 8-byte aligned.
+        let mut buf = vec![0u8; PAGE + 1];
+        let out: &mut [u8; PAGE] = (&mut buf[1..]).try_into().unwrap();
+        mem.read_page(1, out);
+        assert!(*out == data);
+        mem.release();
+    }
+
+    #[test]
+    fn read_page_sees_whole_words_while_the_guest_writes() {
+        let ram = Arc::new(Ram::new(1));
+        let mem = ram.mem();
+        mem.install(0, &[0u8; PAGE], true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (ram, stop) = (ram.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut k = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for i in 0..PAGE / 8 {
+                        ram.guest_word(0, i).store(k << 32 | k, Ordering::Relaxed);
+                    }
+                    k = (k + 1) & 0xffff_ffff;
+                }
+            })
+        };
+        let mut out = [0u8; PAGE];
+        let mut changed = 0;
+        let mut last = 0u64;
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < end {
+            mem.read_page(0, &mut out);
+            for w in out.chunks_exact(8) {
+                let v = u64::from_ne_bytes(w.try_into().unwrap());
+                assert_eq!(v >> 32, v & 0xffff_ffff, "torn word {v:#x}");
+            }
+            let v0 = u64::from_ne_bytes(out[..8].try_into().unwrap());
+            changed += usize::from(v0 != last);
+            last = v0;
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(changed > 1, "the writer never ran");
+        mem.release();
     }
 }

@@ -45,6 +45,24 @@ pub enum WireError {
     Node(u64),
     #[error("message type {0} not allowed here")]
     Unexpected(u16),
+    #[error("page grant for page {page} without its 4 KiB of data")]
+    MissingData { page: u64 },
+}
+
+/// Check that a coherence message can be encoded with `data`: a page grant
+/// needs exactly one page of data (a grant must never carry made-up contents).
+pub fn check_msg(msg: &Msg, data: Option<&[u8]>) -> Result<(), WireError> {
+    if let Msg::Grant {
+        page,
+        data: Data::Page,
+        ..
+    } = *msg
+    {
+        if data.map(<[u8]>::len) != Some(PAGE_SIZE) {
+            return Err(WireError::MissingData { page });
+        }
+    }
+    Ok(())
 }
 
 /// The fixed frame header.
@@ -199,8 +217,9 @@ pub fn encode_msg(msg: &Msg, data: Option<&[u8]>, seq: u64, out: &mut Vec<u8>) {
     {
         match data {
             Some(d) if d.len() == PAGE_SIZE => out.extend_from_slice(d),
-            // Callers always pass the page; never emit a malformed frame.
-            _ => out.extend_from_slice(&[0u8; PAGE_SIZE]),
+            // Senders call `check_msg` first (TcpMesh::send_msg does); a frame of
+            // the right length keeps the stream in sync if one does not.
+            _ => out.resize(out.len() + PAGE_SIZE, 0),
         }
     }
 }
