@@ -42,6 +42,7 @@ ISSUE_KEYS: dict[str, str] = {
     "remote_read_fault_p99_us": "us",
     "remote_upgrade_fault_p50_us": "us",
     "remote_write_fault_p50_us": "us",
+    "local_fault_guest_p50_us": "us",
     "remote_scan_gbps": "Gbit/s",
     "ipi_roundtrip_p50_us": "us",
     "ipi_roundtrip_p99_us": "us",
@@ -136,6 +137,16 @@ TARGETS: tuple[Target, ...] = (
         ("remote_read_fault_p99_us", "remote_read_fault_p50_us"),
         "<=",
         4.0,
+    ),
+    Target(
+        "remote_read_vs_guest_floor",
+        "remote_read_fault_p50_us / (local_fault_guest_p50_us + tcp_rtt_p50_us) "
+        "(the local floor as the guest sees it: a first touch resolved by its own node's "
+        "engine, same runs; reported, no bound)",
+        ("remote_read_fault_p50_us", "local_fault_guest_p50_us", "tcp_rtt_p50_us"),
+        "info",
+        0.0,
+        _over_sum,
     ),
     Target(
         "remote_read_vs_physical_floor",
@@ -280,7 +291,7 @@ def parse_results(text: str) -> dict[str, GuestResult]:
 #: on another node, in random order: ``read`` a page only its home holds, ``upgrade``
 #: a write to a page read-shared by this node and the home, ``steal`` a write to a
 #: page another node holds modified.
-FAULTLAT_PHASES = ("read", "upgrade", "steal")
+FAULTLAT_PHASES = ("read", "upgrade", "steal", "local")
 
 
 class GuestFormatError(ValueError):

@@ -31,7 +31,8 @@ FAULTLAT = (
     "dvmm-guest: faultlat cpus=2 pages=2048 shift=1 read_kind=remote "
     "read_p50_ns=61234 read_p99_ns=180500 read_max_ns=2500000 "
     "upgrade_p50_ns=45000 upgrade_p99_ns=99000 upgrade_max_ns=400000 "
-    "steal_p50_ns=70000 steal_p99_ns=210000 steal_max_ns=900000 time_us=812345 PASS"
+    "steal_p50_ns=70000 steal_p99_ns=210000 steal_max_ns=900000 "
+    "local_p50_ns=30000 local_p99_ns=60000 local_max_ns=90000 time_us=812345 PASS"
 )
 IPI = (
     "dvmm-guest: ipi peer=1 peer_node=1 rounds=300 pings=300 pongs=300 rtt_ns=650000 "

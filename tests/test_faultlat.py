@@ -27,7 +27,7 @@ import pytest
 from conftest import BOOT_TIMEOUT_S, assert_all_passed, dvmmctl, parse_guest_output
 from test_multinode import cluster_unavailable
 
-PHASES = ("read", "upgrade", "steal")
+PHASES = ("read", "upgrade", "steal", "local")
 #: Every latency field of the faultlat line, in print order.
 LATENCY_FIELDS = tuple(f"{ph}_{q}_ns" for ph in PHASES for q in ("p50", "p99", "max"))
 #: faultlat's default buffer, pages per vCPU.

@@ -228,7 +228,8 @@ _VOLATILE = {
     "time_us", "write_us", "verify_us", "write_mb_s", "rtt_ns", "min_rtt_ns",
     "line_us", "page_us", "local_parts", "peer_node", "total_ms",
     "rtt_p50_ns", "rtt_p99_ns", "shift", "read_kind",
-    *(f"{ph}_{q}_ns" for ph in ("read", "upgrade", "steal") for q in ("p50", "p99", "max")),
+    "local_kind",
+    *(f"{ph}_{q}_ns" for ph in ("read", "upgrade", "steal", "local") for q in ("p50", "p99", "max")),
 }  # fmt: skip
 
 

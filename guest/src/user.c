@@ -1134,10 +1134,14 @@ static int stress_check(char *out, u64 n)
 /* `size` pages on its own node (whatever numa= says) and a partner    */
 /* shift s: the smallest s in 1..ncpu-1 that puts every CPU's partner  */
 /* (c+s)%ncpu on another node, or 0 if there is none (one node).       */
-/*  setup:   c writes word 0 of every page of B_c (its home now holds   */
-/*           them modified, nobody else holds them); with s == 0 B_c is */
-/*           memory no workload has touched and stays untouched (if     */
-/*           none is left, c zeroes B_c: read_kind=reused, local hits). */
+/*  local:   c writes word 0 of every page of B_c, memory no workload   */
+/*           has touched: a first touch of a page homed on its own node  */
+/*           (under dvmm: resolved by the local engine, no message; the  */
+/*           floor the remote phases are set against). Its home now     */
+/*           holds them modified, nobody else holds them. With s == 0   */
+/*           B_c stays untouched here and `local` is the read phase's   */
+/*           first touches (if no untouched memory is left, c zeroes    */
+/*           B_c: read_kind=reused, local hits).                        */
 /*  read:    c reads word 0 of every page of B_(c+s): a remote miss     */
 /*           (s == 0: a first touch of its own buffer, expected zero).  */
 /*  upgrade: c writes word 1 of those pages: they are read-shared by    */
@@ -1149,8 +1153,8 @@ static int stress_check(char *out, u64 n)
 /* miss. Afterwards every CPU checks words 0-2 of every page of B_c.    */
 
 #define FL_MAX_PAGES (1UL << 24) /* u32 page indices */
-enum { FL_READ, FL_UPGRADE, FL_STEAL, FL_PHASES };
-static const char *const fl_phase[FL_PHASES] = { "read", "upgrade", "steal" };
+enum { FL_READ, FL_UPGRADE, FL_STEAL, FL_LOCAL, FL_PHASES };
+static const char *const fl_phase[FL_PHASES] = { "read", "upgrade", "steal", "local" };
 
 /* written once per CPU at the end (samples taken, wrong values seen) */
 struct fl_res { u64 n[FL_PHASES], bad_read, bad_final; } ALIGNED(CACHELINE);
@@ -1203,7 +1207,7 @@ static void faultlat_par(u32 me)
         /* One CPU allocates, in CPU order, so each fresh buffer starts
          * above the one before it. If fresh memory runs out, start again
          * (nothing else is allocated yet) with memory earlier workloads used. */
-        for (int want_fresh = !fl_shift, ok = 0; !ok && !fl_bad; want_fresh = 0) {
+        for (int want_fresh = 1, ok = 0; !ok && !fl_bad; want_fresh = 0) {
             ok = 1;
             for (u32 c = 0; c < ncpu && ok; c++) {
                 s64 node = pc[c]->node;
@@ -1236,15 +1240,26 @@ static void faultlat_par(u32 me)
     memset(smp, 0, FL_PHASES * np * 4);
     for (u32 ph = 0; ph < FL_PHASES; ph++)
         fl_shuffle(perm + ph * np, np, &rng);
-    if (sh)
-        for (u64 k = 0; k < np; k++)
-            mine[k * 512] = fl_val(seed, me, k, 0);
-    else if (!fl_fresh) /* no untouched memory left: reads are local hits */
+    u32 *o, *out;
+    if (sh) {
+        /* local: first touches of this CPU's own untouched pages */
+        o = perm + FL_LOCAL * np, out = smp + FL_LOCAL * np;
+        for (u64 i = 0; i < np; i++) {
+            u64 k = o[i], v = fl_val(seed, me, k, 0);
+            volatile u64 *w = mine + k * 512;
+            u64 t0 = tsc_begin();
+            *w = v;
+            u64 t1 = tsc_end_store();
+            out[i] = cyc32(t1 - t0);
+            r.n[FL_LOCAL]++;
+        }
+        barrier_all(me);
+    } else if (!fl_fresh) /* no untouched memory left: reads are local hits */
         for (u64 k = 0; k < np; k++)
             mine[k * 512] = mine[k * 512 + 1] = mine[k * 512 + 2] = 0;
     TIMED_START(me);
     /* read: one word of each of the partner's pages */
-    u32 *o = perm + FL_READ * np, *out = smp + FL_READ * np;
+    o = perm + FL_READ * np, out = smp + FL_READ * np;
     for (u64 i = 0; i < np; i++) {
         u64 k = o[i];
         volatile u64 *w = theirs + k * 512;
@@ -1254,6 +1269,10 @@ static void faultlat_par(u32 me)
         out[i] = cyc32(t1 - t0);
         r.bad_read += v != (sh ? fl_val(seed, home, k, 0) : 0);
         r.n[FL_READ]++;
+    }
+    if (!sh) { /* one node: the read phase was the first touches */
+        memcpy(smp + FL_LOCAL * np, out, np * 4);
+        r.n[FL_LOCAL] = r.n[FL_READ];
     }
     barrier_all(me);
     /* upgrade: write the pages just read (shared by this node and home) */
@@ -1306,8 +1325,9 @@ static int faultlat_check(char *out, u64 n)
     u32 *all = ualloc(pc[0]->node, total * 4);
     if (!all)
         return snfmt(out, n, "pages=%lu out of memory for the percentiles", total), 1;
-    u64 len = snfmt(out, n, "cpus=%u pages=%lu shift=%lu read_kind=%s", ncpu, cnt[FL_READ], fl_shift,
-                    fl_shift ? "remote" : fl_fresh ? "first_touch" : "reused");
+    u64 len = snfmt(out, n, "cpus=%u pages=%lu shift=%lu read_kind=%s local_kind=%s", ncpu, cnt[FL_READ],
+                    fl_shift, fl_shift ? "remote" : fl_fresh ? "first_touch" : "reused",
+                    fl_fresh ? "first_touch" : "reused");
     u64 unsorted = 0;
     for (u32 ph = 0; ph < FL_PHASES; ph++) {
         for (u32 c = 0; c < ncpu; c++)
@@ -1319,7 +1339,8 @@ static int faultlat_check(char *out, u64 n)
                      pctl_ns(all, total, 50), fl_phase[ph], pctl_ns(all, total, 99), fl_phase[ph],
                      total ? cyc_ns(all[total - 1]) : 0);
     }
-    if (bad_n || cnt[FL_UPGRADE] != total || cnt[FL_STEAL] != total || bad_read || bad_final || unsorted) {
+    if (bad_n || cnt[FL_UPGRADE] != total || cnt[FL_STEAL] != total || cnt[FL_LOCAL] != total || bad_read ||
+        bad_final || unsorted) {
         snfmt(out + len, n - len, " expected_pages=%lu bad_counts=%lu bad_reads=%lu wrong_words=%lu unsorted=%lu",
               total, bad_n, bad_read, bad_final, unsorted);
         return 1;

@@ -693,6 +693,21 @@ impl RemoteBusForwarder for Cluster {
     }
 }
 
+/// `vcpu-serve`: a vCPU thread of this node serves the DSM's incoming traffic.
+impl crate::vcpu::MessageServer for Cluster {
+    fn attach(&self, tid: Option<i32>) {
+        let owner = tid.map(|t| (t, crate::vcpu::kick_signal()));
+        if let Err(e) = self.dsm.attach_server(owner) {
+            // The engine thread goes on serving everything: slower, not wrong.
+            eprintln!("dvmm: node {}: cannot serve on a vCPU thread: {e}", self.me);
+        }
+    }
+
+    fn serve(&self) {
+        self.dsm.serve_now();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

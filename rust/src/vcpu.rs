@@ -509,6 +509,10 @@ mod kick_target_tests {
 
 thread_local! {
     static RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// This vCPU thread's kick flag: the signal handler raises it, so a signal
+    /// that lands just before the futex wait still ends the wait (the transport's
+    /// readiness signals come without a `kick`).
+    static KICK_FLAG: Cell<*const AtomicU32> = const { Cell::new(std::ptr::null()) };
 }
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`.
@@ -524,6 +528,15 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
             // thread runs (cleared before the mapping goes away); a volatile byte store
             // is async-signal-safe.
             unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).immediate_exit), 1) };
+        }
+    });
+    let _ = KICK_FLAG.try_with(|f| {
+        let f = f.get();
+        if !f.is_null() {
+            // SAFETY: KICK_FLAG points to this thread's VcpuShared::kick_flag, kept
+            // alive by the thread's Arc while set (cleared before the thread ends);
+            // an atomic store is async-signal-safe.
+            unsafe { (*f).store(1, Ordering::SeqCst) };
         }
     });
 }
@@ -1132,6 +1145,20 @@ pub struct VcpuEnv {
     pub debug: bool,
     /// Upper bound of adaptive halt polling (see `HaltPoll`); zero turns it off.
     pub halt_poll_max: Duration,
+    /// Serves the node's incoming messages on a vCPU thread (DSM `vcpu-serve`).
+    pub server: Option<Arc<dyn MessageServer>>,
+    /// The vCPU whose thread serves (its thread gets the transport's signals).
+    pub server_vcpu: Option<u32>,
+}
+
+/// Incoming cluster traffic served on a vCPU thread: the transport signals the
+/// thread (which leaves `KVM_RUN` or its halt wait with `EINTR`) and it serves
+/// what arrived before it re-enters the guest, so no other thread is woken.
+pub trait MessageServer: Send + Sync {
+    /// Route the transport's signals to thread `tid` (None: stop).
+    fn attach(&self, tid: Option<i32>);
+    /// Serve what has arrived, unless another thread is serving (never blocks).
+    fn serve(&self);
 }
 
 /// Default [`VcpuEnv::halt_poll_max`]: KVM's own default `halt_poll_ns` (200 us).
@@ -1200,6 +1227,10 @@ pub struct Vcpu {
     halt_poll: HaltPoll,
     /// Woken from a HLT executed with IF set; nothing ran in the guest since.
     after_hlt: bool,
+    /// This thread serves the node's incoming messages (see [`MessageServer`]).
+    serves: bool,
+    /// A signal or kick came: serve before the next entry.
+    serve_due: bool,
 }
 
 const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
@@ -1232,6 +1263,8 @@ impl Vcpu {
             inbox: None,
             halt_poll,
             after_hlt: false,
+            serves: false,
+            serve_due: false,
         }
     }
 
@@ -1258,7 +1291,19 @@ impl Vcpu {
         self.inbox = lock(&self.shared.inbox_rx).take();
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         RUN_PTR.with(|p| p.set(run_ptr));
+        KICK_FLAG.with(|f| f.set(&self.shared.kick_flag as *const AtomicU32));
         let shared = self.shared.clone();
+        let server = self
+            .env
+            .server
+            .clone()
+            .filter(|_| self.env.server_vcpu == Some(index));
+        if let Some(s) = &server {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            s.attach(Some(tid));
+            self.serves = true;
+        }
         // Detaches before this function returns, also if the run loop panics.
         let attached = shared.thread.attach();
 
@@ -1269,8 +1314,12 @@ impl Vcpu {
         if let Err(e) = r {
             self.env.stop.request(StopReason::Error(e.to_string()));
         }
+        if let Some(s) = &server {
+            s.attach(None);
+        }
         // From here on no kick signals this thread (and none is still on its way).
         drop(attached);
+        KICK_FLAG.with(|f| f.set(std::ptr::null()));
         self.shared.in_guest.store(false, Ordering::SeqCst);
         RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         self.transition(Event::Stop);
@@ -1288,6 +1337,11 @@ impl Vcpu {
 
     fn run_loop(&mut self, timer: &mut KickTimer) -> Result<(), VcpuError> {
         loop {
+            if self.serves && std::mem::take(&mut self.serve_due) {
+                if let Some(s) = &self.env.server {
+                    s.serve();
+                }
+            }
             match self.shared.request() {
                 Request::Stop => return Ok(()),
                 Request::Pause if self.state != VcpuState::Paused => {
@@ -1307,7 +1361,10 @@ impl Vcpu {
             }
             match self.state {
                 VcpuState::Stopped => return Ok(()),
-                VcpuState::Created | VcpuState::Paused => self.shared.wait_kick(None),
+                VcpuState::Created | VcpuState::Paused => {
+                    self.shared.wait_kick(None);
+                    self.serve_due = true;
+                }
                 VcpuState::WaitForSipi => self.wait_for_sipi()?,
                 VcpuState::Halted => self.halted(),
                 VcpuState::Running => {
@@ -1350,7 +1407,10 @@ impl Vcpu {
                 self.pending_nmi = false;
                 self.transition(Event::Sipi);
             }
-            None => self.shared.wait_kick(None),
+            None => {
+                self.shared.wait_kick(None);
+                self.serve_due = true;
+            }
         }
         Ok(())
     }
@@ -1389,9 +1449,11 @@ impl Vcpu {
             if !window.is_zero() && self.shared.poll_kick(t0 + window) {
                 self.stats.halt_poll_hits += 1;
                 self.halt_poll.adapt(t0.elapsed(), true);
+                self.serve_due = true;
                 return;
             }
             self.shared.wait_kick(timeout);
+            self.serve_due = true;
             self.stats.halt_sleeps += 1;
             self.halt_poll.adapt(t0.elapsed(), false);
         }
@@ -1511,6 +1573,7 @@ impl Vcpu {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.stats.exits[EK_INTR] += 1;
+                self.serve_due = true;
                 VcpuAction::Continue
             }
             Err(err) => return Err(VcpuError::Run { vcpu: index, err }),

@@ -941,6 +941,11 @@ impl Vm {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(crate::vcpu::DEFAULT_HALT_POLL_US)
             })),
+            server: cluster
+                .as_ref()
+                .filter(|c| c.dsm.vcpu_serves())
+                .map(|c| c.clone() as Arc<dyn crate::vcpu::MessageServer>),
+            server_vcpu: local.first().copied(),
         });
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -85,6 +85,14 @@ pub enum ServiceMode {
     /// vCPU is blocked meanwhile, so the core would be idle, and the reply is
     /// seen without a wake-up. No idle spin, no `sched_yield`.
     RtSpin,
+    /// As `RtSpin` while a fault of this node waits; otherwise the engine
+    /// thread watches only the userfaultfd, and incoming messages (requests for
+    /// our pages, IPIs) are served by a vCPU thread of this node: the sockets
+    /// signal it (`F_SETOWN_EX`/`F_SETSIG`), `KVM_RUN` returns `EINTR`, the
+    /// thread serves ([`DsmHandle::serve_now`]) and re-enters — no thread is
+    /// woken. The engine thread still serves every 1 ms as a fallback (and
+    /// fully whenever no vCPU is attached).
+    VcpuServe,
 }
 
 impl ServiceMode {
@@ -97,6 +105,7 @@ impl ServiceMode {
             "legacy" => Some(ServiceMode::Legacy),
             "rt" => Some(ServiceMode::Rt),
             "rt-spin" => Some(ServiceMode::RtSpin),
+            "vcpu-serve" => Some(ServiceMode::VcpuServe),
             _ => None,
         }
     }
@@ -243,6 +252,9 @@ struct Shared {
     waiters: Mutex<HashMap<u64, SyncSender<Vec<u8>>>>,
     next_tag: AtomicU64,
     mem: GuestMem,
+    service: ServiceMode,
+    /// A vCPU thread serves incoming messages ([`ServiceMode::VcpuServe`]).
+    server_attached: AtomicBool,
 }
 
 impl Shared {
@@ -271,6 +283,7 @@ impl Shared {
 /// Handle to a running engine.
 pub struct DsmHandle {
     sh: Arc<Shared>,
+    engine: Arc<Mutex<Engine>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -383,8 +396,10 @@ impl DsmEngine {
             waiters: Mutex::new(HashMap::new()),
             next_tag: AtomicU64::new(1),
             mem,
+            service: cfg.service,
+            server_attached: AtomicBool::new(false),
         });
-        let mut eng = Engine {
+        let eng = Engine {
             sh: sh.clone(),
             node,
             local: VecDeque::new(),
@@ -399,6 +414,10 @@ impl DsmEngine {
             idle_spin: cfg.idle_spin,
             service: cfg.service,
             failed: false,
+            last_activity: Instant::now(),
+            faults: Vec::with_capacity(64),
+            events: Vec::with_capacity(64),
+            effects: Vec::with_capacity(16),
             buf: Box::new([0u8; PAGE]),
             hold: cfg.hold_window,
             hold_until: HashMap::new(),
@@ -411,6 +430,8 @@ impl DsmEngine {
         };
         let realtime = cfg.realtime || cfg.service != ServiceMode::Legacy;
         let me = cfg.node_index;
+        let engine = Arc::new(Mutex::new(eng));
+        let eng = engine.clone();
         let thread = std::thread::Builder::new()
             .name(format!("dsm-{}", cfg.node_index))
             .spawn(move || {
@@ -422,11 +443,12 @@ impl DsmEngine {
                         );
                     }
                 }
-                eng.run()
+                Engine::run(&eng)
             })
             .map_err(|e| DsmError::Config(format!("spawn: {e}")))?;
         Ok(DsmHandle {
             sh,
+            engine,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -470,6 +492,38 @@ impl DsmHandle {
             .app_handler
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether incoming messages are to be served by a vCPU thread
+    /// ([`ServiceMode::VcpuServe`]).
+    pub fn vcpu_serves(&self) -> bool {
+        self.sh.service == ServiceMode::VcpuServe
+    }
+
+    /// [`ServiceMode::VcpuServe`]: make the sockets signal thread `tid` with
+    /// `signal` when traffic arrives (None: stop; the engine thread serves
+    /// everything again). The thread then calls [`DsmHandle::serve_now`].
+    pub fn attach_server(&self, owner: Option<(i32, i32)>) -> Result<()> {
+        if self.sh.service != ServiceMode::VcpuServe {
+            return Ok(());
+        }
+        if owner.is_none() {
+            self.sh.server_attached.store(false, Ordering::SeqCst);
+        }
+        self.sh.transport.set_signal_owner(owner)?;
+        if owner.is_some() {
+            self.sh.server_attached.store(true, Ordering::SeqCst);
+        }
+        self.sh.kick();
+        Ok(())
+    }
+
+    /// Serve what has arrived, on the calling thread, unless another thread is
+    /// serving right now (never blocks).
+    pub fn serve_now(&self) {
+        if let Ok(mut e) = self.engine.try_lock() {
+            e.turn(Some(Duration::ZERO));
+        }
     }
 
     /// Counter for forwarded IPIs/I/O (the VM side counts what it forwards).
@@ -587,6 +641,7 @@ impl DsmHandle {
     /// longer be accessed by then (threads faulting afterwards are not served
     /// until the userfaultfd is closed with the handle).
     pub fn shutdown(&self) {
+        let _ = self.attach_server(None);
         self.sh.stop.store(true, Ordering::Relaxed);
         self.sh.kick();
         let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -635,6 +690,11 @@ fn set_realtime() -> std::io::Result<()> {
     Ok(())
 }
 
+fn lock_engine(m: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
+    // A panic on a serving thread leaves the engine's state as it was.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A protocol message held back by the hold window.
 struct Deferred {
     until: Instant,
@@ -665,6 +725,10 @@ struct Engine {
     service: ServiceMode,
     /// A side effect failed: the VM is stopping; execute nothing more.
     failed: bool,
+    last_activity: Instant,
+    faults: Vec<Fault>,
+    events: Vec<Event>,
+    effects: Vec<Effect>,
     buf: Box<[u8; PAGE]>,
     /// Hold window (zero: off).
     hold: Duration,
@@ -684,71 +748,116 @@ struct Engine {
 }
 
 impl Engine {
-    fn run(&mut self) {
-        let mut faults: Vec<Fault> = Vec::with_capacity(64);
-        let mut events: Vec<Event> = Vec::with_capacity(64);
-        let mut effects: Vec<Effect> = Vec::with_capacity(16);
-        let mut last_activity = Instant::now();
-        let extra = [self.sh.mem.fd(), self.sh.wake.as_raw_fd()];
-        while !self.sh.stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            let since = now.saturating_duration_since(last_activity);
-            let waiting = !self.pending_since.is_empty() && since < self.spin;
-            let spinning = match self.service {
-                ServiceMode::Legacy => waiting || since < self.idle_spin,
-                ServiceMode::Rt => false,
-                ServiceMode::RtSpin => waiting,
-            };
-            let timeout = if spinning {
-                Some(Duration::ZERO)
-            } else {
-                let t = Duration::from_millis(100);
-                match self.deferred.iter().map(|d| d.until).min() {
-                    Some(u) => Some(t.min(u.saturating_duration_since(now))),
-                    None => Some(t),
+    /// The engine thread's loop.
+    fn run(engine: &Mutex<Engine>) {
+        let sh = lock_engine(engine).sh.clone();
+        if sh.service != ServiceMode::VcpuServe {
+            // Nobody else serves: hold the engine for good.
+            let mut e = lock_engine(engine);
+            while !sh.stop.load(Ordering::Relaxed) {
+                let t = e.next_timeout();
+                e.turn(t);
+            }
+            return;
+        }
+        let watch = [sh.mem.fd(), sh.wake.as_raw_fd()];
+        while !sh.stop.load(Ordering::Relaxed) {
+            let quiet = {
+                let mut e = lock_engine(engine);
+                let quiet = e.pending_since.is_empty()
+                    && e.deferred.is_empty()
+                    && sh.server_attached.load(Ordering::SeqCst);
+                if !quiet {
+                    let t = e.next_timeout();
+                    e.turn(t);
                 }
+                quiet
             };
-            if spinning && self.service == ServiceMode::Legacy {
+            if quiet {
+                // A vCPU serves the sockets: wait for a fault (or a kick) only,
+                // without holding the engine; serve anyway every 1 ms.
+                let mut fds = watch.map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                // SAFETY: fds is a valid array of pollfd of the given length.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
+                lock_engine(engine).turn(Some(Duration::ZERO));
+            }
+        }
+    }
+
+    /// How long the next poll may block (zero: spin).
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let since = now.saturating_duration_since(self.last_activity);
+        let waiting = !self.pending_since.is_empty() && since < self.spin;
+        let spinning = match self.service {
+            ServiceMode::Legacy => waiting || since < self.idle_spin,
+            ServiceMode::Rt => false,
+            ServiceMode::RtSpin | ServiceMode::VcpuServe => waiting,
+        };
+        if spinning {
+            if self.service == ServiceMode::Legacy {
                 // Let another engine on this core (co-located nodes) run.
                 // SAFETY: no preconditions.
                 unsafe { libc::sched_yield() };
             }
-            let ready = match self.sh.transport.poll(timeout, &extra, &mut events) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.sh.fail(format!("transport poll failed: {e}"));
-                    std::thread::sleep(Duration::from_millis(10));
-                    0
-                }
-            };
-            if ready & 2 != 0 {
-                let mut v: u64 = 0;
-                // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
-                unsafe { libc::read(self.sh.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            return Some(Duration::ZERO);
+        }
+        let t = Duration::from_millis(100);
+        match self.deferred.iter().map(|d| d.until).min() {
+            Some(u) => Some(t.min(u.saturating_duration_since(now))),
+            None => Some(t),
+        }
+    }
+
+    /// One round: wait up to `timeout` for traffic or faults, then handle what
+    /// came (any thread holding the engine may run it).
+    fn turn(&mut self, timeout: Option<Duration>) {
+        let extra = [self.sh.mem.fd(), self.sh.wake.as_raw_fd()];
+        let mut events = std::mem::take(&mut self.events);
+        let mut faults = std::mem::take(&mut self.faults);
+        let mut effects = std::mem::take(&mut self.effects);
+        let ready = match self.sh.transport.poll(timeout, &extra, &mut events) {
+            Ok(r) => r,
+            Err(e) => {
+                self.sh.fail(format!("transport poll failed: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+                0
             }
-            let mut active = false;
-            if ready & 1 != 0 {
-                if let Err(e) = self.sh.mem.read_faults(&mut faults) {
-                    self.sh.fail(e.to_string());
-                }
-            }
-            for f in faults.drain(..) {
-                active = true;
-                self.on_fault(f, &mut effects);
-            }
-            for ev in events.drain(..) {
-                active = true;
-                self.on_event(ev, &mut effects);
-            }
-            self.drain_local(&mut effects);
-            if !self.deferred.is_empty() && self.run_deferred(&mut effects) {
-                active = true;
-            }
-            self.evict_over_budget(&mut effects);
-            if active {
-                last_activity = Instant::now();
+        };
+        if ready & 2 != 0 {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
+            unsafe { libc::read(self.sh.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        let mut active = false;
+        if ready & 1 != 0 {
+            if let Err(e) = self.sh.mem.read_faults(&mut faults) {
+                self.sh.fail(e.to_string());
             }
         }
+        for f in faults.drain(..) {
+            active = true;
+            self.on_fault(f, &mut effects);
+        }
+        for ev in events.drain(..) {
+            active = true;
+            self.on_event(ev, &mut effects);
+        }
+        self.drain_local(&mut effects);
+        if !self.deferred.is_empty() && self.run_deferred(&mut effects) {
+            active = true;
+        }
+        self.evict_over_budget(&mut effects);
+        if active {
+            self.last_activity = Instant::now();
+        }
+        self.events = events;
+        self.faults = faults;
+        self.effects = effects;
     }
 
     fn on_fault(&mut self, f: Fault, effects: &mut Vec<Effect>) {

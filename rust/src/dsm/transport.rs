@@ -123,6 +123,13 @@ pub trait Transport: Send + Sync {
     ) -> Result<u64>;
     /// Close every connection.
     fn shutdown(&self);
+    /// Signal thread `tid` with signal `sig` whenever traffic arrives (`Some((tid,
+    /// sig))`), or stop doing so (`None`): lets a vCPU thread serve the transport
+    /// when it is interrupted instead of waking another thread. A transport that
+    /// cannot signal keeps the default (nothing), and its poller serves as usual.
+    fn set_signal_owner(&self, _owner: Option<(i32, i32)>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Configuration of a TCP mesh.
@@ -235,6 +242,16 @@ pub struct TcpMesh {
     dead_after: Duration,
     down_reported: AtomicU64,
     closed: Arc<AtomicBool>,
+}
+
+/// `fcntl` commands and `struct f_owner_ex` (linux/fcntl.h; not in the libc crate).
+const F_SETSIG: libc::c_int = 10;
+const F_SETOWN_EX: libc::c_int = 15;
+const F_OWNER_TID: libc::c_int = 0;
+#[repr(C)]
+struct FOwnerEx {
+    kind: libc::c_int,
+    pid: libc::pid_t,
 }
 
 /// epoll token of the kick eventfd; extra fd k has `EXTRA_TOKEN + 1 + k`.
@@ -860,6 +877,35 @@ impl Transport for TcpMesh {
             }
         }
         Ok(ready)
+    }
+
+    fn set_signal_owner(&self, owner: Option<(i32, i32)>) -> Result<()> {
+        for c in &self.flat {
+            let fd = c.stream.as_raw_fd();
+            // SAFETY: fcntl on our own socket with plain integer arguments / a valid
+            // f_owner_ex struct.
+            unsafe {
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                if fl < 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                if let Some((tid, sig)) = owner {
+                    let own = FOwnerEx {
+                        kind: F_OWNER_TID,
+                        pid: tid,
+                    };
+                    if libc::fcntl(fd, F_SETOWN_EX, &own) < 0
+                        || libc::fcntl(fd, F_SETSIG, sig) < 0
+                        || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_ASYNC) < 0
+                    {
+                        return Err(std::io::Error::last_os_error().into());
+                    }
+                } else if libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_ASYNC) < 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn shutdown(&self) {
