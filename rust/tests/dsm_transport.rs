@@ -505,3 +505,47 @@ fn bulk_transfer_does_not_delay_control() {
         "control message waited behind {before} pages"
     );
 }
+
+/// A page grant must carry its page: without data (or with the wrong length) it
+/// is refused before anything is queued — never sent as 4 KiB of made-up zeros —
+/// and the connection stays usable.
+#[test]
+fn page_grant_without_its_data_is_refused() {
+    let ms = mesh(2);
+    let g = Msg::Grant {
+        page: 3,
+        access: Access::Read,
+        version: 1,
+        data: Data::Page,
+    };
+    for data in [None, Some(&[1u8; 100][..])] {
+        match ms[0].send_msg(1, &g, data) {
+            Err(TransportError::Wire(WireError::MissingData { page: 3 })) => {}
+            r => panic!("{r:?}"),
+        }
+    }
+    assert!(matches!(
+        wire::check_msg(&g, Some(&[0u8; 4096])),
+        Ok(())
+    ));
+    ms[0].send_msg(1, &Msg::Inv { page: 3 }, None).unwrap();
+    // Nothing malformed went out: the next frame on the link is the Inv.
+    let mut ev = Vec::new();
+    let end = Instant::now() + Duration::from_secs(2);
+    while ev.is_empty() && Instant::now() < end {
+        ms[0].poll(Some(Duration::from_millis(5)), &[], &mut ev).unwrap();
+        ev.clear();
+        ms[1].poll(Some(Duration::from_millis(5)), &[], &mut ev).unwrap();
+    }
+    match ev.first() {
+        Some(Event::Frame {
+            from: 0,
+            frame: Frame::Proto {
+                msg: Msg::Inv { page: 3 },
+                ..
+            },
+            ..
+        }) => {}
+        e => panic!("{e:?}"),
+    }
+}
