@@ -465,6 +465,40 @@ impl Drop for KickAttachment<'_> {
 }
 
 #[cfg(test)]
+mod halt_poll_tests {
+    use super::HaltPoll;
+    use std::time::Duration;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn the_window_grows_on_short_sleeps_and_shrinks_on_long_ones() {
+        let mut h = HaltPoll::new(200 * US);
+        assert_eq!(h.window, Duration::ZERO, "starts without polling");
+        h.adapt(50 * US, false); // woken within the maximum: polling would have caught it
+        assert_eq!(h.window, 10 * US);
+        for want in [20, 40, 80, 160, 200, 200] {
+            h.adapt(150 * US, false);
+            assert_eq!(h.window, want * US);
+        }
+        h.adapt(150 * US, true); // a hit keeps the window
+        assert_eq!(h.window, 200 * US);
+        for want_ns in [100_000, 50_000, 25_000, 12_500, 0, 0] {
+            h.adapt(Duration::from_millis(5), false); // long sleeps: polling is waste
+            assert_eq!(h.window, Duration::from_nanos(want_ns));
+        }
+    }
+
+    #[test]
+    fn a_zero_maximum_never_polls() {
+        let mut h = HaltPoll::new(Duration::ZERO);
+        h.adapt(5 * US, false);
+        h.adapt(5 * US, true);
+        assert_eq!(h.window, Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
 mod kick_target_tests {
     use super::*;
 

@@ -261,6 +261,9 @@ pub struct VmStats {
     pub ipis_sent: u64,
     pub ipis_delivered: u64,
     pub irqs_raised: u64,
+    /// Halts ended by adaptive halt polling / halts that slept.
+    pub halt_poll_hits: u64,
+    pub halt_sleeps: u64,
     pub setup_ms: f64,
     pub run_ms: f64,
     pub per_vcpu_exits: Vec<u64>,
@@ -1177,6 +1180,8 @@ impl Vm {
                 .router
                 .irqs_raised
                 .load(std::sync::atomic::Ordering::Relaxed),
+            halt_poll_hits: total.halt_poll_hits,
+            halt_sleeps: total.halt_sleeps,
             setup_ms: self.setup.as_secs_f64() * 1e3,
             run_ms: run.as_secs_f64() * 1e3,
             per_vcpu_exits: per_vcpu,

@@ -524,26 +524,28 @@ fn page_grant_without_its_data_is_refused() {
             r => panic!("{r:?}"),
         }
     }
-    assert!(matches!(
-        wire::check_msg(&g, Some(&[0u8; 4096])),
-        Ok(())
-    ));
+    assert!(matches!(wire::check_msg(&g, Some(&[0u8; 4096])), Ok(())));
     ms[0].send_msg(1, &Msg::Inv { page: 3 }, None).unwrap();
     // Nothing malformed went out: the next frame on the link is the Inv.
     let mut ev = Vec::new();
     let end = Instant::now() + Duration::from_secs(2);
     while ev.is_empty() && Instant::now() < end {
-        ms[0].poll(Some(Duration::from_millis(5)), &[], &mut ev).unwrap();
+        ms[0]
+            .poll(Some(Duration::from_millis(5)), &[], &mut ev)
+            .unwrap();
         ev.clear();
-        ms[1].poll(Some(Duration::from_millis(5)), &[], &mut ev).unwrap();
+        ms[1]
+            .poll(Some(Duration::from_millis(5)), &[], &mut ev)
+            .unwrap();
     }
     match ev.first() {
         Some(Event::Frame {
             from: 0,
-            frame: Frame::Proto {
-                msg: Msg::Inv { page: 3 },
-                ..
-            },
+            frame:
+                Frame::Proto {
+                    msg: Msg::Inv { page: 3 },
+                    ..
+                },
             ..
         }) => {}
         e => panic!("{e:?}"),

@@ -112,10 +112,16 @@ impl ServiceMode {
 
     /// `DVMM_DSM_MODE` from the environment, else the default.
     pub fn from_env() -> ServiceMode {
-        std::env::var("DVMM_DSM_MODE")
-            .ok()
-            .and_then(|v| ServiceMode::parse(v.trim()))
-            .unwrap_or(ServiceMode::DEFAULT)
+        match std::env::var("DVMM_DSM_MODE") {
+            Ok(v) => ServiceMode::parse(v.trim()).unwrap_or_else(|| {
+                eprintln!(
+                    "dvmm-dsm: warning: DVMM_DSM_MODE={v:?} is not one of legacy, rt, \
+                     rt-spin, vcpu-serve; using the default"
+                );
+                ServiceMode::DEFAULT
+            }),
+            Err(_) => ServiceMode::DEFAULT,
+        }
     }
 }
 
@@ -133,6 +139,10 @@ pub enum EffectError {
     #[error("page {page}: {err}")]
     Memory { page: PageIdx, err: UffdError },
 }
+
+/// Default [`DsmConfig::spin`] in microseconds (`DVMM_DSM_SPIN_US` overrides it
+/// for A/B runs).
+pub const DEFAULT_SPIN_US: u64 = 500;
 
 /// Default [`DsmConfig::prefetch_max_pages`].
 pub const DEFAULT_PREFETCH_MAX_PAGES: u32 = 0;
@@ -208,7 +218,12 @@ impl DsmConfig {
             connect_deadline: Duration::from_secs(30),
             dead_after: Duration::from_secs(3),
             foreign_budget: None,
-            spin: Duration::from_micros(500),
+            spin: Duration::from_micros(
+                std::env::var("DVMM_DSM_SPIN_US")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(DEFAULT_SPIN_US),
+            ),
             idle_spin: Duration::from_micros(50),
             hold_window: Duration::from_micros(DEFAULT_HOLD_WINDOW_US),
             realtime: false,
