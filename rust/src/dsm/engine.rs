@@ -1,14 +1,18 @@
 //! The DSM engine: one thread per node that serves userfaultfd faults on the
 //! guest mapping and the coherence protocol over the transport.
 //!
-//! The thread polls the userfaultfd, the transport and a wake-up eventfd
-//! together. Wake-ups are the expensive part on these hosts (~25 us), so while
-//! one of our faults waits for a reply the thread busy-polls (non-blocking
-//! `poll`) for at most `spin`; after serving traffic it keeps polling for
-//! `idle_spin` (replies such as `Done` usually follow). Both are bounded: with
-//! two cores, an unbounded spin would steal the CPU of a vCPU. Poll deadlines
-//! use `ppoll` (sub-millisecond). While spinning the thread calls
-//! `sched_yield`, so a co-located engine of the same class gets the core.
+//! The thread waits in one epoll set (the transport's connections, the
+//! userfaultfd, a wake-up eventfd). Wake-ups are the expensive part on these
+//! nested hosts (a thread woken on an idle core costs ~100 us, one that must
+//! preempt a vCPU in KVM's fault path ~30-55 us), so how the thread waits is the
+//! main design choice: [`ServiceMode`] (A/B table in perf/README.md). The
+//! default, `rt-idle`: `SCHED_FIFO`, so a message preempts a vCPU at once; a
+//! bounded busy-poll while one of our faults waits for its reply (the faulting
+//! vCPU is blocked, its core would idle); after any traffic a short idle spin at
+//! normal priority with `sched_yield`, ended as soon as a yield shows the core
+//! busy (ping-pong pages come back within microseconds); otherwise it blocks.
+//! Every spin is bounded: with two cores an unbounded one would starve a vCPU.
+//! The poll deadlines are sub-millisecond (`epoll_pwait2`).
 //!
 //! **Hold window** (Mirage-style, [`DsmConfig::hold_window`]): a node that has
 //! just been granted write ownership of a page defers invalidations and fetches
@@ -85,6 +89,13 @@ pub enum ServiceMode {
     /// vCPU is blocked meanwhile, so the core would be idle, and the reply is
     /// seen without a wake-up. No idle spin, no `sched_yield`.
     RtSpin,
+    /// `RtSpin`, plus `Legacy`'s idle spin: for `idle_spin` after any traffic
+    /// the thread keeps polling at normal priority with `sched_yield` (so a vCPU
+    /// on its core runs first), then goes back to `SCHED_FIFO` and blocks.
+    /// Ping-pong pages (one line written by two nodes) send the next request
+    /// within microseconds of the last grant: the idle spin catches it without
+    /// a wake-up, while faults keep the real-time engine.
+    RtIdle,
     /// As `RtSpin` while a fault of this node waits; otherwise the engine
     /// thread watches only the userfaultfd, and incoming messages (requests for
     /// our pages, IPIs) are served by a vCPU thread of this node: the sockets
@@ -96,8 +107,8 @@ pub enum ServiceMode {
 }
 
 impl ServiceMode {
-    /// The default mode.
-    pub const DEFAULT: ServiceMode = ServiceMode::RtSpin;
+    /// The default mode (the A/B that chose it is in perf/README.md).
+    pub const DEFAULT: ServiceMode = ServiceMode::RtIdle;
 
     /// Parse a mode name (`legacy`, `rt`, `rt-spin`).
     pub fn parse(s: &str) -> Option<ServiceMode> {
@@ -105,6 +116,7 @@ impl ServiceMode {
             "legacy" => Some(ServiceMode::Legacy),
             "rt" => Some(ServiceMode::Rt),
             "rt-spin" => Some(ServiceMode::RtSpin),
+            "rt-idle" => Some(ServiceMode::RtIdle),
             "vcpu-serve" => Some(ServiceMode::VcpuServe),
             _ => None,
         }
@@ -116,7 +128,7 @@ impl ServiceMode {
             Ok(v) => ServiceMode::parse(v.trim()).unwrap_or_else(|| {
                 eprintln!(
                     "dvmm-dsm: warning: DVMM_DSM_MODE={v:?} is not one of legacy, rt, \
-                     rt-spin, vcpu-serve; using the default"
+                     rt-spin, rt-idle, vcpu-serve; using the default"
                 );
                 ServiceMode::DEFAULT
             }),
@@ -430,6 +442,7 @@ impl DsmEngine {
             service: cfg.service,
             failed: false,
             last_activity: Instant::now(),
+            idle_busy: false,
             faults: Vec::with_capacity(64),
             events: Vec::with_capacity(64),
             effects: Vec::with_capacity(16),
@@ -694,6 +707,16 @@ fn deliver_response(sh: &Shared, tag: u64, payload: Vec<u8>) {
     }
 }
 
+/// Switch the calling thread back to normal scheduling (`SCHED_OTHER`).
+fn set_normal() -> std::io::Result<()> {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall on the calling thread with a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &p) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Switch the calling thread to `SCHED_FIFO` priority 1 (the caller logs a
 /// failure and goes on at normal priority).
 fn set_realtime() -> std::io::Result<()> {
@@ -718,6 +741,10 @@ struct Deferred {
     data: Option<Box<[u8]>>,
 }
 
+/// A `sched_yield` in the idle spin that took longer than this ran another
+/// thread: the core is not idle.
+const IDLE_YIELD_BUSY: Duration = Duration::from_micros(20);
+
 /// At most this many evictions in flight.
 const MAX_EVICTING: usize = 32;
 
@@ -741,6 +768,8 @@ struct Engine {
     /// A side effect failed: the VM is stopping; execute nothing more.
     failed: bool,
     last_activity: Instant,
+    /// `RtIdle`: the idle spin found the core busy (until the next activity).
+    idle_busy: bool,
     faults: Vec<Fault>,
     events: Vec<Event>,
     effects: Vec<Effect>,
@@ -769,7 +798,17 @@ impl Engine {
         if sh.service != ServiceMode::VcpuServe {
             // Nobody else serves: hold the engine for good.
             let mut e = lock_engine(engine);
+            let mut rt = sh.service != ServiceMode::Legacy;
             while !sh.stop.load(Ordering::Relaxed) {
+                if sh.service == ServiceMode::RtIdle {
+                    // Real-time while a fault waits or while blocked; normal
+                    // priority for the idle spin.
+                    let want = !e.idle_spinning();
+                    if want != rt {
+                        let _ = if want { set_realtime() } else { set_normal() };
+                        rt = want;
+                    }
+                }
                 let t = e.next_timeout();
                 e.turn(t);
             }
@@ -803,8 +842,16 @@ impl Engine {
         }
     }
 
+    /// In the idle spin: no fault of ours waits, but traffic came within
+    /// `idle_spin`.
+    fn idle_spinning(&self) -> bool {
+        self.pending_since.is_empty()
+            && !self.idle_busy
+            && Instant::now().saturating_duration_since(self.last_activity) < self.idle_spin
+    }
+
     /// How long the next poll may block (zero: spin).
-    fn next_timeout(&self) -> Option<Duration> {
+    fn next_timeout(&mut self) -> Option<Duration> {
         let now = Instant::now();
         let since = now.saturating_duration_since(self.last_activity);
         let waiting = !self.pending_since.is_empty() && since < self.spin;
@@ -812,12 +859,23 @@ impl Engine {
             ServiceMode::Legacy => waiting || since < self.idle_spin,
             ServiceMode::Rt => false,
             ServiceMode::RtSpin | ServiceMode::VcpuServe => waiting,
+            ServiceMode::RtIdle => waiting || (since < self.idle_spin && !self.idle_busy),
         };
         if spinning {
             if self.service == ServiceMode::Legacy {
                 // Let another engine on this core (co-located nodes) run.
                 // SAFETY: no preconditions.
                 unsafe { libc::sched_yield() };
+            } else if self.service == ServiceMode::RtIdle && !waiting {
+                // Spin only while the core is idle: a yield that gave the core to
+                // another thread (a vCPU) for a while ends the idle spin, so the
+                // next message wakes a real-time engine that preempts it instead.
+                let t0 = Instant::now();
+                // SAFETY: no preconditions.
+                unsafe { libc::sched_yield() };
+                if t0.elapsed() > IDLE_YIELD_BUSY {
+                    self.idle_busy = true;
+                }
             }
             return Some(Duration::ZERO);
         }
@@ -869,6 +927,7 @@ impl Engine {
         self.evict_over_budget(&mut effects);
         if active {
             self.last_activity = Instant::now();
+            self.idle_busy = false;
         }
         self.events = events;
         self.faults = faults;
