@@ -35,12 +35,15 @@ from typing import Any
 from dvmmd import __version__
 from dvmmd.sizes import SizeError, format_size, parse_guest_memory
 from dvmmd.vmspec import (
+    CPU_MODEL_HELP,
+    CPU_MODELS,
     DEFAULT_CMDLINE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     MAX_VCPUS,
     SpecError,
     build_spec,
+    check_cpu_model,
     exit_code,
 )
 
@@ -97,6 +100,21 @@ def timeout_arg(text: str) -> float:
     if not t >= 0 or t == float("inf"):
         raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: use 0 (none) or seconds")
     return t
+
+
+def cpu_model_arg(text: str) -> str:
+    try:
+        return check_cpu_model(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+CPU_HELP = (
+    "CPU model for the guest (every node gets the same): "
+    + "; ".join(f"{m} = {CPU_MODEL_HELP[m]}" for m in CPU_MODELS)
+    + ". Default: baseline on a KVM PVM host, host on a VT-x/AMD-V host "
+    "(`dvmmctl doctor` shows this host's)"
+)
 
 
 # --------------------------------------------------------------------------- doctor
@@ -244,6 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             console_stdout=True,
             timeout_s=args.timeout,
             console_stdin=_want_console_stdin(args),
+            cpu=args.cpu,
         )
     except SpecError as e:
         parser.error(str(e))
@@ -336,6 +355,7 @@ def _add_run_parser(sub: Any) -> None:
         metavar="N",
         help="local nodes (worker processes on 127.0.0.x) to spread the VM over, 1-16 (1)",
     )
+    p.add_argument("--cpu", type=cpu_model_arg, default=None, metavar="MODEL", help=CPU_HELP)
     p.add_argument("--json", action="store_true", help="print the result JSON at the end")
     p.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
     from dvmmd import localcluster

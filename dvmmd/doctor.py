@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dvmmd.vmspec import CPU_MODELS, default_cpu_model
+
 __all__ = [
     "KVM_CAPS",
     "Check",
@@ -112,6 +114,14 @@ PVM_MEANING = (
     "impractical here; the bundled guest runs its work at CPL3"
 )
 HW_MEANING = "hardware virtualization ({}): all guest code runs natively"
+#: Why each host kind gets its default CPU model (dvmmd.vmspec.default_cpu_model).
+CPU_MODEL_WHY = {
+    "vmx": "all guest code runs natively, so the guest gets every feature KVM offers",
+    "svm": "all guest code runs natively, so the guest gets every feature KVM offers",
+    "pvm": "leaves out what the CPL0 emulator refuses (CX16, XSAVE, PCID...); "
+    "KVM PVM still shows some host features it cannot hide, and `run` names them",
+    "other": "the safe model where the virtualization kind is not known",
+}
 
 
 @dataclass
@@ -134,6 +144,8 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     host_kind: str = "none"
     host_kind_meaning: str = ""
+    #: The CPU model ``dvmmctl run`` gives guests here when ``--cpu`` is not given.
+    default_cpu_model: str = ""
     kvm: dict[str, Any] = field(default_factory=dict)
     userfaultfd: dict[str, Any] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +168,8 @@ class Report:
             "failed": self.failed,
             "host_kind": self.host_kind,
             "host_kind_meaning": self.host_kind_meaning,
+            "default_cpu_model": self.default_cpu_model,
+            "cpu_models": list(CPU_MODELS),
             "kvm": self.kvm,
             "userfaultfd": self.userfaultfd,
             "host": self.host,
@@ -203,6 +217,15 @@ def _loaded_modules() -> set[str]:
     return {
         m for m in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm") if Path("/sys/module", m).exists()
     }
+
+
+def current_host_kind(kvm_path: str = "/dev/kvm") -> str:
+    """This host's kind (:func:`host_kind`), cheaply: no KVM ioctls, only /proc and /sys."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return host_kind(cpuinfo, _loaded_modules(), os.path.exists(kvm_path))[0]
 
 
 # ----------------------------------------------------------------- KVM
@@ -492,6 +515,14 @@ def run_doctor(kvm_path: str = "/dev/kvm") -> Report:
         "pvm": "PVM flavour of KVM: guest CPL3 native, CPL0 emulated (see below)",
     }.get(kind, meaning)
     r.add("virtualization", kind in ("vmx", "svm", "pvm"), True, short, kind)
+    r.default_cpu_model = default_cpu_model(kind)
+    r.add(
+        "default CPU model",
+        True,
+        False,
+        f"{r.default_cpu_model}: " + CPU_MODEL_WHY.get(kind, CPU_MODEL_WHY["other"]),
+        r.default_cpu_model,
+    )
 
     # userfaultfd
     uffd = probe_userfaultfd()
@@ -561,6 +592,10 @@ def format_report(r: Report) -> str:
     )
     if r.host_kind == "pvm":
         lines.append("  " + PVM_MEANING + ".")
+    lines.append(
+        f"default CPU model: {r.default_cpu_model} "
+        f"(`dvmmctl run --cpu {'|'.join(CPU_MODELS)}` chooses another)"
+    )
     native = r.build.get("native")
     lines.append(
         "native module: "

@@ -75,7 +75,9 @@ from dvmmd.vmspec import (
     MAX_VCPUS,
     SpecError,
     build_spec,
+    check_cpu_model,
     exit_code,
+    host_default_cpu_model,
     parse_result,
     split_numa,
 )
@@ -139,6 +141,9 @@ class Options:
     hold_window_us: int | None = None
     #: DSM sequential prefetch, pages per batch at most; None = the engine's default, 0 = off.
     prefetch_max_pages: int | None = None
+    #: CPU model for every node; None = this host's default (resolved once, so all
+    #: nodes get the same one).
+    cpu: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -159,6 +164,7 @@ class Options:
             foreign_budget=getattr(args, "foreign_budget", d.foreign_budget),
             hold_window_us=getattr(args, "hold_window_us", d.hold_window_us),
             prefetch_max_pages=getattr(args, "prefetch_max_pages", d.prefetch_max_pages),
+            cpu=getattr(args, "cpu", d.cpu),
         )
 
 
@@ -286,6 +292,11 @@ def validate(opts: Options) -> None:
         raise UsageError(f"--foreign-budget {opts.foreign_budget}: at least one 4 KiB page")
     if not math.isfinite(opts.timeout) or opts.timeout < 0:
         raise UsageError(f"--timeout {opts.timeout}: use 0 (none) or seconds")
+    if opts.cpu is not None:
+        try:
+            check_cpu_model(opts.cpu)
+        except SpecError as e:
+            raise UsageError(f"--cpu: {e}") from None
 
 
 def layout(vcpus: int, memory: int, nodes: int) -> list[dict[str, Any]]:
@@ -448,6 +459,8 @@ class Launcher:
         numa = layout(opts.vcpus, opts.memory, opts.nodes)
         addrs = self._addresses()
         secret = secrets.token_hex(32)
+        # One explicit CPU model for every node: a guest must see the same CPU everywhere.
+        cpu = opts.cpu if opts.cpu is not None else host_default_cpu_model()
         for i, (host, port) in enumerate(addrs):
             console = self.tmpdir / f"node{i}.console.log"
             if i == self.boot and opts.console_log:
@@ -478,6 +491,7 @@ class Launcher:
                     timeout_s=opts.timeout,
                     numa=numa if self.multi else None,
                     cluster=cluster,
+                    cpu=cpu,
                 )
             except SpecError as e:
                 raise UsageError(str(e)) from None
@@ -875,6 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_timeout_arg, default=0.0, metavar="SECONDS")
     p.add_argument("--stats", action="store_true", help="print per-node counters at the end")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    from dvmmd.cli import CPU_HELP, cpu_model_arg
+
+    p.add_argument("--cpu", type=cpu_model_arg, default=None, metavar="MODEL", help=CPU_HELP)
     add_arguments(p)
     p.set_defaults(parser=p)
     return p

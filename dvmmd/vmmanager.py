@@ -60,7 +60,15 @@ from .placement import (
 )
 from .sizes import check_guest_memory, format_size
 from .store import ACTIVE_STATES, SHARE_ACTIVE_STATES, ShareRecord, Store, VmRecord
-from .vmspec import DEFAULT_CMDLINE, MAX_VCPUS, SpecError, find_bundled_guest, validate_spec
+from .vmspec import (
+    DEFAULT_CMDLINE,
+    MAX_VCPUS,
+    SpecError,
+    check_cpu_model,
+    find_bundled_guest,
+    host_default_cpu_model,
+    validate_spec,
+)
 
 log = logging.getLogger("dvmmd.vm")
 
@@ -378,6 +386,12 @@ class VmManager:
         ):
             raise VmError("nodes must be a list of node names")
         timeout_s = float(args.get("timeout_s") or 0)
+        # The CPU model is fixed here, on the owner, so every node's share gets the same.
+        cpu_in = args.get("cpu")
+        try:
+            cpu = host_default_cpu_model() if cpu_in is None else check_cpu_model(cpu_in)
+        except SpecError as e:
+            raise VmError(str(e)) from None
         async with self._lock(name):
             old = self.store.get_vm(name)
             if old is not None and old.state in ACTIVE_STATES:
@@ -415,6 +429,7 @@ class VmManager:
                 "nodes": nodes,
                 "timeout_s": timeout_s,
                 "boot_id": boot_id,
+                "cpu": cpu,
             }
             pj = placement.to_json()
             for s in pj["shares"]:
@@ -499,6 +514,8 @@ class VmManager:
             "numa": placement.numa(),
             "console_stdout": False,
             "timeout_s": request["timeout_s"],
+            # Explicit even for records from before CPU models: one model on every node.
+            "cpu": request.get("cpu") or host_default_cpu_model(),
         }
         cluster = None
         if multi:

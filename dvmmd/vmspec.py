@@ -23,6 +23,8 @@ from typing import Any
 from dvmmd.sizes import PAGE_SIZE, SizeError, check_guest_memory, format_size
 
 __all__ = [
+    "CPU_MODELS",
+    "CPU_MODEL_HELP",
     "DEFAULT_CMDLINE",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
@@ -33,8 +35,11 @@ __all__ = [
     "RESULT_REASONS",
     "SpecError",
     "build_spec",
+    "check_cpu_model",
+    "default_cpu_model",
     "exit_code",
     "find_bundled_guest",
+    "host_default_cpu_model",
     "parse_result",
     "sniff_kernel",
     "spec_to_json",
@@ -65,6 +70,47 @@ EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 
 class SpecError(ValueError):
     """A VM request that cannot be run, with a message saying why."""
+
+
+# --------------------------------------------------------------------------- CPU model
+
+#: The CPU models the VMM knows (rust/src/cpuid.rs ``CpuModel``), in listing order:
+#: ``host`` offers the guest everything KVM_GET_SUPPORTED_CPUID offers; ``baseline``
+#: leaves out what KVM's instruction emulator refuses or a guest kernel would run at
+#: CPL0 (XSAVE and AVX*, CX16, PCID/INVPCID, FSGSBASE, SMAP, CLFLUSHOPT/CLWB,
+#: RDRAND/RDSEED, RDTSCP, ...).
+CPU_MODELS: tuple[str, ...] = ("host", "baseline")
+#: One line per model for help texts.
+CPU_MODEL_HELP = {
+    "host": "everything KVM offers (hardware-virtualization hosts)",
+    "baseline": "host minus what KVM PVM's CPL0 emulator refuses (XSAVE/AVX, "
+    "CX16, PCID, FSGSBASE, ...)",
+}
+
+
+def default_cpu_model(host_kind: str) -> str:
+    """The CPU model for a host of ``host_kind`` (``dvmmctl doctor``'s classification).
+
+    ``host`` where all guest code runs natively (``vmx``, ``svm``); ``baseline``
+    everywhere else: on ``pvm`` guest CPL0 code is emulated and the emulator refuses
+    instructions ``host`` would promise, and on an unrecognized host the safe model is
+    the right guess.
+    """
+    return "host" if host_kind in ("vmx", "svm") else "baseline"
+
+
+def host_default_cpu_model() -> str:
+    """The default CPU model for this host (its kind detected as ``dvmmctl doctor`` does)."""
+    from dvmmd.doctor import current_host_kind
+
+    return default_cpu_model(current_host_kind())
+
+
+def check_cpu_model(cpu: Any) -> str:
+    """``cpu`` if it names a known CPU model, else a SpecError naming it and the known ones."""
+    if not isinstance(cpu, str) or cpu not in CPU_MODELS:
+        raise SpecError(f"unknown CPU model {cpu!r} (known models: {', '.join(CPU_MODELS)})")
+    return cpu
 
 
 # --------------------------------------------------------------------------- kernel
@@ -335,8 +381,10 @@ def build_spec(
     cluster: Mapping[str, Any] | None = None,
     console_input: str | os.PathLike[str] | None = None,
     console_stdin: bool = False,
+    cpu: str | None = None,
 ) -> dict[str, Any]:
-    """Build and check a VM spec. ``kernel=None`` means the bundled guest."""
+    """Build and check a VM spec. ``kernel=None`` means the bundled guest;
+    ``cpu=None`` this host's default CPU model (:func:`host_default_cpu_model`)."""
     kernel_path = find_bundled_guest() if kernel is None else Path(kernel)
     extra: dict[str, Any] = {}
     if console_input is not None:
@@ -356,18 +404,20 @@ def build_spec(
             "console_stdout": console_stdout,
             "timeout_s": timeout_s,
             "cluster": None if cluster is None else dict(cluster),
+            "cpu": cpu,
         }
     )
 
 
 def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a spec dict and return a normalized copy (absolute paths, numa filled in)."""
+    """Check a spec dict and return a normalized copy (absolute paths, numa filled in,
+    the CPU model explicit: a missing or null ``cpu`` becomes this host's default)."""
     if not isinstance(spec, Mapping):
         raise SpecError("a VM spec must be a JSON object")
     known = {
         "vcpus", "memory", "kernel", "initrd", "cmdline", "numa",
         "console_log", "console_stdout", "timeout_s", "cluster",
-        "console_input", "console_stdin",
+        "console_input", "console_stdin", "cpu",
     }  # fmt: skip
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -402,6 +452,8 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"console_stdin must be true or false, not {console_stdin!r}")
     if console_stdin:
         extra["console_stdin"] = True
+    cpu_in = spec.get("cpu")
+    cpu = host_default_cpu_model() if cpu_in is None else check_cpu_model(cpu_in)
     return {
         **extra,
         "vcpus": vcpus,
@@ -414,6 +466,7 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         "console_stdout": console_stdout,
         "timeout_s": _check_timeout(spec.get("timeout_s", 0)),
         "cluster": cluster,
+        "cpu": cpu,
     }
 
 

@@ -57,6 +57,7 @@ def test_build_spec_defaults(elf_kernel: Path) -> None:
         "console_stdout": True,
         "timeout_s": 0,
         "cluster": None,
+        "cpu": vmspec.host_default_cpu_model(),  # explicit: this host's default
     }
     assert json.loads(vmspec.spec_to_json(spec)) == spec
 

@@ -388,6 +388,10 @@ pub struct ApicAddressing {
     pub x2apic: bool,
     /// Hardware-enabled (IA32_APIC_BASE.EN). A disabled APIC accepts nothing.
     pub enabled: bool,
+    /// Software-enabled (SVR bit 8). A software-disabled APIC still matches
+    /// (it takes INIT, SIPI and NMI) but drops fixed interrupts, so
+    /// lowest-priority arbitration passes over it (see [`route_targets`]).
+    pub software_enabled: bool,
 }
 
 impl ApicAddressing {
@@ -451,7 +455,10 @@ impl ApicAddressing {
 ///
 /// Lowest-priority delivery picks the matching APIC with the lowest APIC ID
 /// (ties: the lowest index); real hardware arbitrates on task priority, which a
-/// distributed VM cannot see cheaply and no guest relies on.
+/// distributed VM cannot see cheaply and no guest relies on. A software-disabled
+/// APIC would drop the interrupt, so it is chosen only when no software-enabled
+/// APIC matches (KVM skips it likewise); then the interrupt is lost, as on
+/// hardware.
 pub fn route_targets(msg: &InterruptMessage, apics: &[ApicAddressing]) -> Vec<usize> {
     let matching = apics
         .iter()
@@ -460,7 +467,7 @@ pub fn route_targets(msg: &InterruptMessage, apics: &[ApicAddressing]) -> Vec<us
         .map(|(i, _)| i);
     if msg.delivery_mode == DeliveryMode::LowestPriority {
         matching
-            .min_by_key(|&i| (apics[i].id, i))
+            .min_by_key(|&i| (!apics[i].software_enabled, apics[i].id, i))
             .into_iter()
             .collect()
     } else {
@@ -676,6 +683,24 @@ impl LocalApic {
         self.tsc_ref = tsc;
     }
 
+    /// The VM clock (the `now_ns` of every method) stood still for `paused_ns`
+    /// of real time (VM pause) while the guest TSC ran on: KVM keeps it running
+    /// when the VMM just stops entering the guest. One-shot and periodic
+    /// timers stay frozen with the clock; the TSC model and an armed
+    /// TSC-deadline (a point on the guest's TSC, not on the VM clock) are moved
+    /// so that the deadline still fires when the guest's TSC reaches it.
+    pub fn clock_resumed(&mut self, paused_ns: u64) {
+        let ticks = u128::from(paused_ns) * u128::from(self.tsc_khz) / 1_000_000;
+        self.tsc_ref = self
+            .tsc_ref
+            .wrapping_add(u64::try_from(ticks).unwrap_or(u64::MAX));
+        if self.timer_mode() == TimerMode::TscDeadline {
+            if let Some(d) = self.timer.deadline_ns {
+                self.timer.deadline_ns = Some(d.saturating_sub(paused_ns));
+            }
+        }
+    }
+
     /// Guest TSC at `now_ns`, by the linear model of [`Self::set_tsc_reference`].
     pub fn tsc_at(&self, now_ns: u64) -> u64 {
         let dt = u128::from(now_ns.saturating_sub(self.tsc_ref_ns));
@@ -811,6 +836,7 @@ impl LocalApic {
             flat_model: (self.dfr >> 28) == DFR_FLAT,
             x2apic: self.mode() == ApicMode::X2Apic,
             enabled: self.mode() != ApicMode::Disabled,
+            software_enabled: self.is_software_enabled(),
         }
     }
 
@@ -1275,6 +1301,12 @@ impl LocalApic {
             }
             REG_TIMER_DIVIDE => self.write_divide(val, now_ns),
             REG_SELF_IPI if x2 => {
+                // SDM 11.12.11: only the vector (bits 7:0) is defined; a value
+                // with any other bit set is a #GP (bits 63:32 are caught by
+                // msr_write before this point).
+                if val & !0xFF != 0 {
+                    return Err(RegFault::Reserved);
+                }
                 self.deliver_fixed(val as u8, false);
             }
             REG_VERSION | REG_PPR | REG_TIMER_CURRENT | 0x100..=0x270 => {
@@ -1362,9 +1394,17 @@ impl LocalApic {
     /// A guest read of the xAPIC page at `offset` (0..0x1000). Registers are
     /// 32 bits wide at 16-byte strides; narrower reads get the addressed bytes.
     /// Reads outside any register give zeros (and set ESR bit 7).
+    ///
+    /// While the APIC is globally disabled (IA32_APIC_BASE.EN = 0) or in x2APIC
+    /// mode the page does not decode as the APIC (SDM 11.4.3, 11.12.1): the
+    /// read hits nothing and gives all ones, as under QEMU/KVM.
     pub fn mmio_read(&mut self, offset: u64, data: &mut [u8], now_ns: u64) {
+        if self.mode() != ApicMode::XApic {
+            data.fill(0xFF);
+            return;
+        }
         data.fill(0);
-        if self.mode() != ApicMode::XApic || offset >= APIC_MMIO_SIZE {
+        if offset >= APIC_MMIO_SIZE {
             return;
         }
         self.advance(now_ns);
@@ -1387,7 +1427,8 @@ impl LocalApic {
     }
 
     /// A guest write to the xAPIC page. Only aligned 32-bit writes to
-    /// registers are honoured; anything else is ignored.
+    /// registers are honoured; anything else is ignored. Like reads, writes
+    /// while globally disabled or in x2APIC mode reach no APIC and are dropped.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8], now_ns: u64) -> ApicAction {
         if self.mode() != ApicMode::XApic || offset >= APIC_MMIO_SIZE || offset & 0xF != 0 {
             return ApicAction::None;
@@ -1869,6 +1910,55 @@ mod tests {
     }
 
     #[test]
+    fn frozen_clock_freezes_timers_and_tsc_deadline_follows_the_tsc() {
+        // One-shot timer armed for 1000 ticks at divide 1 (1 GHz bus: 1 us).
+        let mut a = enabled(0);
+        wr(&mut a, 0x320, 0x40, T0); // one-shot, vector 0x40
+        wr(&mut a, 0x3E0, 0xB, T0); // divide by 1
+        wr(&mut a, 0x380, 1000, T0);
+        let deadline = a.next_deadline_ns().unwrap();
+        let count = rd(&mut a, 0x390, T0 + 400);
+        // The VM clock stands still for a long pause: the vCPU sees the same
+        // VM time afterwards, so nothing fired and the count did not move.
+        a.clock_resumed(3_000_000_000);
+        assert_eq!(a.next_deadline_ns(), Some(deadline));
+        assert!(!a.advance(T0 + 400));
+        assert_eq!(rd(&mut a, 0x390, T0 + 400), count);
+        assert!(a.advance(deadline));
+        assert_eq!(a.pending_interrupt(), Some(0x40));
+
+        // TSC-deadline: 2 GHz TSC; a deadline 1 ms ahead of the guest TSC.
+        let mut t = enabled(1);
+        t.set_tsc_reference(T0, 10_000);
+        wr(&mut t, 0x320, 0x41 | (2 << 17), T0);
+        let dl = t.tsc_at(T0) + 2_000_000;
+        t.msr_write(MSR_IA32_TSC_DEADLINE, dl, T0).unwrap();
+        assert_eq!(t.next_deadline_ns(), Some(T0 + 1_000_000));
+        // Paused 400 us at VM time T0: the guest TSC ran 800k ticks meanwhile,
+        // so at VM time T0 (just resumed) the TSC reads 800k more, and the
+        // deadline is 600 us of VM time away.
+        t.clock_resumed(400_000);
+        assert_eq!(t.tsc_at(T0), 10_000 + 800_000);
+        assert_eq!(t.next_deadline_ns(), Some(T0 + 600_000));
+        assert_eq!(t.msr_read(MSR_IA32_TSC_DEADLINE, T0).unwrap(), dl);
+        assert!(!t.advance(T0 + 599_999));
+        assert!(t.advance(T0 + 600_000));
+        // A pause longer than what was left: due at once on resume.
+        t.msr_write(
+            MSR_IA32_TSC_DEADLINE,
+            t.tsc_at(T0 + 600_000) + 1000,
+            T0 + 600_000,
+        )
+        .unwrap();
+        t.clock_resumed(1_000_000);
+        assert!(t.advance(T0 + 600_000));
+        // No timer armed: only the TSC model moves.
+        let mut idle = enabled(2);
+        idle.clock_resumed(5);
+        assert_eq!(idle.next_deadline_ns(), None);
+    }
+
+    #[test]
     fn tsc_conversion_huge_values() {
         let mut a = LocalApic::new(0, true, 4_000_000);
         a.set_tsc_reference(0, 0);
@@ -1969,6 +2059,23 @@ mod tests {
         a.msr_write(0x83F, 0x66, 0).unwrap();
         assert!(a.irr_contains(0x66));
         assert_eq!(a.msr_read(0x83F, 0), Err(ApicError::WriteOnly(0x83F)));
+    }
+
+    #[test]
+    fn x2apic_self_ipi_reserved_bits_gp() {
+        let mut a = x2(3);
+        // Bits 8-31 and 32-63 are reserved: #GP, and no interrupt is raised.
+        for value in [0x166u64, 0x8000_0066, 1 << 32 | 0x66, u64::MAX] {
+            assert_eq!(
+                a.msr_write(0x83F, value, 0),
+                Err(ApicError::ReservedBits { msr: 0x83F, value }),
+                "value {value:#x}"
+            );
+            assert!(!a.irr_contains(0x66));
+        }
+        // The vector alone is still accepted.
+        a.msr_write(0x83F, 0xFF, 0).unwrap();
+        assert!(a.irr_contains(0xFF));
     }
 
     // ------------------------------------------------------- destination match
@@ -2077,6 +2184,54 @@ mod tests {
         m.destination.shorthand = Shorthand::AllExcludingSelf;
         m.source_id = Some(1);
         assert_eq!(route_targets(&m, &apics), vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn lowest_priority_skips_software_disabled() {
+        let mut lapics: Vec<LocalApic> = (0..4)
+            .map(|i| {
+                let mut a = enabled(i);
+                wr(&mut a, 0xD0, 1 << (24 + i), 0);
+                a
+            })
+            .collect();
+        let table = |l: &[LocalApic]| l.iter().map(|a| a.addressing()).collect::<Vec<_>>();
+        let lp = msg(
+            0b1110,
+            DestinationMode::Logical,
+            false,
+            DeliveryMode::LowestPriority,
+        );
+        assert_eq!(route_targets(&lp, &table(&lapics)), vec![1]);
+        // APIC 1 software-disabled (SVR bit 8 clear): the next one is chosen.
+        wr(&mut lapics[1], 0xF0, 0xFF, 0);
+        assert!(!lapics[1].addressing().software_enabled);
+        assert_eq!(route_targets(&lp, &table(&lapics)), vec![2]);
+        // ... and it still matches fixed, NMI and INIT messages.
+        let fixed = msg(0b1110, DestinationMode::Logical, false, DeliveryMode::Fixed);
+        assert_eq!(route_targets(&fixed, &table(&lapics)), vec![1, 2, 3]);
+        // Physical broadcast, lowest priority: APIC 0 (enabled, lowest ID).
+        let bc = msg(
+            0xFF,
+            DestinationMode::Physical,
+            false,
+            DeliveryMode::LowestPriority,
+        );
+        assert_eq!(route_targets(&bc, &table(&lapics)), vec![0]);
+        wr(&mut lapics[0], 0xF0, 0xFF, 0);
+        assert_eq!(route_targets(&bc, &table(&lapics)), vec![2]);
+        // Every match software-disabled: still one target (which drops it).
+        wr(&mut lapics[2], 0xF0, 0xFF, 0);
+        wr(&mut lapics[3], 0xF0, 0xFF, 0);
+        assert_eq!(route_targets(&lp, &table(&lapics)), vec![1]);
+        assert!(!lapics[1].accept(&lp));
+        // Re-enabled: back to the lowest ID.
+        wr(&mut lapics[1], 0xF0, 0x1FF, 0);
+        assert_eq!(route_targets(&lp, &table(&lapics)), vec![1]);
+        assert!(lapics[1].accept(&lp));
+        // A hardware-disabled APIC is never chosen, software-enabled or not.
+        lapics[1].set_apic_base(APIC_DEFAULT_BASE).unwrap();
+        assert_eq!(route_targets(&lp, &table(&lapics)), vec![2]);
     }
 
     #[test]
@@ -2217,9 +2372,59 @@ mod tests {
     #[test]
     fn disabled_or_x2apic_ignores_mmio() {
         let mut a = x2(1);
-        assert_eq!(rd(&mut a, 0x20, 0), 0);
+        assert_eq!(rd(&mut a, 0x20, 0), u32::MAX);
         wr(&mut a, 0x80, 0x50, 0);
         assert_eq!(a.tpr(), 0);
+    }
+
+    #[test]
+    fn mmio_page_does_not_decode_when_disabled_or_x2apic() {
+        let base = APIC_DEFAULT_BASE;
+        let en = APIC_BASE_ENABLE;
+        let mut a = enabled(2);
+        wr(&mut a, 0x80, 0x20, 0);
+        assert_eq!(rd(&mut a, 0x30, 0), APIC_VERSION);
+
+        // Globally disabled: every read is all ones (any width, any offset),
+        // writes are dropped and nothing is latched in ESR.
+        a.msr_write(MSR_IA32_APIC_BASE, base, 0).unwrap();
+        assert_eq!(a.mode(), ApicMode::Disabled);
+        for off in [0x20u64, 0x30, 0x80, 0xF0, 0x280, 0x3F0, 0xFF0] {
+            assert_eq!(rd(&mut a, off, 0), u32::MAX, "offset {off:#x}");
+        }
+        let mut b = [0u8; 1];
+        a.mmio_read(0x31, &mut b, 0);
+        assert_eq!(b, [0xFF]);
+        let mut q = [0u8; 8];
+        a.mmio_read(0x20, &mut q, 0);
+        assert_eq!(q, [0xFF; 8]);
+        assert_eq!(wr(&mut a, 0x80, 0x70, 0), ApicAction::None);
+        assert_eq!(wr(&mut a, 0xF0, 0x1FF, 0), ApicAction::None);
+        assert_eq!(
+            wr(&mut a, 0x300, 0x0000_4500, 0),
+            ApicAction::None,
+            "ICR write while disabled sends nothing"
+        );
+        assert_eq!(a.tpr(), 0);
+        assert!(!a.is_software_enabled());
+
+        // Re-enabled in xAPIC mode: the page decodes again, in its reset state
+        // (disabling reset the registers).
+        a.msr_write(MSR_IA32_APIC_BASE, base | en, 0).unwrap();
+        assert_eq!(rd(&mut a, 0x30, 0), APIC_VERSION);
+        assert_eq!(rd(&mut a, 0x20, 0), 2 << 24);
+        assert_eq!(rd(&mut a, 0xF0, 0), 0xFF);
+        assert_eq!(a.esr(), 0);
+        wr(&mut a, 0x80, 0x30, 0);
+        assert_eq!(a.tpr(), 0x30);
+
+        // x2APIC mode: same as disabled for the MMIO page; the MSRs work.
+        a.msr_write(MSR_IA32_APIC_BASE, base | en | APIC_BASE_EXTD, 0)
+            .unwrap();
+        assert_eq!(rd(&mut a, 0x80, 0), u32::MAX);
+        wr(&mut a, 0x80, 0x50, 0);
+        assert_eq!(a.tpr(), 0x30);
+        assert_eq!(a.msr_read(0x808, 0), Ok(0x30));
     }
 
     #[test]

@@ -75,13 +75,17 @@ pub const APP_EOI: u64 = 7;
 pub const ADDRESSING_BYTES: usize = 13;
 
 /// Encode an `APP_ADDR` payload:
-/// `[vcpu u32 LE][id u32 LE][ldr u32 LE][flags u8: 1 flat model, 2 x2APIC, 4 enabled]`.
+/// `[vcpu u32 LE][id u32 LE][ldr u32 LE][flags u8: 1 flat model, 2 x2APIC, 4 enabled,
+/// 8 software-enabled]`.
 pub fn encode_addressing(vcpu: u32, a: &apic::ApicAddressing) -> [u8; ADDRESSING_BYTES] {
     let mut b = [0u8; ADDRESSING_BYTES];
     b[0..4].copy_from_slice(&vcpu.to_le_bytes());
     b[4..8].copy_from_slice(&a.id.to_le_bytes());
     b[8..12].copy_from_slice(&a.ldr.to_le_bytes());
-    b[12] = u8::from(a.flat_model) | (u8::from(a.x2apic) << 1) | (u8::from(a.enabled) << 2);
+    b[12] = u8::from(a.flat_model)
+        | (u8::from(a.x2apic) << 1)
+        | (u8::from(a.enabled) << 2)
+        | (u8::from(a.software_enabled) << 3);
     b
 }
 
@@ -95,7 +99,7 @@ pub fn decode_addressing(b: &[u8]) -> Result<(u32, apic::ApicAddressing), String
     }
     let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let flags = b[12];
-    if flags & !7 != 0 {
+    if flags & !0xF != 0 {
         return Err(format!("addressing update with reserved flags {flags:#x}"));
     }
     Ok((
@@ -106,6 +110,7 @@ pub fn decode_addressing(b: &[u8]) -> Result<(u32, apic::ApicAddressing), String
             flat_model: flags & 1 != 0,
             x2apic: flags & 2 != 0,
             enabled: flags & 4 != 0,
+            software_enabled: flags & 8 != 0,
         },
     ))
 }
@@ -750,20 +755,25 @@ mod tests {
             flat_model: false,
             x2apic: true,
             enabled: true,
+            software_enabled: true,
         };
         let b = encode_addressing(7, &a);
         assert_eq!(decode_addressing(&b).unwrap(), (7, a));
         for flat in [false, true] {
             for x2 in [false, true] {
                 for en in [false, true] {
-                    let a = apic::ApicAddressing {
-                        id: 3,
-                        ldr: 0x0800_0000,
-                        flat_model: flat,
-                        x2apic: x2,
-                        enabled: en,
-                    };
-                    assert_eq!(decode_addressing(&encode_addressing(3, &a)).unwrap().1, a);
+                    for sw in [false, true] {
+                        let a = apic::ApicAddressing {
+                            id: 3,
+                            ldr: 0x0800_0000,
+                            flat_model: flat,
+                            x2apic: x2,
+                            enabled: en,
+                            software_enabled: sw,
+                        };
+                        let d = decode_addressing(&encode_addressing(3, &a)).unwrap().1;
+                        assert_eq!(d, a);
+                    }
                 }
             }
         }

@@ -32,6 +32,9 @@ pub const IOAPIC_NUM_PINS: usize = 24;
 /// Version (with the EOI register).
 pub const IOAPIC_VERSION: u32 = 0x20;
 
+/// Implemented bits of the IOAPIC ID (the register's bits 27:24).
+const IOAPIC_ID_MASK: u8 = 0x0F;
+
 /// MMIO offset of IOREGSEL.
 pub const IOREGSEL: u64 = 0x00;
 /// MMIO offset of IOWIN.
@@ -80,10 +83,11 @@ pub struct IoApic {
 
 impl IoApic {
     /// A reset IOAPIC with ID `id` (dvmm uses the number of vCPUs); every
-    /// redirection entry masked.
+    /// redirection entry masked. The ID register holds 4 bits (82093AA), so
+    /// only the low 4 bits of `id` are kept.
     pub fn new(id: u8) -> Self {
         Self {
-            id,
+            id: id & IOAPIC_ID_MASK,
             ioregsel: 0,
             redirection: [RTE_MASKED; IOAPIC_NUM_PINS],
             irr: 0,
@@ -228,7 +232,9 @@ impl IoApic {
 
     fn write_register(&mut self, index: u32, value: u32) -> Option<InterruptMessage> {
         match index {
-            REG_ID => self.id = (value >> 24) as u8,
+            // 82093AA: only bits 27:24 of the ID register are implemented;
+            // the rest are reserved and read back as 0 (KVM and QEMU do the same).
+            REG_ID => self.id = (value >> 24) as u8 & IOAPIC_ID_MASK,
             REG_REDIR_FIRST.. => {
                 let pin = ((index - REG_REDIR_FIRST) / 2) as usize;
                 let old = *self.redirection.get(pin)?;
@@ -323,13 +329,34 @@ mod tests {
         assert_eq!(read_reg(&mut io, 0), 4 << 24);
         assert_eq!(read_reg(&mut io, 1), 0x0017_0020);
         assert_eq!(read_reg(&mut io, 2), 4 << 24);
-        write_reg(&mut io, 0, 0x2000_0000);
-        assert_eq!(io.id(), 0x20);
+        write_reg(&mut io, 0, 0x0200_0000);
+        assert_eq!(io.id(), 2);
         write_reg(&mut io, 1, 0);
         assert_eq!(read_reg(&mut io, 1), 0x0017_0020, "version read-only");
         let mut b = [0u8; 4];
         io.mmio_read(IOREGSEL, &mut b);
         assert_eq!(b, [1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn id_register_only_bits_24_to_27_writable() {
+        let mut io = IoApic::new(4);
+        write_reg(&mut io, 0, u32::MAX);
+        assert_eq!(read_reg(&mut io, 0), 0x0F00_0000);
+        assert_eq!(read_reg(&mut io, 2), 0x0F00_0000, "arbitration ID follows");
+        assert_eq!(io.id(), 0x0F);
+        write_reg(&mut io, 0, 0xF0FF_FFFF);
+        assert_eq!(read_reg(&mut io, 0), 0);
+        write_reg(&mut io, 0, 0x0A00_0000);
+        assert_eq!(read_reg(&mut io, 0), 0x0A00_0000);
+        // An ID given at construction is cut to the register's width too.
+        let io = IoApic::new(0x13);
+        assert_eq!(io.id(), 3);
+        // Reset keeps the (masked) ID.
+        let mut io = IoApic::new(5);
+        write_reg(&mut io, 0, 0x0700_0000);
+        io.reset();
+        assert_eq!(read_reg(&mut io, 0), 0x0700_0000);
     }
 
     #[test]

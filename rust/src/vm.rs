@@ -142,6 +142,10 @@ pub struct VmSpec {
     /// environment for A/B runs).
     #[serde(default)]
     pub halt_poll_us: Option<u64>,
+    /// CPU model (`host`, `baseline`; see [`cpuid::CpuModel`]). Absent:
+    /// [`cpuid::CpuModel::host_default`]. Every node of a VM must name the same one.
+    #[serde(default)]
+    pub cpu: Option<String>,
 }
 
 impl VmSpec {
@@ -161,9 +165,19 @@ impl VmSpec {
         })
     }
 
+    /// The CPU model the spec names, or this host's default.
+    pub fn cpu_model(&self) -> Result<cpuid::CpuModel, VmError> {
+        match &self.cpu {
+            None => Ok(cpuid::CpuModel::host_default()),
+            Some(name) => cpuid::CpuModel::from_name(name)
+                .map_err(|e| VmError::InvalidSpec(format!("cpu: {e}"))),
+        }
+    }
+
     /// Check everything that can be checked without KVM.
     pub fn validate(&self) -> Result<(), VmError> {
         let bad = |m: String| Err(VmError::InvalidSpec(m));
+        self.cpu_model()?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return bad(format!(
                 "vcpus = {}: must be between 1 and {MAX_VCPUS} (the maximum)",
@@ -650,15 +664,25 @@ impl BusDevice for IoApicDevice {
 pub struct VmControl {
     vcpus: Vec<Arc<VcpuShared>>,
     stop: Arc<VmStop>,
+    clock: VmClock,
 }
 
 impl VmControl {
     /// Ask every vCPU to pause (returns at once; see [`VmControl::states`]).
+    /// The VM clock stops now, so the APIC timers do not run while paused.
     pub fn pause(&self) {
+        self.clock.pause();
         self.vcpus.iter().for_each(|v| v.pause());
     }
-    /// Resume every paused vCPU.
+    /// Resume every paused vCPU, and the VM clock with them.
     pub fn resume(&self) {
+        let paused_ns = self.clock.resume();
+        if paused_ns > 0 {
+            // The guest TSC ran on meanwhile: keep the LAPICs' TSC model on it.
+            for v in &self.vcpus {
+                lock(&v.lapic).clock_resumed(paused_ns);
+            }
+        }
         self.vcpus.iter().for_each(|v| v.resume());
     }
     /// Stop the VM: `run` returns with reason `stopped`.
@@ -696,6 +720,8 @@ pub struct Vm {
     /// Console input (boot node only), started by `run`.
     console_input: Option<ConsoleInput>,
     stop: Arc<VmStop>,
+    /// The LAPIC time base (shared with the vCPUs; pause stops it).
+    clock: VmClock,
     setup: Duration,
     /// The buses (also served to other nodes by the cluster thread).
     pio: Bus,
@@ -935,7 +961,7 @@ impl Vm {
             pio: pio.clone(),
             mmio: mmio.clone(),
             irq: router.clone(),
-            clock,
+            clock: clock.clone(),
             stop: stop.clone(),
             debug: spec.debug || std::env::var_os("DVMM_DEBUG").is_some(),
             halt_poll_max: Duration::from_micros(spec.halt_poll_us.unwrap_or_else(|| {
@@ -956,6 +982,7 @@ impl Vm {
         let cfg = CpuidConfig {
             total_vcpus: n,
             tsc_deadline: true,
+            model: spec.cpu_model()?,
         };
         let mut vcpus = Vec::with_capacity(local.len());
         for (k, fd) in fds.into_iter().enumerate() {
@@ -963,6 +990,19 @@ impl Vm {
             let c = cpuid::vcpu_cpuid(&supported, i, &cfg)?;
             fd.set_cpuid2(&c)
                 .map_err(kvm_op(format!("KVM_SET_CPUID2 on vCPU {i}")))?;
+            if k == 0 {
+                // KVM PVM puts back host features it cannot hide: say so, once.
+                if let Ok(got) = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
+                    let kept = cpuid::not_removed(cfg.model, &got);
+                    if !kept.is_empty() {
+                        eprintln!(
+                            "dvmm: warning: CPU model {}: KVM still shows the guest {} (this KVM overrides KVM_SET_CPUID2 for them)",
+                            cfg.model.name(),
+                            kept.join(", ")
+                        );
+                    }
+                }
+            }
             let fpu = kvm_bindings::kvm_fpu {
                 fcw: 0x37f,
                 mxcsr: 0x1f80,
@@ -1005,6 +1045,7 @@ impl Vm {
             serial,
             console_input,
             stop,
+            clock,
             setup: t0.elapsed(),
             pio,
             mmio,
@@ -1023,6 +1064,7 @@ impl Vm {
         VmControl {
             vcpus: self.shared.clone(),
             stop: self.stop.clone(),
+            clock: self.clock.clone(),
         }
     }
 
@@ -1524,6 +1566,7 @@ mod tests {
             flat_model: flat,
             x2apic: x2,
             enabled: true,
+            software_enabled: true,
         }
     }
 

@@ -551,6 +551,9 @@ impl DsmHandle {
     pub fn serve_now(&self) {
         if let Ok(mut e) = self.engine.try_lock() {
             e.turn(Some(Duration::ZERO));
+            // What the turn sent is only queued (this thread polled): write it now,
+            // the engine thread may not poll for a while.
+            self.sh.transport.flush();
         }
     }
 
@@ -838,6 +841,7 @@ impl Engine {
                 // SAFETY: fds is a valid array of pollfd of the given length.
                 unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
                 lock_engine(engine).turn(Some(Duration::ZERO));
+                sh.transport.flush();
             }
         }
     }

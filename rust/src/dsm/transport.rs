@@ -130,6 +130,9 @@ pub trait Transport: Send + Sync {
     fn set_signal_owner(&self, _owner: Option<(i32, i32)>) -> Result<()> {
         Ok(())
     }
+    /// Write what the polling thread queued (a thread that served one turn and
+    /// will not poll again soon calls this; the poller's next poll does it too).
+    fn flush(&self) {}
 }
 
 /// Configuration of a TCP mesh.
@@ -254,7 +257,7 @@ struct FOwnerEx {
     pid: libc::pid_t,
 }
 
-/// epoll token of the kick eventfd; extra fd k has `EXTRA_TOKEN + 1 + k`.
+/// epoll token of the kick eventfd; extra fd k has `EXTRA_TOKEN + k`.
 const KICK_TOKEN: u64 = 1 << 32;
 const EXTRA_TOKEN: u64 = KICK_TOKEN + 1;
 
@@ -877,6 +880,33 @@ impl Transport for TcpMesh {
             }
         }
         Ok(ready)
+    }
+
+    fn flush(&self) {
+        if !self.any_queued.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        for c in &self.flat {
+            if !c.queued.load(Ordering::Relaxed) || c.down.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut tx = lock(&c.tx);
+            match c.flush(&mut tx) {
+                Ok(left) => {
+                    c.queued.store(left, Ordering::Relaxed);
+                    if left {
+                        self.any_queued.store(true, Ordering::Relaxed);
+                    }
+                    self.set_want_out(c, left);
+                }
+                Err(e) => {
+                    drop(tx);
+                    // Reported by the poller's next housekeeping (it reports every
+                    // connection that went down, once).
+                    self.mark_down(c, &format!("send failed: {e}"));
+                }
+            }
+        }
     }
 
     fn set_signal_owner(&self, owner: Option<(i32, i32)>) -> Result<()> {
