@@ -204,6 +204,10 @@ def _flat(stats: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, f"{prefix}{k}."))
     elif isinstance(stats, list) and len(stats) <= 16:
         out[prefix[:-1]] = " ".join(str(x) for x in stats)
+    elif isinstance(stats, list):
+        # Histograms (the engine's HDR buckets run to thousands): a count, not a
+        # column thousands of characters wide; --json has every value.
+        out[prefix[:-1]] = f"({len(stats)} values, see --json)"
     elif isinstance(stats, float):
         out[prefix[:-1]] = f"{stats:.3f}"
     else:

@@ -234,3 +234,21 @@ def test_own_demo_boots_the_guest(
     out = capfd.readouterr().out
     assert "one node with 2 vCPUs" in out
     assert_all_passed(out)
+
+
+def test_cluster_stats_table_summarizes_long_histograms() -> None:
+    """The engine's HDR histogram (thousands of buckets) is a count in the daemon's
+    stats table, not a column thousands of characters wide (``--json`` has it all)."""
+    from dvmmd import cluster_cli
+
+    hdr = [[1000 + i, 1] for i in range(1500)]
+    res = {
+        "name": "vm",
+        "state": "stopped",
+        "reason": "debug_exit",
+        "nodes": [{"node": "n1", "stats": {"dsm": {"latency_ns_hdr": hdr, "pages_sent": 7}}}],
+    }
+    text = cluster_cli.format_stats(res)
+    assert max(len(line) for line in text.splitlines()) < 120, text[:300]
+    assert "(1500 values, see --json)" in text
+    assert "dsm.pages_sent" in text
