@@ -1182,6 +1182,22 @@ static u64 fl_find_shift(void)
     return 0;
 }
 
+/* A timed write phase: in the order `perm`, write fl_val(.., word) to word
+ * `word` of each of the np pages of `buf`, one store between the fences, each
+ * time into `out`. Returns the number of samples taken. */
+static u64 fl_write_phase(volatile u64 *buf, u64 word, const u32 *perm, u32 *out, u64 np, u64 seed, u32 me)
+{
+    for (u64 i = 0; i < np; i++) {
+        u64 k = perm[i], v = fl_val(seed, me, k, word);
+        volatile u64 *w = buf + k * 512 + word;
+        u64 t0 = tsc_begin();
+        *w = v;
+        u64 t1 = tsc_end_store();
+        out[i] = cyc32(t1 - t0);
+    }
+    return np;
+}
+
 static void fl_shuffle(u32 *perm, u64 n, u64 *rng)
 {
     for (u64 i = 0; i < n; i++)
@@ -1240,26 +1256,16 @@ static void faultlat_par(u32 me)
     memset(smp, 0, FL_PHASES * np * 4);
     for (u32 ph = 0; ph < FL_PHASES; ph++)
         fl_shuffle(perm + ph * np, np, &rng);
-    u32 *o, *out;
     if (sh) {
         /* local: first touches of this CPU's own untouched pages */
-        o = perm + FL_LOCAL * np, out = smp + FL_LOCAL * np;
-        for (u64 i = 0; i < np; i++) {
-            u64 k = o[i], v = fl_val(seed, me, k, 0);
-            volatile u64 *w = mine + k * 512;
-            u64 t0 = tsc_begin();
-            *w = v;
-            u64 t1 = tsc_end_store();
-            out[i] = cyc32(t1 - t0);
-            r.n[FL_LOCAL]++;
-        }
+        r.n[FL_LOCAL] = fl_write_phase(mine, 0, perm + FL_LOCAL * np, smp + FL_LOCAL * np, np, seed, me);
         barrier_all(me);
     } else if (!fl_fresh) /* no untouched memory left: reads are local hits */
         for (u64 k = 0; k < np; k++)
             mine[k * 512] = mine[k * 512 + 1] = mine[k * 512 + 2] = 0;
     TIMED_START(me);
     /* read: one word of each of the partner's pages */
-    o = perm + FL_READ * np, out = smp + FL_READ * np;
+    u32 *o = perm + FL_READ * np, *out = smp + FL_READ * np;
     for (u64 i = 0; i < np; i++) {
         u64 k = o[i];
         volatile u64 *w = theirs + k * 512;
@@ -1276,28 +1282,10 @@ static void faultlat_par(u32 me)
     }
     barrier_all(me);
     /* upgrade: write the pages just read (shared by this node and home) */
-    o = perm + FL_UPGRADE * np, out = smp + FL_UPGRADE * np;
-    for (u64 i = 0; i < np; i++) {
-        u64 k = o[i], v = fl_val(seed, me, k, 1);
-        volatile u64 *w = theirs + k * 512 + 1;
-        u64 t0 = tsc_begin();
-        *w = v;
-        u64 t1 = tsc_end_store();
-        out[i] = cyc32(t1 - t0);
-        r.n[FL_UPGRADE]++;
-    }
+    r.n[FL_UPGRADE] = fl_write_phase(theirs, 1, perm + FL_UPGRADE * np, smp + FL_UPGRADE * np, np, seed, me);
     barrier_all(me);
     /* steal: write this CPU's own pages, held modified by the writer's node */
-    o = perm + FL_STEAL * np, out = smp + FL_STEAL * np;
-    for (u64 i = 0; i < np; i++) {
-        u64 k = o[i], v = fl_val(seed, me, k, 2);
-        volatile u64 *w = mine + k * 512 + 2;
-        u64 t0 = tsc_begin();
-        *w = v;
-        u64 t1 = tsc_end_store();
-        out[i] = cyc32(t1 - t0);
-        r.n[FL_STEAL]++;
-    }
+    r.n[FL_STEAL] = fl_write_phase(mine, 2, perm + FL_STEAL * np, smp + FL_STEAL * np, np, seed, me);
     TIMED_END(me);
     /* exact final contents of B_me (all local again after the steal) */
     for (u64 k = 0; k < np; k++) {

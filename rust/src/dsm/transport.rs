@@ -524,8 +524,10 @@ impl TcpMesh {
         );
     }
 
-    /// Write what `c` has queued; false when the connection failed (reported).
-    fn flush_conn(&self, c: &Conn, events: &mut Vec<Event>) -> bool {
+    /// Write what `c` has queued; false when the connection failed. The failure is
+    /// reported into `events` when given, else by the poller's next housekeeping
+    /// (it reports every connection that went down, once).
+    fn flush_conn(&self, c: &Conn, events: Option<&mut Vec<Event>>) -> bool {
         let mut tx = lock(&c.tx);
         match c.flush(&mut tx) {
             Ok(left) => {
@@ -540,8 +542,22 @@ impl TcpMesh {
                 drop(tx);
                 let r = format!("send failed: {e}");
                 self.mark_down(c, &r);
-                self.report_down(c.peer, r, events);
+                if let Some(events) = events {
+                    self.report_down(c.peer, r, events);
+                }
                 false
+            }
+        }
+    }
+
+    /// Write every connection's queue (one write each), if anything is queued.
+    fn flush_queued(&self, mut events: Option<&mut Vec<Event>>) {
+        if !self.any_queued.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        for c in &self.flat {
+            if c.queued.load(Ordering::Relaxed) && !c.down.load(Ordering::Relaxed) {
+                self.flush_conn(c, events.as_deref_mut());
             }
         }
     }
@@ -800,13 +816,7 @@ impl Transport for TcpMesh {
             }
         };
         // One write per connection for everything queued since the last turn.
-        if self.any_queued.swap(false, Ordering::Relaxed) {
-            for c in &self.flat {
-                if c.queued.load(Ordering::Relaxed) && !c.down.load(Ordering::Relaxed) {
-                    self.flush_conn(c, events);
-                }
-            }
-        }
+        self.flush_queued(Some(events));
         if !events.is_empty() {
             return Ok(0);
         }
@@ -847,13 +857,7 @@ impl Transport for TcpMesh {
                 // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
                 unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
                 // A sender left bytes queued: flush them now.
-                if self.any_queued.swap(false, Ordering::Relaxed) {
-                    for c in &self.flat {
-                        if c.queued.load(Ordering::Relaxed) && !c.down.load(Ordering::Relaxed) {
-                            self.flush_conn(c, events);
-                        }
-                    }
-                }
+                self.flush_queued(Some(events));
                 continue;
             }
             if token >= EXTRA_TOKEN {
@@ -869,7 +873,7 @@ impl Transport for TcpMesh {
             if c.down.load(Ordering::Relaxed) {
                 continue;
             }
-            if re & libc::EPOLLOUT as u32 != 0 && !self.flush_conn(c, events) {
+            if re & libc::EPOLLOUT as u32 != 0 && !self.flush_conn(c, Some(events)) {
                 continue;
             }
             if re & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
@@ -883,30 +887,7 @@ impl Transport for TcpMesh {
     }
 
     fn flush(&self) {
-        if !self.any_queued.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        for c in &self.flat {
-            if !c.queued.load(Ordering::Relaxed) || c.down.load(Ordering::Relaxed) {
-                continue;
-            }
-            let mut tx = lock(&c.tx);
-            match c.flush(&mut tx) {
-                Ok(left) => {
-                    c.queued.store(left, Ordering::Relaxed);
-                    if left {
-                        self.any_queued.store(true, Ordering::Relaxed);
-                    }
-                    self.set_want_out(c, left);
-                }
-                Err(e) => {
-                    drop(tx);
-                    // Reported by the poller's next housekeeping (it reports every
-                    // connection that went down, once).
-                    self.mark_down(c, &format!("send failed: {e}"));
-                }
-            }
-        }
+        self.flush_queued(None);
     }
 
     fn set_signal_owner(&self, owner: Option<(i32, i32)>) -> Result<()> {
