@@ -1,7 +1,7 @@
 """Every fault-service mode of the DSM engine keeps the guest correct (issue 9).
 
 The engine's waiting strategy is chosen with ``DVMM_DSM_MODE`` (rust/src/dsm/engine.rs
-``ServiceMode``; perf/README.md has the A/B that chose the default ``rt-idle``). The
+``ServiceMode``; perf/README.md has the A/B that chose the default ``rt-spin``). The
 other modes stay selectable for A/B runs, so they must stay correct: each one boots the
 bundled guest on 2 nodes and runs workloads that move pages both ways, upgrade and
 steal them (faultlat), forward IPIs (ipi) and contend on one line (counter), with the
@@ -18,7 +18,7 @@ from test_faultlat import DEFAULT_PAGES_PER_CPU, check_faultlat, dvmm_ready, res
 __all__ = ["dvmm_ready"]  # the fixture, imported for pytest
 
 
-@pytest.mark.parametrize("mode", ["legacy", "rt", "rt-spin", "vcpu-serve"])
+@pytest.mark.parametrize("mode", ["legacy", "rt", "rt-idle", "vcpu-serve"])
 def test_guest_passes_in_every_service_mode(dvmm_ready: None, mode: str) -> None:
     r = dvmmctl(
         "run", "--nodes", "2", "--vcpus", "2", "--memory", "256M",

@@ -6,11 +6,11 @@
 //! nested hosts (a thread woken on an idle core costs ~100 us, one that must
 //! preempt a vCPU in KVM's fault path ~30-55 us), so how the thread waits is the
 //! main design choice: [`ServiceMode`] (A/B table in perf/README.md). The
-//! default, `rt-idle`: `SCHED_FIFO`, so a message preempts a vCPU at once; a
+//! default, `rt-spin`: `SCHED_FIFO`, so a message preempts a vCPU at once; a
 //! bounded busy-poll while one of our faults waits for its reply (the faulting
-//! vCPU is blocked, its core would idle); after any traffic a short idle spin at
-//! normal priority with `sched_yield`, ended as soon as a yield shows the core
-//! busy (ping-pong pages come back within microseconds); otherwise it blocks.
+//! vCPU is blocked, its core would idle); otherwise it blocks. (`rt-idle` adds
+//! an idle spin that makes ping-pong pages 2-4x faster on two nodes, but it is
+//! 3-6x slower when nodes outnumber the cores, so it is not the default.)
 //! Every spin is bounded: with two cores an unbounded one would starve a vCPU.
 //! The poll deadlines are sub-millisecond (`epoll_pwait2`).
 //!
@@ -108,7 +108,7 @@ pub enum ServiceMode {
 
 impl ServiceMode {
     /// The default mode (the A/B that chose it is in perf/README.md).
-    pub const DEFAULT: ServiceMode = ServiceMode::RtIdle;
+    pub const DEFAULT: ServiceMode = ServiceMode::RtSpin;
 
     /// Parse a mode name (`legacy`, `rt`, `rt-spin`).
     pub fn parse(s: &str) -> Option<ServiceMode> {
