@@ -56,7 +56,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::apic::{self, InterruptMessage};
 use crate::bus::{lock, Bus, BusAction, RemoteBusForwarder};
+use crate::dsm::auth::{self, NodeKeys};
 use crate::dsm::protocol::NodeId;
+use crate::dsm::seal::Protection;
 use crate::dsm::{AppEvent, DsmConfig, DsmEngine, DsmHandle, APP_ERROR, APP_IO, APP_IPI, APP_STOP};
 use crate::memory::GuestRam;
 use crate::vcpu::{StopReason, VmStop};
@@ -133,8 +135,17 @@ pub struct ClusterSpec {
     /// This worker's node (index into `nodes` and `numa`).
     pub node_index: usize,
     pub nodes: Vec<ClusterNodeSpec>,
-    /// Cluster secret (hex, at least 16 bytes).
-    pub secret_hex: String,
+    /// Data-plane protection: "encrypt" (default), "integrity" or "none".
+    #[serde(default)]
+    pub security: Option<String>,
+    /// The VM's session id (16 bytes, hex; public, the same on every node).
+    pub session_hex: String,
+    /// Every node's X25519 public key for this VM (hex), in `nodes` order.
+    pub node_pubkeys_hex: Vec<String>,
+    /// This node's X25519 private key (hex). Never in a spec file: the worker
+    /// reads it from its standard input; never serialized, never printed.
+    #[serde(default, skip_serializing)]
+    pub private_key_hex: PrivateKeyHex,
     /// The node that runs the BSP and owns the devices.
     #[serde(default)]
     pub boot_node: usize,
@@ -153,6 +164,27 @@ pub struct ClusterSpec {
     /// Give up forming the mesh after this many seconds (default 30).
     #[serde(default)]
     pub connect_timeout_s: Option<f64>,
+}
+
+/// A private key in hex that `Debug` does not print.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct PrivateKeyHex(pub String);
+
+impl std::fmt::Debug for PrivateKeyHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "(none)"
+        } else {
+            "(hidden)"
+        })
+    }
+}
+
+fn hex_array<const N: usize>(field: &str, s: &str) -> Result<[u8; N], String> {
+    let v = decode_hex(s).ok_or_else(|| format!("{field}: not a hex string"))?;
+    <[u8; N]>::try_from(v.as_slice())
+        .map_err(|_| format!("{field}: {} bytes, {N} are required", v.len()))
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -209,7 +241,7 @@ impl ClusterSpec {
             ));
         }
         self.addrs()?;
-        self.secret()?;
+        self.keys()?;
         if let Some(t) = self.connect_timeout_s {
             if !(t.is_finite() && t > 0.0) {
                 return Err(format!("cluster.connect_timeout_s = {t}: must be > 0"));
@@ -238,17 +270,39 @@ impl ClusterSpec {
         Ok(out)
     }
 
-    /// The decoded secret.
-    pub fn secret(&self) -> Result<Vec<u8>, String> {
-        let s = decode_hex(&self.secret_hex)
-            .ok_or_else(|| "cluster.secret_hex: not a hex string".to_string())?;
-        if s.len() < 16 {
+    /// This node's data-plane keys (the private key must match its public key).
+    pub fn keys(&self) -> Result<NodeKeys, String> {
+        let n = self.nodes.len();
+        if self.node_pubkeys_hex.len() != n {
             return Err(format!(
-                "cluster.secret_hex: {} bytes, at least 16 are required",
-                s.len()
+                "cluster.node_pubkeys_hex: {} keys for {n} nodes (one per node)",
+                self.node_pubkeys_hex.len()
             ));
         }
-        Ok(s)
+        let pubs = self
+            .node_pubkeys_hex
+            .iter()
+            .enumerate()
+            .map(|(i, h)| hex_array::<32>(&format!("cluster.node_pubkeys_hex[{i}]"), h))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.private_key_hex.0.is_empty() {
+            return Err(
+                "cluster.private_key_hex: missing (the worker reads it from its \
+                        standard input)"
+                    .into(),
+            );
+        }
+        let private = hex_array::<32>("cluster.private_key_hex", &self.private_key_hex.0)?;
+        let session =
+            hex_array::<{ auth::SESSION_SIZE }>("cluster.session_hex", &self.session_hex)?;
+        let mode = self.security.as_deref().unwrap_or("encrypt");
+        let protection = Protection::parse(mode).ok_or_else(|| {
+            format!("cluster.security = {mode:?}: must be \"encrypt\", \"integrity\" or \"none\"")
+        })?;
+        let me = NodeId::try_from(self.node_index)
+            .map_err(|_| format!("cluster.node_index = {}: too large", self.node_index))?;
+        NodeKeys::new(me, private, &pubs, session, protection)
+            .map_err(|e| format!("cluster.private_key_hex: {e}"))
     }
 }
 
@@ -365,7 +419,7 @@ impl Cluster {
         let mut cfg = DsmConfig::new(
             me,
             addrs.clone(),
-            spec.secret()?,
+            spec.keys()?,
             ranges,
             ram.memfd(),
             ram.guest_base(),
@@ -808,7 +862,16 @@ mod tests {
                     addr: "127.0.0.2:7100".into(),
                 },
             ],
-            secret_hex: "00112233445566778899aabbccddeeff".into(),
+            security: None,
+            session_hex: "00112233445566778899aabbccddeeff".into(),
+            // RFC 7748 section 6.1: Alice's and Bob's keys; this is node 1 (Bob).
+            node_pubkeys_hex: vec![
+                "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a".into(),
+                "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f".into(),
+            ],
+            private_key_hex: PrivateKeyHex(
+                "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb".into(),
+            ),
             boot_node: 0,
             foreign_budget_pages: None,
             hold_window_us: None,
@@ -826,8 +889,25 @@ mod tests {
         assert!(e(&|c| c.boot_node = 1).contains("BSP"));
         assert!(e(&|c| c.nodes[1].addr = "nowhere".into()).contains("cluster.nodes[1].addr"));
         assert!(e(&|c| c.nodes[1].addr = "127.0.0.1:7100".into()).contains("another node"));
-        assert!(e(&|c| c.secret_hex = "zz".into()).contains("cluster.secret_hex"));
-        assert!(e(&|c| c.secret_hex = "0011".into()).contains("at least 16"));
+        assert!(e(&|c| c.session_hex = "zz".into()).contains("cluster.session_hex"));
+        assert!(e(&|c| c.session_hex = "0011".into()).contains("16 are required"));
+        assert!(e(&|c| c.node_pubkeys_hex.pop().map(drop).unwrap_or(())).contains("one per node"));
+        assert!(e(&|c| c.private_key_hex = PrivateKeyHex(String::new())).contains("missing"));
+        // Alice's private key is not node 1's.
+        assert!(e(&|c| c.private_key_hex = PrivateKeyHex(
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a".into()
+        ))
+        .contains("does not match"));
+        assert!(e(&|c| c.security = Some("rot13".into())).contains("cluster.security"));
+        assert!(
+            !format!("{ok:?}").contains("5dab087e"),
+            "Debug must hide the private key"
+        );
+        let json = serde_json::to_string(&ok).unwrap();
+        assert!(
+            !json.contains("5dab087e"),
+            "the private key is never serialized"
+        );
         assert!(ok.validate(Some(&numa[..1])).unwrap_err().contains("numa"));
         assert!(ok.validate(None).unwrap_err().contains("numa"));
     }

@@ -18,7 +18,18 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const SECRET: &str = "00112233445566778899aabbccddeeff";
+const SESSION: &str = "00112233445566778899aabbccddeeff";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Node `i`'s X25519 private key (fixed test keys).
+fn private_key(i: usize) -> [u8; 32] {
+    let mut k = [0x11u8; 32];
+    k[0] = i as u8 + 1;
+    k
+}
 
 /// The worker side (runs only when spawned by `spawn_node`).
 #[test]
@@ -71,6 +82,9 @@ fn specs(n: usize, vcpus: u32, mem: u64, cmdline: &str, dir: &Path, port: u16) -
     let nodes: Vec<Value> = (0..n)
         .map(|j| json!({"addr": format!("127.0.0.{}:{port}", j + 1)}))
         .collect();
+    let pubs: Vec<String> = (0..n)
+        .map(|i| hex(&dvmm::dsm::auth::public_key(&private_key(i))))
+        .collect();
     (0..n)
         .map(|i| {
             json!({
@@ -82,7 +96,9 @@ fn specs(n: usize, vcpus: u32, mem: u64, cmdline: &str, dir: &Path, port: u16) -
                 "console_log": dir.join(format!("console{i}.log")),
                 "console_stdout": false,
                 "timeout_s": 180,
-                "cluster": {"node_index": i, "nodes": nodes, "secret_hex": SECRET, "boot_node": 0,
+                "cluster": {"node_index": i, "nodes": nodes, "session_hex": SESSION,
+                            "node_pubkeys_hex": pubs, "private_key_hex": hex(&private_key(i)),
+                            "boot_node": 0,
                             "connect_timeout_s": 20},
             })
         })

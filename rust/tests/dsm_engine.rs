@@ -8,9 +8,28 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use dvmm::dsm::auth::{self, NodeKeys};
+use dvmm::dsm::seal::Protection;
 use dvmm::dsm::{DsmConfig, DsmEngine, DsmHandle};
 
-const SECRET: &[u8] = b"engine-test-secret-0123456789";
+/// Node `i`'s test key pair (fixed: the child processes derive the same ones).
+fn test_keys(me: u16, n: usize) -> NodeKeys {
+    let private = |i: usize| -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[0] = 0x40 + i as u8;
+        k[31] = 0x5a;
+        k
+    };
+    let pubs: Vec<[u8; 32]> = (0..n).map(|i| auth::public_key(&private(i))).collect();
+    NodeKeys::new(
+        me,
+        private(me.into()),
+        &pubs,
+        [7u8; 16],
+        Protection::Encrypt,
+    )
+    .unwrap()
+}
 const PAGE: usize = 4096;
 
 struct Ram {
@@ -86,7 +105,7 @@ fn start_node(pages_per_node: usize, budget: Option<usize>) -> NodeEnv {
     let mut cfg = DsmConfig::new(
         me,
         addrs,
-        SECRET.to_vec(),
+        test_keys(me, n),
         ranges,
         fd,
         ram.guest as usize,

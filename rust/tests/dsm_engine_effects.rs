@@ -15,8 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dvmm::dsm::auth::NodeKeys;
 use dvmm::dsm::engine::ServiceMode;
 use dvmm::dsm::protocol::{Access, Data, Msg, NodeId};
+use dvmm::dsm::seal::Protection;
 use dvmm::dsm::transport::{Event, Lane, Transport, TransportError};
 use dvmm::dsm::wire::{self, Frame};
 use dvmm::dsm::{DsmConfig, DsmEngine, DsmHandle};
@@ -159,7 +161,9 @@ fn start(vm: &Vm, memfd: RawFd, fake: &Arc<Fake>) -> DsmHandle {
     let mut cfg = DsmConfig::new(
         1,
         addrs,
-        b"effects-test-secret-0123456789".to_vec(),
+        NodeKeys::generate(2, Protection::Encrypt)
+            .expect("keys")
+            .swap_remove(1),
         vec![0..b, b..2 * b],
         memfd,
         vm.guest,

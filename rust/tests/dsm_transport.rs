@@ -6,12 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dvmm::dsm::auth::{self, AuthError, Secret};
+use dvmm::dsm::auth::{self, AuthError, NodeKeys};
 use dvmm::dsm::protocol::{Access, Data, Msg};
+use dvmm::dsm::seal::Protection;
 use dvmm::dsm::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
 use dvmm::dsm::wire::{self, Decoder, Frame, Limits, WireError};
 
-const SECRET: &[u8] = b"0123456789abcdef-cluster-secret";
+fn ring(n: usize) -> Vec<NodeKeys> {
+    NodeKeys::generate(n, Protection::Encrypt).unwrap()
+}
 
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
     let ls: Vec<_> = (0..n)
@@ -20,11 +23,11 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
     ls.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
-fn cfg(me: u16, addrs: &[SocketAddr], secret: &[u8], deadline_ms: u64) -> MeshConfig {
+fn cfg(me: u16, addrs: &[SocketAddr], keys: &[NodeKeys], deadline_ms: u64) -> MeshConfig {
     MeshConfig {
         me,
         addrs: addrs.to_vec(),
-        secret: Secret::new(secret).unwrap(),
+        keys: keys[usize::from(me)].clone(),
         connect_deadline: Duration::from_millis(deadline_ms),
         dead_after: Duration::from_secs(5),
         limits: Limits {
@@ -35,10 +38,15 @@ fn cfg(me: u16, addrs: &[SocketAddr], secret: &[u8], deadline_ms: u64) -> MeshCo
 }
 
 fn mesh(n: usize) -> Vec<TcpMesh> {
+    mesh_with(&ring(n))
+}
+
+fn mesh_with(keys: &[NodeKeys]) -> Vec<TcpMesh> {
+    let n = keys.len();
     let addrs = free_addrs(n);
     let hs: Vec<_> = (0..n as u16)
         .map(|i| {
-            let c = cfg(i, &addrs, SECRET, 5000);
+            let c = cfg(i, &addrs, keys, 5000);
             thread::spawn(move || TcpMesh::connect(&c))
         })
         .collect();
@@ -210,16 +218,24 @@ fn mesh_exchanges_messages() {
 }
 
 #[test]
-fn no_key_refused() {
-    assert!(matches!(Secret::new(b""), Err(AuthError::NoKey)));
-    assert!(matches!(Secret::new(b"short"), Err(AuthError::NoKey)));
+fn mismatched_or_missing_keys_refused() {
+    let pubs = [[9u8; 32], [8u8; 32]];
+    assert!(matches!(
+        NodeKeys::new(0, [1u8; 32], &pubs, [0u8; 16], Protection::Encrypt),
+        Err(AuthError::KeyMismatch)
+    ));
+    assert!(matches!(
+        NodeKeys::new(2, [1u8; 32], &pubs, [0u8; 16], Protection::Encrypt),
+        Err(AuthError::NoKey { me: 2, n: 2 })
+    ));
 }
 
+/// A node holding another VM's keys (or a stranger's) is refused.
 #[test]
-fn wrong_secret_refused() {
+fn wrong_keys_refused() {
     let addrs = free_addrs(2);
-    let c0 = cfg(0, &addrs, SECRET, 1500);
-    let c1 = cfg(1, &addrs, b"another-secret-of-enough-length", 1500);
+    let c0 = cfg(0, &addrs, &ring(2), 1500);
+    let c1 = cfg(1, &addrs, &ring(2), 1500);
     let h0 = thread::spawn(move || TcpMesh::connect(&c0));
     let r1 = TcpMesh::connect(&c1);
     match r1 {
@@ -227,7 +243,7 @@ fn wrong_secret_refused() {
             node: 0,
             err: AuthError::Refused(why),
         }) => {
-            assert!(why.contains("secret"), "{why}")
+            assert!(why.contains("key"), "{why}")
         }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("wrong key accepted"),
@@ -243,7 +259,8 @@ fn wrong_secret_refused() {
 #[test]
 fn unauthenticated_and_garbage_peers_refused_mesh_still_forms() {
     let addrs = free_addrs(2);
-    let c0 = cfg(0, &addrs, SECRET, 5000);
+    let keys = ring(2);
+    let c0 = cfg(0, &addrs, &keys, 5000);
     let h0 = thread::spawn(move || TcpMesh::connect(&c0));
     let a0 = addrs[0];
     let connect = || loop {
@@ -283,7 +300,7 @@ fn unauthenticated_and_garbage_peers_refused_mesh_still_forms() {
         "unauthenticated peer got an answer"
     );
     // The real node 1.
-    let m1 = TcpMesh::connect(&cfg(1, &addrs, SECRET, 5000)).unwrap();
+    let m1 = TcpMesh::connect(&cfg(1, &addrs, &keys, 5000)).unwrap();
     let m0 = h0.join().unwrap().unwrap();
     m1.send(
         0,
@@ -305,7 +322,7 @@ fn unauthenticated_and_garbage_peers_refused_mesh_still_forms() {
 /// refused: the acceptor's fresh nonce is not the one the captured MAC covers.
 #[test]
 fn replayed_handshake_refused() {
-    let secret = Secret::new(SECRET).unwrap();
+    let keys = ring(2);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let captured = Arc::new(Mutex::new(Vec::new()));
@@ -336,14 +353,17 @@ fn replayed_handshake_refused() {
         let _ = s.shutdown(std::net::Shutdown::Both);
         let _ = back.join();
     });
-    let sec = secret.clone();
+    let sec = keys[0].clone();
     let acc = thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let r = auth::accept(&mut s, &sec, 0, Duration::from_secs(2), &|n, _| n == 1);
-        (r.map_err(|e| e.to_string()), l)
+        let r = auth::accept(&mut s, &sec, Duration::from_secs(2), &|n, _| n == 1);
+        (
+            r.map(|(n, lane, _)| (n, lane)).map_err(|e| e.to_string()),
+            l,
+        )
     });
     let mut c = TcpStream::connect(paddr).unwrap();
-    auth::connect(&mut c, &secret, 1, 0, 0, Duration::from_secs(2)).unwrap();
+    auth::connect(&mut c, &keys[1], 0, 0, Duration::from_secs(2)).unwrap();
     let (r, l) = acc.join().unwrap();
     assert_eq!(r.unwrap(), (1, 0));
     drop(c);
@@ -351,17 +371,18 @@ fn replayed_handshake_refused() {
     let bytes = captured.lock().unwrap().clone();
     assert!(bytes.len() >= 2 * wire::HEADER_SIZE);
     // Replay verbatim in a new session.
-    let sec = secret.clone();
+    let sec = keys[0].clone();
     let acc = thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        auth::accept(&mut s, &sec, 0, Duration::from_secs(2), &|n, _| n == 1)
+        auth::accept(&mut s, &sec, Duration::from_secs(2), &|n, _| n == 1)
+            .map(|_| ())
             .map_err(|e| e.to_string())
     });
     let mut r = TcpStream::connect(addr).unwrap();
     r.write_all(&bytes).unwrap();
     let res = acc.join().unwrap();
     let err = res.expect_err("replayed handshake accepted");
-    assert!(err.contains("secret"), "{err}");
+    assert!(err.contains("key"), "{err}");
 }
 
 /// An authenticated peer that then sends garbage is dropped with a reason and
@@ -369,9 +390,9 @@ fn replayed_handshake_refused() {
 #[test]
 fn garbage_after_handshake_drops_peer_with_reason() {
     let addrs = free_addrs(2);
-    let c0 = cfg(0, &addrs, SECRET, 5000);
+    let keys = ring(2);
+    let c0 = cfg(0, &addrs, &keys, 5000);
     let h0 = thread::spawn(move || TcpMesh::connect(&c0));
-    let secret = Secret::new(SECRET).unwrap();
     let mut socks = Vec::new();
     for lane in 0..2u8 {
         let mut s = loop {
@@ -380,7 +401,7 @@ fn garbage_after_handshake_drops_peer_with_reason() {
             }
             thread::sleep(Duration::from_millis(5));
         };
-        auth::connect(&mut s, &secret, 1, 0, lane, Duration::from_secs(2)).unwrap();
+        auth::connect(&mut s, &keys[1], 0, lane, Duration::from_secs(2)).unwrap();
         socks.push(s);
     }
     let m0 = h0.join().unwrap().unwrap();
@@ -388,7 +409,9 @@ fn garbage_after_handshake_drops_peer_with_reason() {
         .write_all(b"this is not a dvmm frame at all, sorry!!!!!!!!!!!!!")
         .unwrap();
     match wait_event(&m0, Duration::from_secs(2)) {
-        Some(Event::PeerDown { node: 1, reason }) => assert!(reason.contains("magic"), "{reason}"),
+        Some(Event::PeerDown { node: 1, reason }) => {
+            assert!(reason.contains("malformed frame"), "{reason}")
+        }
         e => panic!("{e:?}"),
     }
     // The connection is closed.
@@ -550,4 +573,191 @@ fn page_grant_without_its_data_is_refused() {
         }) => {}
         e => panic!("{e:?}"),
     }
+}
+
+/// A man in the middle on every connection node 1 opens to node 0: records what
+/// node 1 sends and, with `flip_at`, flips one bit at that offset of each
+/// connection's stream (past the handshake: an injected or altered frame).
+fn proxy_to(target: SocketAddr, flip_at: Option<usize>) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let pl = TcpListener::bind("127.0.0.1:0").unwrap();
+    let paddr = pl.local_addr().unwrap();
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let cap = captured.clone();
+    thread::spawn(move || {
+        for _ in 0..2 {
+            let Ok((mut c, _)) = pl.accept() else { return };
+            let mut s = loop {
+                match TcpStream::connect(target) {
+                    Ok(s) => break s,
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            };
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+            });
+            let cap = cap.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut off = 0usize;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if let Some(f) = flip_at {
+                                if (off..off + n).contains(&f) {
+                                    buf[f - off] ^= 0x01;
+                                }
+                            }
+                            off += n;
+                            cap.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (paddr, captured)
+}
+
+/// A two-node mesh where node 1 reaches node 0 through `proxy_to`.
+fn mesh_via_proxy(
+    mode: Protection,
+    flip_at: Option<usize>,
+) -> (TcpMesh, TcpMesh, Arc<Mutex<Vec<u8>>>) {
+    let keys: Vec<NodeKeys> = NodeKeys::generate(2, mode).unwrap();
+    let addrs = free_addrs(2);
+    let (paddr, cap) = proxy_to(addrs[0], flip_at);
+    let c0 = cfg(0, &addrs, &keys, 5000);
+    let h0 = thread::spawn(move || TcpMesh::connect(&c0));
+    let m1 = TcpMesh::connect(&cfg(1, &[paddr, addrs[1]], &keys, 5000)).unwrap();
+    (h0.join().unwrap().unwrap(), m1, cap)
+}
+
+const MARK: &[u8; 16] = b"DVMM-GUEST-PAGE!";
+
+fn send_marked_page(m1: &TcpMesh) {
+    let page: Vec<u8> = MARK.iter().copied().cycle().take(4096).collect();
+    let g = Msg::Grant {
+        page: 5,
+        access: Access::Read,
+        version: 1,
+        data: Data::Page,
+    };
+    m1.send_msg(0, &g, Some(&page)).unwrap();
+    m1.send(
+        0,
+        Lane::Control,
+        &Frame::App {
+            kind: 1,
+            tag: 0,
+            payload: MARK.to_vec(),
+        },
+    )
+    .unwrap();
+}
+
+fn recv_marked_page(m0: &TcpMesh) {
+    let mut got = 0;
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut ev = Vec::new();
+    while got < 2 && Instant::now() < end {
+        m0.poll(Some(Duration::from_millis(20)), &[], &mut ev)
+            .unwrap();
+        for e in ev.drain(..) {
+            match e {
+                Event::Frame {
+                    frame: Frame::Proto { data: Some(d), .. },
+                    ..
+                } => {
+                    assert!(d.chunks(16).all(|c| c == MARK));
+                    got += 1;
+                }
+                Event::Frame {
+                    frame: Frame::App { payload, .. },
+                    ..
+                } => {
+                    assert_eq!(payload, MARK);
+                    got += 1;
+                }
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+    assert_eq!(got, 2, "page and message not both received");
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// With the default protection nothing of a page or an application message is
+/// readable on the wire; with `integrity` it is (and still arrives intact).
+#[test]
+fn encrypted_frames_hide_pages_integrity_does_not() {
+    for (mode, visible) in [(Protection::Encrypt, false), (Protection::Integrity, true)] {
+        let (m0, m1, cap) = mesh_via_proxy(mode, None);
+        send_marked_page(&m1);
+        recv_marked_page(&m0);
+        let bytes = cap.lock().unwrap().clone();
+        assert!(bytes.len() > 4096, "{mode:?}: nothing captured");
+        assert_eq!(contains(&bytes, MARK), visible, "{mode:?}");
+    }
+}
+
+/// One bit changed on the path after the handshake (an injected or altered
+/// frame) drops the connection with the cause, in both protected modes.
+#[test]
+fn altered_frame_after_handshake_drops_peer() {
+    // The connector sends HELLO + RESPONSE (2 x (48 + 32) bytes) before data.
+    let past_handshake = 2 * (wire::HEADER_SIZE + 32) + 20;
+    for mode in [Protection::Encrypt, Protection::Integrity] {
+        let (m0, m1, _) = mesh_via_proxy(mode, Some(past_handshake));
+        send_marked_page(&m1);
+        let end = Instant::now() + Duration::from_secs(3);
+        let mut down = None;
+        while down.is_none() && Instant::now() < end {
+            match wait_event(&m0, Duration::from_millis(100)) {
+                Some(Event::PeerDown { node: 1, reason }) => down = Some(reason),
+                Some(Event::Frame { .. }) | None => {}
+                e => panic!("{e:?}"),
+            }
+        }
+        let reason = down.expect("altered frame accepted");
+        assert!(
+            reason.contains("failed authentication"),
+            "{mode:?}: {reason}"
+        );
+    }
+}
+
+/// Both ends must run the same protection mode; the error names both.
+#[test]
+fn protection_mode_mismatch_refused() {
+    let keys = ring(2);
+    let addrs = free_addrs(2);
+    let c0 = cfg(0, &addrs, &keys, 1500);
+    let mut c1 = cfg(1, &addrs, &keys, 1500);
+    c1.keys = c1.keys.with_protection(Protection::None);
+    let h0 = thread::spawn(move || TcpMesh::connect(&c0));
+    match TcpMesh::connect(&c1) {
+        Err(TransportError::Auth {
+            node: 0,
+            err: AuthError::Mode { peer, mine },
+        }) => assert_eq!((peer, mine), ("encrypt", "none")),
+        r => panic!("{:?}", r.err()),
+    }
+    assert!(h0.join().unwrap().is_err());
+}
+
+/// `none` still authenticates the handshake and moves frames unprotected.
+#[test]
+fn no_protection_mode_still_works() {
+    let ms = mesh_with(&NodeKeys::generate(2, Protection::None).unwrap());
+    send_marked_page(&ms[1]);
+    recv_marked_page(&ms[0]);
 }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::auth::{AuthError, Secret};
+use super::auth::{AuthError, NodeKeys};
 use super::protocol::{self, Access, Data, Effect, FaultOutcome, Msg, NodeId, PageIdx};
 use super::stats::{Stats, StatsSnapshot};
 use super::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
@@ -165,8 +165,9 @@ pub struct DsmConfig {
     pub node_index: NodeId,
     /// Mesh address of every node.
     pub nodes: Vec<SocketAddr>,
-    /// Cluster secret (at least 16 bytes).
-    pub secret: Vec<u8>,
+    /// This node's keys for this VM's data plane (`keys.me()` must be
+    /// `node_index`).
+    pub keys: NodeKeys,
     /// Guest RAM byte offsets each node is home of (`ram[i]` for node i),
     /// contiguous from 0, page-aligned.
     pub ram: Vec<Range<u64>>,
@@ -213,7 +214,7 @@ impl DsmConfig {
     pub fn new(
         node_index: NodeId,
         nodes: Vec<SocketAddr>,
-        secret: Vec<u8>,
+        keys: NodeKeys,
         ram: Vec<Range<u64>>,
         memfd: RawFd,
         guest_addr: usize,
@@ -222,7 +223,7 @@ impl DsmConfig {
         DsmConfig {
             node_index,
             nodes,
-            secret,
+            keys,
             ram,
             memfd,
             guest_addr,
@@ -327,11 +328,17 @@ impl DsmEngine {
     /// until the handle is shut down (or dropped).
     pub unsafe fn start(cfg: DsmConfig) -> Result<DsmHandle> {
         let node = Self::layout(&cfg)?;
-        let secret = Secret::new(&cfg.secret)?;
+        if cfg.keys.me() != cfg.node_index {
+            return Err(DsmError::Config(format!(
+                "keys are node {}'s, this is node {}",
+                cfg.keys.me(),
+                cfg.node_index
+            )));
+        }
         let mesh = TcpMesh::connect(&MeshConfig {
             me: cfg.node_index,
             addrs: cfg.nodes.clone(),
-            secret,
+            keys: cfg.keys.clone(),
             connect_deadline: cfg.connect_deadline,
             dead_after: cfg.dead_after,
             limits: Limits {

@@ -8,7 +8,10 @@
 //!   rule are documented there). Property-tested in `tests/dsm_protocol.rs`.
 //! - [`wire`]: framed, versioned binary protocol; fixed 48-byte `#[repr(C)]`
 //!   zerocopy headers, every field validated.
-//! - [`auth`]: HMAC-SHA256 mutual challenge/response with the cluster secret.
+//! - [`auth`]: per-node X25519 keys; mutual authentication and per-connection
+//!   session keys for every data-plane connection.
+//! - [`seal`]: AES-256-GCM protection of every frame after the handshake
+//!   (encrypt, integrity only, or none).
 //! - [`transport`]: the [`transport::Transport`] trait and a TCP mesh with a
 //!   control lane and a bulk lane per pair of nodes.
 //! - [`uffd`]: userfaultfd on the guest mapping; install (UFFDIO_COPY),
@@ -19,7 +22,7 @@
 //! # API for the VM
 //!
 //! ```ignore
-//! let cfg = DsmConfig::new(node_index, node_addrs, secret, ram_ranges_per_node,
+//! let cfg = DsmConfig::new(node_index, node_addrs, node_keys, ram_ranges_per_node,
 //!                          memfd, guest_mapping_addr, engine_mapping_addr);
 //! // Before anything touches guest memory (the memfd must be all holes):
 //! let dsm = unsafe { DsmEngine::start(cfg)? };   // forms the authenticated mesh
@@ -54,6 +57,7 @@
 pub mod auth;
 pub mod engine;
 pub mod protocol;
+pub mod seal;
 pub mod stats;
 pub mod transport;
 pub mod uffd;

@@ -35,8 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::auth::{self, AuthError, Secret, FIRST_DATA_SEQ};
+use super::auth::{self, AuthError, NodeKeys, Session, FIRST_DATA_SEQ};
 use super::protocol::{Msg, NodeId};
+use super::seal::{SealError, Sealer};
 use super::wire::{self, Decoder, Frame, Limits, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,8 @@ pub enum TransportError {
     Config(&'static str),
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
 }
 
 type Result<T> = std::result::Result<T, TransportError>;
@@ -140,7 +143,8 @@ pub trait Transport: Send + Sync {
 pub struct MeshConfig {
     pub me: NodeId,
     pub addrs: Vec<SocketAddr>,
-    pub secret: Secret,
+    /// This node's keys for this VM (`keys.me()` is this node).
+    pub keys: NodeKeys,
     /// Give up forming the mesh after this long.
     pub connect_deadline: Duration,
     /// A peer silent for this long is declared down.
@@ -150,6 +154,7 @@ pub struct MeshConfig {
 }
 
 struct Tx {
+    sealer: Sealer,
     buf: Vec<u8>,
     off: usize,
     seq: u64,
@@ -181,7 +186,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Conn {
-    fn new(peer: NodeId, lane: Lane, stream: TcpStream, limits: Limits) -> Result<Conn> {
+    fn new(
+        peer: NodeId,
+        lane: Lane,
+        stream: TcpStream,
+        limits: Limits,
+        session: Session,
+    ) -> Result<Conn> {
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         let now = Instant::now();
@@ -190,13 +201,14 @@ impl Conn {
             lane,
             stream,
             tx: Mutex::new(Tx {
+                sealer: session.tx,
                 buf: Vec::with_capacity(64 * 1024),
                 off: 0,
                 seq: FIRST_DATA_SEQ,
                 last: now,
             }),
             rx: Mutex::new(Rx {
-                dec: Decoder::new(limits, FIRST_DATA_SEQ),
+                dec: Decoder::sealed(limits, FIRST_DATA_SEQ, session.rx),
                 last: now,
             }),
             down: AtomicBool::new(false),
@@ -221,6 +233,15 @@ impl Conn {
         tx.buf.clear();
         tx.off = 0;
         Ok(false)
+    }
+}
+
+impl Tx {
+    /// Queue frame number `tx.seq`, written by `enc`, sealed.
+    fn push(&mut self, enc: &dyn Fn(u64, &mut Vec<u8>)) -> std::result::Result<(), SealError> {
+        let seq = self.seq;
+        self.seq += 1;
+        self.sealer.seal_into(seq, &mut self.buf, enc)
     }
 }
 
@@ -281,15 +302,13 @@ fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) 
 
 /// Accept and refuse every connection after the mesh is formed (until `closed`):
 /// a foreign or garbage-sending peer gets a logged refusal, never a session.
-fn refuse_loop(listener: TcpListener, secret: &Secret, me: NodeId, closed: &AtomicBool) {
+fn refuse_loop(listener: TcpListener, keys: &NodeKeys, closed: &AtomicBool) {
     while !closed.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut s, from)) => {
                 let _ = s.set_nonblocking(false);
                 let why =
-                    match auth::accept(&mut s, secret, me, Duration::from_millis(500), &|_, _| {
-                        false
-                    }) {
+                    match auth::accept(&mut s, keys, Duration::from_millis(500), &|_, _| false) {
                         Ok(_) => "the mesh is already formed".to_string(),
                         Err(e) => e.to_string(),
                     };
@@ -331,7 +350,10 @@ impl TcpMesh {
     /// accept every higher-index node, authenticating each connection.
     pub fn connect(cfg: &MeshConfig) -> Result<TcpMesh> {
         let n = cfg.addrs.len();
-        let me = cfg.me;
+        let me = cfg.keys.me();
+        if me != cfg.me {
+            return Err(TransportError::Config("keys of another node"));
+        }
         if n == 0 || usize::from(me) >= n || n > super::protocol::MAX_NODES {
             return Err(TransportError::Config("node index out of range"));
         }
@@ -343,13 +365,13 @@ impl TcpMesh {
         })?;
         listener.set_nonblocking(true)?;
         let expect_from: Vec<NodeId> = ((me + 1)..n as NodeId).collect();
-        let secret = cfg.secret.clone();
+        let keys = cfg.keys.clone();
         let hs_timeout = Duration::from_secs(2).min(cfg.connect_deadline);
         // Accept in a thread while we connect to the lower nodes.
         let acceptor = thread::Builder::new()
             .name("dsm-accept".into())
             .spawn(move || {
-                let mut got: Vec<(NodeId, Lane, TcpStream)> = Vec::new();
+                let mut got: Vec<(NodeId, Lane, TcpStream, Session)> = Vec::new();
                 let want = expect_from.len() * 2;
                 while got.len() < want {
                     if Instant::now() >= deadline {
@@ -379,10 +401,10 @@ impl TcpMesh {
                             && Lane::from_u8(lane).is_some()
                             && !taken.contains(&(node, lane))
                     };
-                    match auth::accept(&mut s, &secret, me, hs_timeout, &check) {
-                        Ok((node, lane)) => {
+                    match auth::accept(&mut s, &keys, hs_timeout, &check) {
+                        Ok((node, lane, session)) => {
                             let lane = Lane::from_u8(lane).unwrap_or(Lane::Control);
-                            got.push((node, lane, s));
+                            got.push((node, lane, s, session));
                         }
                         Err(e) => {
                             log(&format!("refusing connection from {from}: {e}"));
@@ -406,18 +428,20 @@ impl TcpMesh {
                     }
                 };
                 let left = deadline.saturating_duration_since(Instant::now());
-                if let Err(err) = auth::connect(
+                let session = match auth::connect(
                     &mut s,
-                    &cfg.secret,
-                    me,
+                    &cfg.keys,
                     peer,
                     lane as u8,
                     left.clamp(Duration::from_millis(100), hs_timeout),
                 ) {
-                    result = Err(TransportError::Auth { node: peer, err });
-                    break 'outer;
-                }
-                pair.push(Arc::new(Conn::new(peer, lane, s, cfg.limits)?));
+                    Ok(session) => session,
+                    Err(err) => {
+                        result = Err(TransportError::Auth { node: peer, err });
+                        break 'outer;
+                    }
+                };
+                pair.push(Arc::new(Conn::new(peer, lane, s, cfg.limits, session)?));
             }
             if let [c, b] = &pair[..] {
                 conns[usize::from(peer)] = Some([c.clone(), b.clone()]);
@@ -433,18 +457,18 @@ impl TcpMesh {
         let closed = Arc::new(AtomicBool::new(false));
         {
             let closed = closed.clone();
-            let secret = cfg.secret.clone();
+            let keys = cfg.keys.clone();
             thread::Builder::new()
                 .name("dsm-refuse".into())
-                .spawn(move || refuse_loop(listener, &secret, me, &closed))?;
+                .spawn(move || refuse_loop(listener, &keys, &closed))?;
         }
         accepted.sort_by_key(|g| (g.0, g.1 as u8));
         let mut it = accepted.into_iter();
         while let (Some(c), Some(b)) = (it.next(), it.next()) {
             let peer = c.0;
             conns[usize::from(peer)] = Some([
-                Arc::new(Conn::new(peer, Lane::Control, c.2, cfg.limits)?),
-                Arc::new(Conn::new(peer, Lane::Bulk, b.2, cfg.limits)?),
+                Arc::new(Conn::new(peer, Lane::Control, c.2, cfg.limits, c.3)?),
+                Arc::new(Conn::new(peer, Lane::Bulk, b.2, cfg.limits, b.3)?),
             ]);
         }
         // SAFETY: eventfd has no memory-safety preconditions.
@@ -577,9 +601,12 @@ impl TcpMesh {
             {
                 let mut tx = lock(&c.tx);
                 if tx.off == tx.buf.len() && now.duration_since(tx.last) >= ping_every {
-                    let seq = tx.seq;
-                    tx.seq += 1;
-                    wire::encode(&Frame::Ping, seq, &mut tx.buf);
+                    if tx
+                        .push(&|seq, out| wire::encode(&Frame::Ping, seq, out))
+                        .is_err()
+                    {
+                        continue;
+                    }
                     tx.last = now;
                     c.queued.store(true, Ordering::Relaxed);
                     self.any_queued.store(true, Ordering::Relaxed);
@@ -653,9 +680,7 @@ impl TcpMesh {
         }
         let mut tx = lock(&c.tx);
         let was_empty = tx.off == tx.buf.len();
-        let seq = tx.seq;
-        tx.seq += 1;
-        enc(seq, &mut tx.buf);
+        tx.push(enc)?;
         tx.last = Instant::now();
         if !was_empty {
             return Ok(());

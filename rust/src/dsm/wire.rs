@@ -12,6 +12,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::protocol::{Access, Data, Keep, Msg, NodeId, PageIdx, MAX_NODES, MAX_PREFETCH};
+use super::seal::{Opener, SealError};
 
 /// "DVMS" (dvmm shared memory).
 pub const MAGIC: u32 = 0x534d_5644;
@@ -23,6 +24,13 @@ pub const PAGE_SIZE: usize = 4096;
 pub const MAX_APP_PAYLOAD: usize = 4096;
 /// Size of the header.
 pub const HEADER_SIZE: usize = std::mem::size_of::<Header>();
+/// Largest frame (header and payload) of any type.
+pub const MAX_FRAME: usize = HEADER_SIZE
+    + if PAGE_SIZE > MAX_APP_PAYLOAD {
+        PAGE_SIZE
+    } else {
+        MAX_APP_PAYLOAD
+    };
 
 /// Errors decoding a frame; each names the offending field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +55,10 @@ pub enum WireError {
     Unexpected(u16),
     #[error("page grant for page {page} without its 4 KiB of data")]
     MissingData { page: u64 },
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("sealed record of {record} bytes holds a frame of {frame}")]
+    Record { record: usize, frame: usize },
 }
 
 /// Check that a coherence message can be encoded with `data`: a page grant
@@ -377,13 +389,15 @@ pub fn decode(h: &Header, payload: Vec<u8>) -> Result<Frame, WireError> {
     Ok(Frame::Proto { msg, data: None })
 }
 
-/// Incremental decoder for one byte stream.
+/// Incremental decoder for one byte stream (sealed records after the
+/// handshake, see `seal`).
 #[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
     pos: usize,
     next_seq: u64,
     limits: Limits,
+    opener: Opener,
 }
 
 impl Decoder {
@@ -393,6 +407,15 @@ impl Decoder {
             pos: 0,
             next_seq: first_seq,
             limits,
+            opener: Opener::plain(),
+        }
+    }
+
+    /// A decoder of sealed records.
+    pub fn sealed(limits: Limits, first_seq: u64, opener: Opener) -> Self {
+        Decoder {
+            opener,
+            ..Decoder::new(limits, first_seq)
         }
     }
 
@@ -415,6 +438,9 @@ impl Decoder {
 
     /// Next complete frame, if any.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if self.opener.is_sealed() {
+            return self.next_sealed();
+        }
         let avail = &self.buf[self.pos..];
         let Ok((h, _)) = Header::read_from_prefix(avail) else {
             return Ok(None);
@@ -425,6 +451,32 @@ impl Decoder {
         }
         let payload = avail[HEADER_SIZE..HEADER_SIZE + len].to_vec();
         self.pos += HEADER_SIZE + len;
+        self.next_seq += 1;
+        decode(&h, payload).map(Some)
+    }
+
+    /// Open the next record in place, then validate its frame as usual.
+    fn next_sealed(&mut self) -> Result<Option<Frame>, WireError> {
+        let avail = &mut self.buf[self.pos..];
+        let Some(r) = self.opener.open(self.next_seq, avail, MAX_FRAME)? else {
+            return Ok(None);
+        };
+        let body = &avail[r.body_start..r.body_end];
+        let Ok((h, _)) = Header::read_from_prefix(body) else {
+            return Err(WireError::Record {
+                record: body.len(),
+                frame: HEADER_SIZE,
+            });
+        };
+        let len = check_header(&h, self.next_seq, &self.limits)?;
+        if body.len() != HEADER_SIZE + len {
+            return Err(WireError::Record {
+                record: body.len(),
+                frame: HEADER_SIZE + len,
+            });
+        }
+        let payload = body[HEADER_SIZE..].to_vec();
+        self.pos += r.consumed;
         self.next_seq += 1;
         decode(&h, payload).map(Some)
     }
