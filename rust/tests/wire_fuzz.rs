@@ -8,7 +8,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::thread;
 use std::time::Duration;
 
 use dvmm::dsm::auth::{self, NodeKeys};
@@ -311,6 +310,5 @@ proptest! {
         let mut sink = Vec::new();
         drop(s);
         let _ = stranger.read_to_end(&mut sink);
-        let _ = thread::yield_now();
     }
 }
