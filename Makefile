@@ -4,6 +4,7 @@
 #   make test    set up, then every test: Rust (cargo test), ruff, mypy, pytest
 #                (test-rust / test-python run one side)
 #   make lint    cargo fmt --check, cargo clippy -D warnings, ruff, mypy
+#   make fuzz    longer fuzzing runs of the wire, handshake, peer and API parsers
 #   make setup   apt packages (only the missing ones), the .venv, Python tools,
 #                the native extension (maturin develop --release), the guest
 #   make perf    set up, then the performance suite (perf/README.md); QUICK=1: short
@@ -53,10 +54,10 @@ NATIVE_SO := $(wildcard $(ROOT)/dvmmd/_native*.so)
 CARGO_ENV = PYO3_PYTHON=$(PY) \
 	LD_LIBRARY_PATH="$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
 
-.PHONY: help setup apt venv guest demo test test-rust test-python lint perf install-systemd clean distclean FORCE
+.PHONY: help setup apt venv guest demo test test-rust test-python lint fuzz perf install-systemd clean distclean FORCE
 
 help:
-	@sed -n '2,15p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,16p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
 
 # ------------------------------------------------------------------ setup
 
@@ -129,6 +130,12 @@ lint: setup
 	cd $(ROOT) && $(VENV)/bin/ruff check dvmmd tests perf
 	cd $(ROOT) && $(VENV)/bin/ruff format --check dvmmd tests perf
 	cd $(ROOT) && $(VENV)/bin/mypy
+
+# Longer fuzzing of every parser a peer or a client reaches (`make test` runs a
+# short pass of the same targets). CASES=N sets the Rust cases per property.
+fuzz: setup
+	cd $(ROOT)/rust && PROPTEST_CASES=$(or $(CASES),50000) $(CARGO_ENV) cargo test --release --test wire_fuzz
+	cd $(ROOT) && DVMM_FUZZ_LONG=1 $(VENV)/bin/pytest -q -k fuzz
 
 # ------------------------------------------------------------------ perf
 

@@ -69,6 +69,9 @@ HIGHER_IS_BETTER = {
     "counter_2node_plain_ops_per_s",
     "numa_local_speedup",
     "remote_scan_guest_gbps",
+    "remote_scan_gbps_encrypt",
+    "remote_scan_gbps_integrity",
+    "remote_scan_gbps_none",
 }
 
 
@@ -178,6 +181,13 @@ TARGETS: tuple[Target, ...] = (
         ("remote_scan_gbps", "tcp_stream_gbps"),
         ">=",
         0.5,
+    ),
+    Target(
+        "encryption_cost",
+        "remote_scan_gbps_encrypt / remote_scan_gbps_none",
+        ("remote_scan_gbps_encrypt", "remote_scan_gbps_none"),
+        ">=",
+        0.85,
     ),
     Target("ep_efficiency", "ep_efficiency_2node", ("ep_efficiency_2node",), ">=", 0.9),
     Target(

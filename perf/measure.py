@@ -323,12 +323,13 @@ def ipi_runs(p: Params, two_node: bool) -> Partial:
 
 def two_nodes(
     cmdline: str, *, vcpus: int = 2, nodes: int = 2, memory: str = "256M",
-    hold_window_us: int | None = None,
+    hold_window_us: int | None = None, extra_args: tuple[str, ...] = (),
 ) -> VmRun:  # fmt: skip
     try:
         return run_dvmm(
-            cmdline, vcpus=vcpus, nodes=nodes, memory=memory, hold_window_us=hold_window_us
-        )
+            cmdline, vcpus=vcpus, nodes=nodes, memory=memory, hold_window_us=hold_window_us,
+            extra_args=extra_args,
+        )  # fmt: skip
     except VmError as e:
         raise Missing(f"distributed VM not usable: {e}") from e
 
@@ -533,6 +534,47 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
     ]  # fmt: skip
     merged = merge_hdr(hdrs)
     return figs, {"sweep_read_latency_ns_hdr": [[v, c] for v, c in merged]}
+
+
+#: Data-plane protection modes (``dvmmctl run --data-plane``), default first.
+DATA_PLANE_MODES = ("encrypt", "integrity", "none")
+SECURITY_KEYS = tuple(
+    f"{k}_{m}" for m in DATA_PLANE_MODES for k in ("remote_scan_gbps", "remote_read_fault_p50_us")
+)
+
+
+def security_modes(p: Params) -> list[Figure]:
+    """The cost of protecting the data plane: the sweep's remote scan and faultlat's
+    read-miss p50 under each ``--data-plane`` mode, interleaved run by run (so host
+    drift hits every mode alike)."""
+    sweep = f"run=sweep sweep.mem={p.sweep_mem} sweep.numa=local"
+    scan: dict[str, list[float]] = {m: [] for m in DATA_PLANE_MODES}
+    read: dict[str, list[float]] = {m: [] for m in DATA_PLANE_MODES}
+    for _ in range(p.vm_reps):
+        for m in DATA_PLANE_MODES:
+            args = ("--data-plane", m)
+            sw = two_nodes(sweep, extra_args=args).get("sweep")
+            scan[m].append(sw.num("bytes") * 8 / sw.num("verify_us") / 1e3)
+            fl = faultlat_us(two_nodes(faultlat_cmdline(p), extra_args=args).get("faultlat"))
+            read[m].append(fl["read_p50"])
+    how = (
+        "dvmmctl run --nodes 2 --vcpus 2 --data-plane {m} (the three modes interleaved run by "
+        "run; encrypt = AES-256-GCM on every frame, the default; integrity = GCM tag only; "
+        "none = authenticated handshake, bare frames)"
+    )
+    figs: list[Figure] = []
+    for m in DATA_PLANE_MODES:
+        figs.append(Figure(
+            f"remote_scan_gbps_{m}", "Gbit/s", scan[m],
+            f"as remote_scan_gbps (sweep mem={p.sweep_mem} numa=local, verify phase, "
+            f"aggregate of both directions); {how.format(m=m)}",
+        ))  # fmt: skip
+        figs.append(Figure(
+            f"remote_read_fault_p50_us_{m}", "us", read[m],
+            f"as remote_read_fault_p50_us (guest faultlat read phase, read_p50_ns); "
+            f"{how.format(m=m)}",
+        ))  # fmt: skip
+    return figs
 
 
 def numa_speedup(p: Params) -> Figure:

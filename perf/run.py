@@ -137,12 +137,13 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "remote": ("guest faultlat + sweep on 2 nodes", (*FAULTLAT_KEYS, *SCAN_KEYS)),
     "contended": ("counter, falseshare on 2 nodes, hold window / plain", (*CONTENDED_KEYS, *PLAIN_KEYS)),
     "numa": ("sweep numa=ignore vs numa=local on 2 nodes", ("numa_local_speedup",)),
+    "security": ("remote scan and read miss under each --data-plane mode", measure.SECURITY_KEYS),
     "scaling": ("fault throughput against nodes and vCPUs (extra.fault_scaling)", ()),
     "profiles": ("py-spy and perf profiles under a 2-node load", ()),
 }  # fmt: skip
 DEFAULT_STAGES = tuple(k for k in STAGES if k != "ipi")
 #: Stages that need ``dvmmctl run --nodes 2`` (ep and ipi run their 1-node part without).
-DISTRIBUTED = ("remote", "contended", "numa", "scaling")
+DISTRIBUTED = ("remote", "contended", "numa", "security", "scaling")
 #: The 2-node keys of ep / ipi.
 TWO_NODE_EP_KEYS = ("dvmm_2node_2vcpu_s", "ep_efficiency_2node", "ipi_roundtrip_p50_us",
                     "ipi_roundtrip_p99_us")  # fmt: skip
@@ -192,6 +193,9 @@ def run_distributed(c: Collector, p: Params, stages: Sequence[str]) -> None:
             )
     if "numa" in stages:
         c.stage("numa", ["numa_local_speedup"], lambda: c.add(measure.numa_speedup(p)))
+    if "security" in stages:
+        c.stage("security", list(measure.SECURITY_KEYS),
+                lambda: c.add(*measure.security_modes(p)))  # fmt: skip
     if "scaling" in stages:
         c.stage("scaling", ["fault_scaling"], scaling)
 
