@@ -31,8 +31,12 @@ export PATH := $(VENV)/bin:$(if $(CARGO_HOME_BIN),$(CARGO_HOME_BIN):)$(PATH)
 
 # Debian packages: qemu for the guest's QEMU baseline tests; libclang/clang
 # for bindgen (userfaultfd-sys); iproute2/nftables for multi-node tests in
-# network namespaces.
-APT_PACKAGES := qemu-system-x86 libclang-dev clang gcc make iproute2 nftables util-linux
+# network namespaces; tcpdump for the traffic-capture test (tests/test_capture.py).
+APT_PACKAGES := qemu-system-x86 libclang-dev clang gcc make iproute2 nftables util-linux tcpdump
+
+# What dvmmd needs at run time (pyproject.toml's dependencies), pinned here:
+# cryptography for certificates and the data path's X25519 keys.
+PY_DEPS := cryptography==50.0.2
 
 # Python tools (pinned).
 PY_TOOLS := \
@@ -86,7 +90,7 @@ $(PY):
 venv: $(PY)
 
 $(STAMPS)/pydeps: $(ROOT)/Makefile | $(PY)
-	$(PY) -m pip install -q $(PY_TOOLS)
+	$(PY) -m pip install -q $(PY_DEPS) $(PY_TOOLS)
 	@mkdir -p $(STAMPS) && touch $@
 
 $(STAMPS)/native: $(STAMPS)/pydeps $(RUST_INPUTS) $(if $(NATIVE_SO),,FORCE)

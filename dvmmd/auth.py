@@ -1,30 +1,33 @@
-"""Mutual HMAC-SHA256 challenge-response with the cluster secret.
+"""Who is on the other end of a peer connection: the TLS certificate, bound to a name.
 
-Every daemon-to-daemon connection (and every remote API client) starts with::
+Every daemon-to-daemon connection (and every remote API client) is mutual TLS 1.3
+with certificates from the cluster CA (tls.py, pki.py). TLS proves that the peer holds
+the key of a certificate the CA signed, encrypts and authenticates every byte after
+the handshake (so a relay or a man in the middle can neither read nor inject), and
+binds all of it to this one connection. What is left is to bind the name a peer
+*claims* to the certificate it *showed*::
 
-    dialer   -> acceptor : hello     {proto, node, addr, role, nonce=Nc}
-    acceptor -> dialer   : challenge {node, nonce=Ns, mac=HMAC(K, "dvmm-acceptor" Nc Ns A D)}
-    dialer   -> acceptor : auth      {mac=HMAC(K, "dvmm-dialer" Ns Nc D A)}
-    acceptor -> dialer   : welcome   (or refused {reason})
+    dialer   -> acceptor : hello   {proto, node, addr, role}
+    acceptor -> dialer   : welcome {node}          (or refused {reason})
 
-where K is the cluster secret, Nc/Ns fresh 128-bit random nonces and A/D the two node
-names. Each side proves knowledge of K over the other side's fresh nonce, so a
-recorded exchange cannot be replayed, and the two directions use different labels so a
-peer cannot reflect one side's proof back. The acceptor proves itself first, but only
-over the acceptor label: that gives a keyless dialer nothing it could use as its own
-proof. Comparisons are constant-time (`hmac.compare_digest`).
+The acceptor refuses a ``hello`` whose ``node`` is not a name in the dialer's
+certificate; the dialer refuses a ``welcome`` whose ``node`` is not a name in the
+acceptor's certificate. ``addr`` and ``role`` travel inside TLS, so they are as
+authentic as the rest. (The HMAC challenge-response of protocol version 1 is gone:
+over mutual TLS it proved nothing more.)
+
+The cluster secret (secret mode) is read here; tls.py turns it into a CA.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
-import secrets
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .logsafe import shown
 from .peerproto import PROTO_VERSION, Connection, ProtocolError
 
 MIN_SECRET_BYTES = 16
@@ -32,7 +35,8 @@ HANDSHAKE_TIMEOUT = 5.0
 
 
 class AuthError(Exception):
-    """Authentication failed (wrong key, bad proof, refused); the message says why."""
+    """Authentication failed (no or wrong certificate, name mismatch, refused); the
+    message says why."""
 
 
 class SecretError(Exception):
@@ -63,31 +67,6 @@ def load_secret(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
-def new_nonce() -> str:
-    return secrets.token_hex(16)
-
-
-def _mac(key: bytes, label: str, *parts: str) -> str:
-    msg = "\x00".join((label, *parts)).encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
-
-
-def acceptor_proof(
-    key: bytes, dialer_nonce: str, acceptor_nonce: str, acceptor: str, dialer: str
-) -> str:
-    return _mac(key, "dvmm-acceptor", dialer_nonce, acceptor_nonce, acceptor, dialer)
-
-
-def dialer_proof(
-    key: bytes, acceptor_nonce: str, dialer_nonce: str, dialer: str, acceptor: str
-) -> str:
-    return _mac(key, "dvmm-dialer", acceptor_nonce, dialer_nonce, dialer, acceptor)
-
-
-def proofs_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 @dataclass(frozen=True)
 class Peer:
     """Who is on the other end of an authenticated connection."""
@@ -97,81 +76,68 @@ class Peer:
     role: str  # "node" or "client"
 
 
+def _names(conn: Connection) -> tuple[str, ...]:
+    names = conn.peer_names()
+    if not names:
+        raise AuthError(f"{conn.peer}: the connection has no verified TLS certificate")
+    return names
+
+
+def _mismatch(names: tuple[str, ...], claimed: str) -> str:
+    return (
+        f"its certificate is for {', '.join(shown(n) for n in names)} "
+        f"but it claims to be {shown(claimed)}"
+    )
+
+
 async def dial_handshake(
     conn: Connection,
-    key: bytes,
     node: str,
     addr: str,
     role: str = "node",
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Peer:
-    """Authenticate an outgoing connection; returns the acceptor's identity."""
-    nonce = new_nonce()
-    await conn.send(
-        {
-            "type": "hello",
-            "proto": PROTO_VERSION,
-            "node": node,
-            "addr": addr,
-            "role": role,
-            "nonce": nonce,
-        }
-    )
-    msg = await conn.recv(timeout)
-    if msg["type"] == "refused":
-        raise AuthError(f"refused by {conn.peer}: {msg['reason']}")
-    if msg["type"] != "challenge":
-        raise ProtocolError(f"expected challenge, got {msg['type']}")
-    expected = acceptor_proof(key, nonce, msg["nonce"], msg["node"], node)
-    if not proofs_equal(expected, msg["mac"]):
-        raise AuthError(
-            f"{conn.peer} (claims to be {msg['node']!r}) failed to prove the "
-            "cluster secret (wrong key?)"
+    """Say who we are on an outgoing TLS connection; returns the acceptor's identity.
+
+    Raises AuthError (refused, name mismatch, TLS alert from the acceptor: with TLS
+    1.3 the acceptor checks our certificate after our side of the handshake is done,
+    so its verdict arrives on the first read), ProtocolError, ConnectionError.
+    """
+    names = _names(conn)
+    try:
+        await conn.send(
+            {"type": "hello", "proto": PROTO_VERSION, "node": node, "addr": addr, "role": role}
         )
-    await conn.send(
-        {"type": "auth", "mac": dialer_proof(key, msg["nonce"], nonce, node, msg["node"])}
-    )
-    reply = await conn.recv(timeout)
-    if reply["type"] == "refused":
-        raise AuthError(f"refused by {conn.peer}: {reply['reason']}")
-    if reply["type"] != "welcome":
-        raise ProtocolError(f"expected welcome, got {reply['type']}")
+        msg = await conn.recv(timeout)
+    except ssl.SSLError as e:
+        raise AuthError(f"{conn.peer} refused our certificate: {e.reason or e}") from None
+    if msg["type"] == "refused":
+        raise AuthError(f"refused by {conn.peer}: {shown(msg['reason'], 200)}")
+    if msg["type"] != "welcome":
+        raise ProtocolError(f"expected welcome, got {msg['type']}")
+    if msg["node"] not in names:
+        raise AuthError(f"{conn.peer}: {_mismatch(names, msg['node'])}")
+    conn.authenticated()
     return Peer(node=msg["node"], addr=conn.peer, role="node")
 
 
-async def accept_handshake(
-    conn: Connection, key: bytes, node: str, timeout: float = HANDSHAKE_TIMEOUT
-) -> Peer:
-    """Authenticate an incoming connection; returns the dialer's identity.
+async def accept_handshake(conn: Connection, node: str, timeout: float = HANDSHAKE_TIMEOUT) -> Peer:
+    """Check who is on an incoming TLS connection; returns the dialer's identity.
 
     On failure sends ``refused`` (best effort) and raises AuthError / ProtocolError.
     """
+    names = _names(conn)
     hello = await conn.recv(timeout)
     if hello["type"] != "hello":
         raise ProtocolError(f"expected hello, got {hello['type']}")
     if hello["proto"] != PROTO_VERSION:
         await _refuse(conn, f"unsupported protocol version {hello['proto']}")
         raise AuthError(f"{conn.peer} speaks protocol version {hello['proto']}")
-    nonce = new_nonce()
-    await conn.send(
-        {
-            "type": "challenge",
-            "node": node,
-            "nonce": nonce,
-            "mac": acceptor_proof(key, hello["nonce"], nonce, node, hello["node"]),
-        }
-    )
-    msg = await conn.recv(timeout)
-    if msg["type"] != "auth":
-        raise ProtocolError(f"expected auth, got {msg['type']}")
-    expected = dialer_proof(key, nonce, hello["nonce"], hello["node"], node)
-    if not proofs_equal(expected, msg["mac"]):
-        await _refuse(conn, "authentication failed")
-        raise AuthError(
-            f"{conn.peer} (claims to be {hello['node']!r}) failed to prove the "
-            "cluster secret (wrong key?)"
-        )
-    await conn.send({"type": "welcome"})
+    if hello["node"] not in names:
+        await _refuse(conn, "the node name does not match the certificate")
+        raise AuthError(f"{conn.peer}: {_mismatch(names, hello['node'])}")
+    await conn.send({"type": "welcome", "node": node})
+    conn.authenticated()
     return Peer(node=hello["node"], addr=hello["addr"], role=hello["role"])
 
 

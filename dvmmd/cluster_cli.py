@@ -1,5 +1,5 @@
 """The daemon-facing ``dvmmctl`` verbs: nodes, boot, list, status, console, stop, rm,
-stats, top, demo.
+stats, top, demo; and ``cluster init`` / ``cluster add-node`` (certificates, pki.py).
 
 They talk to the local dvmmd over its unix socket (api.py): ``--socket PATH``, else
 ``$DVMM_SOCKET``, else /run/dvmmd/dvmmd.sock. `register` adds them to the main parser
@@ -12,6 +12,7 @@ import argparse
 import base64
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -26,6 +27,7 @@ from typing import Any, Self
 
 from .cli import CliError
 from .config import DEFAULT_SOCKET
+from .images import BootFileError, open_boot_files, send_request
 from .sizes import SizeError, format_size, parse_size
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
@@ -70,8 +72,9 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, op: str, args: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+    def send(self, op: str, args: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        # `fds` (boot files opened with the user's rights) ride on the request's bytes.
+        send_request(self.sock, json.dumps({"op": op, "args": args}).encode() + b"\n", fds)
 
     def read_message(self) -> dict[str, Any]:
         while b"\n" not in self.buf:
@@ -93,8 +96,9 @@ class Client:
         op: str,
         args: dict[str, Any] | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        fds: Sequence[int] = (),
     ) -> Any:
-        self.send(op, args or {})
+        self.send(op, args or {}, fds)
         while True:
             msg = self.read_message()
             if "event" in msg:
@@ -112,9 +116,10 @@ def call(
     params: dict[str, Any] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     timeout: float | None = 60.0,
+    fds: Sequence[int] = (),
 ) -> Any:
     with Client(args.socket, timeout) as c:
-        return c.request(op, params, on_event)
+        return c.request(op, params, on_event, fds)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -140,11 +145,21 @@ def format_nodes(res: dict[str, Any]) -> str:
                 f"{format_size(n['used_memory'])}/{format_size(n['memory'])}",
                 str(n["vms"]),
                 f"{n['last_heard_s']:.1f}s" if not me else "-",
+                str(n.get("data_plane") or "?"),
             ]
         )
     for p in res.get("pending", []):
-        rows.append(["?", p["addr"], "unreachable", "-", "-", "-", p.get("error", "")[:40]])
-    return _table(rows, ["NODE", "ADDRESS", "STATE", "VCPUS", "MEMORY", "VMS", "LAST SEEN"])
+        rows.append(["?", p["addr"], "unreachable", "-", "-", "-", p.get("error", "")[:40], "-"])
+    table = _table(
+        rows, ["NODE", "ADDRESS", "STATE", "VCPUS", "MEMORY", "VMS", "LAST SEEN", "DATA PLANE"]
+    )
+    planes = {n.get("data_plane") for n in res["nodes"] if n["state"] in ("alive", "suspect")}
+    if len(planes) > 1:  # multi-node VMs would be refused: say why before anyone boots
+        table += (
+            "\nwarning: the nodes disagree on cluster.data_plane "
+            f"({', '.join(sorted(str(p) for p in planes))}): VMs across them will not start"
+        )
+    return table
 
 
 def _nodes_of(vm: dict[str, Any]) -> str:
@@ -177,6 +192,11 @@ def format_status(v: dict[str, Any]) -> str:
         f"memory:   {format_size(req['memory'])}",
         f"kernel:   {req['kernel']}",
         f"cmdline:  {req.get('cmdline', '')}",
+    ]
+    if len(v["placement"]["shares"]) > 1:
+        plane = v["placement"].get("data_plane") or "?"
+        lines.append(f"data plane: {plane} (between the VM's nodes)")
+    lines += [
         "placement:",
     ]
     for i, s in enumerate(v["placement"]["shares"]):
@@ -269,7 +289,18 @@ def cmd_boot(args: argparse.Namespace) -> int:
     }
     if args.nodes:
         params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
-    res = call(args, "boot", params, None if args.json else _progress_printer(), timeout=None)
+    # The daemon (root) reads the kernel/initrd only through descriptors we opened with
+    # our own rights (images.py): a path alone is refused for non-root users.
+    try:
+        fds = open_boot_files(params)
+    except BootFileError as e:
+        raise CliError(str(e)) from None
+    try:
+        progress = None if args.json else _progress_printer()
+        res = call(args, "boot", params, progress, timeout=None, fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     if args.json:
         _print_json(res)
     else:
@@ -441,7 +472,12 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class LocalCluster:
-    """N dvmmd processes on loopback addresses with a generated secret (demo, tests)."""
+    """N dvmmd processes on loopback addresses with a generated secret (demo, tests).
+
+    Secret mode (pki.py): every daemon derives the cluster CA from the secret and issues
+    itself a certificate, so the control plane is mutual TLS as in a real cluster.
+    ``data_plane`` sets cluster.data_plane (default: the daemon's, ``encrypt``).
+    """
 
     def __init__(
         self,
@@ -450,14 +486,17 @@ class LocalCluster:
         extra: str = "",
         heartbeat: float = 0.5,
         timeout: float = 3.0,
+        data_plane: str | None = None,
     ) -> None:
         self.dir = base or Path(tempfile.mkdtemp(prefix="dvmm-demo-"))
         self.names = [f"node{i + 1}" for i in range(n)]
         self.procs: list[subprocess.Popen[bytes]] = []
         secret = self.dir / "secret"
+        self.secret_path = secret
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(os.urandom(32).hex() + "\n")
+            f.write(secrets.token_hex(32) + "\n")
+        plane = f'data_plane = "{data_plane}"\n' if data_plane else ""
         hosts = [f"127.0.0.{i + 1}" for i in range(n)]
         ports = [_free_port(h) for h in hosts]
         self.configs = []
@@ -467,11 +506,13 @@ class LocalCluster:
             state.mkdir(exist_ok=True)
             peers = ", ".join(f'"{hosts[j]}:{ports[j]}"' for j in range(n) if j != i)
             dp = _free_port(hosts[i])
+            while dp <= ports[i] <= dp + 16:  # worker.data_ports must not hold node.listen
+                dp = _free_port(hosts[i])
             cfg = state / "dvmmd.toml"
             cfg.write_text(
                 f'[node]\nname = "{name}"\nlisten = "{hosts[i]}:{ports[i]}"\n'
                 f'state_dir = "{state}"\nvcpus = 2\nmemory = "1G"\n\n'
-                f'[cluster]\nsecret_file = "{secret}"\npeers = [{peers}]\n'
+                f'[cluster]\nsecret_file = "{secret}"\n{plane}peers = [{peers}]\n'
                 f"heartbeat_interval = {heartbeat}\nfailure_timeout = {timeout}\n\n"
                 f'[worker]\ndata_ports = "{dp}-{dp + 16}"\n{extra}'
             )
@@ -585,6 +626,101 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+# --------------------------------------------------------------------------- certificates
+
+DEFAULT_PKI_DIR = "/etc/dvmmd/tls"
+
+
+def _pki_report(directory: Path, node: str, written: list[Path], first: bool) -> str:
+    d = directory.resolve()
+    lines = [f"wrote {', '.join(p.name for p in written)} in {d}"]
+    if first:
+        lines.append(
+            f"  ca.key signs new nodes: keep it on this machine only (mode 0600); "
+            f"issue more with `dvmmctl cluster add-node NAME --dir {d}`"
+        )
+    lines += [
+        (
+            f"  copy ca.crt, {node}.crt and {node}.key (mode 0600) to node {node}'s "
+            f"{DEFAULT_PKI_DIR}/, and put this in its dvmmd.toml instead of cluster.secret_file:"
+        ),
+        "",
+        "[tls]",
+        f'ca_file = "{DEFAULT_PKI_DIR}/ca.crt"',
+        f'cert_file = "{DEFAULT_PKI_DIR}/{node}.crt"',
+        f'key_file = "{DEFAULT_PKI_DIR}/{node}.key"',
+    ]
+    return "\n".join(lines)
+
+
+def cmd_cluster_init(args: argparse.Namespace) -> int:
+    from .pki import PkiError, init_cluster
+
+    directory = Path(args.dir)
+    try:
+        written = init_cluster(directory, args.node, days=args.days, force=args.force)
+    except PkiError as e:
+        raise CliError(str(e)) from None
+    print(_pki_report(directory, args.node, written, first=True))
+    return 0
+
+
+def cmd_cluster_add_node(args: argparse.Namespace) -> int:
+    from .pki import PkiError, add_node
+
+    directory = Path(args.dir)
+    try:
+        written = add_node(directory, args.name, days=args.days, force=args.force)
+    except PkiError as e:
+        raise CliError(str(e)) from None
+    print(_pki_report(directory, args.name, written, first=False))
+    return 0
+
+
+def _register_cluster_pki(subparsers: Any) -> None:
+    from .pki import NODE_DAYS
+
+    p = subparsers.add_parser(
+        "cluster",
+        help="certificates for a real cluster: init (CA + first node), add-node",
+        description="Create and extend the cluster CA that gives every node its own "
+        "identity on the control plane (mutual TLS). Run it on one admin machine; "
+        "copy each node's files to it (README: certificates).",
+    )
+    sub = p.add_subparsers(dest="cluster_verb", metavar="VERB", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--dir",
+            default=DEFAULT_PKI_DIR,
+            help=f"directory of the CA and the node files (default {DEFAULT_PKI_DIR})",
+        )
+        q.add_argument(
+            "--days",
+            type=int,
+            default=NODE_DAYS,
+            help=f"validity of the node certificate in days (default {NODE_DAYS})",
+        )
+        q.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    q = sub.add_parser(
+        "init",
+        help="create the cluster CA and the first node's key and certificate",
+        description="Create ca.key/ca.crt and NODE.key/NODE.crt in --dir.",
+    )
+    q.add_argument("--node", required=True, help="name of the first node (its node.name)")
+    common(q)
+    q.set_defaults(func=cmd_cluster_init)
+    q = sub.add_parser(
+        "add-node",
+        help="issue a key and certificate for another node, signed by the cluster CA",
+        description="Create NAME.key/NAME.crt in --dir, signed with --dir's ca.key.",
+    )
+    q.add_argument("name", help="the node's name (its node.name)")
+    common(q)
+    q.set_defaults(func=cmd_cluster_add_node)
+
+
 # --------------------------------------------------------------------------- parser
 
 Handler = Callable[[argparse.Namespace], int]
@@ -661,6 +797,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=600, help="VM timeout in seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     p.set_defaults(func=cmd_demo)
+    _register_cluster_pki(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

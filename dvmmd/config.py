@@ -2,8 +2,14 @@
 
 Every error names the file, the line (when the key is present in the file) and the
 dotted key, e.g. ``/etc/dvmmd/dvmmd.toml:7: cluster.failure_timeout: must be greater
-than cluster.heartbeat_interval``. Unknown keys are errors too (a typo must not be
-silently ignored).
+than 2 x cluster.heartbeat_interval (2 x 1.0), got 1.5``. Unknown keys are errors too
+(a typo must not be silently ignored), and so are durations that are not finite and
+positive (NaN, inf), beyond a day, or inconsistent (failure_timeout > 2 x
+heartbeat_interval, heartbeat_interval < suspect_timeout <= failure_timeout).
+
+Reloading: SIGHUP (``systemctl reload dvmmd``) re-reads the file; ``node.log_level``
+takes effect at once, any other changed key is logged as needing a restart, and an
+invalid file is logged and ignored (daemon.py).
 
 Example::
 
@@ -16,11 +22,20 @@ Example::
     memory = "8G"
 
     [cluster]
+    # Identity on the control plane: EITHER a [tls] section (real clusters, one
+    # certificate per node: `dvmmctl cluster init` / `add-node`) OR a shared secret
+    # (demo/tests: any holder of the secret can claim any node name).
     secret_file = "/etc/dvmmd/secret"
+    data_plane = "encrypt"          # "encrypt" | "integrity" | "none": same on every node
     peers = ["10.0.0.2:7400"]       # static peers ...
     seed = "10.0.0.2:7400"          # ... and/or one seed to join through
     heartbeat_interval = 1.0
     failure_timeout = 5.0           # no heartbeat for this long -> dead
+
+    [tls]                           # instead of cluster.secret_file
+    ca_file = "/etc/dvmmd/tls/ca.crt"
+    cert_file = "/etc/dvmmd/tls/node1.crt"  # its name must be node.name
+    key_file = "/etc/dvmmd/tls/node1.key"   # mode 0600
 
     [api]
     socket = "/run/dvmmd/dvmmd.sock"
@@ -39,10 +54,14 @@ Example::
 
     [vm]
     kernel = "/usr/share/dvmm/dvmm-guest"   # default kernel for `dvmmctl boot`
+    images_dir = "/var/lib/dvmm-images"     # optional: files here (world-readable) may
+                                            # be named by path by any API client
 """
 
 from __future__ import annotations
 
+import grp
+import math
 import os
 import re
 import sys
@@ -52,12 +71,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .keys import DATA_PLANE_MODES
+from .names import is_valid_name as _is_valid_name
 from .sizes import SizeError, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/dvmmd/dvmmd.toml"
 DEFAULT_SOCKET = "/run/dvmmd/dvmmd.sock"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Upper bound for any duration in the config (one day): larger values are typos.
+MAX_SECONDS = 86400.0
 
 
 class ConfigError(Exception):
@@ -107,8 +129,8 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def is_valid_name(name: str) -> bool:
-    """Node and VM names: 1-63 characters of [A-Za-z0-9_.-], starting alphanumeric."""
-    return bool(_NAME_RE.match(name))
+    """Node and VM names: the one rule in names.py (1-63 of [A-Za-z0-9_.-], no '..')."""
+    return _is_valid_name(name)
 
 
 @dataclass(frozen=True)
@@ -120,7 +142,11 @@ class Config:
     state_dir: Path
     vcpus: int
     memory: int
-    secret_file: Path
+    secret_file: Path | None  # secret mode; None in certificate mode ([tls])
+    tls_ca_file: Path | None
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    data_plane: str  # "encrypt" | "integrity" | "none"
     peers: tuple[tuple[str, int], ...]
     seed: tuple[str, int] | None
     heartbeat_interval: float
@@ -136,6 +162,8 @@ class Config:
     multi_node: str  # "auto" | "yes" | "no"
     stop_grace: float
     default_kernel: str | None
+    #: Kernels/initrds any API client may name by path (images.py); None: none.
+    images_dir: Path | None
     log_level: str
 
     @property
@@ -154,16 +182,18 @@ _SCHEMA: dict[str, set[str]] = {
     "node": {"name", "listen", "advertise", "state_dir", "vcpus", "memory", "log_level"},
     "cluster": {
         "secret_file",
+        "data_plane",
         "peers",
         "seed",
         "heartbeat_interval",
         "suspect_timeout",
         "failure_timeout",
     },
+    "tls": {"ca_file", "cert_file", "key_file"},
     "api": {"socket", "socket_mode", "socket_group", "remote"},
     "metrics": {"listen"},
     "worker": {"command", "data_ports", "multi_node", "stop_grace"},
-    "vm": {"kernel"},
+    "vm": {"kernel", "images_dir"},
 }
 
 
@@ -298,8 +328,12 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             raise r.error(table, key, str(e)) from None
 
     def positive(table: str, key: str, value: float) -> float:
-        if value <= 0:
-            raise r.error(table, key, f"must be positive, got {value}")
+        # A duration: NaN would make every comparison false (a node never declared
+        # dead), inf or a huge value overflows the event loop's timers.
+        if not math.isfinite(value) or value <= 0:
+            raise r.error(table, key, f"must be a finite positive number, got {value}")
+        if value > MAX_SECONDS:
+            raise r.error(table, key, f"must be at most {MAX_SECONDS} seconds, got {value}")
         return float(value)
 
     name = r.get("node", "name", str, required=True)
@@ -333,7 +367,38 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise r.error("node", "log_level", "must be one of debug, info, warning, error")
 
-    secret_file = Path(r.get("cluster", "secret_file", str, required=True))
+    secret_s = r.get("cluster", "secret_file", str)
+    tls_files: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        v = r.get("tls", key, str)
+        if v is not None and not Path(v).is_absolute():
+            raise r.error("tls", key, f"must be an absolute path, got {v!r}")
+        tls_files[key] = Path(v) if v is not None else None
+    if "tls" in data:
+        missing = [k for k, v in tls_files.items() if v is None]
+        if missing:
+            raise r.error("tls", None, f"needs ca_file, cert_file and key_file; missing {missing}")
+        if secret_s is not None:
+            raise r.error(
+                "cluster",
+                "secret_file",
+                "set either cluster.secret_file (shared secret) or [tls] (certificates), not both",
+            )
+    elif secret_s is None:
+        raise r.error(
+            "cluster",
+            None,
+            "no identity: set [tls] ca_file/cert_file/key_file (`dvmmctl cluster init`) "
+            "or cluster.secret_file",
+        )
+    secret_file = Path(secret_s) if secret_s is not None else None
+    data_plane = r.get("cluster", "data_plane", str, default="encrypt")
+    if data_plane not in DATA_PLANE_MODES:
+        raise r.error(
+            "cluster",
+            "data_plane",
+            f"must be one of {', '.join(DATA_PLANE_MODES)}, got {data_plane!r}",
+        )
     peers_raw = r.get("cluster", "peers", list, default=[])
     peers: list[tuple[str, int]] = []
     for item in peers_raw:
@@ -348,9 +413,12 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     timeout = positive(
         "cluster", "failure_timeout", r.get("cluster", "failure_timeout", float, default=5.0)
     )
-    if timeout <= hb:
+    if timeout <= 2 * hb:
+        # One late heartbeat must not be enough to declare a live node dead.
         raise r.error(
-            "cluster", "failure_timeout", f"must be greater than cluster.heartbeat_interval ({hb})"
+            "cluster",
+            "failure_timeout",
+            f"must be greater than 2 x cluster.heartbeat_interval (2 x {hb}), got {timeout}",
         )
     suspect = positive(
         "cluster",
@@ -359,6 +427,12 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     )
     if suspect > timeout:
         raise r.error("cluster", "suspect_timeout", "must not exceed cluster.failure_timeout")
+    if suspect <= hb:
+        raise r.error(
+            "cluster",
+            "suspect_timeout",
+            f"must be greater than cluster.heartbeat_interval ({hb}), got {suspect}",
+        )
 
     api_socket = Path(r.get("api", "socket", str, default=str(state_dir / "dvmmd.sock")))
     mode_raw = r.get("api", "socket_mode", (str, int), default="0660")
@@ -375,7 +449,16 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             f"{oct(mode)} is not allowed: the API socket must "
             "not be accessible to others (use 0600 or 0660)",
         )
+    if mode & 0o600 != 0o600:
+        raise r.error(
+            "api", "socket_mode", f"{oct(mode)} is not allowed: the owner needs read-write (0600)"
+        )
     group = r.get("api", "socket_group", str)
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise r.error("api", "socket_group", f"no group named {group!r} on this host") from None
     remote = r.get("api", "remote", bool, default=False)
 
     ml = r.get("metrics", "listen", str)
@@ -390,6 +473,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         raise r.error(
             "worker", "data_ports", f"expected a port range like '7500-7599', got {ports_s!r}"
         )
+    if int(pm.group(1)) <= listen[1] <= int(pm.group(2)):
+        raise r.error(
+            "worker", "data_ports", f"{ports_s!r} contains node.listen's port {listen[1]}"
+        )
     multi_raw = r.get("worker", "multi_node", (bool, str), default="auto")
     if isinstance(multi_raw, bool):
         multi = "yes" if multi_raw else "no"
@@ -399,6 +486,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         raise r.error("worker", "multi_node", 'must be true, false or "auto"')
     grace = positive("worker", "stop_grace", r.get("worker", "stop_grace", float, default=10.0))
     kernel = r.get("vm", "kernel", str)
+    images_raw = r.get("vm", "images_dir", str)
+    images_dir = Path(images_raw) if images_raw else None
+    if images_dir is not None and not images_dir.is_absolute():
+        raise r.error("vm", "images_dir", f"must be an absolute path, got {images_raw!r}")
 
     return Config(
         path=path,
@@ -409,6 +500,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         vcpus=vcpus,
         memory=memory,
         secret_file=secret_file,
+        tls_ca_file=tls_files["ca_file"],
+        tls_cert_file=tls_files["cert_file"],
+        tls_key_file=tls_files["key_file"],
+        data_plane=data_plane,
         peers=tuple(peers),
         seed=seed,
         heartbeat_interval=hb,
@@ -424,5 +519,6 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         multi_node=multi,
         stop_grace=grace,
         default_kernel=kernel,
+        images_dir=images_dir,
         log_level=log_level,
     )

@@ -2,19 +2,28 @@
 
     dvmmd [--config /etc/dvmmd/dvmmd.toml] [--check-config]
 
-Wires the parts together on one asyncio loop: the durable store (store.py), the
-cluster secret (auth.py), membership and failure detection (membership.py), the
-authenticated peer network (peers.py), VM lifecycle (vmmanager.py), the local API
-(api.py), metrics (metrics.py) and systemd notification (sdnotify.py).
+Wires the parts together on one asyncio loop: the durable store (store.py), this
+node's TLS identity (tls.py: certificate files, or a certificate issued at start-up
+under the CA the cluster secret stands for), membership and failure detection
+(membership.py), the mutually authenticated peer network (peers.py), VM lifecycle
+(vmmanager.py), the local API (api.py), metrics (metrics.py) and systemd
+notification (sdnotify.py).
+
+Signals: SIGTERM/SIGINT stop the daemon cleanly (workers stopped, peers told).
+SIGHUP re-reads the config file and applies what can change at run time, which is
+``node.log_level``; any other changed key is logged as needing a restart, and an
+invalid file is logged and ignored (the daemon keeps its configuration).
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT), 2 for a configuration error,
-1 when it cannot start (secret, state directory, a port or socket in use).
+1 when it cannot start (secret, state directory in use by another dvmmd, a port or
+socket in use).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -25,14 +34,16 @@ from typing import Any
 
 from . import __version__
 from .api import ApiHandler, ApiServer
-from .auth import Peer, SecretError, load_secret
+from .auth import Peer
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .membership import Membership
 from .metrics import Exposition, add_worker_stats
 from .metrics import serve as serve_metrics
 from .peers import PeerNetwork
 from .sdnotify import notify, watchdog_interval
+from .statelock import StateDirBusy, StateLock
 from .store import ACTIVE_STATES, Store, StoreError
+from .tls import IdentityError, load_identity
 from .vmmanager import VmManager
 
 log = logging.getLogger("dvmmd")
@@ -47,6 +58,7 @@ class Daemon:
         self.cfg = cfg
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        self.state_lock = StateLock(cfg.state_dir)
 
     def local_info(self) -> dict[str, Any]:
         used_v, used_m = self.vmm.used()
@@ -58,6 +70,7 @@ class Daemon:
             "vms": sum(1 for s in self.vmm.shares.values() if s.active),
             "started_at": self.started_at,
             "version": __version__,
+            "data_plane": self.cfg.data_plane,
         }
 
     async def _rpc(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
@@ -70,12 +83,25 @@ class Daemon:
         cfg = self.cfg
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            # First, before any VM state is read or changed: one daemon per directory.
+            self.state_lock.acquire()
+        except StateDirBusy as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            raise StartupError(f"state directory {cfg.state_dir}: {e}") from None
+        try:
             self.store = Store(cfg.state_dir / "dvmmd.db")
         except (OSError, StoreError) as e:
             raise StartupError(f"state directory {cfg.state_dir}: {e}") from None
         try:
-            self.secret = load_secret(cfg.secret_file)
-        except SecretError as e:
+            self.identity = load_identity(
+                cfg.node_name,
+                secret_file=cfg.secret_file,
+                ca_file=cfg.tls_ca_file,
+                cert_file=cfg.tls_cert_file,
+                key_file=cfg.tls_key_file,
+            )
+        except IdentityError as e:
             raise StartupError(str(e)) from None
         self.incarnation = self.store.bump_incarnation()
         self.membership = Membership(
@@ -88,12 +114,12 @@ class Daemon:
         )
         self.network = PeerNetwork(
             cfg,
-            self.secret,
+            self.identity,
             self.membership,
             self._rpc,
             self._remote_api if cfg.api_remote else None,
         )
-        self.vmm = VmManager(cfg, self.store, self.membership, self.network.call, self.secret)
+        self.vmm = VmManager(cfg, self.store, self.membership, self.network.call)
         self.api_handler = ApiHandler(
             cfg.node_name, self.incarnation, self.membership, self.network, self.vmm, __version__
         )
@@ -173,6 +199,12 @@ class Daemon:
         )
         exp.add("dvmmd_rpcs_served_total", "counter", "peer RPCs served", c.rpcs_served)
         exp.add(
+            "dvmmd_peer_connections_shed_total",
+            "counter",
+            "peer connections closed unheard: too many unauthenticated ones pending",
+            c.connections_shed,
+        )
+        exp.add(
             "dvmmd_api_requests_total", "counter", "local API requests", self.api_handler.requests
         )
         exp.add("dvmmd_incarnation", "gauge", "daemon incarnation", self.incarnation)
@@ -180,9 +212,11 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        # SIGHUP's default action would kill the daemon without stopping its workers.
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._setup()
         self.vmm.startup()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         metrics_server = None
@@ -206,11 +240,14 @@ class Daemon:
                         f"cannot serve metrics on {cfg.metrics_listen}: {e.strerror or e}"
                     ) from None
             log.info(
-                "dvmmd %s: node %s (incarnation %d) listening on %s, API %s%s",
+                "dvmmd %s: node %s (incarnation %d) listening on %s (%s; VM data plane: %s), "
+                "API %s%s",
                 __version__,
                 cfg.node_name,
                 self.incarnation,
                 cfg.advertise_str,
+                self.identity.describe(),
+                cfg.data_plane,
                 cfg.api_socket,
                 f", metrics {cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}"
                 if cfg.metrics_listen
@@ -227,7 +264,41 @@ class Daemon:
             if metrics_server is not None:
                 metrics_server.close()
             self.store.close()
+            self.state_lock.release()
         return 0
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply node.log_level, report the rest.
+
+        Only the log level can change under a running daemon: the node's name,
+        addresses, secret, state directory, ports and resources are what peers and
+        running VMs were set up with, so a change there is logged as needing a
+        restart. An invalid file is logged and ignored: the daemon keeps running with
+        the configuration it has.
+        """
+        try:
+            new = load_config(self.cfg.path)
+        except ConfigError as e:
+            log.error("SIGHUP: configuration not reloaded: %s", e)
+            return
+        old = self.cfg
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(getattr(logging, new.log_level, logging.INFO))
+            log.warning("SIGHUP: log level %s -> %s", old.log_level, new.log_level)
+        self.cfg = dataclasses.replace(old, log_level=new.log_level)
+        changed = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if f.name != "log_level" and getattr(new, f.name) != getattr(old, f.name)
+        ]
+        if changed:
+            log.warning(
+                "SIGHUP: %s changed in %s; restart dvmmd to apply (not reloadable)",
+                ", ".join(changed),
+                old.path,
+            )
+        else:
+            log.info("SIGHUP: configuration reloaded from %s", old.path)
 
     async def _main_loop(self) -> None:
         tick = max(0.05, min(self.cfg.heartbeat_interval / 4, 0.5))

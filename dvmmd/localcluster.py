@@ -9,13 +9,15 @@ the ``cluster`` field). The launcher
   splits into page-aligned shares) and lays the VM out: vCPUs in contiguous
   blocks spread evenly (the BSP, vCPU 0, on node 0, the boot node), memory
   split evenly (page-aligned; the last node takes the remainder);
-- makes a fresh random cluster secret (32 bytes) and one address per node:
-  ``127.0.0.(i+1)`` (all of 127/8 is loopback on Linux) with a free port, or
-  with ``--netns`` ``198.18.0.(i+1)`` in node i's own network namespace
-  (``dvmmd.netns``);
-- writes each node's spec (mode 0600: it holds the secret) into a private
-  temporary directory and starts the workers, each in its own session (so a
-  terminal's Ctrl-C reaches only the launcher, which forwards it) and with
+- makes the data path's key material (keys.py): a random session id and one
+  X25519 key pair per node, and one address per node: ``127.0.0.(i+1)`` (all of
+  127/8 is loopback on Linux) with a free port, or with ``--netns``
+  ``198.18.0.(i+1)`` in node i's own network namespace (``dvmmd.netns``);
+- writes each node's spec (public: addresses, session id, every node's public key,
+  ``security`` from ``--data-plane``, default ``encrypt``) into a private temporary
+  directory and starts the workers with ``--key-stdin``, writing each one's private
+  key to its stdin (never to a file), each in its own session (so a terminal's
+  Ctrl-C reaches only the launcher, which forwards it) and with
   ``PR_SET_PDEATHSIG`` = SIGKILL (so no worker outlives a launcher that is
   killed);
 - streams the console (only the boot node has ``console_stdout``; every node
@@ -35,7 +37,8 @@ With ``--nodes 1`` one worker runs the VM with no ``cluster`` field, exactly as
 a single-node VM.
 
 Entry points: ``add_arguments(parser)`` adds the options beyond ``dvmmctl
-run``'s (``--netns``, ``--base-port``, ``--foreign-budget``); ``run(args) -> int``
+run``'s (``--netns``, ``--base-port``, ``--foreign-budget``, ``--data-plane``, ...);
+``run(args) -> int``
 does the run;
 ``python -m dvmmd.localcluster`` is a standalone command with every option.
 """
@@ -48,7 +51,6 @@ import ctypes
 import json
 import math
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -65,6 +67,7 @@ from types import FrameType
 from typing import IO, Any
 
 from dvmmd import stats_report
+from dvmmd.keys import DATA_PLANE_HELP, DATA_PLANE_MODES, NodeKey, new_session_hex
 from dvmmd.netns import NetnsError, Topology
 from dvmmd.sizes import PAGE_SIZE, SizeError, format_size, parse_guest_memory, parse_size
 from dvmmd.vmspec import (
@@ -144,6 +147,8 @@ class Options:
     #: CPU model for every node; None = this host's default (resolved once, so all
     #: nodes get the same one).
     cpu: str | None = None
+    #: Protection of the data path between nodes (keys.DATA_PLANE_MODES).
+    data_plane: str = "encrypt"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -165,6 +170,7 @@ class Options:
             hold_window_us=getattr(args, "hold_window_us", d.hold_window_us),
             prefetch_max_pages=getattr(args, "prefetch_max_pages", d.prefetch_max_pages),
             cpu=getattr(args, "cpu", d.cpu),
+            data_plane=getattr(args, "data_plane", d.data_plane) or d.data_plane,
         )
 
 
@@ -265,6 +271,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"pages look sequential, request up to N (0..{MAX_PREFETCH_PAGES}) following pages "
         "at once; 0 = off (default: the engine's)",
     )
+    parser.add_argument(
+        "--data-plane",
+        choices=DATA_PLANE_MODES,
+        default="encrypt",
+        help="with --nodes: protection of the traffic between nodes: "
+        + "; ".join(f"{m} = {h}" for m, h in DATA_PLANE_HELP.items()),
+    )
 
 
 # --------------------------------------------------------------------------- layout
@@ -297,6 +310,10 @@ def validate(opts: Options) -> None:
             check_cpu_model(opts.cpu)
         except SpecError as e:
             raise UsageError(f"--cpu: {e}") from None
+    if opts.data_plane not in DATA_PLANE_MODES:
+        raise UsageError(
+            f"--data-plane {opts.data_plane}: use one of {', '.join(DATA_PLANE_MODES)}"
+        )
 
 
 def layout(vcpus: int, memory: int, nodes: int) -> list[dict[str, Any]]:
@@ -345,6 +362,9 @@ class Node:
     proc: subprocess.Popen[bytes] | None = None
     reader: threading.Thread | None = None
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    #: This node's data-path key pair (multi-node); the private half goes to the
+    #: worker's stdin only.
+    key: NodeKey | None = None
     result: dict[str, Any] | None = None
     returncode: int | None = None
     ended_at: float | None = None
@@ -404,6 +424,19 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _send_key(proc: subprocess.Popen[bytes], key: NodeKey) -> None:
+    """Write the worker's private key to its stdin (one line) and close the pipe."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(key.private_hex.encode("ascii") + b"\n")
+        proc.stdin.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the worker died at once: reported like any other death
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+
 def _package_parent() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
@@ -458,7 +491,9 @@ class Launcher:
         assert self.tmpdir is not None
         numa = layout(opts.vcpus, opts.memory, opts.nodes)
         addrs = self._addresses()
-        secret = secrets.token_hex(32)
+        # Public key material in the specs; each private key only to its own worker.
+        session = new_session_hex()
+        keys = [NodeKey.generate() for _ in addrs] if self.multi else []
         # One explicit CPU model for every node: a guest must see the same CPU everywhere.
         cpu = opts.cpu if opts.cpu is not None else host_default_cpu_model()
         for i, (host, port) in enumerate(addrs):
@@ -470,8 +505,10 @@ class Launcher:
                 cluster = {
                     "node_index": i,
                     "nodes": [{"addr": f"{h}:{p}"} for h, p in addrs],
-                    "secret_hex": secret,
                     "boot_node": self.boot,
+                    "security": opts.data_plane,
+                    "session_hex": session,
+                    "node_pubkeys_hex": [k.public_hex for k in keys],
                 }
                 if opts.foreign_budget is not None:
                     cluster["foreign_budget_pages"] = max(1, opts.foreign_budget // PAGE_SIZE)
@@ -504,6 +541,7 @@ class Launcher:
                 result_path=self.tmpdir / f"node{i}.result.json",
                 console_log=console,
                 netns=self.topology.name(i) if self.topology else None,
+                key=keys[i] if self.multi else None,
             )
             _write_private(node.spec_path, json.dumps(spec, indent=1) + "\n")
             self.nodes.append(node)
@@ -526,14 +564,22 @@ class Launcher:
         env.setdefault("PYTHONUNBUFFERED", "1")
         libc = _libc()
         me = os.getpid()
+        if self.multi:
+            print(
+                f"{PROG}: data plane: {self.opts.data_plane} "
+                f"({DATA_PLANE_HELP[self.opts.data_plane]})",
+                file=sys.stderr,
+            )
         for node in self.nodes:
             argv = [*self.worker_argv, str(node.spec_path), str(node.result_path)]
+            if node.key is not None:
+                argv.append("--key-stdin")
             if self.topology is not None:
                 argv = self.topology.exec_prefix(node.index) + argv
             try:
                 node.proc = subprocess.Popen(
                     argv,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if node.key is not None else subprocess.DEVNULL,
                     stdout=None,
                     stderr=subprocess.PIPE,
                     env=env,
@@ -543,6 +589,8 @@ class Launcher:
                 )
             except OSError as e:
                 raise LaunchError(f"cannot start the worker of node {node.index}: {e}") from None
+            if node.key is not None:
+                _send_key(node.proc, node.key)
             if self.multi:
                 print(f"{PROG}: {self._describe(node)}, pid {node.proc.pid}", file=sys.stderr)
         sys.stderr.flush()
@@ -741,6 +789,7 @@ class Launcher:
                 "error": result["error"],
                 "exit_code": code,
                 "boot_node": self.boot,
+                "data_plane": self.opts.data_plane if self.multi else None,
                 "elapsed_s": round(time.monotonic() - self.started_at, 3),
                 "nodes": entries,
                 "totals": stats_report.totals([e["stats"] for e in entries]),
@@ -778,7 +827,7 @@ class Launcher:
         if self.tmpdir is not None:
             for node in self.nodes:
                 with contextlib.suppress(OSError):
-                    node.spec_path.unlink()  # holds the secret
+                    node.spec_path.unlink()  # the run's, not the user's (no key in it)
             if keep_logs:
                 print(f"{PROG}: node logs and results kept in {self.tmpdir}", file=sys.stderr)
             else:

@@ -12,23 +12,38 @@ Failure detection is local and timeout-based: a member not heard from for
 *alive* again. A member that shuts down cleanly says so (*left*). A heartbeat with a
 higher incarnation than known means the daemon restarted (its VM workers are gone):
 listeners are told, as for a death.
+
+Every daemon start also draws a random *boot id*, sent with every heartbeat and
+leave. The incarnation lives in the node's state directory, so a reinstalled node
+(state wiped) starts again at 1: a heartbeat with a boot id not seen before is a new
+instance of that node whatever its incarnation, and replaces the old one (which is
+then *retired*: anything still arriving from it is stale and ignored).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .keys import DATA_PLANE_MODES
+from .names import is_valid_name
 from .peerproto import Message, ProtocolError
 
 log = logging.getLogger("dvmmd.membership")
 
 STATES = ("alive", "suspect", "dead", "left")
 MAX_GOSSIP = 1024
+#: Retired boot ids remembered per member (a node restarting in a loop stays bounded).
+MAX_RETIRED = 16
 _INFO_INTS = ("vcpus", "memory", "used_vcpus", "used_memory", "vms")
+
+
+def new_boot_id() -> str:
+    return secrets.token_hex(16)
 
 
 @dataclass
@@ -40,6 +55,8 @@ class Member:
     info: dict[str, Any] = field(default_factory=dict)
     last_heard: float = field(default_factory=time.monotonic)
     since: float = field(default_factory=time.time)  # wall time of the last state change
+    boot_id: str = ""
+    retired: list[str] = field(default_factory=list)  # boot ids of earlier instances
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         age = (now if now is not None else time.monotonic()) - self.last_heard
@@ -51,6 +68,7 @@ class Member:
             "last_heard_s": round(age, 3),
             "since": self.since,
             **{k: self.info.get(k, 0) for k in _INFO_INTS},
+            "data_plane": self.info.get("data_plane"),
         }
 
 
@@ -75,8 +93,10 @@ def validate_heartbeat(msg: Message) -> None:
         v = info.get(k)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ProtocolError(f"heartbeat: info.{k} must be a non-negative integer")
-    if set(info) - set(_INFO_INTS) - {"started_at", "version"}:
+    if set(info) - set(_INFO_INTS) - {"started_at", "version", "data_plane"}:
         raise ProtocolError("heartbeat: unexpected info field(s)")
+    if "data_plane" in info and info["data_plane"] not in DATA_PLANE_MODES:
+        raise ProtocolError(f"heartbeat: info.data_plane must be one of {DATA_PLANE_MODES}")
     if msg["incarnation"] < 1 or msg["seq"] < 0:
         raise ProtocolError("heartbeat: bad incarnation/seq")
     members = msg["members"]
@@ -86,9 +106,8 @@ def validate_heartbeat(msg: Message) -> None:
         if (
             not isinstance(m, dict)
             or set(m) != {"name", "addr"}
-            or not isinstance(m["name"], str)
+            or not is_valid_name(m["name"])
             or not isinstance(m["addr"], str)
-            or len(m["name"]) > 64
             or len(m["addr"]) > 300
         ):
             raise ProtocolError("heartbeat: malformed members entry")
@@ -104,14 +123,18 @@ class Membership:
         suspect_timeout: float,
         failure_timeout: float,
         local_info: Callable[[], dict[str, Any]],
+        boot_id: str | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
         self.incarnation = incarnation
+        self.boot_id = boot_id or new_boot_id()
         self.suspect_timeout = suspect_timeout
         self.failure_timeout = failure_timeout
         self.local_info = local_info
-        self.members: dict[str, Member] = {name: Member(name, addr, "alive", incarnation)}
+        self.members: dict[str, Member] = {
+            name: Member(name, addr, "alive", incarnation, boot_id=self.boot_id)
+        }
         self.listeners: list[Listener] = []
         self.seq = 0
 
@@ -122,6 +145,7 @@ class Membership:
         return {
             "type": "heartbeat",
             "node": self.name,
+            "boot_id": self.boot_id,
             "incarnation": self.incarnation,
             "seq": self.seq,
             "info": self.local_info(),
@@ -133,7 +157,12 @@ class Membership:
         }
 
     def leave_message(self) -> Message:
-        return {"type": "leave", "node": self.name, "incarnation": self.incarnation}
+        return {
+            "type": "leave",
+            "node": self.name,
+            "boot_id": self.boot_id,
+            "incarnation": self.incarnation,
+        }
 
     # --- incoming --------------------------------------------------------------
 
@@ -144,13 +173,39 @@ class Membership:
         if name == self.name:
             raise ProtocolError(f"heartbeat claims to be this node ({name})")
         inc = msg["incarnation"]
+        boot_id = msg["boot_id"]
         m = self.members.get(name)
         now = time.monotonic()
         if m is None:
-            m = Member(name, addr, "alive", inc, dict(msg["info"]), now)
+            m = Member(name, addr, "alive", inc, dict(msg["info"]), now, boot_id=boot_id)
             self.members[name] = m
             log.info("node %s (%s) joined", name, addr)
             self._emit(MemberEvent(name, "unknown", "alive"))
+        elif boot_id in m.retired:
+            return []  # stale: from an instance a newer one has replaced
+        elif boot_id != m.boot_id:
+            # A new instance of the node: restarted, or reinstalled with its state (and
+            # so its incarnation count) wiped. It replaces the old one either way.
+            m.retired = [*m.retired, m.boot_id][-MAX_RETIRED:]
+            old, old_inc = m.state, m.incarnation
+            m.boot_id, m.incarnation, m.info, m.addr, m.last_heard = (
+                boot_id,
+                inc,
+                dict(msg["info"]),
+                addr,
+                now,
+            )
+            m.state = "alive"
+            m.since = time.time()
+            how = (
+                "restarted"
+                if inc > old_inc
+                else f"rejoined with a new identity (incarnation reset from {old_inc})"
+            )
+            log.warning("node %s %s (incarnation %d)", name, how, inc)
+            self._emit(
+                MemberEvent(name, old, "alive", restarted=True, reason=f"node {name} restarted")
+            )
         elif inc < m.incarnation or (inc == m.incarnation and m.state == "left"):
             return []  # stale: a previous incarnation, or sent just before leaving
         else:
@@ -181,7 +236,12 @@ class Membership:
 
     def on_leave(self, msg: Message) -> None:
         m = self.members.get(msg["node"])
-        if m is None or msg["incarnation"] < m.incarnation or m.state == "left":
+        if (
+            m is None
+            or msg["boot_id"] != m.boot_id
+            or msg["incarnation"] < m.incarnation
+            or m.state == "left"
+        ):
             return
         old = m.state
         m.state = "left"

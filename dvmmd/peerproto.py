@@ -1,10 +1,13 @@
 """Framed messages between daemons (the control plane; the VM data path is in Rust).
 
-Frame: 8-byte header ``b"DVP1"`` (magic + protocol version 1) + big-endian u32 length,
-then that many bytes of UTF-8 JSON holding one object with a ``"type"`` field.
-Every message is validated strictly against `SCHEMAS`: unknown types, missing or extra
-fields and wrong field types are protocol errors, and so are a bad magic, an oversized
-frame, invalid UTF-8/JSON or a truncated frame. The caller disconnects the peer with
+Every connection is mutual TLS 1.3 (tls.py); inside it, a frame is an 8-byte header
+``b"DVP2"`` (magic + protocol version 2) + big-endian u32 length, then that many bytes
+of UTF-8 JSON holding one object with a ``"type"`` field. Every message is validated
+strictly against `SCHEMAS`: unknown types, missing or extra fields and wrong field
+types are protocol errors, and so are a bad magic, an oversized frame, invalid
+UTF-8/JSON, JSON nested too deeply (safejson.py) or a truncated frame. Before the
+peer has said who it is (``hello``/``welcome``, auth.py) a frame may be at most
+`PREAUTH_MAX_FRAME` bytes; after, `MAX_FRAME`. The caller disconnects the peer with
 the logged reason and keeps serving everyone else.
 """
 
@@ -16,33 +19,39 @@ import re
 import struct
 from typing import Any
 
-MAGIC = b"DVP1"
-PROTO_VERSION = 1
+from . import safejson, tls
+from .logsafe import shown
+from .names import is_valid_name
+
+MAGIC = b"DVP2"
+PROTO_VERSION = 2
 HEADER = struct.Struct("!4sI")
 MAX_FRAME = 4 << 20
+#: Largest frame before the handshake is over: ``hello`` and ``welcome`` are ~150 bytes.
+PREAUTH_MAX_FRAME = 4 << 10
+#: Longest ``host:port`` a peer may advertise.
+MAX_ADDR = 300
 
 Message = dict[str, Any]
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 # field name -> allowed JSON types (None means JSON null). Every field is required.
 SCHEMAS: dict[str, dict[str, tuple[type | None, ...]]] = {
-    # authentication (see auth.py)
-    "hello": {"proto": (int,), "node": (str,), "addr": (str,), "role": (str,), "nonce": (str,)},
-    "challenge": {"node": (str,), "nonce": (str,), "mac": (str,)},
-    "auth": {"mac": (str,)},
-    "welcome": {},
+    # who is who, over TLS (see auth.py)
+    "hello": {"proto": (int,), "node": (str,), "addr": (str,), "role": (str,)},
+    "welcome": {"node": (str,)},
     "refused": {"reason": (str,)},
     # membership
     "heartbeat": {
         "node": (str,),
+        "boot_id": (str,),
         "incarnation": (int,),
         "seq": (int,),
         "info": (dict,),
         "members": (list,),
     },
-    "leave": {"node": (str,), "incarnation": (int,)},
+    "leave": {"node": (str,), "boot_id": (str,), "incarnation": (int,)},
     # request / reply
     "rpc": {"id": (int,), "method": (str,), "params": (dict,)},
     "rpc_reply": {
@@ -77,7 +86,7 @@ def validate(msg: Any) -> Message:
         raise ProtocolError(f"message is a JSON {type(msg).__name__}, not an object")
     mtype = msg.get("type")
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {str(mtype)[:40]!r}")
+        raise ProtocolError(f"unknown message type {shown(mtype, 40)}")
     schema = SCHEMAS[mtype]
     for field, kinds in schema.items():
         if field not in msg:
@@ -89,12 +98,15 @@ def validate(msg: Any) -> Message:
     extra = set(msg) - set(schema) - {"type"}
     if extra:
         raise ProtocolError(f"{mtype}: unexpected field(s) {sorted(extra)[:5]}")
-    if mtype in ("hello", "challenge") and not _HEX32.match(msg["nonce"]):
-        raise ProtocolError(f"{mtype}: nonce must be 32 lowercase hex digits")
-    if mtype in ("challenge", "auth") and not _HEX64.match(msg["mac"]):
-        raise ProtocolError(f"{mtype}: mac must be 64 lowercase hex digits")
-    if mtype == "hello" and msg["role"] not in ("node", "client"):
-        raise ProtocolError("hello: role must be 'node' or 'client'")
+    if "node" in schema and not is_valid_name(msg["node"]):
+        raise ProtocolError(f"{mtype}: invalid node name {shown(msg['node'])}")
+    if "boot_id" in schema and not _HEX32.match(msg["boot_id"]):
+        raise ProtocolError(f"{mtype}: boot_id must be 32 lowercase hex digits")
+    if mtype == "hello":
+        if msg["role"] not in ("node", "client"):
+            raise ProtocolError(f"hello: role must be 'node' or 'client', not {shown(msg['role'])}")
+        if len(msg["addr"]) > MAX_ADDR:
+            raise ProtocolError(f"hello: addr longer than {MAX_ADDR} characters")
     return msg
 
 
@@ -109,34 +121,49 @@ def encode(msg: Message) -> bytes:
 
 def decode_body(body: bytes) -> Message:
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        obj = safejson.loads(body)
+    except safejson.JsonError as e:
         raise ProtocolError(f"invalid JSON payload: {e}") from None
     return validate(obj)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def check_header(header: bytes) -> int:
+def check_header(header: bytes, max_frame: int = MAX_FRAME) -> int:
     magic, length = HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {magic!r} (not a dvmm peer, or wrong version)")
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME} byte limit")
+    if length > max_frame:
+        when = " before authentication" if max_frame < MAX_FRAME else ""
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_frame} byte limit{when}")
     return int(length)
 
 
 class Connection:
-    """One framed, validated connection. Sends are serialised; recv is single-reader."""
+    """One framed, validated connection. Sends are serialised; recv is single-reader.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    ``max_frame`` starts at `PREAUTH_MAX_FRAME`; the owner raises it to `MAX_FRAME`
+    once the peer is authenticated (`authenticated`).
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_frame: int = PREAUTH_MAX_FRAME,
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.max_frame = max_frame
         self._send_lock = asyncio.Lock()
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def authenticated(self) -> None:
+        """The peer is who it says: lift the pre-authentication frame limit."""
+        self.max_frame = MAX_FRAME
+
+    def peer_names(self) -> tuple[str, ...]:
+        """Names in the peer's verified TLS certificate; () on a plain connection."""
+        return tls.peer_names(self.writer.get_extra_info("ssl_object"))
 
     async def recv(self, timeout: float | None = None) -> Message:
         """Next message; raises ProtocolError on garbage, ConnectionError on EOF."""
@@ -148,7 +175,7 @@ class Connection:
                 if e.partial:
                     raise ProtocolError("truncated frame header") from None
                 raise ConnectionError("connection closed by peer") from None
-            length = check_header(header)
+            length = check_header(header, self.max_frame)
             try:
                 body = await self.reader.readexactly(length)
             except asyncio.IncompleteReadError:

@@ -1,12 +1,19 @@
 """The daemon-to-daemon network: listener, dialers, heartbeats and RPC.
 
 Each daemon listens on `node.listen` and dials every member it knows (static peers,
-the seed, members gossiped in heartbeats, nodes that dialled it). Both directions are
-authenticated (auth.py) before any other message. On its *outgoing* connection a
-daemon sends heartbeats and RPC requests; the acceptor answers RPCs on the same
-connection. A peer that fails authentication is refused and logged; a peer that sends
-anything malformed (peerproto.py) is disconnected with the reason logged. Neither
-affects any other connection.
+the seed, members gossiped in heartbeats, nodes that dialled it). Every connection is
+mutual TLS 1.3 (tls.py) and the name a peer claims must be its certificate's
+(auth.py) before any other message. On its *outgoing* connection a daemon sends
+heartbeats and RPC requests; the acceptor answers RPCs on the same connection. A peer
+that fails authentication is refused and logged; a peer that sends anything malformed
+(peerproto.py) is disconnected with the reason logged. Neither affects any other
+connection.
+
+Strangers (connections not yet authenticated) are kept cheap: at most
+`MAX_PENDING` of them at once and `MAX_PENDING_PER_HOST` per source address (more
+are closed at once), `HANDSHAKE_TIMEOUT` each for TLS and again for ``hello``, frames
+of at most PREAUTH_MAX_FRAME bytes, and what they make us log is escaped, truncated
+and rate-limited (logsafe.py), at WARNING: a stranger cannot fill the log with ERRORs.
 """
 
 from __future__ import annotations
@@ -14,18 +21,52 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import AuthError, Peer, accept_handshake, dial_handshake
+from .auth import HANDSHAKE_TIMEOUT, AuthError, Peer, accept_handshake, dial_handshake
 from .config import Config, parse_hostport
+from .logsafe import RateLimitedLog, shown
 from .membership import Membership
 from .peerproto import Connection, Message, ProtocolError
+from .tls import Identity
 
 log = logging.getLogger("dvmmd.peers")
 
+#: Unauthenticated connections (TLS or ``hello`` not done yet) served at once ...
+MAX_PENDING = 32
+#: ... and from one source address.
+MAX_PENDING_PER_HOST = 8
+
 RpcHandler = Callable[[str, dict[str, Any], Peer], Awaitable[Any]]
+
+
+def _tls_failure(e: BaseException) -> str:
+    """Why a TLS handshake failed, in words (OpenSSL's reason code kept)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return (
+            f"certificate verify failed: {e.verify_message} (the other end's certificate is "
+            "not from this cluster's CA: another CA or cluster secret?)"
+        )
+    if isinstance(e, ssl.SSLError):
+        reason = str(e.reason or e)
+        if reason == "WRONG_VERSION_NUMBER" or reason == "HTTP_REQUEST":
+            return f"the client does not speak TLS ({reason})"
+        if "CERTIFICATE" in reason.upper():
+            return (
+                f"{reason}: its certificate is not from this cluster's CA "
+                "(another CA or cluster secret?)"
+            )
+        return shown(reason, 120)
+    if isinstance(e, ConnectionError):
+        return (
+            "the client hung up during the handshake (does it trust another cluster CA or secret?)"
+        )
+    if isinstance(e, TimeoutError) or "taking longer" in str(e):
+        return f"no handshake within {HANDSHAKE_TIMEOUT:.0f} s"
+    return shown(str(e) or type(e).__name__, 120)
 
 
 class RpcError(Exception):
@@ -43,6 +84,8 @@ class Counters:
     protocol_errors: int = 0
     connections_accepted: int = 0
     rpcs_served: int = 0
+    #: connections closed unheard because too many strangers were pending
+    connections_shed: int = 0
 
 
 @dataclass
@@ -60,13 +103,13 @@ class PeerNetwork:
     def __init__(
         self,
         cfg: Config,
-        key: bytes,
+        identity: Identity,
         membership: Membership,
         rpc_handler: RpcHandler,
         client_handler: RpcHandler | None,
     ) -> None:
         self.cfg = cfg
-        self.key = key
+        self.identity = identity
         self.membership = membership
         self.rpc_handler = rpc_handler
         self.client_handler = client_handler
@@ -78,6 +121,8 @@ class PeerNetwork:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
         self.self_addrs = {cfg.advertise_str}
+        self.pending: dict[str, int] = {}  # source host -> unauthenticated connections
+        self.strangers = RateLimitedLog(log)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -148,13 +193,20 @@ class PeerNetwork:
         while not d.stopped:
             conn: Connection | None = None
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), max(2.0, self.cfg.heartbeat_interval)
-                )
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(
+                            host,
+                            port,
+                            ssl=self.identity.client,
+                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                        ),
+                        max(2.0, self.cfg.heartbeat_interval) + HANDSHAKE_TIMEOUT,
+                    )
+                except ssl.SSLError as e:  # the acceptor's certificate is not from our CA
+                    raise AuthError(f"TLS handshake failed: {_tls_failure(e)}") from None
                 conn = Connection(reader, writer)
-                peer = await dial_handshake(
-                    conn, self.key, self.cfg.node_name, self.cfg.advertise_str
-                )
+                peer = await dial_handshake(conn, self.cfg.node_name, self.cfg.advertise_str)
                 if peer.node == self.cfg.node_name:
                     log.info("peer address %s is this node; not dialling it", d.addr)
                     self.self_addrs.add(d.addr)
@@ -178,6 +230,9 @@ class PeerNetwork:
             except ProtocolError as e:
                 self.counters.protocol_errors += 1
                 self._note_error(d, f"protocol error from {d.addr}: {e}", logging.WARNING)
+            except ssl.SSLError as e:  # a TLS failure after the handshake (a forged record)
+                self.counters.protocol_errors += 1
+                self._note_error(d, f"TLS error with {d.addr}: {e.reason or e}", logging.WARNING)
             except (TimeoutError, OSError, ConnectionError) as e:
                 self._note_error(
                     d, f"cannot reach {d.addr}: {e or type(e).__name__}", logging.DEBUG
@@ -264,54 +319,121 @@ class PeerNetwork:
     # --- accepting -----------------------------------------------------------------
 
     async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection(reader, writer)
+        peername = writer.get_extra_info("peername")
+        host = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        where = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else host
         self.counters.connections_accepted += 1
-        self.inbound.add(conn)
+        total = sum(self.pending.values())
+        if total >= MAX_PENDING or self.pending.get(host, 0) >= MAX_PENDING_PER_HOST:
+            self.counters.connections_shed += 1
+            self.strangers.log(
+                logging.WARNING,
+                "refused connection from %s: too many unauthenticated connections "
+                "(%d from this address, %d in all)",
+                where,
+                self.pending.get(host, 0),
+                total,
+            )
+            writer.transport.abort()
+            return
         me = asyncio.current_task()
         if me is not None:
             self.handlers.add(me)
+        conn: Connection | None = None
         try:
+            self.pending[host] = self.pending.get(host, 0) + 1
             try:
-                peer = await accept_handshake(conn, self.key, self.cfg.node_name)
-            except AuthError as e:
-                self.counters.auth_failures += 1
-                log.error("refused connection from %s: %s", conn.peer, e)
-                return
-            except ProtocolError as e:
-                self.counters.protocol_errors += 1
-                log.warning(
-                    "refused connection from %s: protocol error before authentication: %s",
-                    conn.peer,
-                    e,
-                )
-                return
-            except TimeoutError:
-                log.warning("refused connection from %s: handshake timed out", conn.peer)
+                conn, peer = await self._authenticate(reader, writer, where)
+            finally:
+                self._unpend(host)
+            if conn is None or peer is None:
                 return
             if peer.role == "client":
                 if self.client_handler is None:
                     log.warning(
-                        "refused remote API client %s: remote API is disabled (api.remote = false)",
-                        conn.peer,
+                        "refused remote API client %s (%s): remote API is disabled "
+                        "(api.remote = false)",
+                        peer.node,
+                        where,
                     )
                     return
-                log.info("remote API client %s (%s) authenticated", peer.node, conn.peer)
+                log.info("remote API client %s (%s) authenticated", peer.node, where)
             elif peer.node == self.cfg.node_name:
                 return  # we dialled ourselves
             else:
                 self.ensure_dialer(peer.addr)
             await self._serve(conn, peer)
-        except ProtocolError as e:
+        except ssl.SSLError as e:  # a record that fails TLS's MAC: tampering on the path
             self.counters.protocol_errors += 1
-            log.warning(
-                "disconnecting %s (%s): protocol error: %s", conn.peer, "unauthenticated", e
-            )
+            log.warning("disconnecting %s: TLS error: %s", where, e.reason or e)
         except (OSError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self.inbound.discard(conn)
-            self.handlers.discard(me)
-            await conn.aclose()
+            if me is not None:
+                self.handlers.discard(me)
+            if conn is not None:
+                self.inbound.discard(conn)
+                await conn.aclose()
+            else:
+                writer.transport.abort()
+
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str
+    ) -> tuple[Connection | None, Peer | None]:
+        """TLS, then ``hello``; (None, None) after logging why the stranger was refused."""
+        # No await may come before start_tls: it stops the plain transport's reading
+        # before the client's first bytes could be read as plain data (asyncio runs
+        # this task's first step before any read callback of the new connection).
+        try:
+            await writer.start_tls(self.identity.server, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (OSError, ConnectionError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            self.counters.auth_failures += 1
+            self.strangers.log(
+                logging.WARNING,
+                "refused connection from %s: TLS handshake failed: %s",
+                where,
+                _tls_failure(e),
+            )
+            return None, None
+        conn = Connection(reader, writer)
+        self.inbound.add(conn)
+        try:
+            return conn, await accept_handshake(conn, self.cfg.node_name)
+        except AuthError as e:
+            self.counters.auth_failures += 1
+            self.strangers.log(logging.WARNING, "refused connection from %s: %s", where, e)
+        except ProtocolError as e:
+            self.counters.protocol_errors += 1
+            self.strangers.log(
+                logging.WARNING,
+                "refused connection from %s: protocol error before authentication: %s",
+                where,
+                e,
+            )
+        except TimeoutError:
+            self.strangers.log(
+                logging.WARNING, "refused connection from %s: handshake timed out", where
+            )
+        except ssl.SSLError as e:
+            self.counters.auth_failures += 1
+            self.strangers.log(
+                logging.WARNING,
+                "refused connection from %s: TLS error before authentication: %s",
+                where,
+                shown(e.reason or str(e), 120),
+            )
+        except (OSError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        self.inbound.discard(conn)
+        await conn.aclose()
+        return None, None
+
+    def _unpend(self, host: str) -> None:
+        n = self.pending.get(host, 0) - 1
+        if n > 0:
+            self.pending[host] = n
+        else:
+            self.pending.pop(host, None)
 
     async def _serve(self, conn: Connection, peer: Peer) -> None:
         try:

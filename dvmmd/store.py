@@ -16,6 +16,7 @@ Values that are structured are stored as JSON text.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
+            _private(self.path)
             self.db = sqlite3.connect(str(self.path), timeout=10.0, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -121,7 +123,7 @@ class Store:
                         f"{self.path}: schema version {row[0]} is not "
                         f"supported (expected {SCHEMA_VERSION})"
                     )
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, OSError) as e:
             raise StoreError(f"cannot open state database {self.path}: {e}") from None
 
     def _tx(self) -> _Tx:
@@ -277,6 +279,23 @@ class Store:
                 (reason, now, *SHARE_ACTIVE_STATES),
             )
         return vms, shares
+
+
+def _private(path: Path) -> None:
+    """Create the database file (and tighten its journal files) with mode 0600.
+
+    The database holds every VM's request and result; SQLite would create it with the
+    process umask, so a state directory opened to the API socket's group (or a 0022
+    umask outside systemd) would let others read it. The WAL and shm files copy the
+    database file's mode when SQLite creates them.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 class _Tx:

@@ -10,9 +10,12 @@ one share and ``cluster = null``.
 Boot of a VM over nodes n0..nk (n0 = boot node: BSP and console):
 1. ``share_prepare`` on every node: the node checks its own free resources (the
    authority, so concurrent boots from different owners cannot overcommit it),
-   reserves a data-path port and answers its address;
+   reserves a data-path port, makes its X25519 key pair for this boot (keys.py) and
+   answers its address and public key;
 2. ``share_start`` on n1..nk, then n0: each node writes its spec (the common spec +
-   ``cluster = {node_index, nodes[{addr}], secret_hex, boot_node: 0}``) and spawns.
+   ``cluster = {node_index, nodes[{addr}], boot_node: 0, security, session_hex,
+   node_pubkeys_hex}``: nothing secret) and spawns the worker with ``--key-stdin``,
+   writing its private key to the worker's stdin: it is never in a file or a message.
 
 Exit. The boot node's worker result is the VM's result. A worker that fails on any
 node fails the VM, naming the node; the owner then stops the other workers. A member
@@ -36,18 +39,24 @@ import base64
 import ctypes
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .config import Config, is_valid_name, parse_memory
+from . import images
+from .config import Config, parse_memory
+from .images import BootFileError, BootSource, Caller
+from .keys import KeyMaterialError, NodeKey, check_key_hex, new_session_hex
 from .membership import MemberEvent, Membership
+from .names import check_node_name, check_vm_name
 from .peers import RpcError
 from .placement import (
     NodeResources,
@@ -169,6 +178,9 @@ class LocalShare:
     #: The console input FIFO, held open read-write by the daemon (boot node only) so
     #: input written before the VMM opened it waits in the pipe.
     console_in_fd: int | None = None
+    #: This node's data-path key pair for this boot (multi-node), from share_prepare
+    #: until the worker has the private half.
+    key: NodeKey | None = None
 
     @property
     def console_in_path(self) -> Path:
@@ -198,7 +210,6 @@ class VmManager:
         store: Store,
         membership: Membership,
         call: CallFn,
-        secret: bytes,
         policy: PlacementPolicy = default_policy,
     ) -> None:
         self.cfg = cfg
@@ -206,7 +217,6 @@ class VmManager:
         self.store = store
         self.membership = membership
         self._remote_call = call
-        self.secret = secret
         self.policy = policy
         self.vm_dir = cfg.state_dir / "vms"
         self.shares: dict[str, LocalShare] = {}
@@ -263,10 +273,15 @@ class VmManager:
             "share_exited": self.on_share_exited,
             "console_read": self.console_read,
             "console_write": self.console_write,
+            "boot_file_put": self.boot_file_put,
         }
         h = handlers.get(method)
         if h is None:
-            raise VmError(f"unknown method {method!r}")
+            raise VmError(f"unknown method {method[:64]!r}")
+        # Every method that names a VM gets a name that is one plain path component
+        # (names.py); the handlers check again, for callers that skip this entry point.
+        if "name" in params:
+            check_vm_name(params["name"])
         return await h(params)
 
     # --- cluster-wide user operations (any node) -----------------------------------
@@ -359,33 +374,75 @@ class VmManager:
             )
         return out
 
-    async def boot(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        name = args.get("name")
-        if not isinstance(name, str) or not is_valid_name(name):
-            raise VmError(
-                f"invalid VM name {name!r} (1-63 of A-Z a-z 0-9 _ . -, starting alphanumeric)"
-            )
+    async def boot(
+        self,
+        args: dict[str, Any],
+        progress: Progress,
+        *,
+        caller: Caller,
+        fds: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        """Boot VM ``args["name"]`` with this node as its owner (the API's ``boot``).
+
+        `caller` decides which kernel/initrd paths the daemon may open, and `fds` are
+        the descriptors passed with the request (``kernel_fd``/``initrd_fd`` index
+        them): see images.py. The caller closes `fds`; descriptors opened here are
+        closed here.
+        """
+        sources: dict[str, BootSource | None] = {}
         try:
-            vcpus = int(args.get("vcpus", 1))
-            memory = check_guest_memory(parse_memory(args.get("memory", "256M")))
+            for kind in images.KINDS:
+                sources[kind] = images.resolve(kind, args, fds, caller, self.cfg.images_dir)
+            return await self._boot(args, progress, caller, sources)
+        except BootFileError as e:
+            raise VmError(str(e)) from None
+        finally:
+            for src in sources.values():
+                if src is not None and src.owned_fd and src.fd is not None:
+                    os.close(src.fd)
+
+    async def _boot(
+        self,
+        args: dict[str, Any],
+        progress: Progress,
+        caller: Caller,
+        sources: dict[str, BootSource | None],
+    ) -> dict[str, Any]:
+        name = check_vm_name(args.get("name"))
+        try:
+            v, m = args.get("vcpus"), args.get("memory")
+            vcpus = 1 if v is None else int(v)
+            memory = check_guest_memory(parse_memory("256M" if m is None else m))
         except (TypeError, ValueError) as e:  # SizeError is a ValueError
             raise VmError(f"bad vCPU count or memory size: {e}") from None
         if not 1 <= vcpus <= MAX_VCPUS:
             raise VmError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {vcpus}")
-        kernel = args.get("kernel") or self.cfg.default_kernel
-        if not kernel:
-            try:
-                kernel = str(find_bundled_guest())
-            except SpecError as e:
-                raise VmError(
-                    f"no kernel given (--kernel), no vm.kernel in {self.cfg.path}, and {e}"
-                ) from None
         nodes = args.get("nodes")
-        if nodes is not None and (
-            not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes)
-        ):
-            raise VmError("nodes must be a list of node names")
-        timeout_s = float(args.get("timeout_s") or 0)
+        if nodes is not None:
+            if not isinstance(nodes, list):
+                raise VmError("nodes must be a list of node names")
+            for n in nodes:
+                check_node_name(n)
+        t = args.get("timeout_s")
+        try:
+            timeout_s = float(t or 0)
+        except (TypeError, ValueError):
+            raise VmError(f"timeout_s must be a number of seconds, got {t!r}") from None
+        if not math.isfinite(timeout_s) or timeout_s < 0:
+            raise VmError(f"timeout_s must be a finite number of seconds >= 0, got {t!r}")
+        cmdline = args.get("cmdline") or DEFAULT_CMDLINE
+        if not isinstance(cmdline, str):
+            raise VmError(f"cmdline must be a string, got {type(cmdline).__name__}")
+        if sources["kernel"] is None:  # the admin's choice: anyone may boot it
+            kernel = self.cfg.default_kernel
+            if not kernel:
+                try:
+                    kernel = str(find_bundled_guest())
+                except SpecError as e:
+                    raise VmError(
+                        f"no kernel given (--kernel), no vm.kernel in {self.cfg.path}, and {e}"
+                    ) from None
+            sources["kernel"] = BootSource("kernel", kernel, path=kernel)
         # The CPU model is fixed here, on the owner, so every node's share gets the same.
         cpu_in = args.get("cpu")
         try:
@@ -420,17 +477,20 @@ class VmManager:
                 hint = f" [multi-node VMs unavailable: {why}]" if not multi else ""
                 raise VmError(f"impossible request: {e}{hint}") from None
             boot_id = uuid.uuid4().hex
-            request = {
+            paths, copied = await self._take_boot_files(name, boot_id, sources, caller, progress)
+            request: dict[str, Any] = {
                 "vcpus": vcpus,
                 "memory": memory,
-                "kernel": kernel,
-                "initrd": args.get("initrd"),
-                "cmdline": args.get("cmdline") or DEFAULT_CMDLINE,
+                "kernel": paths["kernel"],
+                "initrd": paths["initrd"],
+                "cmdline": cmdline,
                 "nodes": nodes,
                 "timeout_s": timeout_s,
                 "boot_id": boot_id,
                 "cpu": cpu,
             }
+            if copied:
+                request["boot_files"] = copied
             pj = placement.to_json()
             for s in pj["shares"]:
                 s.update(state="prepared", reason="", stats=None)
@@ -451,6 +511,8 @@ class VmManager:
             note = "" if multi else f" [single node: {why}]"
             await progress(f"placement: {vcpus} vCPU(s), {format_size(memory)} on {desc}{note}")
             try:
+                if copied:
+                    await self._push_boot_files(name, boot_id, copied, placement, progress)
                 await self._boot_shares(name, boot_id, request, placement, progress)
             except Exception as e:
                 reason = f"boot failed: {e}"
@@ -476,6 +538,84 @@ class VmManager:
             await progress(f"{cur.state}: {cur.reason}")
             return dict(cur.to_json(), owner=self.name)
 
+    async def _take_boot_files(
+        self,
+        name: str,
+        boot_id: str,
+        sources: dict[str, BootSource | None],
+        caller: Caller,
+        progress: Progress,
+    ) -> tuple[dict[str, str | None], dict[str, Any]]:
+        """Boot file paths for the request, copying what came as a descriptor.
+
+        Returns ({kind: path or vmdir: reference or None}, {kind: copy details}).
+        """
+        paths: dict[str, str | None] = {}
+        copied: dict[str, Any] = {}
+        vm_dir = self.vm_dir / name
+        local = self.shares.get(name)
+        for kind, src in sources.items():
+            if src is None or src.fd is None:
+                paths[kind] = None if src is None else src.path
+                continue
+            if not copied:
+                vm_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+                if local is None or not local.active:
+                    images.remove_stale(vm_dir, None)  # copies of earlier boots
+            file = images.vmdir_name(kind, boot_id)
+            try:
+                size, digest = await asyncio.to_thread(
+                    images.copy_fd, kind, src.label, src.fd, vm_dir / file
+                )
+            except BaseException:
+                for done in copied:  # no record will name them: do not leave them behind
+                    (vm_dir / images.vmdir_name(done, boot_id)).unlink(missing_ok=True)
+                raise
+            paths[kind] = images.VMDIR_PREFIX + file
+            copied[kind] = {
+                "source": src.label,
+                "by": caller.describe(),
+                "size": size,
+                "sha256": digest,
+            }
+            await progress(f"{kind}: {src.label} ({format_size(size)}) copied")
+        return paths, copied
+
+    async def _push_boot_files(
+        self,
+        name: str,
+        boot_id: str,
+        copied: dict[str, Any],
+        placement: Placement,
+        progress: Progress,
+    ) -> None:
+        """Send the VM's copied kernel/initrd to its other nodes (``boot_file_put``)."""
+        vm_dir = self.vm_dir / name
+        for node in dict.fromkeys(s.node for s in placement.shares):
+            if node == self.name:
+                continue
+            for kind, meta in copied.items():
+                await progress(f"sending the {kind} ({format_size(meta['size'])}) to {node}")
+                path = vm_dir / images.vmdir_name(kind, boot_id)
+                offset = 0
+                while offset < meta["size"]:
+                    _, chunk, _ = await asyncio.to_thread(
+                        _read_chunk, path, offset, images.PUSH_CHUNK
+                    )
+                    if not chunk:
+                        raise VmError(f"{path} shrank while it was sent to {node}")
+                    params = {
+                        "name": name,
+                        "boot_id": boot_id,
+                        "kind": kind,
+                        "offset": offset,
+                        "size": meta["size"],
+                        "sha256": meta["sha256"],
+                        "data": base64.b64encode(chunk).decode("ascii"),
+                    }
+                    await self.call(node, "boot_file_put", params, 30.0)
+                    offset += len(chunk)
+
     async def _boot_shares(
         self,
         name: str,
@@ -486,6 +626,7 @@ class VmManager:
     ) -> None:
         multi = len(placement.shares) > 1
         addrs = []
+        pubkeys = []
         for i, s in enumerate(placement.shares):
             await progress(f"preparing node {s.node}")
             r = await self.call(
@@ -505,6 +646,13 @@ class VmManager:
                 15.0,
             )
             addrs.append(r["addr"])
+            if multi:
+                try:
+                    pubkeys.append(check_key_hex(r.get("pubkey_hex"), "pubkey_hex"))
+                except KeyMaterialError as e:
+                    raise VmError(
+                        f"node {s.node} answered share_prepare with a bad key: {e}"
+                    ) from None
         spec = {
             "vcpus": request["vcpus"],
             "memory": request["memory"],
@@ -519,11 +667,20 @@ class VmManager:
         }
         cluster = None
         if multi:
+            # Public: each node derives its link keys from its own private key, the
+            # others' public keys and this boot's session id (keys.py).
             cluster = {
                 "nodes": [{"addr": a} for a in addrs],
-                "secret_hex": self.secret.hex(),
                 "boot_node": 0,
+                "security": self.cfg.data_plane,
+                "session_hex": new_session_hex(),
+                "node_pubkeys_hex": pubkeys,
             }
+            await progress(f"data plane: {self.cfg.data_plane}")
+            cur = self.store.get_vm(name)
+            if cur is not None:  # shown by `dvmmctl status`
+                placed = {**cur.placement, "data_plane": self.cfg.data_plane}
+                self.store.update_vm(name, placement=placed)
         order = list(range(1, len(placement.shares))) + [0]
         for i in order:
             node = placement.shares[i].node
@@ -572,11 +729,11 @@ class VmManager:
         return [dict(r.to_json(), owner=self.name) for r in self.store.list_vms()]
 
     async def _rpc_vm_find(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        rec = self.store.get_vm(str(params["name"]))
+        rec = self.store.get_vm(check_vm_name(params["name"]))
         return None if rec is None else dict(rec.to_json(), owner=self.name)
 
     async def _rpc_vm_op(self, params: dict[str, Any]) -> Any:
-        name = str(params["name"])
+        name = check_vm_name(params["name"])
         rec = self.store.get_vm(name)
         if rec is None:
             raise VmError(f"no VM named {name!r} on node {self.name}")
@@ -651,16 +808,20 @@ class VmManager:
             assert rec is not None
             if rec.state in ACTIVE_STATES:
                 raise VmError(f"VM {name} is {rec.state}; stop it first")
-            for s in rec.placement["shares"]:
+            nodes = [s["node"] for s in rec.placement["shares"]]
+            if self.name not in nodes and (self.vm_dir / name).exists():
+                nodes.append(self.name)  # the owner's copies of the kernel/initrd
+            for node in nodes:
                 try:
-                    await self.call(s["node"], "share_forget", {"name": name})
+                    await self.call(node, "share_forget", {"name": name})
                 except Exception as e:  # noqa: BLE001 -- best effort: the record goes anyway
-                    log.info("VM %s: could not clean up on %s: %s", name, s["node"], e)
+                    log.info("VM %s: could not clean up on %s: %s", name, node, e)
             self.store.delete_vm(name)
             return {"name": name, "removed": True}
 
     async def on_share_exited(self, params: dict[str, Any]) -> dict[str, Any]:
-        name, node, idx = str(params["name"]), str(params["node"]), int(params["node_index"])
+        name, node = check_vm_name(params["name"]), check_node_name(params["node"])
+        idx = int(params["node_index"])
         rec = self.store.get_vm(name)
         if rec is None or rec.request.get("boot_id") != params["boot_id"]:
             return {}
@@ -755,14 +916,16 @@ class VmManager:
             sh.port = None
 
     async def share_prepare(self, p: dict[str, Any]) -> dict[str, Any]:
-        name = str(p["name"])
-        if not is_valid_name(name):
-            raise VmError(f"invalid VM name {name!r}")
+        name = check_vm_name(p["name"])
+        check_node_name(p["owner"])
         old = self.shares.get(name)
         if old is not None and old.active:
             if old.rec.boot_id == p["boot_id"]:
                 host = self.cfg.advertise[0]
-                return {"addr": f"{host}:{old.port}" if old.port else ""}
+                return {
+                    "addr": f"{host}:{old.port}" if old.port else "",
+                    "pubkey_hex": old.key.public_hex if old.key else "",
+                }
             raise VmError(f"node {self.name} already runs VM {name}")
         vcpus, memory = int(p["vcpus"]), int(p["memory"])
         used_v, used_m = self.used()
@@ -777,7 +940,16 @@ class VmManager:
             )
         for what in ("kernel", "initrd"):  # every node's worker loads the spec's files
             path = p.get(what)
-            if path and not os.access(str(path), os.R_OK):
+            if not path:
+                continue
+            try:  # a copy the owner pushed into this node's VM directory (images.py)?
+                copy = images.vmdir_file(path)
+            except BootFileError as e:
+                raise VmError(f"node {self.name}: {e}") from None
+            if copy is not None:
+                if not (self.vm_dir / name / copy).is_file():
+                    raise VmError(f"{what} {copy} was not transferred to node {self.name}")
+            elif not os.access(str(path), os.R_OK):
                 raise VmError(f"{what} {path} is not readable on node {self.name}")
         d = self.vm_dir / name
         d.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -793,10 +965,14 @@ class VmManager:
         sh = LocalShare(rec, d)
         if p.get("multi"):
             sh.port = self._reserve_port()
+            sh.key = NodeKey.generate()  # the private half stays in this process
         self.store.put_share(rec)
         self.shares[name] = sh
         self.spawn(self._expire_prepared(sh))
-        return {"addr": f"{self.cfg.advertise[0]}:{sh.port}" if sh.port else ""}
+        return {
+            "addr": f"{self.cfg.advertise[0]}:{sh.port}" if sh.port else "",
+            "pubkey_hex": sh.key.public_hex if sh.key else "",
+        }
 
     async def _expire_prepared(self, sh: LocalShare) -> None:
         await asyncio.sleep(PREPARE_EXPIRY)
@@ -805,11 +981,12 @@ class VmManager:
             self._finish(sh, "failed", "prepared but never started", None)
 
     async def share_start(self, p: dict[str, Any]) -> dict[str, Any]:
-        name = str(p["name"])
+        name = check_vm_name(p["name"])
         sh = self.shares.get(name)
         if sh is None or sh.rec.boot_id != p["boot_id"] or sh.rec.state != "prepared":
             raise VmError(f"VM {name} was not prepared on node {self.name}")
-        spec = dict(p["spec"])
+        # vmdir: kernel/initrd copies live in this node's own VM directory (images.py).
+        spec = images.resolve_vmdir(dict(p["spec"]), sh.dir)
         spec["console_log"] = str(sh.console_path)
         cluster = p.get("cluster")
         boot_index = 0 if cluster is None else int(cluster.get("boot_node", 0))
@@ -826,7 +1003,10 @@ class VmManager:
             None if cluster is None else {"node_index": int(p["node_index"]), **cluster}
         )
         try:
+            # Refuses a private key in the request: no key travels between nodes.
             spec = validate_spec(spec)
+            if spec["cluster"] is not None:
+                self._check_share_keys(sh, spec["cluster"])
         except SpecError as e:
             self._finish(sh, "failed", f"invalid VM spec: {e}", None)
             raise VmError(f"node {self.name}: invalid VM spec: {e}") from None
@@ -834,13 +1014,16 @@ class VmManager:
             f.unlink(missing_ok=True)
         _write_json(sh.spec_path, spec)
         sh.console_path.touch(mode=0o640)
+        key, sh.key = sh.key, None  # from here on only the worker has it
         cmd = [*self.cfg.worker_command, str(sh.spec_path), str(sh.result_path)]
+        if spec["cluster"] is not None:
+            cmd.append("--key-stdin")
         logf = _open_log(sh.dir / "worker.log")
         try:
             self._release(sh)  # the worker binds the port itself now
             sh.proc = await asyncio.create_subprocess_exec(
                 *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE if key else asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
                 start_new_session=True,
@@ -854,6 +1037,8 @@ class VmManager:
             ) from None
         finally:
             logf.close()
+        if key is not None:
+            await _send_key(sh.proc, key)
         sh.rec.state = "running"
         sh.rec.pid = sh.proc.pid
         self.store.put_share(sh.rec)
@@ -862,6 +1047,21 @@ class VmManager:
         )
         self.spawn(self._watch(sh))
         return {"pid": sh.proc.pid}
+
+    def _check_share_keys(self, sh: LocalShare, cluster: dict[str, Any]) -> None:
+        """The owner's cluster object must match this node: its setting and its key."""
+        if cluster["security"] != self.cfg.data_plane:
+            raise SpecError(
+                f"the VM's data plane is {cluster['security']!r} but node {self.name} is "
+                f"configured for {self.cfg.data_plane!r} (cluster.data_plane must be the "
+                "same on every node)"
+            )
+        mine = cluster["node_pubkeys_hex"][cluster["node_index"]]
+        if sh.key is None or mine != sh.key.public_hex:
+            raise SpecError(
+                f"cluster.node_pubkeys_hex[{cluster['node_index']}] is not the key node "
+                f"{self.name} made for this boot"
+            )
 
     async def _watch(self, sh: LocalShare) -> None:
         assert sh.proc is not None
@@ -957,25 +1157,49 @@ class VmManager:
             log.error("VM %s: worker %d did not die after SIGKILL", sh.rec.vm, pid)
 
     async def share_stop(self, p: dict[str, Any]) -> dict[str, Any]:
-        sh = self.shares.get(str(p["name"]))
+        sh = self.shares.get(check_vm_name(p["name"]))
         if sh is None:
             return {"state": "absent"}
         await self._stop_local(sh, str(p.get("reason") or "stopped"), bool(p.get("force")))
         return {"state": sh.rec.state}
 
     async def share_forget(self, p: dict[str, Any]) -> dict[str, Any]:
-        name = str(p["name"])
+        # The name becomes a path to delete: "../../x" must never reach the file system.
+        name = check_vm_name(p["name"])
         sh = self.shares.get(name)
         if sh is not None and sh.active:
             raise VmError(f"VM {name} is still active on node {self.name}")
         self.shares.pop(name, None)
         self.store.delete_share(name)
         d = self.vm_dir / name
-        if d.is_dir():
-            for f in d.iterdir():
-                f.unlink(missing_ok=True)
-            d.rmdir()
+        if d.is_symlink():
+            d.unlink()  # never follow a link out of the state directory
+        elif d.is_dir():
+            shutil.rmtree(d)
         return {}
+
+    async def boot_file_put(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Receive one chunk of a VM's copied kernel/initrd from its owner (images.py)."""
+        name = check_vm_name(p["name"])
+        boot_id, kind = str(p["boot_id"]), str(p["kind"])
+        sh = self.shares.get(name)
+        if sh is not None and sh.active and sh.rec.boot_id != boot_id:
+            raise VmError(f"node {self.name} already runs VM {name}")
+        try:
+            data = base64.b64decode(str(p["data"]), validate=True)
+        except ValueError:
+            raise VmError(f"boot_file_put: {kind} data is not valid base64") from None
+        offset, size, sha256 = int(p["offset"]), int(p["size"]), str(p["sha256"])
+        d = self.vm_dir / name
+        if offset == 0 and (sh is None or not sh.active):
+            images.remove_stale(d, boot_id)
+        try:
+            done = await asyncio.to_thread(
+                images.PartialFile.put, d, kind, boot_id, offset, data, size, sha256
+            )
+        except BootFileError as e:
+            raise VmError(f"node {self.name}: {e}") from None
+        return {"done": done}
 
     def live_stats(self, sh: LocalShare) -> dict[str, Any]:
         if sh.rec.result is not None and isinstance(sh.rec.result.get("stats"), dict):
@@ -983,7 +1207,7 @@ class VmManager:
         return _read_json(sh.result_path.with_suffix(".json.stats")) or {}
 
     async def share_stats(self, p: dict[str, Any]) -> dict[str, Any]:
-        name = str(p["name"])
+        name = check_vm_name(p["name"])
         sh = self.shares.get(name)
         if sh is None:
             rec = self.store.get_share(name)
@@ -1000,9 +1224,7 @@ class VmManager:
         }
 
     async def console_read(self, p: dict[str, Any]) -> dict[str, Any]:
-        name = str(p["name"])
-        if not is_valid_name(name):
-            raise VmError(f"invalid VM name {name!r}")
+        name = check_vm_name(p["name"])
         offset = max(0, int(p.get("offset", 0)))
         sh = self.shares.get(name)
         path = self.vm_dir / name / "console.log"
@@ -1016,9 +1238,7 @@ class VmManager:
 
     async def console_write(self, p: dict[str, Any]) -> dict[str, Any]:
         """Write base64 `data` into the console input FIFO of the local boot share."""
-        name = str(p["name"])
-        if not is_valid_name(name):
-            raise VmError(f"invalid VM name {name!r}")
+        name = check_vm_name(p["name"])
         try:
             data = base64.b64decode(str(p.get("data", "")), validate=True)
         except ValueError:
@@ -1089,6 +1309,18 @@ def _read_chunk(path: Path, offset: int, limit: int) -> tuple[int, bytes, int]:
             return offset, f.read(limit), size
     except FileNotFoundError:
         return 0, b"", 0
+
+
+async def _send_key(proc: asyncio.subprocess.Process, key: NodeKey) -> None:
+    """Hand the worker its private key on stdin (one line), then close the pipe."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(key.private_hex.encode("ascii") + b"\n")
+        await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the worker died at once: _watch reports its exit
+    finally:
+        proc.stdin.close()
 
 
 def _kill(pid: int, sig: int) -> None:

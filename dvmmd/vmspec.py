@@ -15,11 +15,11 @@ import json
 import math
 import os
 import stat
-import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dvmmd.keys import DATA_PLANE_MODES, KeyMaterialError, check_key_hex, is_session_hex
 from dvmmd.sizes import PAGE_SIZE, SizeError, check_guest_memory, format_size
 
 __all__ = [
@@ -261,7 +261,14 @@ def _check_numa(numa: Any, vcpus: int, memory: int) -> list[dict[str, Any]]:
     return out
 
 
-def _check_cluster(cluster: Any, numa: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _check_cluster(
+    cluster: Any, numa: list[dict[str, Any]] | None, allow_private_key: bool
+) -> dict[str, Any]:
+    """Check the ``cluster`` object (keys.py says what the key material is).
+
+    ``private_key_hex`` is accepted only when ``allow_private_key`` (the in-memory spec
+    a worker hands to the VMM): a spec from a file or another node must not carry it.
+    """
     if not isinstance(cluster, Mapping):
         raise SpecError("cluster must be an object or null")
     nodes = cluster.get("nodes")
@@ -275,19 +282,43 @@ def _check_cluster(cluster: Any, numa: list[dict[str, Any]] | None) -> dict[str,
         v = cluster.get(key, 0)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(nodes):
             raise SpecError(f"cluster.{key} must be a node index below {len(nodes)}, not {v!r}")
-    secret = cluster.get("secret_hex")
-    if (
-        not isinstance(secret, str)
-        or not secret
-        or len(secret) % 2
-        or any(ch not in string.hexdigits for ch in secret)
-    ):
-        raise SpecError("cluster.secret_hex must be a non-empty even-length hex string")
+    if "secret_hex" in cluster:
+        raise SpecError(
+            "cluster.secret_hex is no longer accepted: the data path's keys come from "
+            "session_hex, node_pubkeys_hex and each node's private key (on the worker's stdin)"
+        )
+    security = cluster.get("security", "encrypt")
+    if security not in DATA_PLANE_MODES:
+        raise SpecError(
+            f"cluster.security must be one of {', '.join(DATA_PLANE_MODES)}, not {security!r}"
+        )
+    if not is_session_hex(cluster.get("session_hex")):
+        raise SpecError("cluster.session_hex must be 32 lowercase hex digits (16 random bytes)")
+    pubkeys = cluster.get("node_pubkeys_hex")
+    if not isinstance(pubkeys, Sequence) or isinstance(pubkeys, (str, bytes)):
+        raise SpecError("cluster.node_pubkeys_hex must be a list of X25519 public keys (hex)")
+    if len(pubkeys) != len(nodes):
+        raise SpecError(
+            f"cluster.node_pubkeys_hex has {len(pubkeys)} keys for {len(nodes)} nodes "
+            "(one per node, in node order)"
+        )
+    try:
+        for i, k in enumerate(pubkeys):
+            check_key_hex(k, f"cluster.node_pubkeys_hex[{i}]")
+        if "private_key_hex" in cluster:
+            if not allow_private_key:
+                raise SpecError(
+                    "cluster.private_key_hex must not be in a spec file or request: the worker "
+                    "takes the node's private key on its stdin (--key-stdin)"
+                )
+            check_key_hex(cluster["private_key_hex"], "cluster.private_key_hex")
+    except KeyMaterialError as e:
+        raise SpecError(str(e)) from None
     if numa is not None and len(numa) != len(nodes):
         raise SpecError(
             f"cluster has {len(nodes)} nodes but numa has {len(numa)}: node i runs numa[i]"
         )
-    return dict(cluster)
+    return {**cluster, "security": security, "node_pubkeys_hex": list(pubkeys)}
 
 
 # --------------------------------------------------------------------------- spec
@@ -409,9 +440,13 @@ def build_spec(
     )
 
 
-def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -> dict[str, Any]:
     """Check a spec dict and return a normalized copy (absolute paths, numa filled in,
-    the CPU model explicit: a missing or null ``cpu`` becomes this host's default)."""
+    the CPU model explicit: a missing or null ``cpu`` becomes this host's default).
+
+    ``allow_private_key``: only for the in-memory spec a worker passes to the VMM; a
+    spec that will be written to a file, or came from one, must not hold
+    ``cluster.private_key_hex``."""
     if not isinstance(spec, Mapping):
         raise SpecError("a VM spec must be a JSON object")
     known = {
@@ -441,7 +476,7 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(console_stdout, bool):
         raise SpecError(f"console_stdout must be true or false, not {console_stdout!r}")
     cluster_in = spec.get("cluster")
-    cluster = None if cluster_in is None else _check_cluster(cluster_in, numa)
+    cluster = None if cluster_in is None else _check_cluster(cluster_in, numa, allow_private_key)
     # Console input: only present in the normalized spec when asked for.
     extra: dict[str, Any] = {}
     console_input = _check_console_input(spec.get("console_input"))

@@ -1,6 +1,13 @@
 """The VMM worker: one process per VM per node, spawned by the daemon.
 
-    python -m dvmmd.worker SPEC.json RESULT.json
+    python -m dvmmd.worker SPEC.json RESULT.json [--key-stdin]
+
+With ``--key-stdin`` (every node of a multi-node VM) the worker first reads one line
+from stdin: this node's X25519 private key for the VM's data path, 64 hex digits
+(keys.py). It goes into the in-memory spec's ``cluster.private_key_hex`` and from
+there to the VMM, never into a file: SPEC.json must not contain it. A spec with a
+``cluster`` and no key on stdin is an error, as is a key that is not the one
+``cluster.node_pubkeys_hex[node_index]`` names.
 
 Runs ``dvmmd._native.run_vm`` on the spec and writes the result JSON to
 RESULT.json atomically (a temporary file in the same directory, fsync'd, then
@@ -28,12 +35,25 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dvmmd.keys import KeyMaterialError, check_key_hex, public_of
 from dvmmd.vmspec import SpecError, exit_code, parse_result, spec_to_json, validate_spec
 
-__all__ = ["Interrupted", "NativeMissing", "VmmHung", "load_native", "main", "run_native"]
+__all__ = [
+    "Interrupted",
+    "NativeMissing",
+    "VmmHung",
+    "add_private_key",
+    "load_native",
+    "load_spec",
+    "main",
+    "read_key_line",
+    "run_native",
+]
 
 #: How long past the spec's timeout the VMM may take to stop by itself.
 TIMEOUT_GRACE_S = 10.0
+#: Longest key line read from stdin (64 hex digits + newline, some slack for CRLF).
+MAX_KEY_LINE = 80
 
 
 class NativeMissing(RuntimeError):
@@ -107,6 +127,45 @@ def run_native(spec: dict[str, Any]) -> dict[str, Any]:
     return parse_result(box["result"])
 
 
+def read_key_line(fd: int = 0) -> str:
+    """One line from ``fd`` (stdin), read a byte at a time so that nothing after the
+    newline is consumed (a buffered reader could swallow console input)."""
+    data = bytearray()
+    while len(data) <= MAX_KEY_LINE:
+        try:
+            b = os.read(fd, 1)
+        except OSError as e:
+            raise SpecError(f"--key-stdin: cannot read stdin: {e.strerror or e}") from None
+        if not b or b == b"\n":
+            break
+        data += b
+    else:
+        raise SpecError(f"--key-stdin: the key line is longer than {MAX_KEY_LINE} bytes")
+    if not data:
+        raise SpecError("--key-stdin: no key on stdin (expected 64 hex digits and a newline)")
+    return data.decode("ascii", errors="replace").strip()
+
+
+def add_private_key(spec: dict[str, Any], private_hex: str) -> dict[str, Any]:
+    """The spec with this node's private key in ``cluster.private_key_hex``, checked
+    against the public key the spec lists for this node. Errors never show the key."""
+    cluster = spec.get("cluster")
+    if cluster is None:
+        raise SpecError("--key-stdin: the spec has no cluster: a single-node VM takes no key")
+    try:
+        check_key_hex(private_hex, "the private key on stdin")
+    except KeyMaterialError as e:
+        raise SpecError(str(e)) from None
+    index = cluster["node_index"]
+    if public_of(private_hex) != cluster["node_pubkeys_hex"][index]:
+        raise SpecError(
+            f"the private key on stdin does not belong to cluster.node_pubkeys_hex[{index}]"
+        )
+    return validate_spec(
+        {**spec, "cluster": {**cluster, "private_key_hex": private_hex}}, allow_private_key=True
+    )
+
+
 def ensure_console_fifo(spec: dict[str, Any]) -> None:
     """Create the spec's ``console_input`` FIFO if it does not exist yet."""
     path = spec.get("console_input")
@@ -150,17 +209,32 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def load_spec(spec_path: Path, key_stdin: bool, key_fd: int = 0) -> dict[str, Any]:
+    """The spec file, checked, plus (``key_stdin``) the private key read from ``key_fd``."""
+    spec = validate_spec(json.loads(spec_path.read_text()))  # refuses a key in the file
+    if key_stdin:
+        return add_private_key(spec, read_key_line(key_fd))
+    if spec["cluster"] is not None:
+        raise SpecError(
+            "a multi-node spec needs this node's private key: run the worker with "
+            "--key-stdin and write the key to its stdin"
+        )
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    key_stdin = "--key-stdin" in args
+    args = [a for a in args if a != "--key-stdin"]
     if len(args) != 2:
-        print("usage: python -m dvmmd.worker SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m dvmmd.worker SPEC.json RESULT.json [--key-stdin]", file=sys.stderr)
         return 2
     spec_path, result_path = Path(args[0]), Path(args[1])
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         try:
-            spec = validate_spec(json.loads(spec_path.read_text()))
+            spec = load_spec(spec_path, key_stdin)
         except (OSError, ValueError) as e:  # SpecError and JSONDecodeError are ValueErrors
             what = "bad VM spec" if isinstance(e, SpecError) else "cannot read VM spec"
             result: dict[str, Any] = {"reason": "error", "status": None, "error": f"{what}: {e}"}

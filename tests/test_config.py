@@ -101,3 +101,46 @@ def test_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "systemd" / "dvmmd.toml.example"
     c = load_config(example)
     assert c.api_socket == Path("/run/dvmmd/dvmmd.sock") and c.metrics_listen is not None
+
+
+# --------------------------------------------------------------------------- identity, data plane
+
+TLS = """
+[tls]
+ca_file = "/etc/dvmmd/tls/ca.crt"
+cert_file = "/etc/dvmmd/tls/n1.crt"
+key_file = "/etc/dvmmd/tls/n1.key"
+"""
+
+
+def test_identity_secret_or_certificates() -> None:
+    c = parse_config(GOOD, "x.toml")
+    assert c.secret_file == Path("/etc/dvmmd/secret") and c.tls_cert_file is None
+    c = parse_config(GOOD.replace('secret_file = "/etc/dvmmd/secret"\n', "") + TLS, "x.toml")
+    assert c.secret_file is None
+    assert (c.tls_ca_file, c.tls_cert_file, c.tls_key_file) == (
+        Path("/etc/dvmmd/tls/ca.crt"),
+        Path("/etc/dvmmd/tls/n1.crt"),
+        Path("/etc/dvmmd/tls/n1.key"),
+    )
+    e = err(GOOD + TLS)
+    assert e.key == "cluster.secret_file" and "not both" in str(e)
+    e = err(GOOD.replace('secret_file = "/etc/dvmmd/secret"\n', ""))
+    assert e.key == "[cluster]" and "no identity: set [tls]" in str(e)
+    no_key = TLS.replace('key_file = "/etc/dvmmd/tls/n1.key"\n', "")
+    e = err(GOOD.replace('secret_file = "/etc/dvmmd/secret"\n', "") + no_key)
+    assert e.key == "[tls]" and "missing ['key_file']" in str(e)
+    e = err(
+        GOOD.replace('secret_file = "/etc/dvmmd/secret"\n', "") + TLS.replace("/etc/", "etc/", 1)
+    )
+    assert e.key == "tls.ca_file" and "absolute path" in str(e)
+
+
+def test_data_plane_setting() -> None:
+    assert parse_config(GOOD, "x.toml").data_plane == "encrypt"
+    for mode in ("encrypt", "integrity", "none"):
+        text = GOOD.replace("[cluster]\n", f'[cluster]\ndata_plane = "{mode}"\n')
+        assert parse_config(text, "x.toml").data_plane == mode
+    e = err(GOOD.replace("[cluster]\n", '[cluster]\ndata_plane = "off"\n'))
+    assert e.key == "cluster.data_plane" and e.line == 9
+    assert "must be one of encrypt, integrity, none, got 'off'" in str(e)

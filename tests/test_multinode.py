@@ -264,7 +264,11 @@ _CLUSTER_PROBE = textwrap.dedent(
             "cmdline": "", "numa": [{"cpus": [0], "mem_start": 0, "mem_size": 16 << 20}],
             "console_log": None, "console_stdout": False, "timeout_s": 10,
             "cluster": {"node_index": 0, "nodes": [{"addr": "127.0.0.1:" + sys.argv[2]}],
-                        "secret_hex": "00112233445566778899aabbccddeeff", "boot_node": 0}}
+                        "session_hex": "00112233445566778899aabbccddeeff", "boot_node": 0,
+                        "node_pubkeys_hex": [
+                            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"],
+                        "private_key_hex":
+                            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"}}
     try:
         print(_native.run_vm(json.dumps(spec)))
     except ValueError as e:
@@ -383,6 +387,24 @@ def test_cli_usage_errors_exit_2() -> None:
     assert cp.returncode == 2 and "16" in cp.stderr, cp.stderr
 
 
+def test_cli_data_plane_option() -> None:
+    from dvmmd.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--nodes", "2", "--data-plane", "none"])
+    assert Options.from_args(args).data_plane == "none"
+    args = build_parser().parse_args(["run", "--nodes", "2"])
+    assert Options.from_args(args).data_plane == "encrypt"
+    cp = subprocess.run(
+        [sys.executable, "-m", "dvmmd.localcluster", "--nodes", "2", "--data-plane", "rot13"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cp.returncode == 2 and "--data-plane: invalid choice: 'rot13'" in cp.stderr, cp.stderr
+
+
 @pytest.mark.parametrize("value", ["65", "-1", "many"])
 def test_cli_prefetch_max_pages_rejects(value: str) -> None:
     cp = subprocess.run(
@@ -460,6 +482,13 @@ FAKE_WORKER = textwrap.dedent(
         put({"reason": "stopped", "status": None, "error": "worker got SIGTERM", "node": me})
         os._exit(0)
     signal.signal(signal.SIGTERM, stopped)
+    if spec.get("cluster"):  # multi-node: the private key comes on stdin, never in the spec
+        assert "private_key_hex" not in spec["cluster"] and sys.argv[3:] == ["--key-stdin"]
+        from dvmmd.keys import public_of
+        key = sys.stdin.readline().strip()
+        if public_of(key) != spec["cluster"]["node_pubkeys_hex"][me]:
+            print("fake worker: wrong key on stdin", file=sys.stderr, flush=True)
+            sys.exit(3)
     if what == "ok":
         nodes = (spec.get("cluster") or {}).get("nodes")
         if nodes:  # our address must be ours (its namespace, or 127.0.0.x)
@@ -540,6 +569,8 @@ def test_fake_cluster_success_stats_json(launches: list[Launch], fake: tuple[Pat
         "127.0.0.3",
     ]
     assert summary["totals"]["read_faults"] == 6
+    assert summary["data_plane"] == "encrypt"
+    assert "dvmmctl: data plane: encrypt (guest memory and every message encrypted" in err
     assert summary["totals"]["resident_peak_max"] == 300
     assert len(launch.worker_pids()) == 3
     assert not _wait_gone(list(launch.worker_pids().values()), 5)
@@ -597,17 +628,27 @@ def test_fake_workers_die_with_a_killed_launcher(
     assert not left, f"workers {left} outlived a SIGKILLed launcher (PR_SET_PDEATHSIG)"
 
 
-def test_spec_files_are_private(tmp_path: Path, fake: tuple[Path, Path]) -> None:
+def test_spec_files_hold_no_key(tmp_path: Path, fake: tuple[Path, Path]) -> None:
+    """Each spec lists every node's public key and the session id; private keys stay
+    in the launcher's memory (they go to each worker's stdin)."""
     kernel, _ = fake
-    launcher = Launcher(Options(nodes=2, vcpus=2, memory=64 * MIB, kernel=str(kernel)))
+    launcher = Launcher(
+        Options(nodes=2, vcpus=2, memory=64 * MIB, kernel=str(kernel), data_plane="integrity")
+    )
     launcher.tmpdir = tmp_path
     launcher._make_specs()
+    pubkeys = [n.key.public_hex for n in launcher.nodes if n.key is not None]
+    assert len(pubkeys) == 2 and pubkeys[0] != pubkeys[1]
     for node in launcher.nodes:
         assert node.spec_path.stat().st_mode & 0o777 == 0o600
-        spec = json.loads(node.spec_path.read_text())
+        text = node.spec_path.read_text()
+        spec = json.loads(text)
         cluster = spec["cluster"]
         assert cluster["node_index"] == node.index
-        assert len(bytes.fromhex(cluster["secret_hex"])) == 32
+        assert cluster["node_pubkeys_hex"] == pubkeys
+        assert cluster["security"] == "integrity" and len(cluster["session_hex"]) == 32
+        assert "private_key_hex" not in cluster and "secret_hex" not in cluster
+        assert all(n.key is not None and n.key.private_hex not in text for n in launcher.nodes)
         assert spec["console_stdout"] == (node.index == 0)
         assert spec["numa"][node.index]["cpus"] == [node.index]
         assert [n["addr"].split(":")[0] for n in cluster["nodes"]] == ["127.0.0.1", "127.0.0.2"]

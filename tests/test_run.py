@@ -76,7 +76,8 @@ def test_build_spec_all_fields(elf_kernel: Path, tmp_path: Path) -> None:
         timeout_s=2.5,
         numa=split_numa(4, 64 * M, 2),
         cluster={"node_index": 1, "nodes": [{"addr": "127.0.0.1:7100"},
-                 {"addr": "127.0.0.1:7101"}], "secret_hex": "00ff", "boot_node": 0},
+                 {"addr": "127.0.0.1:7101"}], "boot_node": 0, "session_hex": "ab" * 16,
+                 "node_pubkeys_hex": ["11" * 32, "22" * 32]},
     )  # fmt: skip
     assert spec["initrd"] == str(initrd)
     assert spec["console_log"] == str(tmp_path / "console.log")
@@ -86,6 +87,7 @@ def test_build_spec_all_fields(elf_kernel: Path, tmp_path: Path) -> None:
         {"cpus": [2, 3], "mem_start": 32 * M, "mem_size": 32 * M},
     ]
     assert spec["cluster"]["node_index"] == 1
+    assert spec["cluster"]["security"] == "encrypt"  # the default, made explicit
 
 
 def test_bundled_guest_via_env(elf_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,6 +100,11 @@ def test_bundled_guest_via_env(elf_kernel: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_bundled_guest_location() -> None:
     assert REPO / "guest" / "build" / "dvmm-guest" in vmspec.bundled_guest_candidates()
+
+
+#: A valid one-node cluster object.
+C1: dict[str, Any] = {"nodes": [{"addr": "a:1"}], "session_hex": "ab" * 16,
+                      "node_pubkeys_hex": ["11" * 32]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -129,12 +136,20 @@ def test_bundled_guest_location() -> None:
                    {"cpus": [1], "mem_start": 36 * M, "mem_size": 28 * M}]}, "follows"),
         ({"numa": [{"cpus": [0, 1], "mem_start": 0, "mem_size": 64 * M + 1}]}, "4 KiB"),
         ({"cluster": {"nodes": []}}, "cluster.nodes"),
-        ({"cluster": {"nodes": [{"addr": "nope"}], "secret_hex": "00"}}, "host:port"),
-        ({"cluster": {"nodes": [{"addr": "a:1"}], "secret_hex": "xyz"}}, "secret_hex"),
-        ({"cluster": {"nodes": [{"addr": "a:1"}], "secret_hex": "00", "node_index": 1}},
-         "node_index"),
-        ({"cluster": {"nodes": [{"addr": "a:1"}, {"addr": "b:2"}], "secret_hex": "00"}},
-         "numa has 1"),
+        ({"cluster": {**C1, "nodes": [{"addr": "nope"}]}}, "host:port"),
+        ({"cluster": {**C1, "node_index": 1}}, "node_index"),
+        ({"cluster": {**C1, "nodes": [{"addr": "a:1"}, {"addr": "b:2"}],
+                      "node_pubkeys_hex": ["11" * 32, "22" * 32]}}, "numa has 1"),
+        # key material (keys.py): no shared secret, public keys per node, no private key
+        ({"cluster": {**C1, "secret_hex": "00ff"}}, "cluster.secret_hex is no longer accepted"),
+        ({"cluster": {**C1, "security": "rot13"}}, "cluster.security must be one of"),
+        ({"cluster": {**C1, "session_hex": "AB" * 16}}, "cluster.session_hex must be 32"),
+        ({"cluster": {**C1, "session_hex": "ab" * 8}}, "cluster.session_hex must be 32"),
+        ({"cluster": {**C1, "node_pubkeys_hex": []}}, "has 0 keys for 1 nodes"),
+        ({"cluster": {**C1, "node_pubkeys_hex": ["11" * 31]}},
+         r"cluster.node_pubkeys_hex\[0\] must be 64 lowercase hex"),
+        ({"cluster": {**C1, "private_key_hex": "33" * 32}},
+         "cluster.private_key_hex must not be in a spec file"),
     ],
 )  # fmt: skip
 def test_validate_spec_rejects(elf_kernel: Path, changes: dict[str, Any], match: str) -> None:
