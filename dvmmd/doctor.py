@@ -150,6 +150,10 @@ class Report:
     userfaultfd: dict[str, Any] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
+    #: The VM data plane's protection in force here and where that comes from.
+    data_plane: dict[str, str] = field(default_factory=dict)
+    #: RDMA devices (/sys/class/infiniband); none is fine: TCP is used.
+    rdma_devices: list[str] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, required: bool, detail: str, value: Any = None) -> None:
         self.checks.append(Check(name, ok, required, detail, value))
@@ -174,6 +178,8 @@ class Report:
             "userfaultfd": self.userfaultfd,
             "host": self.host,
             "build": self.build,
+            "data_plane": self.data_plane,
+            "rdma_devices": self.rdma_devices,
             "checks": [asdict(c) | {"status": c.status} for c in self.checks],
         }
 
@@ -461,6 +467,30 @@ def _meminfo_total() -> int | None:
 # ----------------------------------------------------------------- the report
 
 
+def probe_data_plane(path: str | None = None) -> dict[str, str]:
+    """The data-plane protection in force on this node: the daemon config's
+    ``cluster.data_plane`` (``$DVMMD_CONFIG`` or the default path), else the
+    default that ``dvmmctl run --nodes`` and dvmmd use."""
+    from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+    cfg_path = path or os.environ.get("DVMMD_CONFIG") or DEFAULT_CONFIG_PATH
+    if not os.path.exists(cfg_path):
+        return {"mode": "encrypt", "source": f"default (no daemon config at {cfg_path})"}
+    try:
+        cfg = load_config(cfg_path)
+    except (ConfigError, OSError) as e:
+        return {"mode": "unknown", "source": f"{cfg_path}: {e}"}
+    return {"mode": cfg.data_plane, "source": f"cluster.data_plane in {cfg_path}"}
+
+
+def probe_rdma(sysfs: str = "/sys/class/infiniband") -> list[str]:
+    """Names of the RDMA devices the kernel knows (empty: none)."""
+    try:
+        return sorted(os.listdir(sysfs))
+    except OSError:
+        return []
+
+
 def run_doctor(kvm_path: str = "/dev/kvm") -> Report:
     r = Report()
     uname = os.uname()
@@ -570,6 +600,25 @@ def run_doctor(kvm_path: str = "/dev/kvm") -> Report:
         nft is not None,
         False,
         f"{nft} (cutting links in tests)" if nft else "nft(8) not found: install nftables",
+    )
+
+    r.data_plane = probe_data_plane()
+    r.add(
+        "data plane",
+        r.data_plane["mode"] != "unknown",
+        False,
+        f"{r.data_plane['mode']}: {r.data_plane['source']}",
+        r.data_plane["mode"],
+    )
+    r.rdma_devices = probe_rdma()
+    r.add(
+        "RDMA devices",
+        True,  # none is fine: the TCP transport needs nothing
+        False,
+        ", ".join(r.rdma_devices)
+        if r.rdma_devices
+        else "none (/sys/class/infiniband is empty): pages move over TCP",
+        r.rdma_devices,
     )
 
     r.build = probe_build()

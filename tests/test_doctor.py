@@ -124,3 +124,33 @@ def test_cap_numbers_match_kernel_headers() -> None:
 
 def test_memfd_probe() -> None:
     assert doctor.probe_memfd() == ""
+
+
+def test_data_plane_mode_reported_from_the_daemon_config(tmp_path: object) -> None:
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    missing = doctor.probe_data_plane(str(d / "nope.toml"))
+    assert missing["mode"] == "encrypt" and "default" in missing["source"]
+    secret = d / "secret"
+    secret.write_text("00112233445566778899aabbccddeeff")
+    secret.chmod(0o600)
+    cfg = d / "dvmmd.toml"
+    cfg.write_text(
+        f'[node]\nname = "n1"\nlisten = "127.0.0.1:7000"\nstate_dir = "{d / "state"}"\n'
+        f'[cluster]\nsecret_file = "{secret}"\ndata_plane = "integrity"\n'
+    )
+    got = doctor.probe_data_plane(str(cfg))
+    assert got == {"mode": "integrity", "source": f"cluster.data_plane in {cfg}"}, got
+    cfg.write_text('[cluster]\ndata_plane = "rot13"\n')
+    bad = doctor.probe_data_plane(str(cfg))
+    assert bad["mode"] == "unknown" and "data_plane" in bad["source"], bad
+
+
+def test_rdma_devices_listed(tmp_path: object) -> None:
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    assert doctor.probe_rdma(str(d / "none")) == []
+    (d / "mlx5_0").mkdir()
+    assert doctor.probe_rdma(str(d)) == ["mlx5_0"]
