@@ -86,6 +86,7 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
         "nodes": (list, _NONE),
         "timeout_s": (*_NUM, _NONE),
         "cpu": (str, _NONE),
+        "foreign_budget": (int, str, _NONE),
     },
 }
 #: Ops that act on one VM: "name" is required and is a VM name.

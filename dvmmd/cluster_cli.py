@@ -287,6 +287,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
         "cmdline": args.cmdline,
         "timeout_s": args.timeout,
     }
+    if args.cpu is not None:
+        params["cpu"] = args.cpu
+    if args.foreign_budget is not None:
+        params["foreign_budget"] = args.foreign_budget
     if args.nodes:
         params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
     # The daemon (root) reads the kernel/initrd only through descriptors we opened with
@@ -761,6 +765,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--initrd", help="initrd image")
     p.add_argument("--cmdline", help="kernel command line")
     p.add_argument("--timeout", type=float, default=0, help="stop the VM after S seconds")
+    p.add_argument(
+        "--cpu",
+        help="CPU model: host or baseline (default: the safe one for the host kind, "
+        "see `dvmmctl doctor`); the same on every node",
+    )
+    p.add_argument(
+        "--foreign-budget",
+        type=_size,
+        help="memory aggregation: at most this much of other nodes' memory per node "
+        "(default: half of the node's own share)",
+    )
     p.add_argument("--console", action="store_true", help="attach to the console after boot")
     add("list", "list the VMs of the whole cluster", cmd_list)
     add("status", "show a VM's state, placement and result", cmd_status, vm=True)

@@ -250,8 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="with --nodes: memory aggregation: each node keeps at most SIZE of other "
-        "nodes' memory resident, evicting the oldest pages back home, so it holds at most "
-        "its share + SIZE (default: no limit)",
+        "nodes' memory resident, evicting the least recently faulted (clean first) back "
+        "home, so it holds at most its share + SIZE (default: half of its share)",
     )
     parser.add_argument(
         "--hold-window-us",

@@ -417,6 +417,15 @@ class VmManager:
             raise VmError(f"bad vCPU count or memory size: {e}") from None
         if not 1 <= vcpus <= MAX_VCPUS:
             raise VmError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {vcpus}")
+        # Memory aggregation bound per node (bytes of other nodes' memory it may
+        # hold); None: the VMM's default, half of the node's own share.
+        fb = args.get("foreign_budget")
+        try:
+            foreign_budget = None if fb is None else parse_memory(fb)
+        except (TypeError, ValueError) as e:
+            raise VmError(f"bad foreign budget {fb!r}: {e}") from None
+        if foreign_budget is not None and foreign_budget < 4096:
+            raise VmError(f"foreign budget {fb!r}: at least one 4 KiB page")
         nodes = args.get("nodes")
         if nodes is not None:
             if not isinstance(nodes, list):
@@ -489,6 +498,8 @@ class VmManager:
                 "boot_id": boot_id,
                 "cpu": cpu,
             }
+            if foreign_budget is not None:
+                request["foreign_budget"] = foreign_budget
             if copied:
                 request["boot_files"] = copied
             pj = placement.to_json()
@@ -676,6 +687,8 @@ class VmManager:
                 "session_hex": new_session_hex(),
                 "node_pubkeys_hex": pubkeys,
             }
+            if request.get("foreign_budget") is not None:
+                cluster["foreign_budget_pages"] = max(1, int(request["foreign_budget"]) // 4096)
             await progress(f"data plane: {self.cfg.data_plane}")
             cur = self.store.get_vm(name)
             if cur is not None:  # shown by `dvmmctl status`

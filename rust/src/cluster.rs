@@ -150,7 +150,8 @@ pub struct ClusterSpec {
     #[serde(default)]
     pub boot_node: usize,
     /// Memory aggregation: keep at most this many pages of other nodes' ranges
-    /// resident (dvmm extension; absent: no limit).
+    /// resident (dvmm extension; absent: [`DEFAULT_FOREIGN_BUDGET_PERCENT`] of
+    /// this node's own share).
     #[serde(default)]
     pub foreign_budget_pages: Option<usize>,
     /// DSM hold window in microseconds (0: off; absent: the engine's default,
@@ -164,6 +165,16 @@ pub struct ClusterSpec {
     /// Give up forming the mesh after this many seconds (default 30).
     #[serde(default)]
     pub connect_timeout_s: Option<f64>,
+}
+
+/// Default foreign budget, in percent of the node's own share: a node holds
+/// at most its share plus half of it again, so a VM bigger than any one node
+/// still fits when its nodes together have room (memory aggregation).
+pub const DEFAULT_FOREIGN_BUDGET_PERCENT: usize = 50;
+
+/// The foreign budget (pages) of a node whose share is `share_pages`.
+pub fn default_foreign_budget(share_pages: usize) -> usize {
+    (share_pages * DEFAULT_FOREIGN_BUDGET_PERCENT / 100).max(1)
 }
 
 /// A private key in hex that `Debug` does not print.
@@ -425,7 +436,11 @@ impl Cluster {
             ram.guest_base(),
             ram.engine_base(),
         );
-        cfg.foreign_budget = spec.foreign_budget_pages;
+        let share_pages = numa.get(spec.node_index).map_or(0, |n| n.mem_size / 4096) as usize;
+        cfg.foreign_budget = Some(
+            spec.foreign_budget_pages
+                .unwrap_or_else(|| default_foreign_budget(share_pages)),
+        );
         if let Some(us) = spec.hold_window_us {
             cfg.hold_window = Duration::from_micros(us);
         }

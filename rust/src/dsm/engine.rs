@@ -35,7 +35,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::auth::{AuthError, NodeKeys};
-use super::protocol::{self, Access, Data, Effect, FaultOutcome, Msg, NodeId, PageIdx};
+use super::prefetch::Prefetcher;
+use super::protocol::{self, Access, CacheState, Data, Effect, FaultOutcome, Msg, NodeId, PageIdx};
 use super::stats::{Stats, StatsSnapshot};
 use super::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
 use super::uffd::{Fault, GuestMem, UffdError, PAGE};
@@ -156,8 +157,10 @@ pub enum EffectError {
 /// for A/B runs).
 pub const DEFAULT_SPIN_US: u64 = 500;
 
-/// Default [`DsmConfig::prefetch_max_pages`].
-pub const DEFAULT_PREFETCH_MAX_PAGES: u32 = 0;
+/// Default [`DsmConfig::prefetch_max_pages`]: on, adaptive up to the largest
+/// batch (A/B in perf/README.md "Prefetch"); `DVMM_DSM_PREFETCH` overrides it
+/// for A/B runs.
+pub const DEFAULT_PREFETCH_MAX_PAGES: u32 = protocol::MAX_PREFETCH;
 
 /// Configuration of one node's engine.
 pub struct DsmConfig {
@@ -203,8 +206,9 @@ pub struct DsmConfig {
     pub service: ServiceMode,
     /// Sequential prefetch: when this node's read faults on pages homed
     /// elsewhere look sequential, also request up to this many following
-    /// pages in one message (the batch size doubles from 4 while the stream
-    /// stays sequential and resets on a jump). 0 turns it off; at most
+    /// pages in one message (per stream, the batch doubles from 4 while the
+    /// stream stays sequential and halves when its prefetched pages are
+    /// wasted: see `prefetch`). 0 turns it off; at most
     /// [`protocol::MAX_PREFETCH`]. Bounded by `foreign_budget`.
     pub prefetch_max_pages: u32,
 }
@@ -241,7 +245,10 @@ impl DsmConfig {
             hold_window: Duration::from_micros(DEFAULT_HOLD_WINDOW_US),
             realtime: false,
             service: ServiceMode::from_env(),
-            prefetch_max_pages: DEFAULT_PREFETCH_MAX_PAGES,
+            prefetch_max_pages: std::env::var("DVMM_DSM_PREFETCH")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(DEFAULT_PREFETCH_MAX_PAGES),
         }
     }
 }
@@ -458,10 +465,7 @@ impl DsmEngine {
             hold_until: HashMap::new(),
             deferred: VecDeque::new(),
             deferred_pages: HashMap::new(),
-            pf_max: cfg.prefetch_max_pages.min(protocol::MAX_PREFETCH),
-            pf_k: 0,
-            pf_last: None,
-            pf_pages: HashSet::new(),
+            pf: Prefetcher::new(cfg.prefetch_max_pages.min(protocol::MAX_PREFETCH)),
         };
         let realtime = cfg.realtime || cfg.service != ServiceMode::Legacy;
         let me = cfg.node_index;
@@ -757,6 +761,8 @@ const IDLE_YIELD_BUSY: Duration = Duration::from_micros(20);
 
 /// At most this many evictions in flight.
 const MAX_EVICTING: usize = 32;
+/// How far into the eviction queue (oldest first) a clean page is looked for.
+const VICTIM_WINDOW: usize = 32;
 
 static ZERO: [u8; PAGE] = [0u8; PAGE];
 
@@ -793,12 +799,8 @@ struct Engine {
     /// Number of deferred messages per page (later messages for such a page
     /// are deferred too, so each page's messages keep their order).
     deferred_pages: HashMap<PageIdx, u32>,
-    /// Sequential prefetch: largest batch (0: off), current batch size, the
-    /// last remote read fault, and the prefetched pages still in flight.
-    pf_max: u32,
-    pf_k: u32,
-    pf_last: Option<PageIdx>,
-    pf_pages: HashSet<PageIdx>,
+    /// Adaptive sequential prefetch (see `prefetch`).
+    pf: Prefetcher,
 }
 
 impl Engine {
@@ -975,10 +977,7 @@ impl Engine {
         let fx = std::mem::take(effects);
         self.exec(&fx, None);
         *effects = fx;
-        if self.pf_max > 0 && access == Access::Read && self.node.is_pending(f.page) {
-            if self.pf_pages.contains(&f.page) {
-                Stats::inc(&self.sh.stats.prefetch_late);
-            }
+        if self.pf.enabled() && access == Access::Read && self.node.is_pending(f.page) {
             self.prefetch(f.page, effects);
         }
         self.drain_local(effects);
@@ -987,42 +986,35 @@ impl Engine {
     /// Sequential read detection and prefetch after a read fault on `page`
     /// that needs a message (its own request is already sent).
     fn prefetch(&mut self, page: PageIdx, effects: &mut Vec<Effect>) {
-        // Sequential: forward from the previous remote read fault, within the
-        // stream's in-flight window (the guest catches up with a batch still
-        // arriving, or runs past a batch that has arrived).
-        let window = 2 * u64::from(self.pf_k) + 8;
-        let seq = self.pf_last.is_some_and(|l| page > l && page - l <= window);
-        self.pf_last = Some(page);
-        if !seq {
-            self.pf_k = 0;
-            return;
-        }
-        self.pf_k = if self.pf_k == 0 {
-            4
-        } else {
-            self.pf_k.saturating_mul(2)
-        }
-        .min(self.pf_max);
-        let mut k = self.pf_k;
+        let mut k = self.pf.on_read_fault(page);
         if let Some(b) = self.budget.filter(|_| self.is_foreign(page)) {
-            let used = self.foreign_resident + self.pending_since.len() + self.pf_pages.len();
+            let used = self.foreign_resident + self.pending_since.len() + self.pf.tracked();
             k = k.min(u32::try_from(b.saturating_sub(used)).unwrap_or(u32::MAX));
         }
-        if k == 0 {
-            return;
-        }
-        effects.clear();
-        match self.node.prefetch(page, k, effects) {
-            Ok((start, n)) if n > 0 => {
-                Stats::inc(&self.sh.stats.prefetch_requests);
-                self.pf_pages.extend(start..start + u64::from(n));
-                let fx = std::mem::take(effects);
-                self.exec(&fx, None);
-                *effects = fx;
+        if k > 0 {
+            effects.clear();
+            match self.node.prefetch(page, k, effects) {
+                Ok((start, n)) if n > 0 => {
+                    Stats::inc(&self.sh.stats.prefetch_requests);
+                    self.pf.requested(page, start, n);
+                    let fx = std::mem::take(effects);
+                    self.exec(&fx, None);
+                    *effects = fx;
+                }
+                Ok(_) => {}
+                Err(e) => self.sh.fail(format!("prefetch after page {page}: {e}")),
             }
-            Ok(_) => {}
-            Err(e) => self.sh.fail(format!("prefetch after page {page}: {e}")),
         }
+        self.sync_prefetch_stats();
+    }
+
+    /// Publish the prefetcher's counters.
+    fn sync_prefetch_stats(&self) {
+        let c = self.pf.counts();
+        let st = &self.sh.stats;
+        st.prefetch_late.store(c.late, Ordering::Relaxed);
+        st.prefetch_used.store(c.used, Ordering::Relaxed);
+        st.prefetch_wasted.store(c.wasted, Ordering::Relaxed);
     }
 
     fn on_event(&mut self, ev: Event, effects: &mut Vec<Effect>) {
@@ -1161,7 +1153,7 @@ impl Engine {
             }
             Msg::Nack { page } => {
                 Stats::inc(&st.prefetch_declined);
-                self.pf_pages.remove(&page);
+                self.pf.refused(page);
             }
             Msg::Grant {
                 data: Data::Page, ..
@@ -1188,7 +1180,7 @@ impl Engine {
                 }
                 self.hold_until.insert(page, Instant::now() + self.hold);
             }
-            let prefetched = self.pf_pages.remove(&page);
+            let prefetched = self.pf.is_tracked(page);
             if let Some(t0) = self.pending_since.remove(&page) {
                 self.sh.stats.fault_latency(t0.elapsed().as_nanos() as u64);
             } else if prefetched {
@@ -1301,6 +1293,10 @@ impl Engine {
                     self.foreign_resident = self.foreign_resident.saturating_sub(1);
                 }
                 self.evicting.remove(&page);
+                if self.pf.is_tracked(page) {
+                    self.pf.lost(page);
+                    self.sync_prefetch_stats();
+                }
                 Ok(())
             }
             Effect::Wake { page } => mem
@@ -1319,7 +1315,7 @@ impl Engine {
         // evictions are in flight (a few pages).
         while self.foreign_resident > budget && self.evicting.len() < MAX_EVICTING && tries > 0 {
             tries -= 1;
-            let Some(page) = self.foreign.pop_front() else {
+            let Some(page) = self.pick_victim() else {
                 break;
             };
             if self.evicting.contains(&page) {
@@ -1342,6 +1338,21 @@ impl Engine {
                 }
                 Err(e) => self.sh.fail(format!("evict page {page}: {e}")),
             }
+        }
+    }
+
+    /// The foreign page to evict next: the least recently faulted clean one
+    /// among the oldest [`VICTIM_WINDOW`] (a clean page goes back with one small
+    /// message, a modified one with its 4 KiB), else the oldest.
+    fn pick_victim(&mut self) -> Option<PageIdx> {
+        let clean = self
+            .foreign
+            .iter()
+            .take(VICTIM_WINDOW)
+            .position(|&p| matches!(self.node.state(p), Some((CacheState::Shared, _, _))));
+        match clean {
+            Some(i) => self.foreign.remove(i),
+            None => self.foreign.pop_front(),
         }
     }
 }

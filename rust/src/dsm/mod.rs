@@ -56,6 +56,7 @@
 
 pub mod auth;
 pub mod engine;
+pub mod prefetch;
 pub mod protocol;
 pub mod seal;
 pub mod stats;

@@ -109,6 +109,8 @@ pub struct Stats {
     pub prefetched_pages: AtomicU64,
     pub prefetch_declined: AtomicU64,
     pub prefetch_late: AtomicU64,
+    pub prefetch_used: AtomicU64,
+    pub prefetch_wasted: AtomicU64,
     pub ipis_forwarded: AtomicU64,
     pub io_forwarded: AtomicU64,
     pub resident_pages: AtomicU64,
@@ -152,6 +154,14 @@ pub struct StatsSnapshot {
     /// access waited, but less than a full round trip).
     #[serde(default)]
     pub prefetch_late: u64,
+    /// Prefetched pages the reader went through (late ones included): its
+    /// stream faulted past them.
+    #[serde(default)]
+    pub prefetch_used: u64,
+    /// Prefetched pages never reached: invalidated, evicted, or their stream
+    /// was abandoned.
+    #[serde(default)]
+    pub prefetch_wasted: u64,
     pub ipis_forwarded: u64,
     pub io_forwarded: u64,
     pub resident_pages: u64,
@@ -237,6 +247,8 @@ impl Stats {
             prefetched_pages: g(&self.prefetched_pages),
             prefetch_declined: g(&self.prefetch_declined),
             prefetch_late: g(&self.prefetch_late),
+            prefetch_used: g(&self.prefetch_used),
+            prefetch_wasted: g(&self.prefetch_wasted),
             ipis_forwarded: g(&self.ipis_forwarded),
             io_forwarded: g(&self.io_forwarded),
             resident_pages: g(&self.resident_pages),

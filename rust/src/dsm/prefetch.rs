@@ -1,0 +1,318 @@
+//! Adaptive sequential prefetch: which pages to ask for ahead of a reader, and
+//! whether the pages asked for ahead were worth it. Pure bookkeeping (no I/O):
+//! the engine tells it about read faults, grants, refusals and lost pages; it
+//! answers how many pages to request after a fault.
+//!
+//! Each node keeps a few *streams* (one per sequential reader: two vCPUs
+//! scanning two regions interleave their faults, so a single "last fault"
+//! would see neither as sequential). A read fault that lands shortly after a
+//! stream's last fault continues it; anything else starts a new stream
+//! (replacing the least recently used one). A stream's window starts at
+//! [`MIN_WINDOW`] pages and doubles on every sequential fault up to the limit,
+//! because a fault in a sequential stream means the prefetched pages ran out
+//! (or arrived late). Prefetched pages the stream never reached — the stream
+//! was abandoned, or the page was invalidated or evicted first — are *wasted*,
+//! and each waste halves the window, so a reader that jumps around stops
+//! paying for pages it does not read. A prefetched page counts as *used* once
+//! its stream faults past it (the guest read through it without a fault:
+//! installed pages do not fault, so passing them is the evidence of use).
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::protocol::PageIdx;
+
+/// Smallest window (pages).
+pub const MIN_WINDOW: u32 = 4;
+/// Streams tracked per node.
+pub const STREAMS: usize = 4;
+
+#[derive(Debug, Clone, Default)]
+struct Stream {
+    /// The stream's last read fault.
+    last: PageIdx,
+    /// Current window (pages per request).
+    k: u32,
+    /// Prefetched pages (in flight or installed) the stream has not passed yet.
+    ahead: BTreeSet<PageIdx>,
+    /// Recency (larger: more recent).
+    used_at: u64,
+}
+
+/// Counters (cumulative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefetchCounts {
+    /// Pages requested ahead of a reader.
+    pub requested: u64,
+    /// Prefetched pages the reader went through (including late ones).
+    pub used: u64,
+    /// Prefetched pages the reader faulted on while still in flight.
+    pub late: u64,
+    /// Prefetched pages never reached: invalidated, evicted or abandoned.
+    pub wasted: u64,
+}
+
+/// The prefetcher of one node.
+#[derive(Debug, Default)]
+pub struct Prefetcher {
+    max: u32,
+    streams: Vec<Stream>,
+    /// Which stream each tracked page belongs to.
+    owner: HashMap<PageIdx, usize>,
+    clock: u64,
+    counts: PrefetchCounts,
+}
+
+impl Prefetcher {
+    /// `max` pages per request at most (0: prefetch off).
+    pub fn new(max: u32) -> Prefetcher {
+        Prefetcher {
+            max,
+            ..Prefetcher::default()
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    pub fn counts(&self) -> PrefetchCounts {
+        self.counts
+    }
+
+    /// Prefetched pages not yet reached (in flight or installed): they count
+    /// against the foreign budget.
+    pub fn tracked(&self) -> usize {
+        self.owner.len()
+    }
+
+    /// Whether `page` was prefetched and not yet reached.
+    pub fn is_tracked(&self, page: PageIdx) -> bool {
+        self.owner.contains_key(&page)
+    }
+
+    /// A read fault on `page` that needs a message. Returns how many pages
+    /// after `page` to request (0: none).
+    pub fn on_read_fault(&mut self, page: PageIdx) -> u32 {
+        if self.max == 0 {
+            return 0;
+        }
+        self.clock += 1;
+        let now = self.clock;
+        if self.owner.contains_key(&page) {
+            self.counts.late += 1;
+        }
+        // The stream this fault continues: the nearest one behind it, within
+        // its window of pages still to come.
+        let hit = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                page > s.last && page - s.last <= 2 * u64::from(s.k.max(MIN_WINDOW)) + 8
+            })
+            .min_by_key(|(_, s)| page - s.last)
+            .map(|(i, _)| i);
+        let Some(i) = hit else {
+            self.start_stream(page, now);
+            return 0;
+        };
+        // Everything it prefetched below this fault was read through.
+        let passed: Vec<PageIdx> = {
+            let s = &mut self.streams[i];
+            let rest = s.ahead.split_off(&(page + 1));
+            let done = std::mem::replace(&mut s.ahead, rest);
+            done.into_iter().collect()
+        };
+        for p in passed {
+            self.owner.remove(&p);
+            self.counts.used += 1;
+        }
+        let max = self.max;
+        let s = &mut self.streams[i];
+        s.last = page;
+        s.used_at = now;
+        s.k = if s.k == 0 {
+            MIN_WINDOW
+        } else {
+            s.k.saturating_mul(2)
+        }
+        .min(max);
+        s.k
+    }
+
+    fn start_stream(&mut self, page: PageIdx, now: u64) {
+        let fresh = Stream {
+            last: page,
+            k: 0,
+            ahead: BTreeSet::new(),
+            used_at: now,
+        };
+        if self.streams.len() < STREAMS {
+            self.streams.push(fresh);
+            return;
+        }
+        let Some((lru, _)) = self
+            .streams
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| s.used_at)
+        else {
+            return;
+        };
+        let old = std::mem::replace(&mut self.streams[lru], fresh);
+        // The abandoned stream's pages ahead were never reached.
+        for p in old.ahead {
+            self.owner.remove(&p);
+            self.counts.wasted += 1;
+        }
+    }
+
+    /// Pages `start..start + n` were requested for the stream whose last fault
+    /// is `after` (the fault that `on_read_fault` answered).
+    pub fn requested(&mut self, after: PageIdx, start: PageIdx, n: u32) {
+        let Some(i) = self.streams.iter().position(|s| s.last == after) else {
+            return;
+        };
+        for p in start..start + u64::from(n) {
+            if self.owner.insert(p, i).is_none() {
+                self.streams[i].ahead.insert(p);
+                self.counts.requested += 1;
+            }
+        }
+    }
+
+    /// The home refused a prefetched page (it was busy): not wasted, just not coming.
+    pub fn refused(&mut self, page: PageIdx) {
+        if let Some(i) = self.owner.remove(&page) {
+            self.streams[i].ahead.remove(&page);
+            self.counts.requested = self.counts.requested.saturating_sub(1);
+        }
+    }
+
+    /// `page` left this node (invalidated or evicted) or the fault on it was
+    /// resolved by another path: if it was prefetched and not reached, it was
+    /// wasted, and its stream's window halves.
+    pub fn lost(&mut self, page: PageIdx) {
+        if let Some(i) = self.owner.remove(&page) {
+            let s = &mut self.streams[i];
+            s.ahead.remove(&page);
+            s.k = (s.k / 2).max(MIN_WINDOW).min(self.max);
+            self.counts.wasted += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed a sequential reader that faults wherever no page was prefetched.
+    fn scan(p: &mut Prefetcher, from: PageIdx, to: PageIdx) -> u32 {
+        let mut faults = 0;
+        let mut page = from;
+        while page < to {
+            if p.is_tracked(page) {
+                page += 1;
+                continue;
+            }
+            faults += 1;
+            let k = p.on_read_fault(page);
+            if k > 0 {
+                p.requested(page, page + 1, k);
+            }
+            page += 1;
+        }
+        faults
+    }
+
+    #[test]
+    fn sequential_reader_window_grows_and_pages_count_as_used() {
+        let mut p = Prefetcher::new(64);
+        let faults = scan(&mut p, 0, 10_000);
+        // 4, 8, 16, 32, then 64 per fault: about 10 000 / 65 faults.
+        assert!(faults < 170, "{faults} faults");
+        // Pass the last batch too.
+        p.on_read_fault(20_000);
+        let c = p.counts();
+        assert_eq!(c.wasted, 0);
+        assert!(c.used + 64 >= c.requested, "{c:?}");
+        assert!(c.requested > 9_000, "{c:?}");
+    }
+
+    #[test]
+    fn random_reader_gets_no_prefetch() {
+        let mut p = Prefetcher::new(64);
+        let mut x: u64 = 12345;
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let page = (x >> 33) % 1_000_000;
+            let k = p.on_read_fault(page);
+            if k > 0 {
+                p.requested(page, page + 1, k);
+            }
+        }
+        // A jump lands within a window of some stream by chance only rarely.
+        assert!(p.counts().requested < 100, "{:?}", p.counts());
+    }
+
+    #[test]
+    fn two_interleaved_streams_are_both_detected() {
+        let mut p = Prefetcher::new(64);
+        let (mut a, mut b) = (0u64, 500_000u64);
+        let mut faults = 0;
+        for _ in 0..5000 {
+            for s in [&mut a, &mut b] {
+                if !p.is_tracked(*s) {
+                    faults += 1;
+                    let k = p.on_read_fault(*s);
+                    if k > 0 {
+                        p.requested(*s, *s + 1, k);
+                    }
+                }
+                *s += 1;
+            }
+        }
+        assert!(faults < 400, "{faults} faults for 10 000 pages");
+    }
+
+    #[test]
+    fn lost_pages_are_wasted_and_shrink_the_window() {
+        let mut p = Prefetcher::new(64);
+        scan(&mut p, 0, 200);
+        let before = p.streams[0].k;
+        let ahead: Vec<PageIdx> = p.streams[0].ahead.iter().copied().take(3).collect();
+        assert_eq!(ahead.len(), 3);
+        for pg in ahead {
+            p.lost(pg);
+        }
+        assert_eq!(p.counts().wasted, 3);
+        assert_eq!(p.streams[0].k, (before / 8).max(MIN_WINDOW));
+        // Refusals are not waste.
+        let next = *p.streams[0].ahead.iter().next().unwrap();
+        p.refused(next);
+        assert_eq!(p.counts().wasted, 3);
+    }
+
+    #[test]
+    fn abandoned_streams_count_their_pages_as_wasted() {
+        let mut p = Prefetcher::new(64);
+        scan(&mut p, 0, 100);
+        let pending = p.tracked() as u64;
+        assert!(pending > 0);
+        // STREAMS new streams push the first one out.
+        for i in 0..STREAMS as u64 {
+            p.on_read_fault(1_000_000 * (i + 1));
+        }
+        assert_eq!(p.counts().wasted, pending);
+        assert_eq!(p.tracked(), 0);
+    }
+
+    #[test]
+    fn off_means_nothing() {
+        let mut p = Prefetcher::new(0);
+        assert_eq!(scan(&mut p, 0, 100), 100);
+        assert_eq!(p.counts(), PrefetchCounts::default());
+    }
+}
