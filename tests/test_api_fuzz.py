@@ -70,6 +70,7 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "nodes": st.lists(st.sampled_from(["n1", "zz", "../n"]), max_size=2),
     "timeout_s": st.sampled_from([0, 1.5, -1, 1e308]),
     "cpu": st.sampled_from(["baseline", "host", "pentium"]),
+    "foreign_budget": st.sampled_from([None, "32M", 4096, 100, "-1", "lots"]),
 }
 
 

@@ -68,7 +68,25 @@ enum {
     SYS_WAKE = 17,        /* (cpu) -> 0: send a wake-up IPI (ends a SYS_YIELD) */
     SYS_NODE_MEM = 18,    /* (node) -> bytes of RAM on node */
     SYS_PERCPU_PAGE = 19, /* (cpu) -> a 4 KiB page on cpu's node for its user per-CPU state */
+    SYS_CONFORM = 20,     /* (op, arg, buf) -> CF_OK/CF_FAIL/CF_SKIP or a value: conform checks at CPL0 */
 };
+
+/* SYS_CONFORM operations (kconform.c). The checks write their details (a
+ * string of `key=value` words, at most CONFORM_OUT bytes) to buf. */
+enum {
+    CF_RESET = 0,      /* LAPIC register values after INIT (AP) / power-on (BSP) */
+    CF_APIC_BASE = 1,  /* IA32_APIC_BASE: disable/enable, CPUID bit, page, xAPIC masks, relocation */
+    CF_X2APIC_GP = 2,  /* x2APIC MSR #GP rules */
+    CF_TPR = 3,        /* TPR/CR8 coupling, masking by TPR, priority order, self-IPIs */
+    CF_TSC_DEADLINE = 4, /* the TSC-deadline timer, if CPUID advertises it */
+    CF_CPUID = 5,      /* CPUID consistency; advertised instructions run at CPL0 */
+    CF_NMI_SEND = 6,   /* arg = target rank: NMI IPI -> CF_OK */
+    CF_NMI_COUNT = 7,  /* -> NMIs this CPU took */
+    CF_IOAPIC = 8,     /* IOAPIC register masks and redirection (COM1 THRE) */
+    CF_NCHECKS = 6,    /* checks every CPU runs: CF_RESET..CF_CPUID */
+};
+enum { CF_OK = 0, CF_FAIL = 1, CF_SKIP = 2 };
+#define CONFORM_OUT 640
 
 struct sysinfo {
     u32 ncpus, nnodes;
@@ -81,6 +99,9 @@ struct sysinfo {
     u32 apic_id[MAX_CPUS];
     s32 node[MAX_CPUS];
     char boot_errors[256];
+    char platform[8];      /* "dvmm", "qemu" or "other" (from the ACPI OEM ID) */
+    u32 cpl0_emulated;     /* CPL0 code is emulated (KVM PVM): ~100x slower than CPL3 */
+    u32 cpl0_loop_cycles;  /* TSC cycles of one simple CPL0 loop iteration */
 };
 
 #endif

@@ -4,7 +4,7 @@
  * calls. On PVM hosts every CPL0 instruction is emulated (~500 ns each), so
  * this file does as little as possible; the workloads run at CPL3 (user.c).
  */
-#include "common.h"
+#include "kernel.h"
 
 /* ---------------------------------------------------------------- */
 /* Boot protocol structures                                          */
@@ -27,11 +27,6 @@ struct hvm_memmap_entry {
 };
 #define HVM_START_MAGIC 0x336ec578
 
-struct trap_frame {
-    u64 r11, r10, r9, r8, rdi, rsi, rdx, rcx, rax;
-    u64 vec, err, rip, cs, rflags, rsp, ss;
-};
-
 struct tss {
     u32 reserved0;
     u64 rsp0, rsp1, rsp2;
@@ -40,21 +35,6 @@ struct tss {
     u64 reserved2;
     u16 reserved3, iomap_base;
 } __attribute__((packed));
-
-struct cpu {
-    u32 apic_id;
-    s32 node;
-    u32 index;              /* index in cpus[] (MADT order, BSP = 0) */
-    u32 rank;               /* dense index among online CPUs */
-    volatile u32 state;     /* 0 starting, 1 alive, 2 abandoned */
-    u32 pad;
-    u64 block;              /* per-CPU memory block */
-    u64 ustack_top;
-    u64 upage;              /* user per-CPU page (SYS_PERCPU_PAGE) */
-    volatile u64 pings, pongs;
-    volatile u32 wake_pending;  /* a VEC_WAKE/VEC_PONG arrived while not halted */
-} ALIGNED(4096);            /* one page per CPU: written by its owner only
-                             * (pages move between nodes in dvmm) */
 
 /* ---------------------------------------------------------------- */
 /* Globals (small: .bss is zeroed by emulated code)                  */
@@ -83,7 +63,8 @@ u64 bsp_kstack[KSTACK_SIZE / 8] ALIGNED(KSTACK_SIZE);
 static u64 idt_master[512] ALIGNED(4096);
 static struct sysinfo sysinfo;
 static char cmdline[2048];
-static u64 tsc_khz;
+u64 tsc_khz;
+struct platform platform;
 
 #define MAX_NODES 64
 #define MAX_RANGES 64
@@ -99,58 +80,6 @@ static u64 node_mem[MAX_NODES];
 
 static volatile u32 print_lock, alloc_lock;
 static volatile u64 kbarrier_count, kbarrier_gen;
-
-/* ---------------------------------------------------------------- */
-/* Privileged primitives                                             */
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-static inline u64 rdmsr(u32 msr)
-{
-    u32 lo, hi;
-    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-    return ((u64)hi << 32) | lo;
-}
-static inline void wrmsr(u32 msr, u64 v)
-{
-    __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
-}
-static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
-{
-    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
-}
-static inline u64 read_cr2(void)
-{
-    u64 v;
-    __asm__ volatile("mov %%cr2, %0" : "=r"(v));
-    return v;
-}
-static inline struct cpu *this_cpu(void)
-{
-    u64 sp;
-    __asm__ volatile("mov %%rsp, %0" : "=r"(sp));
-    return *(struct cpu **)(sp & ~(u64)(KSTACK_SIZE - 1));
-}
-static inline u32 xchg32(volatile u32 *p, u32 v)
-{
-    __asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(*p) : : "memory");
-    return v;
-}
-static inline u32 cmpxchg32(volatile u32 *p, u32 old, u32 new)
-{
-    __asm__ volatile("lock cmpxchgl %2, %1" : "+a"(old), "+m"(*p) : "r"(new) : "memory");
-    return old;
-}
-static inline u64 xadd64(volatile u64 *p, u64 v)
-{
-    __asm__ volatile("lock xaddq %0, %1" : "+r"(v), "+m"(*p) : : "memory");
-    return v;
-}
 
 /* Bounded spin lock (a broken CPU must not hang the printer forever). */
 static void klock(volatile u32 *l)
@@ -190,7 +119,7 @@ static void serial_write(const char *s, u64 n)
         serial_putc(s[i]);
     }
 }
-static void kprintf(const char *fmt, ...)
+void kprintf(const char *fmt, ...)
 {
     char buf[256];
     va_list ap;
@@ -218,28 +147,7 @@ static void NORETURN machine_exit(u32 status)
 /* ---------------------------------------------------------------- */
 /* Local APIC: x2APIC MSRs when available, else xAPIC MMIO           */
 
-#define APIC_BASE_MMIO 0xFEE00000UL
-enum {
-    APIC_ID = 0x20, APIC_TPR = 0x80, APIC_EOI = 0xB0, APIC_SVR = 0xF0,
-    APIC_ICR = 0x300, APIC_ICR_HI = 0x310, APIC_LVT_TIMER = 0x320,
-    APIC_LVT_LINT0 = 0x350, APIC_LVT_LINT1 = 0x360, APIC_LVT_ERR = 0x370,
-    APIC_TMICT = 0x380, APIC_TMCCT = 0x390, APIC_TDCR = 0x3E0,
-};
-static inline u32 apic_read(u32 reg)
-{
-    if (use_x2apic)
-        return (u32)rdmsr(0x800 + (reg >> 4));
-    return *(volatile u32 *)(APIC_BASE_MMIO + reg);
-}
-static inline void apic_write(u32 reg, u32 v)
-{
-    if (use_x2apic)
-        wrmsr(0x800 + (reg >> 4), v);
-    else
-        *(volatile u32 *)(APIC_BASE_MMIO + reg) = v;
-}
-static inline void apic_eoi(void) { apic_write(APIC_EOI, 0); }
-static void apic_send(u32 dest, u32 icr)
+void apic_send(u32 dest, u32 icr)
 {
     if (use_x2apic) {
         wrmsr(0x830, ((u64)dest << 32) | icr);
@@ -250,11 +158,11 @@ static void apic_send(u32 dest, u32 icr)
     apic_write(APIC_ICR_HI, dest << 24);
     apic_write(APIC_ICR, icr);
 }
-static u32 apic_self_id(void)
+u32 apic_self_id(void)
 {
     return use_x2apic ? apic_read(APIC_ID) : apic_read(APIC_ID) >> 24;
 }
-static void apic_init(void)
+void apic_init(void)
 {
     u64 base = rdmsr(0x1B), want = base | 1 << 11;
     if (use_x2apic)
@@ -267,7 +175,7 @@ static void apic_init(void)
     apic_write(APIC_TDCR, 0xB);                      /* divide by 1 */
 }
 
-static void udelay(u64 us)
+void udelay(u64 us)
 {
     u64 end = rdtsc() + us * tsc_khz / 1000;
     while (rdtsc() < end)
@@ -384,11 +292,19 @@ static void add_cpu(u32 apic_id)
 static void parse_madt(struct sdt *t)
 {
     u8 *p = (u8 *)t + 44, *end = (u8 *)t + t->length;
+    memcpy(platform.oem, t->oem, 6);
+    platform.qemu = !memcmp(t->oem, "BOCHS ", 6);
+    platform.dvmm = !memcmp(t->oem, "DVMM  ", 6);
     for (; p + 2 <= end && p[1] >= 2; p += p[1]) {
         if (p[0] == 0 && (*(u32 *)(p + 4) & 1))       /* LAPIC, enabled */
             add_cpu(p[3]);
         else if (p[0] == 9 && (*(u32 *)(p + 8) & 1))  /* x2APIC, enabled */
             add_cpu(*(u32 *)(p + 4));
+        else if (p[0] == 1 && p[1] >= 12 && !platform.have_ioapic) { /* IOAPIC */
+            platform.have_ioapic = 1;
+            platform.ioapic_id = p[2];
+            platform.ioapic_addr = *(u32 *)(p + 4);
+        }
     }
 }
 
@@ -580,6 +496,9 @@ static void load_cpu_tables(struct cpu *c, u64 kstack, u64 *idt)
     memset(tss, 0, sizeof *tss);
     tss->rsp0 = kstack + KSTACK_SIZE;
     tss->ist[0] = blk + PERCPU_IST + 4096;
+    /* NMIs (and #DF, #MC) run on the IST stack, where this_cpu() does not
+     * work: its lowest word names the CPU (see trap()). */
+    *(struct cpu **)(blk + PERCPU_IST) = c;
     tss->iomap_base = sizeof *tss;
     gdt[0] = 0;
     gdt[1] = 0x00CF9A000000FFFFUL; /* kernel code 32 (boot only) */
@@ -723,15 +642,40 @@ static u64 do_syscall(struct trap_frame *f)
         return a0 < nonline ? online[a0]->upage : 0;
     case SYS_NODE_MEM:
         return a0 < nnodes ? node_mem[a0] : 0;
+    case SYS_CONFORM:
+        return conform_call(c, a0, a1, (char *)a2, CONFORM_OUT);
     }
     return (u64)-1;
 }
+
+/* Exception fixups: a #GP or #UD at CPL0 at `fault` resumes at `resume`
+ * with rsi = vector + 1 (the conform checks' rdmsr/wrmsr/instruction
+ * probes, see kconform.c). */
+struct extable_entry { u64 fault, resume; };
+extern const struct extable_entry __extable_start[], __extable_end[];
 
 void trap(struct trap_frame *f)
 {
     u64 v = f->vec;
     if (v == 3 && (f->cs & 3) == 3) {
         f->rax = do_syscall(f);
+        return;
+    }
+    if (v == 2) {
+        /* NMI, on the IST stack: the CPU is named at the stack's base */
+        struct cpu *c = *(struct cpu **)((u64)f & ~4095UL);
+        c->nmis++;
+        return;
+    }
+    if ((v == 13 || v == 6) && (f->cs & 3) == 0)
+        for (const struct extable_entry *e = __extable_start; e < __extable_end; e++)
+            if (e->fault == f->rip) {
+                f->rip = e->resume;
+                f->rsi = v + 1;
+                return;
+            }
+    if (v >= VEC_CONFORM_FIRST && v <= VEC_CONFORM_LAST) {
+        conform_irq(this_cpu(), v);
         return;
     }
     if (v == VEC_WAKE) {
@@ -764,6 +708,8 @@ void trap(struct trap_frame *f)
     panic_trap(f);
 }
 
+struct cpu *online_cpu(u32 rank) { return rank < nonline ? online[rank] : 0; }
+
 /* ---------------------------------------------------------------- */
 /* Boot                                                              */
 
@@ -773,6 +719,7 @@ void NORETURN ap_main(u32 apic_id)
     *(struct cpu **)c->block = c;
     if (cmpxchg32(&c->state, 0, 1) != 0)
         halt_forever(); /* too late: the BSP gave up on us */
+    conform_snapshot(c); /* the APIC as INIT-SIPI left it */
     apic_init();
     load_cpu_tables(c, c->block, (u64 *)(c->block + PERCPU_IDT));
     enter_user((u64)user_main, c->ustack_top, c->index);
@@ -829,6 +776,7 @@ void NORETURN kmain(u32 start_info)
     u32 a, b, c, d;
     cpuid(1, 0, &a, &b, &c, &d);
     use_x2apic = (c >> 21) & 1;
+    conform_snapshot(&cpus[0]); /* the APIC as power-on (or firmware) left it */
     apic_init();
     apic_write(APIC_LVT_LINT0, 0x10000);
 
@@ -854,6 +802,7 @@ void NORETURN kmain(u32 start_info)
 
     const char *tsc_src = "";
     tsc_khz = calibrate_tsc(&tsc_src);
+    platform_probe_cpl0();
 
     /* per-CPU memory, on each CPU's node */
     build_idt(idt_master);
@@ -888,6 +837,10 @@ void NORETURN kmain(u32 start_info)
     sysinfo.x2apic = use_x2apic;
     sysinfo.tsc_khz = tsc_khz;
     sysinfo.tsc_source = tsc_src;
+    snfmt(sysinfo.platform, sizeof sysinfo.platform, "%s",
+          platform.dvmm ? "dvmm" : platform.qemu ? "qemu" : "other");
+    sysinfo.cpl0_emulated = platform.cpl0_emulated;
+    sysinfo.cpl0_loop_cycles = platform.cpl0_loop_cycles;
     for (u32 i = 0; i < nonline; i++) {
         sysinfo.apic_id[i] = online[i]->apic_id;
         online_apic.apic[i] = online[i]->apic_id;

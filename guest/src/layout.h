@@ -19,5 +19,8 @@
 #define VEC_PING      0xEE
 #define VEC_PONG      0xEF
 #define VEC_SPURIOUS  0xFF
+/* The conform workload's test vectors: counted and logged per CPU, EOIed */
+#define VEC_CONFORM_FIRST 0x40
+#define VEC_CONFORM_LAST  0x7F
 
 #endif

@@ -1355,6 +1355,86 @@ static int fault_check(char *out, u64 n)
 }
 
 /* ---------------------------------------------------------------- */
+/* conform (not part of run=all): architectural conformance checks    */
+/* from inside the guest (kconform.c does them at CPL0), on every CPU; */
+/* every CPU prints its own lines, and afterwards the last CPU (on the */
+/* last node of a distributed VM) ends the VM through the debug-exit  */
+/* port.                                                              */
+
+static const char *const cf_name[CF_NCHECKS] = { "reset", "apic_base", "x2apic_gp", "tpr", "tsc_deadline", "cpuid" };
+static int conform_ran;             /* CPU 0: the last CPU must end the VM */
+static volatile u64 cf_exit_req;    /* exit status + 1, for the last CPU */
+
+static void cf_line(u32 me, const char *check, u64 r, const char *details)
+{
+    uprintf("dvmm-guest: conform.%s cpu=%u node=%d %s %s\n", check, me, pc[me]->node, details,
+            r == CF_OK ? "ok" : r == CF_SKIP ? "skip" : "FAIL");
+    if (r == CF_OK)
+        pc[me]->a++;
+    else if (r == CF_SKIP)
+        pc[me]->c++;
+    else
+        pc[me]->b++;
+}
+
+static void conform_par(u32 me)
+{
+    char buf[CONFORM_OUT];
+    TIMED_START(me);
+    snfmt(buf, sizeof buf, "apic=%u", si->apic_id[me]);
+    cf_line(me, "console", CF_OK, buf); /* this line is the check: every CPU prints */
+    for (u32 k = 0; k < CF_NCHECKS; k++)
+        cf_line(me, cf_name[k], sys(SYS_CONFORM, k, 0, (u64)buf), buf);
+
+    /* NMI ring: CPU c sends an NMI to c+1 (across nodes when they differ) */
+    u64 before = sys(SYS_CONFORM, CF_NMI_COUNT, 0, 0);
+    barrier_all(me);
+    u32 to = (me + 1) % ncpu, from = (me + ncpu - 1) % ncpu;
+    sys(SYS_CONFORM, CF_NMI_SEND, to, 0);
+    u64 got, end = rdtsc() + 10000 * tsc_khz;
+    while ((got = sys(SYS_CONFORM, CF_NMI_COUNT, 0, 0)) == before && rdtsc() < end)
+        sys(SYS_YIELD, 200, 0, 0); /* an NMI ends a halt */
+    barrier_all(me); /* every NMI sent: count again (exactly one each) */
+    got = sys(SYS_CONFORM, CF_NMI_COUNT, 0, 0);
+    snfmt(buf, sizeof buf, "from=%u from_node=%d to=%u to_node=%d received=%lu", from, pc[from]->node, to,
+          pc[to]->node, got - before);
+    cf_line(me, "nmi", got - before == 1 ? CF_OK : CF_FAIL, buf);
+
+    /* IOAPIC, from the last CPU: on a distributed VM its MMIO and COM1
+     * accesses are forwarded to the boot node */
+    barrier_all(me);
+    if (me == ncpu - 1)
+        cf_line(me, "ioapic", sys(SYS_CONFORM, CF_IOAPIC, 0, (u64)buf), buf);
+    TIMED_END(me);
+}
+
+static int conform_check(char *out, u64 n)
+{
+    u64 ok = 0, failed = 0, skipped = 0, printed = 0;
+    for (u32 c = 0; c < ncpu; c++) {
+        ok += pc[c]->a;
+        failed += pc[c]->b;
+        skipped += pc[c]->c;
+        printed += pc[c]->a + pc[c]->b + pc[c]->c > 0;
+    }
+    conform_ran = 1;
+    snfmt(out, n,
+          "cpus=%u nodes=%u platform=%s cpl0=%s cpus_printed=%lu checks_ok=%lu failed=%lu skipped=%lu exit_cpu=%u "
+          "exit_node=%d",
+          ncpu, nnode, si->platform, si->cpl0_emulated ? "emulated" : "native", printed, ok, failed, skipped,
+          ncpu - 1, pc[ncpu - 1]->node);
+    return failed != 0 || printed != ncpu;
+}
+
+/* The last CPU ends the VM (after a conform run): its console line and
+ * its debug-exit write come from the last node of a distributed VM. */
+static void NORETURN last_cpu_exit(u32 me, u32 status)
+{
+    uprintf("dvmm-guest: exit cpu=%u node=%d apic=%u status=%u\n", me, pc[me]->node, si->apic_id[me], status);
+    uexit(status);
+}
+
+/* ---------------------------------------------------------------- */
 /* Workload table and defaults                                       */
 
 #define B(p) (1UL << (p))
@@ -1376,6 +1456,7 @@ static struct workload workloads[] = {
     { "faultlat", faultlat_par, faultlat_check, DEF(0, 1024, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
     /* not in run=all: */
     { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
+    { "conform", conform_par, conform_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
 };
 #define NALL 10 /* run=all runs the first NALL */
 #define NWL (sizeof workloads / sizeof workloads[0])
@@ -1590,8 +1671,10 @@ static void NORETURN ap_loop(u32 me)
     for (;;) {
         /* long idle waits are fine: the dispatcher wakes us */
         pc[me]->idle = 1;
-        WAIT_UNTIL(me, job.gen != seen, "work", 5000);
+        WAIT_UNTIL(me, job.gen != seen || (cf_exit_req && me == ncpu - 1), "work", 5000);
         pc[me]->idle = 0;
+        if (cf_exit_req && me == ncpu - 1)
+            last_cpu_exit(me, (u32)cf_exit_req - 1);
         seen = job.gen;
         job.fn(me);
         xadd(&job.done, 1);
@@ -1685,5 +1768,12 @@ void NORETURN user_main(u64 arg)
     for (u32 i = 0; i < norder; i++)
         run_workload(&workloads[order[i]]);
     uprintf("dvmm-guest: %u passed, %u failed (total_ms=%lu)\n", npass, nfail, us_since(t) / 1000);
+    if (conform_ran && ncpu > 1) {
+        cf_exit_req = (nfail ? 1 : 0) + 1;
+        wake(ncpu - 1);
+        WAIT_UNTIL(0, 0, "the last cpu to end the vm", 5000); /* fails after the timeout */
+    }
+    if (conform_ran)
+        last_cpu_exit(0, nfail ? 1 : 0);
     uexit(nfail ? 1 : 0);
 }

@@ -156,11 +156,12 @@ pub struct AcpiLayout {
 }
 
 impl AcpiLayout {
-    /// A layout with the defaults of docs/interfaces.md: IOAPIC ID = number of
-    /// vCPUs (saturating at 255), standard addresses, default distances, COM1.
+    /// A layout with the defaults of docs/interfaces.md: the IOAPIC ID of
+    /// [`crate::ioapic::ioapic_id_for`] (the number of vCPUs up to 15, else 15: the
+    /// register has 4 bits), standard addresses, default distances, COM1.
     pub fn new(cpus: Vec<AcpiCpu>, memory: Vec<AcpiMemory>) -> Self {
         Self {
-            ioapic_id: u8::try_from(cpus.len()).unwrap_or(u8::MAX),
+            ioapic_id: crate::ioapic::ioapic_id_for(cpus.len()),
             cpus,
             memory,
             distances: None,
@@ -922,6 +923,59 @@ mod tests {
             build_tables(&two_nodes(), 0xFFF00),
             Err(AcpiError::TooLarge { .. })
         ));
+    }
+
+    /// The MADT's IOAPIC ID fits the IOAPIC's 4-bit ID register and is what that
+    /// register reads, for every vCPU count; below 16 vCPUs no local APIC has it.
+    #[test]
+    fn madt_ioapic_id_matches_the_register() {
+        for n in [1usize, 2, 4, 15, 16, 17, 64, 254, 255, 300] {
+            let cpus: Vec<AcpiCpu> = (0..n as u32)
+                .map(|i| AcpiCpu {
+                    apic_id: i,
+                    node: 0,
+                })
+                .collect();
+            let memory = vec![AcpiMemory {
+                gpa: 0,
+                size: 256 << 20,
+                node: 0,
+            }];
+            let t = build(&AcpiLayout::new(cpus, memory));
+            let e = entries(table(&t, b"APIC"), 44);
+            let io: Vec<_> = e.iter().filter(|(ty, _)| *ty == 1).collect();
+            assert_eq!(io.len(), 1, "{n} vCPUs");
+            let madt_id = io[0].1[2];
+            assert!(
+                madt_id <= 15,
+                "{n} vCPUs: IOAPIC ID {madt_id} has more than 4 bits"
+            );
+            assert_eq!(madt_id, crate::ioapic::ioapic_id_for(n), "{n} vCPUs");
+            // The register of an IOAPIC built the way vm.rs builds it.
+            let mut ioapic = crate::ioapic::IoApic::new(crate::ioapic::ioapic_id_for(n));
+            ioapic.mmio_write(crate::ioapic::IOREGSEL, &[0]);
+            let mut reg = [0u8; 4];
+            ioapic.mmio_read(crate::ioapic::IOWIN, &mut reg);
+            assert_eq!(
+                u32::from_le_bytes(reg),
+                u32::from(madt_id) << 24,
+                "{n} vCPUs"
+            );
+            if n < 16 {
+                assert_eq!(usize::from(madt_id), n, "{n} vCPUs: first free ID");
+                let lapic_ids: Vec<u8> = e
+                    .iter()
+                    .filter(|(ty, _)| *ty == 0)
+                    .map(|(_, b)| b[3])
+                    .collect();
+                assert!(
+                    !lapic_ids.contains(&madt_id),
+                    "{n} vCPUs: shared with a LAPIC"
+                );
+            } else {
+                assert_eq!(madt_id, 15, "{n} vCPUs");
+            }
+        }
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //!   the pin is masked is latched and delivered when the pin is unmasked (as
 //!   KVM's IOAPIC does), so a guest that masks briefly loses nothing.
 //! - Level-triggered pins deliver while asserted and remote IRR is clear.
-//! - The ID register holds 8 bits (31:24) so that ID = number of vCPUs works
-//!   for more than 15 vCPUs (Linux reads it as 8 bits on x86-64).
+//! - The ID register implements bits 27:24 only (82093AA); the others read 0.
+//!   dvmm gives it the ID [`ioapic_id_for`] picks, the one the MADT names.
 //! - Guest garbage (bad sizes, reserved registers, out-of-range IOREGSEL) is
 //!   ignored / reads as zero; it never panics.
 
@@ -61,6 +61,28 @@ const RTE_LOW_WRITABLE: u64 =
 /// destination 55:48, kept but not interpreted).
 const RTE_HIGH_WRITABLE: u64 = 0xFFFF_0000_0000_0000;
 
+/// Highest IOAPIC ID: the ID register has 4 bits (82093AA, bits 27:24).
+pub const IOAPIC_MAX_ID: u8 = IOAPIC_ID_MASK;
+
+/// The IOAPIC ID of a VM with `vcpus` vCPUs (local APIC IDs `0..vcpus`), named by
+/// the MADT and held by the ID register, which has 4 bits.
+///
+/// - Up to 15 vCPUs: `vcpus`, the first ID after the local APICs, so no local APIC
+///   shares it (the MP-specification convention; P6-era APIC-bus systems needed
+///   every APIC ID unique).
+/// - 16 vCPUs or more: the local APIC IDs cover every 4-bit value, so no unique ID
+///   exists; [`IOAPIC_MAX_ID`] (15). On xAPIC-generation processors (local APIC
+///   version >= 0x14, as dvmm's) interrupts travel as system-bus messages and the
+///   IOAPIC ID is not an arbitration ID any more: it only has to be unique among
+///   IOAPICs (SDM 11.1; Linux checks exactly that on x86-64 and on 32-bit xAPIC
+///   systems, `io_apic_unique_id`). QEMU uses 0 whatever the CPU count.
+///
+/// Before, the MADT said `vcpus` while the register kept only its low 4 bits, so a
+/// guest with 16 vCPUs read ID 0 where the MADT said 16.
+pub fn ioapic_id_for(vcpus: usize) -> u8 {
+    u8::try_from(vcpus).unwrap_or(u8::MAX).min(IOAPIC_MAX_ID)
+}
+
 /// Errors of the IOAPIC (from the VMM side, never from the guest).
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum IoApicError {
@@ -82,7 +104,7 @@ pub struct IoApic {
 }
 
 impl IoApic {
-    /// A reset IOAPIC with ID `id` (dvmm uses the number of vCPUs); every
+    /// A reset IOAPIC with ID `id` (dvmm uses [`ioapic_id_for`]); every
     /// redirection entry masked. The ID register holds 4 bits (82093AA), so
     /// only the low 4 bits of `id` are kept.
     pub fn new(id: u8) -> Self {
@@ -357,6 +379,20 @@ mod tests {
         write_reg(&mut io, 0, 0x0700_0000);
         io.reset();
         assert_eq!(read_reg(&mut io, 0), 0x0700_0000);
+    }
+
+    #[test]
+    fn id_for_vcpu_counts() {
+        assert_eq!(ioapic_id_for(1), 1);
+        assert_eq!(ioapic_id_for(15), 15);
+        for n in [16, 17, 255, 256, 1024, usize::MAX] {
+            assert_eq!(ioapic_id_for(n), IOAPIC_MAX_ID, "{n}");
+        }
+        // What the MADT names is what the register holds.
+        for n in [3, 15, 16, 40] {
+            let mut io = IoApic::new(ioapic_id_for(n));
+            assert_eq!(read_reg(&mut io, 0) >> 24, u32::from(ioapic_id_for(n)));
+        }
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //! * The LAPIC timer is a POSIX timer per vCPU delivering the same signal to the vCPU
 //!   thread (`SIGEV_THREAD_ID`): a guest spinning at CPL3 (no exits) still gets its timer
 //!   interrupt on time; it is only re-armed when the deadline changes.
+//! * The LAPIC answers IA32_APIC_BASE; each write the guest makes is mirrored into
+//!   KVM's copy of the MSR (KVM_SET_MSRS), which is where KVM takes CPUID.1:EDX[9]
+//!   ("APIC present") from, so that bit follows the global enable. The xAPIC page
+//!   decodes wherever the base says, only in xAPIC mode.
 //! * The exit path allocates nothing and logs nothing (statistics are plain counters
 //!   owned by the vCPU thread, returned when it ends).
 
@@ -40,7 +44,8 @@ use serde::Serialize;
 use crate::apic::{ApicAction, InterruptMessage, LocalApic};
 use crate::bus::{lock, Bus, BusAction};
 
-/// Guest-physical base of the local APIC page.
+/// Guest-physical base of the local APIC page at reset (the guest may move it through
+/// IA32_APIC_BASE; each vCPU decodes its own APIC wherever its base says).
 pub const LAPIC_BASE: u64 = 0xFEE0_0000;
 /// Size of the local APIC page.
 pub const LAPIC_SIZE: u64 = 0x1000;
@@ -1096,10 +1101,26 @@ pub struct ExitContext<'a> {
     pub stats: &'a mut VcpuStats,
     /// Log unknown port/MMIO accesses to stderr.
     pub debug: bool,
+    /// Set by [`handle_exit`] when a guest `wrmsr` changed IA32_APIC_BASE (the new
+    /// value): the run loop mirrors it into KVM (see [`Vcpu`]'s `sync_kvm_apic_base`).
+    pub apic_base_written: Option<u64>,
 }
 
-fn is_lapic(addr: u64) -> bool {
+/// The APIC's architectural page (0xFEE00000): while this vCPU's APIC does not decode
+/// there (disabled, x2APIC mode, relocated) nothing is, but an access is not counted
+/// or logged as unknown MMIO (guests probe it, e.g. while switching modes).
+fn is_default_apic_page(addr: u64) -> bool {
     addr.wrapping_sub(LAPIC_BASE) < LAPIC_SIZE
+}
+
+/// The offset of `addr` in the LAPIC's MMIO page, if the page decodes there: only in
+/// xAPIC mode, at the base IA32_APIC_BASE gives (the guest may relocate it; SDM
+/// 11.4.4). Globally disabled or in x2APIC mode the page is not there at all, so
+/// an access goes to the bus like any other (nothing is there: reads give all
+/// ones, writes are dropped). A base over RAM is not seen: RAM accesses do not exit.
+fn lapic_offset(l: &LocalApic, addr: u64) -> Option<u64> {
+    let off = addr.wrapping_sub(l.mmio_base()?);
+    (off < LAPIC_SIZE).then_some(off)
 }
 
 /// A guest write to this vCPU's LAPIC (MMIO or MSR): brings its timer up to date,
@@ -1155,11 +1176,18 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
         }
         VcpuExit::MmioRead(addr, data) => {
             ctx.stats.exits[EK_MMIO] += 1;
-            if is_lapic(addr) {
-                ctx.stats.lapic_accesses += 1;
+            let lapic = {
                 let mut l = lock(ctx.lapic);
-                l.advance(ctx.now_ns);
-                l.mmio_read(addr - LAPIC_BASE, data, ctx.now_ns);
+                lapic_offset(&l, addr).map(|off| {
+                    l.advance(ctx.now_ns);
+                    l.mmio_read(off, data, ctx.now_ns);
+                })
+            };
+            if lapic.is_some() {
+                ctx.stats.lapic_accesses += 1;
+            } else if is_default_apic_page(addr) {
+                data.fill(0xff); // the APIC's page, not decoding now: nothing there
+                ctx.stats.lapic_accesses += 1;
             } else {
                 ctx.stats.mmio_reads += 1;
                 if !ctx.mmio.read(addr, data) {
@@ -1174,10 +1202,15 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
         }
         VcpuExit::MmioWrite(addr, data) => {
             ctx.stats.exits[EK_MMIO] += 1;
-            if is_lapic(addr) {
+            let lapic = lapic_write(ctx, |l, now| {
+                lapic_offset(l, addr).map(|off| l.mmio_write(off, data, now))
+            });
+            if let Some(out) = lapic {
                 ctx.stats.lapic_accesses += 1;
-                let out = lapic_write(ctx, |l, now| l.mmio_write(addr - LAPIC_BASE, data, now));
                 lapic_output(ctx, out);
+                VcpuAction::Continue
+            } else if is_default_apic_page(addr) {
+                ctx.stats.lapic_accesses += 1; // dropped: the page does not decode now
                 VcpuAction::Continue
             } else {
                 ctx.stats.mmio_writes += 1;
@@ -1219,7 +1252,15 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
         }
         VcpuExit::X86Wrmsr(m) => {
             ctx.stats.exits[EK_MSR] += 1;
-            let r = lapic_write(ctx, |l, now| l.msr_write(m.index, m.data, now));
+            let (r, base) = lapic_write(ctx, |l, now| {
+                let before = l.apic_base();
+                let r = l.msr_write(m.index, m.data, now);
+                let after = l.apic_base();
+                (r, (after != before).then_some(after))
+            });
+            if base.is_some() {
+                ctx.apic_base_written = base;
+            }
             match r {
                 Ok(out) => {
                     *m.error = 0;
@@ -1235,6 +1276,14 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
         VcpuExit::Hlt => {
             ctx.stats.exits[EK_HLT] += 1;
             VcpuAction::Halt
+        }
+        VcpuExit::SetTpr => {
+            // VT-x / AMD-V with a userspace LAPIC: the guest lowered CR8 (TPR). The run
+            // loop has already copied kvm_run.cr8 into the LAPIC, so an interrupt the
+            // old TPR masked is injected on the way back in. (PVM emulates `mov cr8`
+            // without this exit; the LAPIC sees the new TPR at the next exit.)
+            ctx.stats.exits[EK_OTHER] += 1;
+            VcpuAction::Continue
         }
         VcpuExit::IrqWindowOpen => {
             ctx.stats.exits[EK_IRQ_WINDOW] += 1;
@@ -1726,8 +1775,13 @@ impl Vcpu {
                     now_ns: self.env.clock.now_ns(),
                     stats: &mut self.stats,
                     debug: self.env.debug,
+                    apic_base_written: None,
                 };
-                handle_exit(exit, &mut ctx)?
+                let action = handle_exit(exit, &mut ctx)?;
+                if let Some(base) = ctx.apic_base_written {
+                    self.sync_kvm_apic_base(base);
+                }
+                action
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.stats.exits[EK_INTR] += 1;
@@ -1749,6 +1803,26 @@ impl Vcpu {
             VcpuAction::Shutdown(why) => Some(StopReason::Shutdown(why)),
             VcpuAction::Crash(kind) => Some(self.crash(kind)),
         })
+    }
+
+    /// Mirrors a guest write of IA32_APIC_BASE (answered by the userspace LAPIC) into
+    /// KVM's own copy of the MSR. KVM derives CPUID.1:EDX[9] (APIC present) from its
+    /// copy's global-enable bit (`kvm_update_cpuid_runtime`), and KVM_SET_CPUID2 is
+    /// refused once the vCPU has run, so this host-initiated KVM_SET_MSRS is what makes
+    /// the guest's CPUID say "no APIC" while its APIC is disabled (SDM 11.4.3), and
+    /// "APIC" again once it is re-enabled. The value was validated by the LAPIC; KVM
+    /// refuses it only if its base lies beyond the guest's MAXPHYADDR, and then the CPUID
+    /// bit keeps its old value (nothing else depends on KVM's copy without an
+    /// in-kernel LAPIC). It allocates the MSR list: APIC mode switches are rare.
+    fn sync_kvm_apic_base(&mut self, base: u64) {
+        let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: crate::apic::MSR_IA32_APIC_BASE,
+            data: base,
+            ..Default::default()
+        }]);
+        if let Ok(m) = msrs {
+            let _ = self.fd.set_msrs(&m);
+        }
     }
 
     /// Build the crash report: the exit reason and this vCPU's registers.

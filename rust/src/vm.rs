@@ -873,7 +873,7 @@ impl Vm {
             })
             .collect();
 
-        let ioapic = crate::ioapic::IoApic::new(n as u8);
+        let ioapic = crate::ioapic::IoApic::new(crate::ioapic::ioapic_id_for(n as usize));
         let remote = cluster.clone().map(|c| c as Arc<dyn RemoteInterruptSink>);
         let router = Arc::new(InterruptRouter::distributed(
             shared.clone(),

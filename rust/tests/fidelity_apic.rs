@@ -26,6 +26,8 @@ struct Cpu<'a> {
     lapic: &'a Mutex<LocalApic>,
     irq: &'a dyn InterruptSink,
     stats: VcpuStats,
+    /// What the last exit reported as written to IA32_APIC_BASE.
+    apic_base_written: Option<u64>,
 }
 
 impl<'a> Cpu<'a> {
@@ -37,6 +39,7 @@ impl<'a> Cpu<'a> {
             lapic,
             irq,
             stats: VcpuStats::default(),
+            apic_base_written: None,
         }
     }
 
@@ -50,8 +53,11 @@ impl<'a> Cpu<'a> {
             now_ns: 1_000,
             stats: &mut self.stats,
             debug: false,
+            apic_base_written: None,
         };
-        handle_exit(exit, &mut ctx).expect("handle_exit")
+        let action = handle_exit(exit, &mut ctx).expect("handle_exit");
+        self.apic_base_written = ctx.apic_base_written;
+        action
     }
 
     fn mmio_read(&mut self, offset: u64) -> u32 {
@@ -153,6 +159,58 @@ fn apic_page_does_not_decode_while_disabled_or_x2apic() {
     assert_eq!(cpu.mmio_read(0x80), u32::MAX);
     cpu.mmio_write(0x80, 0x50);
     assert_eq!(cpu.rdmsr(0x808), Some(0x30));
+}
+
+/// The xAPIC page decodes wherever IA32_APIC_BASE puts it (SDM 11.4.4); the
+/// default page then holds nothing. Every write that changes the MSR is reported
+/// to the run loop (which mirrors it into KVM, see tests/fidelity_cpuid.rs); a
+/// write that changes nothing or #GPs is not.
+#[test]
+fn apic_base_relocation_moves_the_page_and_writes_are_reported() {
+    let lapic = Mutex::new(LocalApic::new(0, true, 0));
+    let sink = Recorder::default();
+    let mut cpu = Cpu::new(0, &lapic, &sink);
+    let moved = 0xFED4_0000u64;
+    let bsp = APIC_BASE_BSP | APIC_BASE_ENABLE;
+    let read_at = |cpu: &mut Cpu<'_>, addr: u64| {
+        let mut d = [0u8; 4];
+        cpu.handle(VcpuExit::MmioRead(addr, &mut d));
+        u32::from_le_bytes(d)
+    };
+
+    assert!(!cpu.wrmsr(MSR_APIC_BASE, moved | bsp));
+    assert_eq!(cpu.apic_base_written, Some(moved | bsp));
+    assert_eq!(cpu.rdmsr(MSR_APIC_BASE), Some(moved | bsp));
+    assert_eq!(read_at(&mut cpu, moved + 0x30), dvmm::apic::APIC_VERSION);
+    assert_eq!(read_at(&mut cpu, LAPIC_BASE + 0x30), u32::MAX);
+    cpu.handle(VcpuExit::MmioWrite(moved + 0x80, &0x70u32.to_le_bytes()));
+    cpu.handle(VcpuExit::MmioWrite(
+        LAPIC_BASE + 0x80,
+        &0x20u32.to_le_bytes(),
+    ));
+    assert_eq!(lapic.lock().unwrap().tpr(), 0x70, "old page: write dropped");
+    assert_eq!(cpu.stats.unknown_mmio, 0);
+
+    // Unchanged value, a #GP: nothing to mirror.
+    assert!(!cpu.wrmsr(MSR_APIC_BASE, moved | bsp));
+    assert_eq!(cpu.apic_base_written, None);
+    assert!(cpu.wrmsr(MSR_APIC_BASE, moved | bsp | 1));
+    assert_eq!(cpu.apic_base_written, None);
+    assert!(cpu.wrmsr(MSR_APIC_BASE, moved | APIC_BASE_BSP | APIC_BASE_EXTD));
+    assert_eq!(cpu.apic_base_written, None);
+
+    // Disabled: the moved page is plain (unbacked) MMIO.
+    assert!(!cpu.wrmsr(MSR_APIC_BASE, moved | APIC_BASE_BSP));
+    assert_eq!(cpu.apic_base_written, Some(moved | APIC_BASE_BSP));
+    assert_eq!(read_at(&mut cpu, moved + 0x30), u32::MAX);
+    assert_eq!(cpu.stats.unknown_mmio, 1);
+
+    // Back home.
+    assert!(!cpu.wrmsr(MSR_APIC_BASE, APIC_DEFAULT_BASE | bsp));
+    assert_eq!(
+        read_at(&mut cpu, LAPIC_BASE + 0x30),
+        dvmm::apic::APIC_VERSION
+    );
 }
 
 #[test]
@@ -312,4 +370,50 @@ fn remote_table_follows_en_and_svr_and_lowest_priority_skips_disabled() {
     same_tables(&a, &b);
     assert_eq!(target(&a), vec![1]);
     assert_eq!(target(&b), vec![1]);
+}
+
+/// An NMI IPI written by a vCPU on node A reaches exactly its target on node B, as
+/// the cluster carries it: resolved on A, forwarded, re-encoded on the wire
+/// (`to_bytes`/`from_bytes`), delivered by B's router (the end-to-end run is the
+/// guest's `conform` NMI ring, tests/test_conform.py). A globally disabled target
+/// takes none.
+#[test]
+fn nmi_ipi_crosses_nodes() {
+    let (a_link, b_link) = (Arc::new(Link::default()), Arc::new(Link::default()));
+    let (a, a_vcpus) = node(&[0, 1], &a_link);
+    let (b, b_vcpus) = node(&[2, 3], &b_link);
+    let _ = a_link.peer.set(b.clone());
+    let _ = b_link.peer.set(a.clone());
+    let x2 = APIC_DEFAULT_BASE | APIC_BASE_ENABLE | APIC_BASE_EXTD;
+    let mut cpu0 = Cpu::new(0, &a_vcpus[0].lapic, a.as_ref());
+    assert!(!cpu0.wrmsr(MSR_APIC_BASE, x2 | APIC_BASE_BSP));
+    let carry = |link: &Link, to: &InterruptRouter| -> usize {
+        let msgs = std::mem::take(&mut *link.forwarded.lock().unwrap());
+        msgs.iter()
+            .map(|(_, m)| to.deliver_local(&InterruptMessage::from_bytes(&m.to_bytes()).unwrap()))
+            .sum()
+    };
+
+    // x2APIC ICR: NMI (delivery mode 100), physical destination 2.
+    assert!(!cpu0.wrmsr(0x830, (2u64 << 32) | 0x400));
+    let fwd = a_link.forwarded.lock().unwrap().clone();
+    assert_eq!(fwd.len(), 1, "{fwd:?}");
+    assert_eq!((fwd[0].0, fwd[0].1.delivery_mode), (2, DeliveryMode::Nmi));
+    assert_eq!(carry(&a_link, &b), 1);
+    assert!(
+        b_vcpus[0].lapic.lock().unwrap().take_nmi(),
+        "vCPU 2 took the NMI"
+    );
+    assert!(!b_vcpus[1].lapic.lock().unwrap().take_nmi());
+    for v in &a_vcpus {
+        assert!(!v.lapic.lock().unwrap().take_nmi());
+    }
+
+    // vCPU 3 clears IA32_APIC_BASE.EN (node A learns it): an NMI for it is dropped.
+    let mut cpu3 = Cpu::new(3, &b_vcpus[1].lapic, b.as_ref());
+    assert!(!cpu3.wrmsr(MSR_APIC_BASE, APIC_DEFAULT_BASE));
+    assert!(!a.addressing_table()[3].enabled);
+    assert!(!cpu0.wrmsr(0x830, (3u64 << 32) | 0x400));
+    assert_eq!(carry(&a_link, &b), 0);
+    assert!(!b_vcpus[1].lapic.lock().unwrap().take_nmi());
 }

@@ -76,6 +76,7 @@ impl Fixture {
             now_ns: 1000,
             stats: &mut self.stats,
             debug: false,
+            apic_base_written: None,
         };
         handle_exit(exit, &mut ctx).unwrap()
     }
@@ -423,4 +424,12 @@ fn kick_wakes_a_sleeping_vcpu() {
     }
     s.kick();
     assert!(h.join().unwrap() < Duration::from_secs(5));
+}
+
+#[test]
+fn set_tpr_exit_continues() {
+    // KVM_EXIT_SET_TPR (VT-x/AMD-V, CR8 lowered, userspace LAPIC) is not a crash.
+    let mut f = Fixture::new();
+    assert_eq!(f.handle(VcpuExit::SetTpr), VcpuAction::Continue);
+    assert_eq!(f.stats.exits[EK_OTHER], 1);
 }
