@@ -394,7 +394,16 @@ class Node:
                 how = f"killed by signal {-rc}"
         else:
             how = f"exited with status {rc} without a result"
-        last = next((line for line in reversed(self.stderr_tail) if line.strip()), None)
+        # Its last line that says something about the end: warnings (e.g. about the
+        # CPU model, printed at start) are not why a worker died.
+        last = next(
+            (
+                line
+                for line in reversed(self.stderr_tail)
+                if line.strip() and "warning:" not in line[:48].lower()
+            ),
+            None,
+        )
         return how + (f" (last words: {last.strip()})" if last else "")
 
 

@@ -402,3 +402,18 @@ def test_worker_sigterm_stops_the_vm(make_kernel: MakeKernel, tmp_path: Path) ->
     assert proc.returncode == 0, err
     result = json.loads(result_path.read_text())
     assert result["reason"] == "stopped" and "SIGTERM" in result["error"]
+
+
+def test_worker_death_quotes_its_last_words_not_a_startup_warning(tmp_path: Path) -> None:
+    from dvmmd.localcluster import Node
+
+    n = Node(0, "127.0.0.1", 7100, {}, tmp_path / "s", tmp_path / "r", tmp_path / "c")
+    n.returncode = -9
+    n.stderr_tail.extend(
+        ["dvmm: starting", "dvmm: page 7: install failed: EEXIST",
+         "dvmm: warning: KVM PVM shows host CPU features the model hides: sse4.2"]
+    )  # fmt: skip
+    assert n.death() == "killed by SIGKILL (last words: dvmm: page 7: install failed: EEXIST)"
+    n.stderr_tail.clear()
+    n.returncode = 3
+    assert n.death() == "exited with status 3 without a result"
