@@ -144,6 +144,8 @@ class Options:
     hold_window_us: int | None = None
     #: DSM sequential prefetch, pages per batch at most; None = the engine's default, 0 = off.
     prefetch_max_pages: int | None = None
+    #: How the nodes' messages move: "tcp" or "shm" (shared memory, one host).
+    transport: str = "tcp"
     #: CPU model for every node; None = this host's default (resolved once, so all
     #: nodes get the same one).
     cpu: str | None = None
@@ -169,6 +171,7 @@ class Options:
             foreign_budget=getattr(args, "foreign_budget", d.foreign_budget),
             hold_window_us=getattr(args, "hold_window_us", d.hold_window_us),
             prefetch_max_pages=getattr(args, "prefetch_max_pages", d.prefetch_max_pages),
+            transport=getattr(args, "transport", d.transport),
             cpu=getattr(args, "cpu", d.cpu),
             data_plane=getattr(args, "data_plane", d.data_plane) or d.data_plane,
         )
@@ -272,6 +275,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "at once; 0 = off (default: the engine's)",
     )
     parser.add_argument(
+        "--transport",
+        choices=("tcp", "shm"),
+        default="tcp",
+        help="with --nodes: how the nodes' messages move: tcp (default) or shm (rings in "
+        "shared memory, for nodes on one host; each node still keeps its own copy of "
+        "guest memory; not with --netns)",
+    )
+    parser.add_argument(
         "--data-plane",
         choices=DATA_PLANE_MODES,
         default="encrypt",
@@ -301,6 +312,9 @@ def validate(opts: Options) -> None:
             f"--memory {format_size(opts.memory)} cannot be split into {opts.nodes} "
             "page-aligned shares"
         )
+    if opts.transport == "shm" and opts.netns:
+        # The doorbell is an abstract unix socket, which a network namespace hides.
+        raise UsageError("--transport shm: not with --netns (nodes must share a host view)")
     if opts.foreign_budget is not None and opts.foreign_budget < PAGE_SIZE:
         raise UsageError(f"--foreign-budget {opts.foreign_budget}: at least one 4 KiB page")
     if not math.isfinite(opts.timeout) or opts.timeout < 0:
@@ -525,6 +539,8 @@ class Launcher:
                     cluster["hold_window_us"] = opts.hold_window_us
                 if opts.prefetch_max_pages is not None:
                     cluster["prefetch_max_pages"] = opts.prefetch_max_pages
+                if opts.transport != "tcp":
+                    cluster["transport"] = opts.transport
             try:
                 spec = build_spec(
                     vcpus=opts.vcpus,

@@ -72,6 +72,7 @@ HIGHER_IS_BETTER = {
     "remote_scan_gbps_encrypt",
     "remote_scan_gbps_integrity",
     "remote_scan_gbps_none",
+    "remote_scan_shm_gbps",
 }
 
 

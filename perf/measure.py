@@ -485,6 +485,7 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
     e50: list[float] = []
     e99: list[float] = []
     scan: list[float] = []
+    scan_shm: list[float] = []
     mean_engine: list[float] = []
     guest: list[float] = []
     kinds: set[str] = set()
@@ -504,6 +505,9 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
         guest.append(sw.num("verify_us") / pages)
         # both vCPUs read the other node's part at once: aggregate bandwidth
         scan.append(sw.num("bytes") * 8 / sw.num("verify_us") / 1e3)
+        # The same over the shared-memory transport (nodes on one host).
+        sh = two_nodes(one, extra_args=("--transport", "shm")).get("sweep")
+        scan_shm.append(sh.num("bytes") * 8 / sh.num("verify_us") / 1e3)
     res = (
         "HDR histogram, 3 significant digits (exact to 0.1 %)"
         if kinds == {"hdr"}
@@ -530,6 +534,12 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
             "remote_scan_gbps", "Gbit/s", scan,
             f"sweep mem={mem} numa=local, 2 nodes: verify phase (each vCPU reads the other "
             "node's half at once): bytes*8/verify_us, aggregate of both directions",
+        ),
+        Figure(
+            "remote_scan_shm_gbps", "Gbit/s", scan_shm,
+            "as remote_scan_gbps, with dvmmctl run --transport shm (rings in shared "
+            "memory between the two node processes, same sealed records), run after each "
+            "TCP run",
         ),
     ]  # fmt: skip
     merged = merge_hdr(hdrs)

@@ -358,6 +358,7 @@ def test_layout_spreads_vcpus_and_memory() -> None:
         (Options(nodes=0, vcpus=1), "1 to 16"),
         (Options(nodes=3, vcpus=2), "at least 3 vCPUs"),
         (Options(nodes=2, vcpus=2, memory=256 * MIB + 1), "4 KiB"),
+        (Options(nodes=2, vcpus=2, transport="shm", netns=True), "not with --netns"),
     ],
 )
 def test_validate_rejects(opts: Options, message: str) -> None:
@@ -669,15 +670,17 @@ def single_node_reference(launches: list[Launch], vcpus: int, memory: str) -> di
     return _single_node_lines[key]
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
 @pytest.mark.parametrize(("nodes", "memory"), [(2, "256M"), (3, "384M")])
 def test_every_workload_passes_as_on_one_node(
-    cluster_ready: None, launches: list[Launch], nodes: int, memory: str
+    cluster_ready: None, launches: list[Launch], nodes: int, memory: str, transport: str
 ) -> None:
     reference = single_node_reference(launches, nodes, memory)
     res = run_cluster(
-        launches, "--nodes", str(nodes), "--vcpus", str(nodes), "--memory", memory, "--stats"
-    )
-    print(f"{nodes} nodes, run=all: {res.elapsed_s:.1f} s")
+        launches, "--nodes", str(nodes), "--vcpus", str(nodes), "--memory", memory, "--stats",
+        "--transport", transport,
+    )  # fmt: skip
+    print(f"{nodes} nodes over {transport}, run=all: {res.elapsed_s:.1f} s")
     print(res.stdout[-3000:])
     assert res.returncode == 0, explain(res)
     assert_all_passed(res.stdout)

@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use crate::apic::{self, InterruptMessage};
 use crate::bus::{lock, Bus, BusAction, RemoteBusForwarder};
 use crate::dsm::auth::{self, NodeKeys};
+use crate::dsm::engine::TransportKind;
 use crate::dsm::protocol::NodeId;
 use crate::dsm::seal::Protection;
 use crate::dsm::{AppEvent, DsmConfig, DsmEngine, DsmHandle, APP_ERROR, APP_IO, APP_IPI, APP_STOP};
@@ -162,6 +163,10 @@ pub struct ClusterSpec {
     /// engine's default, see [`crate::dsm::engine::DEFAULT_PREFETCH_MAX_PAGES`]).
     #[serde(default)]
     pub prefetch_max_pages: Option<u32>,
+    /// How messages move between the nodes: "tcp" (default; any nodes) or
+    /// "shm" (shared-memory rings; all nodes on one host).
+    #[serde(default)]
+    pub transport: Option<String>,
     /// Give up forming the mesh after this many seconds (default 30).
     #[serde(default)]
     pub connect_timeout_s: Option<f64>,
@@ -253,6 +258,7 @@ impl ClusterSpec {
         }
         self.addrs()?;
         self.keys()?;
+        self.transport_kind()?;
         if let Some(t) = self.connect_timeout_s {
             if !(t.is_finite() && t > 0.0) {
                 return Err(format!("cluster.connect_timeout_s = {t}: must be > 0"));
@@ -279,6 +285,17 @@ impl ClusterSpec {
             out.push(a);
         }
         Ok(out)
+    }
+
+    /// The transport the spec asks for.
+    pub fn transport_kind(&self) -> Result<TransportKind, String> {
+        match self.transport.as_deref() {
+            None | Some("tcp") => Ok(TransportKind::Tcp),
+            Some("shm") => Ok(TransportKind::Shm),
+            Some(t) => Err(format!(
+                "cluster.transport = {t:?}: must be \"tcp\" or \"shm\""
+            )),
+        }
     }
 
     /// This node's data-plane keys (the private key must match its public key).
@@ -447,6 +464,7 @@ impl Cluster {
         if let Some(n) = spec.prefetch_max_pages {
             cfg.prefetch_max_pages = n;
         }
+        cfg.transport = spec.transport_kind()?;
         if let Some(t) = spec.connect_timeout_s {
             cfg.connect_deadline = Duration::from_secs_f64(t);
         }
@@ -891,6 +909,7 @@ mod tests {
             foreign_budget_pages: None,
             hold_window_us: None,
             prefetch_max_pages: None,
+            transport: None,
             connect_timeout_s: None,
         };
         ok.validate(Some(&numa)).unwrap();
@@ -914,6 +933,7 @@ mod tests {
         ))
         .contains("does not match"));
         assert!(e(&|c| c.security = Some("rot13".into())).contains("cluster.security"));
+        assert!(e(&|c| c.transport = Some("pigeon".into())).contains("cluster.transport"));
         assert!(
             !format!("{ok:?}").contains("5dab087e"),
             "Debug must hide the private key"

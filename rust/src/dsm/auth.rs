@@ -28,6 +28,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use hkdf::Hkdf;
@@ -143,6 +144,16 @@ impl NodeKeys {
         self
     }
 
+    /// The VM's session id (public), in hex: names the VM's shared segments.
+    pub fn session_hex(&self) -> String {
+        self.session.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.pubs.len()
+    }
+
     /// This node's index.
     pub fn me(&self) -> NodeId {
         self.me
@@ -171,6 +182,27 @@ impl NodeKeys {
         )
         .map_err(|_| AuthError::Refused("key derivation"))?;
         Ok(okm)
+    }
+}
+
+/// A stream a handshake can run on (TCP for the mesh, a unix socket for the
+/// shared-memory transport's doorbell).
+pub trait HandshakeIo: Read + Write {
+    /// Read and write timeouts (None: block).
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl HandshakeIo for TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl HandshakeIo for UnixStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
     }
 }
 
@@ -241,14 +273,14 @@ fn nonce() -> Result<[u8; NONCE]> {
     Ok(n)
 }
 
-fn send(s: &mut TcpStream, f: &Frame, seq: u64) -> Result<()> {
+fn send<S: HandshakeIo>(s: &mut S, f: &Frame, seq: u64) -> Result<()> {
     let mut out = Vec::new();
     wire::encode(f, seq, &mut out);
     s.write_all(&out)?;
     Ok(())
 }
 
-fn recv(s: &mut TcpStream, dec: &mut Decoder) -> Result<Frame> {
+fn recv<S: HandshakeIo>(s: &mut S, dec: &mut Decoder) -> Result<Frame> {
     // Read exactly one frame (header, then its payload): bytes after the
     // handshake belong to the caller's decoder.
     let mut h = [0u8; wire::HEADER_SIZE];
@@ -265,7 +297,7 @@ fn recv(s: &mut TcpStream, dec: &mut Decoder) -> Result<Frame> {
         .ok_or(AuthError::Refused("incomplete handshake frame"))
 }
 
-fn read_exact(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+fn read_exact<S: HandshakeIo>(s: &mut S, buf: &mut [u8]) -> Result<()> {
     s.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             AuthError::Refused("connection closed during the handshake")
@@ -298,15 +330,14 @@ pub const FIRST_DATA_SEQ: u64 = 2;
 
 /// Connector side. Returns the connection's sealed halves once the acceptor
 /// has authenticated us and we it.
-pub fn connect(
-    s: &mut TcpStream,
+pub fn connect<S: HandshakeIo>(
+    s: &mut S,
     keys: &NodeKeys,
     peer: NodeId,
     lane: u8,
     timeout: Duration,
 ) -> Result<Session> {
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
+    s.set_timeouts(Some(timeout))?;
     let me = keys.me;
     let limits = Limits { pages: 0, nodes: 0 };
     let mut dec = Decoder::new(limits, 0);
@@ -353,22 +384,20 @@ pub fn connect(
         1,
     )?;
     auth_frame(recv(s, &mut dec)?, ty::AUTH_OK)?;
-    s.set_read_timeout(None)?;
-    s.set_write_timeout(None)?;
+    s.set_timeouts(None)?;
     Ok(session(&okm, true, keys.protection))
 }
 
 /// Acceptor side. Returns the authenticated peer's node id and lane, and the
 /// connection's sealed halves. `check` validates the claimed identity before
 /// any key-dependent reply.
-pub fn accept(
-    s: &mut TcpStream,
+pub fn accept<S: HandshakeIo>(
+    s: &mut S,
     keys: &NodeKeys,
     timeout: Duration,
     check: &dyn Fn(NodeId, u8) -> bool,
 ) -> Result<(NodeId, u8, Session)> {
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
+    s.set_timeouts(Some(timeout))?;
     let me = keys.me;
     let limits = Limits { pages: 0, nodes: 0 };
     let mut dec = Decoder::new(limits, 0);
@@ -411,7 +440,6 @@ pub fn accept(
         },
         1,
     )?;
-    s.set_read_timeout(None)?;
-    s.set_write_timeout(None)?;
+    s.set_timeouts(None)?;
     Ok((cid, lane, session(&okm, false, keys.protection)))
 }

@@ -28,6 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,7 @@ use std::time::{Duration, Instant};
 use super::auth::{AuthError, NodeKeys};
 use super::prefetch::Prefetcher;
 use super::protocol::{self, Access, CacheState, Data, Effect, FaultOutcome, Msg, NodeId, PageIdx};
+use super::shm::{ShmConfig, ShmMesh};
 use super::stats::{Stats, StatsSnapshot};
 use super::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
 use super::uffd::{Fault, GuestMem, UffdError, PAGE};
@@ -211,6 +213,18 @@ pub struct DsmConfig {
     /// wasted: see `prefetch`). 0 turns it off; at most
     /// [`protocol::MAX_PREFETCH`]. Bounded by `foreign_budget`.
     pub prefetch_max_pages: u32,
+    /// How messages move between the nodes.
+    pub transport: TransportKind,
+}
+
+/// The transport [`DsmEngine::start`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// A TCP mesh (any nodes).
+    #[default]
+    Tcp,
+    /// Shared-memory rings (nodes on one host), see [`super::shm`].
+    Shm,
 }
 
 impl DsmConfig {
@@ -249,6 +263,7 @@ impl DsmConfig {
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(DEFAULT_PREFETCH_MAX_PAGES),
+            transport: TransportKind::Tcp,
         }
     }
 }
@@ -342,19 +357,29 @@ impl DsmEngine {
                 cfg.node_index
             )));
         }
-        let mesh = TcpMesh::connect(&MeshConfig {
-            me: cfg.node_index,
-            addrs: cfg.nodes.clone(),
-            keys: cfg.keys.clone(),
-            connect_deadline: cfg.connect_deadline,
-            dead_after: cfg.dead_after,
-            limits: Limits {
-                pages: node.pages(),
-                nodes: cfg.nodes.len(),
-            },
-        })?;
+        let limits = Limits {
+            pages: node.pages(),
+            nodes: cfg.nodes.len(),
+        };
+        let transport: Arc<dyn Transport> = match cfg.transport {
+            TransportKind::Tcp => Arc::new(TcpMesh::connect(&MeshConfig {
+                me: cfg.node_index,
+                addrs: cfg.nodes.clone(),
+                keys: cfg.keys.clone(),
+                connect_deadline: cfg.connect_deadline,
+                dead_after: cfg.dead_after,
+                limits,
+            })?),
+            TransportKind::Shm => Arc::new(ShmMesh::connect(&ShmConfig {
+                keys: cfg.keys.clone(),
+                dir: PathBuf::from("/dev/shm"),
+                connect_deadline: cfg.connect_deadline,
+                dead_after: cfg.dead_after,
+                limits,
+            })?),
+        };
         // SAFETY: forwarded from this function's contract.
-        unsafe { Self::start_with(cfg, Arc::new(mesh)) }
+        unsafe { Self::start_with(cfg, transport) }
     }
 
     /// Like [`DsmEngine::start`], over a transport the caller formed (tests

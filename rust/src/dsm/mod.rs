@@ -14,6 +14,8 @@
 //!   (encrypt, integrity only, or none).
 //! - [`transport`]: the [`transport::Transport`] trait and a TCP mesh with a
 //!   control lane and a bulk lane per pair of nodes.
+//! - [`shm`]: a shared-memory transport for nodes on one host (rings in a
+//!   shared segment, a unix-socket doorbell, the same sealed records).
 //! - [`uffd`]: userfaultfd on the guest mapping; install (UFFDIO_COPY),
 //!   downgrade (UFFDIO_WRITEPROTECT), drop (fallocate PUNCH_HOLE).
 //! - [`engine`]: the per-node engine thread tying them together.
@@ -59,6 +61,7 @@ pub mod engine;
 pub mod prefetch;
 pub mod protocol;
 pub mod seal;
+pub mod shm;
 pub mod stats;
 pub mod transport;
 pub mod uffd;
