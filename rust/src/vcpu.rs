@@ -31,6 +31,12 @@
 //!   decodes wherever the base says, only in xAPIC mode.
 //! * The exit path allocates nothing and logs nothing (statistics are plain counters
 //!   owned by the vCPU thread, returned when it ends).
+//! * An emulation failure (KVM PVM's CPL0 emulator refusing an instruction) is
+//!   finished by the VMM when [`complete`] knows the instruction (`int3`, `int1`,
+//!   `cmpxchg16b`, `popcnt`, `stac`/`clac`, `fwait`, `ldmxcsr`/`stmxcsr` at CPL0 in 64-bit
+//!   mode): registers,
+//!   memory and an exception to deliver are set, and the guest resumes; otherwise
+//!   the VM stops with the crash report as before (debug mode logs either).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -1013,6 +1019,8 @@ pub struct VcpuStats {
     pub halt_poll_hits: u64,
     /// Halts that slept on the futex.
     pub halt_sleeps: u64,
+    /// Emulation failures finished by the VMM (see [`complete`]).
+    pub insns_completed: u64,
 }
 
 impl VcpuStats {
@@ -1035,6 +1043,7 @@ impl VcpuStats {
         self.timer_rearms += o.timer_rearms;
         self.halt_poll_hits += o.halt_poll_hits;
         self.halt_sleeps += o.halt_sleeps;
+        self.insns_completed += o.insns_completed;
     }
 
     /// Total number of exits.
@@ -1356,6 +1365,11 @@ pub struct VcpuEnv {
     pub server: Option<Arc<dyn MessageServer>>,
     /// The vCPU whose thread serves (its thread gets the transport's signals).
     pub server_vcpu: Option<u32>,
+    /// Guest RAM through the guest mapping (coherent: accesses fault into the DSM
+    /// like the guest's), for finishing instructions the host's CPL0 emulator
+    /// refuses ([`complete`]); None: never complete, every emulation failure
+    /// stops the VM. Must stay mapped while the vCPUs run (the `Vm` owns it).
+    pub guest_memory: Option<vm_memory::GuestMemoryMmap>,
 }
 
 /// Incoming cluster traffic served on a vCPU thread: the transport signals the
@@ -1801,8 +1815,97 @@ impl Vcpu {
             }
             VcpuAction::StopVm(s) => Some(StopReason::DebugExit(s)),
             VcpuAction::Shutdown(why) => Some(StopReason::Shutdown(why)),
+            VcpuAction::Crash(CrashKind::InternalError) if self.complete_refused_insn() => None,
             VcpuAction::Crash(kind) => Some(self.crash(kind)),
         })
+    }
+
+    /// After an emulation failure (`KVM_EXIT_INTERNAL_ERROR`, suberror
+    /// `KVM_INTERNAL_ERROR_EMULATION`): finishes the instruction at RIP if it is one
+    /// [`complete`] handles (64-bit mode, CPL0) and sets the vCPU up to resume.
+    /// False leaves everything as KVM reported it, for the crash report. Only an
+    /// emulation failure comes here, so hardware-VT hosts, where these instructions
+    /// never exit, are unaffected.
+    fn complete_refused_insn(&mut self) -> bool {
+        let Some(mem) = self.env.guest_memory.as_ref() else {
+            return false;
+        };
+        let index = self.shared.index;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // union member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        if internal.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            return false;
+        }
+        let (bytes, n) = kvm_insn_bytes(&internal);
+        let (Ok(mut regs), Ok(mut sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return false;
+        };
+        let rip = regs.rip;
+        let mut fpu = VcpuFpu(&self.fd);
+        let (decoded, outcome) =
+            match complete::complete_with(&bytes[..n], &mut regs, &sregs, mem, &mut fpu) {
+                Ok(r) => r,
+                Err(e) => {
+                    if self.env.debug {
+                        eprintln!(
+                            "dvmm: vCPU {index}: emulation failure at {rip:#x} not completed: {e}"
+                        );
+                    }
+                    return false;
+                }
+            };
+        let Ok(mut events) = self.fd.get_vcpu_events() else {
+            return false;
+        };
+        // KVM queued a #UD along with the exit (`handle_emulation_failure`): the
+        // completion replaces it. The instruction completed, so an interrupt shadow
+        // (STI, MOV SS) before it has ended.
+        events.exception.injected = 0;
+        events.exception.pending = 0;
+        events.exception.nr = 0;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        events.exception_has_payload = 0;
+        events.exception_payload = 0;
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW;
+        events.interrupt.shadow = 0;
+        let injects = matches!(outcome, complete::Outcome::Exception { .. });
+        if let complete::Outcome::Exception {
+            vector,
+            error_code,
+            cr2,
+        } = outcome
+        {
+            if let Some(cr2) = cr2 {
+                sregs.cr2 = cr2;
+                if self.fd.set_sregs(&sregs).is_err() {
+                    return false;
+                }
+            }
+            events.exception.injected = 1;
+            events.exception.nr = vector;
+            events.exception.has_error_code = u8::from(error_code.is_some());
+            events.exception.error_code = error_code.unwrap_or(0);
+        }
+        if self.fd.set_regs(&regs).is_err() || self.fd.set_vcpu_events(&events).is_err() {
+            return false;
+        }
+        if injects {
+            // The exception is delivered at the next entry: no interrupt may be
+            // injected with it (`run_once` requests a window instead; KVM rewrites
+            // this field at the next exit).
+            self.fd.get_kvm_run().ready_for_interrupt_injection = 0;
+        }
+        self.stats.insns_completed += 1;
+        if self.env.debug {
+            eprintln!(
+                "dvmm: vCPU {index}: completed {:?} at {rip:#x} ({outcome:?})",
+                decoded.insn
+            );
+        }
+        true
     }
 
     /// Mirrors a guest write of IA32_APIC_BASE (answered by the userspace LAPIC) into
@@ -1848,23 +1951,15 @@ impl Vcpu {
                     4 => "unexpected exit reason",
                     _ => "unknown suberror",
                 };
-                let nd = (internal.ndata as usize).min(internal.data.len());
-                // Emulation failure with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
-                // data[0] = flags, then insn_size (1 byte) and up to 15 instruction bytes.
-                if sub == 1 && nd >= 3 && internal.data[0] & 1 != 0 {
-                    let mut bytes = [0u8; 16];
-                    bytes[..8].copy_from_slice(&internal.data[1].to_le_bytes());
-                    bytes[8..].copy_from_slice(&internal.data[2].to_le_bytes());
-                    let n = (bytes[0] as usize).min(15);
-                    if n > 0 {
-                        insn = Some(
-                            bytes[1..=n]
-                                .iter()
-                                .map(|b| format!("{b:02x}"))
-                                .collect::<Vec<_>>()
-                                .join(" "),
-                        );
-                    }
+                let (bytes, n) = kvm_insn_bytes(&internal);
+                if sub == 1 && n > 0 {
+                    insn = Some(
+                        bytes[..n]
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    );
                 }
                 format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub}: {name})")
             }
@@ -1885,6 +1980,54 @@ impl Vcpu {
             error.push_str(&format!("; {}", d.summary()));
         }
         StopReason::Crash { error, dump }
+    }
+}
+
+/// The instruction bytes of an emulation-failure exit, when KVM reported them
+/// (KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: data[0] = flags, then
+/// insn_size (1 byte) and up to 15 instruction bytes); `n` is 0 otherwise.
+fn kvm_insn_bytes(
+    internal: &kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_13,
+) -> ([u8; 15], usize) {
+    let mut out = [0u8; 15];
+    let nd = (internal.ndata as usize).min(internal.data.len());
+    if nd < 3 || internal.data[0] & 1 == 0 {
+        return (out, 0);
+    }
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&internal.data[1].to_le_bytes());
+    bytes[8..].copy_from_slice(&internal.data[2].to_le_bytes());
+    let n = (bytes[0] as usize).min(15);
+    out[..n].copy_from_slice(&bytes[1..=n]);
+    (out, n)
+}
+
+pub mod complete;
+
+/// A vCPU's x87/SSE control and status for [`complete`]. Read and written with
+/// KVM_GET_XSAVE / KVM_SET_XSAVE (the legacy area: FCW/FSW at bytes 0-3, MXCSR at
+/// 24, XSTATE_BV at 512): on KVM PVM, KVM_GET_FPU reads zeros and KVM_SET_FPU
+/// does not reach the guest (probed). KVM takes MXCSR from the buffer only when
+/// XSTATE_BV has the SSE bit, so a write sets it (the buffer holds the current
+/// SSE registers, or their init values, so nothing else changes).
+struct VcpuFpu<'a>(&'a VcpuFd);
+
+impl complete::FpuState for VcpuFpu<'_> {
+    fn fsw(&mut self) -> Option<u16> {
+        self.0.get_xsave().ok().map(|x| (x.region[0] >> 16) as u16)
+    }
+    fn mxcsr(&mut self) -> Option<u32> {
+        self.0.get_xsave().ok().map(|x| x.region[6])
+    }
+    fn set_mxcsr(&mut self, v: u32) -> bool {
+        let Ok(mut x) = self.0.get_xsave() else {
+            return false;
+        };
+        x.region[6] = v;
+        x.region[128] |= 2; // XSTATE_BV.SSE
+                            // SAFETY: a kvm_xsave read from this vCPU, with MXCSR (validated by the
+                            // caller) and XSTATE_BV.SSE changed.
+        unsafe { self.0.set_xsave(&x) }.is_ok()
     }
 }
 

@@ -278,6 +278,8 @@ pub struct VmStats {
     /// Halts ended by adaptive halt polling / halts that slept.
     pub halt_poll_hits: u64,
     pub halt_sleeps: u64,
+    /// Emulation failures the VMM finished itself (`vcpu::complete`).
+    pub insns_completed: u64,
     pub setup_ms: f64,
     pub run_ms: f64,
     pub per_vcpu_exits: Vec<u64>,
@@ -975,6 +977,7 @@ impl Vm {
                 .filter(|c| c.dsm.vcpu_serves())
                 .map(|c| c.clone() as Arc<dyn crate::vcpu::MessageServer>),
             server_vcpu: local.first().copied(),
+            guest_memory: Some(ram.guest_memory().clone()),
         });
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -1224,6 +1227,7 @@ impl Vm {
                 .load(std::sync::atomic::Ordering::Relaxed),
             halt_poll_hits: total.halt_poll_hits,
             halt_sleeps: total.halt_sleeps,
+            insns_completed: total.insns_completed,
             setup_ms: self.setup.as_secs_f64() * 1e3,
             run_ms: run.as_secs_f64() * 1e3,
             per_vcpu_exits: per_vcpu,

@@ -433,3 +433,37 @@ fn set_tpr_exit_continues() {
     assert_eq!(f.handle(VcpuExit::SetTpr), VcpuAction::Continue);
     assert_eq!(f.stats.exits[EK_OTHER], 1);
 }
+
+#[test]
+fn emulation_failure_instruction_bytes() {
+    // KVM_INTERNAL_ERROR_EMULATION with the instruction-bytes flag: data[0] = flags,
+    // then insn_size and the bytes (here `lock cmpxchg16b (%rdi)`, 5 bytes).
+    let mut i = kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_13 {
+        suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
+        ndata: 3,
+        data: [0; 16],
+    };
+    let mut raw = [0u8; 16];
+    raw[0] = 5;
+    raw[1..6].copy_from_slice(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
+    i.data[0] = 1;
+    i.data[1] = u64::from_le_bytes(raw[..8].try_into().unwrap());
+    i.data[2] = u64::from_le_bytes(raw[8..].try_into().unwrap());
+    let (b, n) = kvm_insn_bytes(&i);
+    assert_eq!(&b[..n], &[0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
+    assert!(matches!(
+        complete::decode(&b[..n]).map(|d| d.insn),
+        Ok(complete::Insn::Cmpxchg16b { lock: true, .. })
+    ));
+    // Without the flag (older KVM) or with too little data: no bytes, so the
+    // completion reads the instruction from guest memory.
+    i.data[0] = 0;
+    assert_eq!(kvm_insn_bytes(&i).1, 0);
+    i.data[0] = 1;
+    i.ndata = 2;
+    assert_eq!(kvm_insn_bytes(&i).1, 0);
+    // An insn_size beyond 15 is clamped.
+    i.ndata = 3;
+    i.data[1] |= 0xff;
+    assert_eq!(kvm_insn_bytes(&i).1, 15);
+}
