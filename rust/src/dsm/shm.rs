@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 use super::auth::{self, NodeKeys, Session, FIRST_DATA_SEQ};
 use super::protocol::{Msg, NodeId};
 use super::seal::Sealer;
-use super::transport::{Event, Lane, Transport, TransportError};
+use super::transport::{
+    epoll_ctl, register_extra, Event, Lane, Transport, TransportError, EXTRA_TOKEN, KICK_TOKEN,
+};
 use super::wire::{self, Decoder, Frame, Limits, WireError};
 
 type Result<T> = std::result::Result<T, TransportError>;
@@ -261,9 +263,6 @@ pub struct ShmMesh {
     down_reported: AtomicU64,
 }
 
-const KICK_TOKEN: u64 = 1 << 32;
-const EXTRA_TOKEN: u64 = KICK_TOKEN + 1;
-
 fn sock_name(session: &str, node: NodeId) -> String {
     format!("dvmm-shm-{session}-{node}")
 }
@@ -272,16 +271,8 @@ fn seg_path(dir: &std::path::Path, session: &str, lo: NodeId, hi: NodeId) -> Pat
     dir.join(format!("dvmm-{session}-{lo}-{hi}"))
 }
 
-fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, token: u64) -> Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
-    // SAFETY: plain syscall on our epoll fd with a valid epoll_event.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(())
+fn epoll_add(ep: &OwnedFd, fd: RawFd, token: u64) -> Result<()> {
+    epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
 }
 
 /// Rings of a pair as seen by one side: the lower node writes rings 0 and 1.
@@ -399,14 +390,9 @@ impl ShmMesh {
             (OwnedFd::from_raw_fd(k), OwnedFd::from_raw_fd(e))
         };
         for p in pairs.iter().flatten() {
-            epoll_ctl(
-                &epoll,
-                libc::EPOLL_CTL_ADD,
-                p.sock.as_raw_fd(),
-                u64::from(p.peer),
-            )?;
+            epoll_add(&epoll, p.sock.as_raw_fd(), u64::from(p.peer))?;
         }
-        epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, kick.as_raw_fd(), KICK_TOKEN)?;
+        epoll_add(&epoll, kick.as_raw_fd(), KICK_TOKEN)?;
         Ok(ShmMesh {
             me,
             n,
@@ -613,30 +599,6 @@ impl ShmMesh {
         pending
     }
 
-    fn register_extra(&self, extra: &[RawFd]) -> Result<()> {
-        let mut reg = lock(&self.extra);
-        if reg.as_slice() == extra {
-            return Ok(());
-        }
-        for &fd in reg.iter() {
-            // SAFETY: removing an fd from our epoll set; a null event is allowed.
-            unsafe {
-                libc::epoll_ctl(
-                    self.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    fd,
-                    std::ptr::null_mut(),
-                )
-            };
-        }
-        reg.clear();
-        for (k, &fd) in extra.iter().enumerate() {
-            epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, EXTRA_TOKEN + k as u64)?;
-            reg.push(fd);
-        }
-        Ok(())
-    }
-
     fn set_sleeping(&self, on: bool) {
         for p in self.pairs.iter().flatten() {
             for r in &p.inn {
@@ -682,7 +644,7 @@ impl Transport for ShmMesh {
         extra: &[RawFd],
         events: &mut Vec<Event>,
     ) -> Result<u64> {
-        self.register_extra(extra)?;
+        register_extra(&self.epoll, &self.extra, extra)?;
         let pending = self.housekeeping(events);
         if self.read_rings(events) || !events.is_empty() {
             return Ok(0);

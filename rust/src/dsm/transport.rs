@@ -303,8 +303,8 @@ struct FOwnerEx {
 }
 
 /// epoll token of the kick eventfd; extra fd k has `EXTRA_TOKEN + k`.
-const KICK_TOKEN: u64 = 1 << 32;
-const EXTRA_TOKEN: u64 = KICK_TOKEN + 1;
+pub(super) const KICK_TOKEN: u64 = 1 << 32;
+pub(super) const EXTRA_TOKEN: u64 = KICK_TOKEN + 1;
 
 thread_local! {
     static TAG: u8 = const { 0 };
@@ -315,11 +315,49 @@ fn thread_tag() -> usize {
     TAG.with(|t| t as *const u8 as usize)
 }
 
-fn epoll_ctl(ep: &OwnedFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> Result<()> {
+pub(super) fn epoll_ctl(
+    ep: &OwnedFd,
+    op: libc::c_int,
+    fd: RawFd,
+    events: u32,
+    token: u64,
+) -> Result<()> {
     let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: plain syscall on our epoll fd with a valid epoll_event.
     if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
         return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// Register the poller's extra fds in `ep` (tokens `EXTRA_TOKEN + k`), once;
+/// again only if they change. `reg` holds what is registered now.
+pub(super) fn register_extra(ep: &OwnedFd, reg: &Mutex<Vec<RawFd>>, extra: &[RawFd]) -> Result<()> {
+    let mut reg = lock(reg);
+    if reg.as_slice() == extra {
+        return Ok(());
+    }
+    for &fd in reg.iter() {
+        // SAFETY: removing an fd from our epoll set; a null event is allowed.
+        unsafe {
+            libc::epoll_ctl(
+                ep.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+    reg.clear();
+    for (k, &fd) in extra.iter().enumerate() {
+        epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            EXTRA_TOKEN + k as u64,
+        )?;
+        reg.push(fd);
     }
     Ok(())
 }
@@ -645,35 +683,8 @@ impl TcpMesh {
         }
     }
 
-    /// Register the caller's extra fds (once; again only if they change).
     fn register_extra(&self, extra: &[RawFd]) -> Result<()> {
-        let mut reg = lock(&self.extra);
-        if reg.as_slice() == extra {
-            return Ok(());
-        }
-        for &fd in reg.iter() {
-            // SAFETY: removing an fd from our epoll set; a null event is allowed.
-            unsafe {
-                libc::epoll_ctl(
-                    self.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    fd,
-                    std::ptr::null_mut(),
-                )
-            };
-        }
-        reg.clear();
-        for (k, &fd) in extra.iter().enumerate() {
-            epoll_ctl(
-                &self.epoll,
-                libc::EPOLL_CTL_ADD,
-                fd,
-                libc::EPOLLIN as u32,
-                EXTRA_TOKEN + k as u64,
-            )?;
-            reg.push(fd);
-        }
-        Ok(())
+        register_extra(&self.epoll, &self.extra, extra)
     }
 
     fn conn(&self, to: NodeId, lane: Lane) -> Result<&Arc<Conn>> {
