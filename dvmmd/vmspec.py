@@ -30,12 +30,14 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_TIMEOUT",
     "GUEST_ENV",
+    "LAPIC_KINDS",
     "MAX_CMDLINE",
     "MAX_VCPUS",
     "RESULT_REASONS",
     "SpecError",
     "build_spec",
     "check_cpu_model",
+    "check_lapic",
     "default_cpu_model",
     "exit_code",
     "find_bundled_guest",
@@ -104,6 +106,25 @@ def host_default_cpu_model() -> str:
     from dvmmd.doctor import current_host_kind
 
     return default_cpu_model(current_host_kind())
+
+
+#: The local APICs a VM can get (rust/src/kirq.rs ``LapicKind``): dvmm's userspace
+#: LAPIC (the default; every node of a distributed VM), KVM's in-kernel LAPIC
+#: (one-node VMs: IPIs, timer and HLT never leave the kernel, but KVM's deviations
+#: from the SDM come with it), or ``auto`` (kernel on one node, user otherwise).
+LAPIC_KINDS = ("user", "kernel", "auto")
+
+
+def check_lapic(lapic: Any, *, distributed: bool) -> str:
+    """``lapic`` if it names a LAPIC kind this VM can have, else a SpecError."""
+    if not isinstance(lapic, str) or lapic not in LAPIC_KINDS:
+        raise SpecError(f"unknown LAPIC {lapic!r} (use one of {', '.join(LAPIC_KINDS)})")
+    if lapic == "kernel" and distributed:
+        raise SpecError(
+            "lapic = kernel needs a one-node VM: a distributed VM routes IPIs across "
+            "nodes in userspace (use user or auto)"
+        )
+    return lapic
 
 
 def check_cpu_model(cpu: Any) -> str:
@@ -413,11 +434,15 @@ def build_spec(
     console_input: str | os.PathLike[str] | None = None,
     console_stdin: bool = False,
     cpu: str | None = None,
+    lapic: str | None = None,
 ) -> dict[str, Any]:
     """Build and check a VM spec. ``kernel=None`` means the bundled guest;
-    ``cpu=None`` this host's default CPU model (:func:`host_default_cpu_model`)."""
+    ``cpu=None`` this host's default CPU model (:func:`host_default_cpu_model`);
+    ``lapic=None`` dvmm's userspace LAPIC (see :data:`LAPIC_KINDS`)."""
     kernel_path = find_bundled_guest() if kernel is None else Path(kernel)
     extra: dict[str, Any] = {}
+    if lapic is not None:
+        extra["lapic"] = lapic
     if console_input is not None:
         extra["console_input"] = str(console_input)
     if console_stdin:
@@ -452,7 +477,7 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
     known = {
         "vcpus", "memory", "kernel", "initrd", "cmdline", "numa",
         "console_log", "console_stdout", "timeout_s", "cluster",
-        "console_input", "console_stdin", "cpu",
+        "console_input", "console_stdin", "cpu", "lapic",
     }  # fmt: skip
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -489,6 +514,9 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
         extra["console_stdin"] = True
     cpu_in = spec.get("cpu")
     cpu = host_default_cpu_model() if cpu_in is None else check_cpu_model(cpu_in)
+    lapic = spec.get("lapic")
+    if lapic is not None:
+        extra["lapic"] = check_lapic(lapic, distributed=cluster is not None)
     return {
         **extra,
         "vcpus": vcpus,

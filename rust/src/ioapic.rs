@@ -132,6 +132,15 @@ impl IoApic {
         self.redirection.get(pin).copied()
     }
 
+    /// The message pin `pin` sends when it fires (None: no such pin, or a
+    /// reserved delivery mode).
+    pub fn message_of(&self, pin: usize) -> Option<InterruptMessage> {
+        if pin >= self.redirection.len() {
+            return None;
+        }
+        self.message(pin)
+    }
+
     fn message(&self, pin: usize) -> Option<InterruptMessage> {
         let e = self.redirection[pin];
         let delivery_mode = DeliveryMode::from_bits((e >> 8) as u32)?;

@@ -7,6 +7,7 @@
 //! - `devices`  16550 UART, debug-exit port
 //! - `apic`     userspace local APIC (xAPIC MMIO + x2APIC MSRs, timer)
 //! - `ioapic`   userspace IOAPIC
+//! - `kirq`     KVM's in-kernel LAPIC for one-node VMs (split irqchip)
 //! - `acpi`     ACPI tables (RSDP, XSDT, MADT, SRAT, SLIT, FADT, DSDT)
 //! - `boot`     direct kernel boot: PVH ELF, Multiboot v1, Linux bzImage; e820
 //! - `cpuid`    CPUID / MSR set-up
@@ -24,6 +25,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod dsm;
 pub mod ioapic;
+pub mod kirq;
 pub mod memory;
 pub mod python;
 pub mod vcpu;

@@ -13,9 +13,14 @@
 //! * Exits are dispatched by one function, [`handle_exit`], that only needs an
 //!   [`ExitContext`] (buses, this vCPU's LAPIC, the interrupt sink), so it is unit
 //!   tested without KVM.
-//! * The kernel irqchip is off: before each `KVM_RUN` the LAPIC timer is advanced and a
-//!   pending vector is injected with `KVM_INTERRUPT` when `ready_for_interrupt_injection`
-//!   and IF allow it, otherwise an interrupt window is requested.
+//! * With the userspace LAPIC (the default): before each `KVM_RUN` the LAPIC timer is
+//!   advanced and a pending vector is injected with `KVM_INTERRUPT` when
+//!   `ready_for_interrupt_injection` and IF allow it, otherwise an interrupt window is
+//!   requested. With KVM's LAPIC (`VcpuEnv::kernel_lapic`, one-node VMs, crate::kirq)
+//!   the loop only enters the guest: interrupts, the timer, HLT and INIT/SIPI stay
+//!   in the kernel. KVM's APIC timer runs on in host time while the VM is paused (as
+//!   under QEMU); saving and restoring the LAPIC per vCPU would lose an IPI that
+//!   arrives in between.
 //! * Kicks (new interrupt, pause, stop) set a flag, wake the condition variable the
 //!   vCPU sleeps on when it is not in the guest, and, when it is in the guest, send
 //!   the kick signal (`SIGRTMIN`) whose handler sets `kvm_run.immediate_exit`, as
@@ -1113,6 +1118,9 @@ pub struct ExitContext<'a> {
     /// Set by [`handle_exit`] when a guest `wrmsr` changed IA32_APIC_BASE (the new
     /// value): the run loop mirrors it into KVM (see [`Vcpu`]'s `sync_kvm_apic_base`).
     pub apic_base_written: Option<u64>,
+    /// KVM's LAPIC answers the APIC MSRs: an MSR exit is one KVM refused or does
+    /// not know, so it raises #GP without asking `lapic`.
+    pub kernel_lapic: bool,
 }
 
 /// The APIC's architectural page (0xFEE00000): while this vCPU's APIC does not decode
@@ -1238,6 +1246,25 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitContext<'_>) -> Result<Vcpu
                     }
                 }
             }
+        }
+        VcpuExit::X86Rdmsr(m) if ctx.kernel_lapic => {
+            ctx.stats.exits[EK_MSR] += 1;
+            *m.data = 0;
+            *m.error = 1;
+            ctx.stats.msr_gp += 1;
+            VcpuAction::Continue
+        }
+        VcpuExit::X86Wrmsr(m) if ctx.kernel_lapic => {
+            ctx.stats.exits[EK_MSR] += 1;
+            *m.error = 1;
+            ctx.stats.msr_gp += 1;
+            VcpuAction::Continue
+        }
+        VcpuExit::IoapicEoi(vector) => {
+            // KVM's LAPIC ended a level-triggered IOAPIC vector: clear remote IRR.
+            ctx.stats.exits[EK_OTHER] += 1;
+            ctx.irq.eoi(ctx.vcpu, vector);
+            VcpuAction::Continue
         }
         VcpuExit::X86Rdmsr(m) => {
             ctx.stats.exits[EK_MSR] += 1;
@@ -1370,6 +1397,8 @@ pub struct VcpuEnv {
     /// refuses ([`complete`]); None: never complete, every emulation failure
     /// stops the VM. Must stay mapped while the vCPUs run (the `Vm` owns it).
     pub guest_memory: Option<vm_memory::GuestMemoryMmap>,
+    /// KVM's in-kernel LAPIC (split irqchip) instead of `VcpuShared::lapic`.
+    pub kernel_lapic: bool,
 }
 
 /// Incoming cluster traffic served on a vCPU thread: the transport signals the
@@ -1574,8 +1603,10 @@ impl Vcpu {
                     self.transition(Event::Resume(prev));
                 }
                 Request::Run if self.state == VcpuState::Created => {
+                    // KVM's LAPIC holds an AP in KVM_RUN until its SIPI: every
+                    // vCPU enters the guest at once.
                     self.transition(Event::Start {
-                        is_bsp: self.is_bsp,
+                        is_bsp: self.is_bsp || self.env.kernel_lapic,
                     });
                 }
                 _ => {}
@@ -1595,6 +1626,79 @@ impl Vcpu {
                     }
                 }
             }
+        }
+    }
+
+    /// [`Vcpu::run_once`] with KVM's LAPIC: nothing to inject, no timer to arm.
+    fn run_once_kernel_lapic(&mut self) -> Result<Option<StopReason>, VcpuError> {
+        let index = self.shared.index;
+        if self.kicked_before_entry() {
+            return Ok(None);
+        }
+        let res = self.fd.run();
+        self.shared.in_guest.store(false, Ordering::SeqCst);
+        let action = match res {
+            Ok(exit) => {
+                let mut ctx = ExitContext {
+                    vcpu: index,
+                    pio: &self.env.pio,
+                    mmio: &self.env.mmio,
+                    lapic: &self.shared.lapic,
+                    irq: &*self.env.irq,
+                    now_ns: 0,
+                    stats: &mut self.stats,
+                    debug: self.env.debug,
+                    apic_base_written: None,
+                    kernel_lapic: true,
+                };
+                handle_exit(exit, &mut ctx)?
+            }
+            Err(e) => self.interrupted_run(e)?,
+        };
+        Ok(self.after_exit(action))
+    }
+
+    /// The Dekker handshake with `VcpuShared::kick` before `KVM_RUN`: true (and
+    /// not in the guest) if a kick came, so the loop looks at it first.
+    fn kicked_before_entry(&self) -> bool {
+        self.shared.in_guest.store(true, Ordering::SeqCst);
+        if self.shared.kick_flag.swap(0, Ordering::SeqCst) != 0 {
+            self.shared.in_guest.store(false, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// `KVM_RUN` failed: a signal or kick (EINTR/EAGAIN) means serve and go on.
+    fn interrupted_run(&mut self, e: kvm_ioctls::Error) -> Result<VcpuAction, VcpuError> {
+        if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+            self.stats.exits[EK_INTR] += 1;
+            self.serve_due = true;
+            return Ok(VcpuAction::Continue);
+        }
+        Err(VcpuError::Run {
+            vcpu: self.shared.index,
+            err: e,
+        })
+    }
+
+    /// Re-arm the kick and turn the exit's action into the loop's next step.
+    fn after_exit(&mut self, action: VcpuAction) -> Option<StopReason> {
+        self.fd.set_kvm_immediate_exit(0);
+        self.shared.kick_flag.store(0, Ordering::SeqCst);
+        match action {
+            VcpuAction::Continue => None,
+            // KVM's LAPIC halts in the kernel (a HLT exit there: just re-enter).
+            VcpuAction::Halt if self.env.kernel_lapic => None,
+            VcpuAction::Halt => {
+                self.halted_if = self.fd.get_kvm_run().if_flag != 0;
+                self.transition(Event::Hlt);
+                None
+            }
+            VcpuAction::StopVm(s) => Some(StopReason::DebugExit(s)),
+            VcpuAction::Shutdown(why) => Some(StopReason::Shutdown(why)),
+            VcpuAction::Crash(CrashKind::InternalError) if self.complete_refused_insn() => None,
+            VcpuAction::Crash(kind) => Some(self.crash(kind)),
         }
     }
 
@@ -1682,6 +1786,9 @@ impl Vcpu {
 
     /// Inject what is pending, enter the guest once, handle the exit.
     fn run_once(&mut self, timer: &mut KickTimer) -> Result<Option<StopReason>, VcpuError> {
+        if self.env.kernel_lapic {
+            return self.run_once_kernel_lapic();
+        }
         let index = self.shared.index;
         let now = self.env.clock.now_ns();
         let after_hlt = std::mem::take(&mut self.after_hlt);
@@ -1759,10 +1866,7 @@ impl Vcpu {
         }
         timer.set(abs);
 
-        // Dekker handshake with `VcpuShared::kick`.
-        self.shared.in_guest.store(true, Ordering::SeqCst);
-        if self.shared.kick_flag.swap(0, Ordering::SeqCst) != 0 {
-            self.shared.in_guest.store(false, Ordering::SeqCst);
+        if self.kicked_before_entry() {
             return Ok(None);
         }
         let run_ptr: *const kvm_run = self.fd.get_kvm_run();
@@ -1790,6 +1894,7 @@ impl Vcpu {
                     stats: &mut self.stats,
                     debug: self.env.debug,
                     apic_base_written: None,
+                    kernel_lapic: false,
                 };
                 let action = handle_exit(exit, &mut ctx)?;
                 if let Some(base) = ctx.apic_base_written {
@@ -1797,27 +1902,9 @@ impl Vcpu {
                 }
                 action
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.stats.exits[EK_INTR] += 1;
-                self.serve_due = true;
-                VcpuAction::Continue
-            }
-            Err(err) => return Err(VcpuError::Run { vcpu: index, err }),
+            Err(e) => self.interrupted_run(e)?,
         };
-        self.fd.set_kvm_immediate_exit(0);
-        self.shared.kick_flag.store(0, Ordering::SeqCst);
-        Ok(match action {
-            VcpuAction::Continue => None,
-            VcpuAction::Halt => {
-                self.halted_if = self.fd.get_kvm_run().if_flag != 0;
-                self.transition(Event::Hlt);
-                None
-            }
-            VcpuAction::StopVm(s) => Some(StopReason::DebugExit(s)),
-            VcpuAction::Shutdown(why) => Some(StopReason::Shutdown(why)),
-            VcpuAction::Crash(CrashKind::InternalError) if self.complete_refused_insn() => None,
-            VcpuAction::Crash(kind) => Some(self.crash(kind)),
-        })
+        Ok(self.after_exit(action))
     }
 
     /// After an emulation failure (`KVM_EXIT_INTERNAL_ERROR`, suberror

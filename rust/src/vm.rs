@@ -1,5 +1,5 @@
-//! One VM (or, in a distributed VM, one node's share of it): KVM VM without the
-//! in-kernel irqchip, guest RAM, buses and devices, ACPI tables, the kernel, the vCPU
+//! One VM (or, in a distributed VM, one node's share of it): KVM VM (with the
+//! userspace LAPIC, or KVM's for a one-node VM that asks: crate::kirq), guest RAM, buses and devices, ACPI tables, the kernel, the vCPU
 //! threads and the interrupt router.
 //!
 //! [`run_vm`] is the whole life cycle behind `dvmmd._native.run_vm`: parse and
@@ -67,6 +67,8 @@ pub enum VmError {
     Json(#[from] serde_json::Error),
     #[error("cannot join the cluster: {0}")]
     Cluster(String),
+    #[error(transparent)]
+    Kirq(#[from] crate::kirq::KirqError),
 }
 
 impl VmError {
@@ -146,6 +148,11 @@ pub struct VmSpec {
     /// [`cpuid::CpuModel::host_default`]. Every node of a VM must name the same one.
     #[serde(default)]
     pub cpu: Option<String>,
+    /// Local APIC: `user` (dvmm's, the default), `kernel` (KVM's, one-node VMs
+    /// only) or `auto` (kernel on one node); absent: `DVMM_LAPIC` from the
+    /// environment, else `user`. See crate::kirq.
+    #[serde(default)]
+    pub lapic: Option<String>,
 }
 
 impl VmSpec {
@@ -174,10 +181,22 @@ impl VmSpec {
         }
     }
 
+    /// The local APIC this VM gets (see [`VmSpec::lapic`]).
+    pub fn lapic_kind(&self) -> Result<crate::kirq::LapicKind, VmError> {
+        let env = std::env::var("DVMM_LAPIC").ok();
+        crate::kirq::LapicKind::choose(
+            self.lapic.as_deref(),
+            env.as_deref(),
+            self.cluster.is_some(),
+        )
+        .map_err(|e| VmError::InvalidSpec(e.to_string()))
+    }
+
     /// Check everything that can be checked without KVM.
     pub fn validate(&self) -> Result<(), VmError> {
         let bad = |m: String| Err(VmError::InvalidSpec(m));
         self.cpu_model()?;
+        self.lapic_kind()?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return bad(format!(
                 "vcpus = {}: must be between 1 and {MAX_VCPUS} (the maximum)",
@@ -411,6 +430,8 @@ pub struct InterruptRouter {
     local: Vec<Option<usize>>,
     /// This node owns the IOAPIC (the boot node; always true without cluster).
     owns_ioapic: bool,
+    /// One-node VM with KVM's LAPICs: messages go in as MSIs (crate::kirq).
+    kernel: Option<crate::kirq::KernelIrq>,
     ipis_delivered: std::sync::atomic::AtomicU64,
     irqs_raised: std::sync::atomic::AtomicU64,
 }
@@ -460,9 +481,17 @@ impl InterruptRouter {
             table: Mutex::new(table),
             local,
             owns_ioapic,
+            kernel: None,
             ipis_delivered: Default::default(),
             irqs_raised: Default::default(),
         }
+    }
+
+    /// Deliver through KVM's LAPICs (one-node VMs, crate::kirq) from now on.
+    pub fn with_kernel_lapic(mut self, k: crate::kirq::KernelIrq) -> Result<Self, VmError> {
+        k.update_routes(&lock(&self.ioapic))?;
+        self.kernel = Some(k);
+        Ok(self)
     }
 
     /// Deliver `msg` to the one local APIC `v` if it matches; true if accepted.
@@ -530,6 +559,12 @@ impl InterruptRouter {
     }
 
     fn route(&self, msg: &InterruptMessage) {
+        if let Some(k) = &self.kernel {
+            let n = k.signal(msg);
+            self.ipis_delivered
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         let Some(remote) = &self.remote else {
             self.deliver_local(msg);
             return;
@@ -588,7 +623,14 @@ impl InterruptRouter {
     }
 
     fn ioapic_write(&self, offset: u64, data: &[u8]) {
-        let msgs = lock(&self.ioapic).mmio_write(offset, data);
+        let msgs = {
+            let mut io = lock(&self.ioapic);
+            let msgs = io.mmio_write(offset, data);
+            if let Some(k) = &self.kernel {
+                k.routes_changed(&io);
+            }
+            msgs
+        };
         for m in msgs {
             self.route(&m);
         }
@@ -714,7 +756,7 @@ impl VmControl {
 pub struct Vm {
     spec: VmSpec,
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     router: Arc<InterruptRouter>,
     shared: Vec<Arc<VcpuShared>>,
     vcpus: Vec<Vcpu>,
@@ -776,6 +818,8 @@ impl Vm {
         let t0 = Instant::now();
         spec.validate()?;
         let n = spec.vcpus;
+        let lapic_kind = spec.lapic_kind()?;
+        let kernel_lapic = lapic_kind == crate::kirq::LapicKind::Kernel;
 
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
@@ -807,7 +851,13 @@ impl Vm {
         };
         vm.enable_cap(&cap)
             .map_err(kvm_op("enable KVM_CAP_X86_USER_SPACE_MSR"))?;
-        install_msr_filter(&vm)?;
+        if kernel_lapic {
+            // KVM answers the APIC MSRs itself; only unknown ones come to us.
+            crate::kirq::enable_split_irqchip(&vm)?;
+        } else {
+            install_msr_filter(&vm)?;
+        }
+        let vm = Arc::new(vm);
 
         // Guest RAM; for a distributed VM the coherence engine takes it over before
         // anything (KVM, the loader, ACPI) touches it.
@@ -877,13 +927,12 @@ impl Vm {
 
         let ioapic = crate::ioapic::IoApic::new(crate::ioapic::ioapic_id_for(n as usize));
         let remote = cluster.clone().map(|c| c as Arc<dyn RemoteInterruptSink>);
-        let router = Arc::new(InterruptRouter::distributed(
-            shared.clone(),
-            n,
-            ioapic,
-            remote,
-            is_boot,
-        ));
+        let mut router = InterruptRouter::distributed(shared.clone(), n, ioapic, remote, is_boot);
+        if kernel_lapic {
+            router =
+                router.with_kernel_lapic(crate::kirq::KernelIrq::new(vm.clone(), stop.clone()))?;
+        }
+        let router = Arc::new(router);
 
         // Devices: on the boot node; the other nodes forward to it.
         let mut pio = Bus::new();
@@ -978,6 +1027,7 @@ impl Vm {
                 .map(|c| c.clone() as Arc<dyn crate::vcpu::MessageServer>),
             server_vcpu: local.first().copied(),
             guest_memory: Some(ram.guest_memory().clone()),
+            kernel_lapic,
         });
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -54,6 +54,7 @@ impl<'a> Cpu<'a> {
             stats: &mut self.stats,
             debug: false,
             apic_base_written: None,
+            kernel_lapic: false,
         };
         let action = handle_exit(exit, &mut ctx).expect("handle_exit");
         self.apic_base_written = ctx.apic_base_written;

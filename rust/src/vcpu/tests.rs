@@ -77,6 +77,7 @@ impl Fixture {
             stats: &mut self.stats,
             debug: false,
             apic_base_written: None,
+            kernel_lapic: false,
         };
         handle_exit(exit, &mut ctx).unwrap()
     }
