@@ -27,6 +27,7 @@ Example::
     # (demo/tests: any holder of the secret can claim any node name).
     secret_file = "/etc/dvmmd/secret"
     data_plane = "encrypt"          # "encrypt" | "integrity" | "none": same on every node
+    transport = "tcp"               # "tcp" | "shm" (nodes on one host only): same on every node
     peers = ["10.0.0.2:7400"]       # static peers ...
     seed = "10.0.0.2:7400"          # ... and/or one seed to join through
     heartbeat_interval = 1.0
@@ -72,6 +73,10 @@ from pathlib import Path
 from typing import Any
 
 from .keys import DATA_PLANE_MODES
+
+#: Data-plane transports (rust/src/cluster.rs ``TransportKind``): TCP between any
+#: hosts, shared memory between nodes on one host (docs/transports.md).
+TRANSPORTS = ("tcp", "shm")
 from .names import is_valid_name as _is_valid_name
 from .sizes import SizeError, parse_size
 
@@ -147,6 +152,7 @@ class Config:
     tls_cert_file: Path | None
     tls_key_file: Path | None
     data_plane: str  # "encrypt" | "integrity" | "none"
+    transport: str  # "tcp" | "shm" (the data plane's transport: docs/transports.md)
     peers: tuple[tuple[str, int], ...]
     seed: tuple[str, int] | None
     heartbeat_interval: float
@@ -183,6 +189,7 @@ _SCHEMA: dict[str, set[str]] = {
     "cluster": {
         "secret_file",
         "data_plane",
+        "transport",
         "peers",
         "seed",
         "heartbeat_interval",
@@ -399,6 +406,13 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             "data_plane",
             f"must be one of {', '.join(DATA_PLANE_MODES)}, got {data_plane!r}",
         )
+    transport = r.get("cluster", "transport", str, default="tcp")
+    if transport not in TRANSPORTS:
+        raise r.error(
+            "cluster",
+            "transport",
+            f"must be one of {', '.join(TRANSPORTS)}, got {transport!r}",
+        )
     peers_raw = r.get("cluster", "peers", list, default=[])
     peers: list[tuple[str, int]] = []
     for item in peers_raw:
@@ -504,6 +518,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         tls_cert_file=tls_files["cert_file"],
         tls_key_file=tls_files["key_file"],
         data_plane=data_plane,
+        transport=transport,
         peers=tuple(peers),
         seed=seed,
         heartbeat_interval=hb,

@@ -687,9 +687,11 @@ class VmManager:
                 "session_hex": new_session_hex(),
                 "node_pubkeys_hex": pubkeys,
             }
+            if self.cfg.transport != "tcp":
+                cluster["transport"] = self.cfg.transport
             if request.get("foreign_budget") is not None:
                 cluster["foreign_budget_pages"] = max(1, int(request["foreign_budget"]) // 4096)
-            await progress(f"data plane: {self.cfg.data_plane}")
+            await progress(f"data plane: {self.cfg.data_plane} over {self.cfg.transport}")
             cur = self.store.get_vm(name)
             if cur is not None:  # shown by `dvmmctl status`
                 placed = {**cur.placement, "data_plane": self.cfg.data_plane}
@@ -1068,6 +1070,13 @@ class VmManager:
                 f"the VM's data plane is {cluster['security']!r} but node {self.name} is "
                 f"configured for {self.cfg.data_plane!r} (cluster.data_plane must be the "
                 "same on every node)"
+            )
+        transport = cluster.get("transport", "tcp")
+        if transport != self.cfg.transport:
+            raise SpecError(
+                f"the VM's data-plane transport is {transport!r} but node {self.name} is "
+                f"configured for {self.cfg.transport!r} (cluster.transport must be the same "
+                "on every node)"
             )
         mine = cluster["node_pubkeys_hex"][cluster["node_index"]]
         if sh.key is None or mine != sh.key.public_hex:

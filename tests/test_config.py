@@ -136,6 +136,16 @@ def test_identity_secret_or_certificates() -> None:
     assert e.key == "tls.ca_file" and "absolute path" in str(e)
 
 
+def test_transport_setting() -> None:
+    assert parse_config(GOOD, "x.toml").transport == "tcp"
+    for t in ("tcp", "shm"):
+        text = GOOD.replace("[cluster]\n", f'[cluster]\ntransport = "{t}"\n')
+        assert parse_config(text, "x.toml").transport == t
+    e = err(GOOD.replace("[cluster]\n", '[cluster]\ntransport = "rdma"\n'))
+    assert e.key == "cluster.transport" and e.line == 9
+    assert "must be one of tcp, shm, got 'rdma'" in str(e)
+
+
 def test_data_plane_setting() -> None:
     assert parse_config(GOOD, "x.toml").data_plane == "encrypt"
     for mode in ("encrypt", "integrity", "none"):

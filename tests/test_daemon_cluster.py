@@ -542,6 +542,29 @@ def test_data_plane_setting_must_agree(cluster: Cluster) -> None:
     assert a.req("status", name="vm")["state"] == "failed"
 
 
+def test_transport_setting_reaches_every_share(cluster: Cluster) -> None:
+    """cluster.transport = "shm" on every node: each node's share of the VM is told to
+    use the shared-memory transport; a node configured otherwise refuses its share."""
+    a, b, c = cluster.add(3)
+    for node in (a, b, c):
+        others = [m.addr for m in (a, b, c) if m is not node]
+        t = "tcp" if node is c else "shm"
+        node.write_config(others, cluster_extra=f'transport = "{t}"\n')
+    cluster.start_all()
+    r = a.ctl("boot", "vm1", "--vcpus", "2", "--memory", "64M", "--kernel", KERNEL,
+              "--nodes", "n1,n2")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    for node in (a, b):
+        spec = json.loads((node.dir / "vms" / "vm1" / "spec.json").read_text())
+        assert spec["cluster"]["transport"] == "shm"
+    r = a.ctl("boot", "vm2", "--vcpus", "2", "--memory", "64M", "--kernel", KERNEL,
+              "--nodes", "n1,n3")  # fmt: skip
+    assert r.returncode == 1
+    assert "the VM's data-plane transport is 'shm' but node n3 is configured for 'tcp'" in (
+        r.stderr
+    ), r.stderr
+
+
 def test_force_stop(cluster: Cluster) -> None:
     (a,) = cluster.add(1)
     cluster.start_all()
