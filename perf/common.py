@@ -73,6 +73,7 @@ HIGHER_IS_BETTER = {
     "remote_scan_gbps_integrity",
     "remote_scan_gbps_none",
     "remote_scan_shm_gbps",
+    "prefetch_hit_ratio",
 }
 
 

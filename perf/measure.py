@@ -486,6 +486,7 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
     e99: list[float] = []
     scan: list[float] = []
     scan_shm: list[float] = []
+    hit: list[float] = []
     mean_engine: list[float] = []
     guest: list[float] = []
     kinds: set[str] = set()
@@ -498,6 +499,9 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
         e50.append(v50)
         e99.append(v99)
         mean_engine.append(float(ta.get("fault_mean_ns", 0)) / 1e3)
+        fetched = float(ta.get("prefetched_pages", 0))
+        if fetched > 0:
+            hit.append(float(ta.get("prefetch_used", 0)) / fetched)
         if isinstance(ta.get("latency_ns_hdr"), list):
             hdrs.append(ta["latency_ns_hdr"])
         sw = a.get("sweep")
@@ -540,6 +544,12 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
             "as remote_scan_gbps, with dvmmctl run --transport shm (rings in shared "
             "memory between the two node processes, same sealed records), run after each "
             "TCP run",
+        ),
+        Figure(
+            "prefetch_hit_ratio", "ratio", hit,
+            "the remote_scan_gbps runs' DSM counters summed over both nodes: "
+            "prefetch_used / prefetched_pages (pages the adaptive prefetcher fetched that "
+            "a fault then found in place; the rest were wasted or invalidated first)",
         ),
     ]  # fmt: skip
     merged = merge_hdr(hdrs)
