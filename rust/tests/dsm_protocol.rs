@@ -10,6 +10,17 @@
 //! Sequential prefetch (`Node::prefetch`: batched read requests, declined
 //! per page when busy at the home) is one of the random operations.
 //!
+//! Range transactions (`Node::request_range`, `RangeMsg`) are random
+//! operations too: read and write ranges, waiting or declining at busy pages,
+//! with or without threads then touching every page, overlapping single-page
+//! traffic, prefetch, evictions and each other. A range message may overtake
+//! an earlier message of its lane only if they share no page (as the engine's
+//! hold window reorders). Further invariants: every grant (single or range)
+//! carries, per page, the version the home's directory has for the page and
+//! never an older one than any grant before, and its data is the last write;
+//! all valid copies of a page have the same version (the latest granted); at
+//! quiescence no request is left pending.
+//!
 //! A blocked access is modelled like a thread blocked in userfaultfd: it calls
 //! `fault` once, then sleeps until the engine wakes its page (install, wake,
 //! write-unprotect) and only then faults again, so a lost wake-up shows up
@@ -17,20 +28,52 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use dvmm::dsm::protocol::{Access, CacheState, Data, Effect, FaultOutcome, Msg, Node, NodeId};
+use std::ops::Range;
+
+use dvmm::dsm::protocol::{
+    Access, CacheState, Data, Effect, FaultOutcome, Keep, Msg, Node, NodeId, OnBusy, ProtocolError,
+    RangeMsg, MAX_RANGE,
+};
 use proptest::prelude::*;
 
 type Lane = (NodeId, NodeId, bool);
+
+/// A message in flight: single-page or range.
+#[derive(Debug, Clone)]
+enum M {
+    P(Msg),
+    R(RangeMsg),
+}
+
+impl M {
+    fn pages(&self) -> Range<u64> {
+        match self {
+            M::P(m) => m.page()..m.page() + 1,
+            M::R(m) => m.pages(),
+        }
+    }
+}
+
+fn overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
 
 struct Sim {
     nodes: Vec<Node>,
     mem: Vec<Vec<Option<u64>>>,
     truth: Vec<u64>,
-    lanes: BTreeMap<Lane, VecDeque<(Msg, Option<u64>)>>,
+    /// Highest version any grant has carried for each page (1 at start).
+    granted: Vec<u64>,
+    /// Messages per lane, each with its payload (page contents in slot order).
+    lanes: BTreeMap<Lane, VecDeque<(M, Vec<u64>)>>,
     blocked: Vec<Vec<(u64, Access)>>,
     done_accesses: usize,
     reads: usize,
     prefetches: usize,
+    ranges: usize,
+    range_grants: usize,
+    /// Every message delivered: (from, to, message).
+    delivered: Vec<(NodeId, NodeId, M)>,
     /// Pages whose blocked threads have been woken (install, wake).
     woken: Vec<HashSet<u64>>,
 }
@@ -47,11 +90,15 @@ impl Sim {
                 .collect(),
             mem: vec![vec![None; pages as usize]; n],
             truth: vec![0; pages as usize],
+            granted: vec![1; pages as usize],
             lanes: BTreeMap::new(),
             blocked: vec![Vec::new(); n],
             done_accesses: 0,
             reads: 0,
             prefetches: 0,
+            ranges: 0,
+            range_grants: 0,
+            delivered: Vec::new(),
             woken: vec![HashSet::new(); n],
         }
     }
@@ -60,7 +107,9 @@ impl Sim {
         self.truth.len() as u64
     }
 
-    fn apply(&mut self, n: NodeId, effects: Vec<Effect>, payload: Option<u64>) {
+    /// Execute node `n`'s effects; `incoming` is the message being handled
+    /// (with its payload), whose contents `Install` takes.
+    fn apply(&mut self, n: NodeId, effects: Vec<Effect>, incoming: Option<(&M, &[u64])>) {
         let ni = n as usize;
         for e in effects {
             match e {
@@ -70,20 +119,41 @@ impl Sim {
                             data: Data::Page,
                             page,
                             ..
-                        } => Some(self.mem[ni][page as usize].expect("sending a page not held")),
-                        _ => None,
+                        } => vec![self.mem[ni][page as usize].expect("sending a page not held")],
+                        _ => vec![],
                     };
                     self.lanes
                         .entry((n, to, msg.is_bulk()))
                         .or_default()
-                        .push_back((msg, data));
+                        .push_back((M::P(msg), data));
+                }
+                Effect::SendRange { to, msg } => {
+                    let mut data = Vec::new();
+                    if let RangeMsg::Grant { first, data: d, .. } = &msg {
+                        for (i, d) in d.iter().enumerate() {
+                            if *d == Data::Page {
+                                let p = *first as usize + i;
+                                data.push(self.mem[ni][p].expect("sending a page not held"));
+                            }
+                        }
+                        assert_eq!(data.len(), msg.data_pages());
+                    }
+                    self.lanes
+                        .entry((n, to, msg.is_bulk()))
+                        .or_default()
+                        .push_back((M::R(msg), data));
                 }
                 Effect::Install { page, zero, .. } => {
                     assert!(self.mem[ni][page as usize].is_none(), "install over a copy");
                     let v = if zero {
                         0
                     } else {
-                        payload.expect("install without payload")
+                        let (m, payload) = incoming.expect("install without a message");
+                        let slot = match m {
+                            M::P(_) => 0,
+                            M::R(r) => r.slot_of(page).expect("install of a page not carried"),
+                        };
+                        payload[slot]
                     };
                     self.mem[ni][page as usize] = Some(v);
                     self.woken[ni].insert(page);
@@ -150,6 +220,92 @@ impl Sim {
         self.apply(n as NodeId, out, None);
     }
 
+    /// Range request by node `n` for `page..page + count` (clamped to the
+    /// home range of `page`); with `touch`, a thread then accesses every page.
+    fn range(
+        &mut self,
+        n: usize,
+        page: u64,
+        count: u32,
+        access: Access,
+        busy: OnBusy,
+        touch: bool,
+    ) {
+        let home = self.nodes[n].home_of(page).unwrap();
+        let end = (0..self.pages())
+            .rev()
+            .find(|&p| self.nodes[n].home_of(p).unwrap() == home)
+            .unwrap()
+            + 1;
+        let count = count.min((end - page) as u32);
+        let mut out = Vec::new();
+        let runs = self.nodes[n]
+            .request_range(page, count, access, busy, &mut out)
+            .unwrap();
+        assert_eq!(runs.len(), out.len(), "one message per run");
+        for &(first, c) in &runs {
+            assert!(c >= 1 && first >= page && first + u64::from(c) <= page + u64::from(count));
+            for p in first..first + u64::from(c) {
+                assert!(self.nodes[n].is_pending(p));
+            }
+        }
+        if !runs.is_empty() {
+            self.ranges += 1;
+        }
+        self.apply(n as NodeId, out, None);
+        if touch {
+            for p in page..page + u64::from(count) {
+                self.access(n, p, access);
+            }
+        }
+    }
+
+    /// Checks at the delivery of a grant to `to`: per page, the version is the
+    /// directory's (the transaction is in flight) and never older than any
+    /// grant before; data carried is the last write.
+    fn check_grant(&mut self, m: &M, payload: &[u64]) {
+        let check = |sim: &mut Sim, page: u64, version: u64, data: Data, slot: usize| {
+            let home = sim.nodes[0].home_of(page).unwrap() as usize;
+            let dir_version = sim.nodes[home].dir_entry(page).unwrap().2;
+            assert_eq!(
+                version, dir_version,
+                "page {page}: grant of another version"
+            );
+            assert!(
+                version >= sim.granted[page as usize],
+                "page {page}: grant of a stale version {version}"
+            );
+            sim.granted[page as usize] = version;
+            if data == Data::Page {
+                assert_eq!(
+                    payload[slot], sim.truth[page as usize],
+                    "page {page}: stale data"
+                );
+            }
+            if data == Data::Zero {
+                assert_eq!(
+                    sim.truth[page as usize], 0,
+                    "page {page}: zero for a written page"
+                );
+            }
+        };
+        match m {
+            M::P(Msg::Grant {
+                page,
+                version,
+                data,
+                ..
+            }) => check(self, *page, *version, *data, 0),
+            M::R(r @ RangeMsg::Grant { versions, data, .. }) => {
+                self.range_grants += 1;
+                for (p, (v, d)) in r.pages().zip(versions.iter().zip(data.iter())) {
+                    check(self, p, *v, *d, r.slot_of(p).unwrap_or(0));
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn retry(&mut self, n: usize) {
         let list = std::mem::take(&mut self.blocked[n]);
         for (page, access) in list {
@@ -188,25 +344,88 @@ impl Sim {
         let lane = nonempty[k % nonempty.len()];
         let q = self.lanes.get_mut(&lane).unwrap();
         let firsts: Vec<usize> = (0..q.len())
-            .filter(|&i| q.iter().take(i).all(|(m, _)| m.page() != q[i].0.page()))
+            .filter(|&i| {
+                let pi = q[i].0.pages();
+                q.iter().take(i).all(|(m, _)| !overlap(&m.pages(), &pi))
+            })
             .collect();
         let (msg, payload) = q.remove(firsts[j % firsts.len()]).unwrap();
         let (from, to, _) = lane;
+        self.check_grant(&msg, &payload);
         let mut out = Vec::new();
-        self.nodes[to as usize]
-            .handle(from, msg, &mut out)
-            .unwrap_or_else(|e| panic!("protocol error at node {to}: {e} ({msg:?})"));
-        self.apply(to, out, payload);
+        let r = match &msg {
+            M::P(m) => self.nodes[to as usize].handle(from, *m, &mut out),
+            M::R(m) => self.nodes[to as usize].handle_range(from, m, &mut out),
+        };
+        r.unwrap_or_else(|e| panic!("protocol error at node {to}: {e} ({msg:?})"));
+        self.apply(to, out, Some((&msg, &payload)));
+        self.delivered.push((from, to, msg));
         if retry {
             self.retry(to as usize);
         }
         true
     }
 
+    /// Deliver the head of lane (from, to, bulk); false if it is empty.
+    fn deliver_lane(&mut self, from: NodeId, to: NodeId, bulk: bool) -> bool {
+        let nonempty: Vec<Lane> = self
+            .lanes
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(l, _)| *l)
+            .collect();
+        match nonempty.iter().position(|l| *l == (from, to, bulk)) {
+            Some(k) => self.deliver_nth(k, 0, false),
+            None => false,
+        }
+    }
+
+    /// Deliver everything (oldest lane first), retrying blocked accesses.
+    fn drain(&mut self) {
+        loop {
+            for node in 0..self.nodes.len() {
+                self.retry(node);
+            }
+            if !self.deliver(0, true) {
+                break;
+            }
+            self.check();
+        }
+        for node in 0..self.nodes.len() {
+            assert!(self.blocked[node].is_empty(), "node {node} blocked");
+            assert!(self.nodes[node].dir_idle());
+        }
+    }
+
+    /// Range messages delivered so far, of the kind `f` selects.
+    fn count_range(&self, f: impl Fn(&RangeMsg) -> bool) -> usize {
+        self.delivered
+            .iter()
+            .filter(|(_, _, m)| matches!(m, M::R(r) if f(r)))
+            .count()
+    }
+
+    /// Single-page messages delivered so far, of the kind `f` selects.
+    fn count_page(&self, f: impl Fn(&Msg) -> bool) -> usize {
+        self.delivered
+            .iter()
+            .filter(|(_, _, m)| matches!(m, M::P(p) if f(p)))
+            .count()
+    }
+
     fn check(&self) {
         let n = self.nodes.len();
         for p in 0..self.pages() {
             let states: Vec<_> = (0..n).map(|i| self.nodes[i].state(p).unwrap()).collect();
+            // All valid copies have one version: the latest granted.
+            for (i, s) in states.iter().enumerate() {
+                if s.0 != CacheState::Invalid {
+                    assert_eq!(
+                        s.2, self.granted[p as usize],
+                        "page {p} node {i}: a valid copy of an old version"
+                    );
+                }
+            }
             let writers = states
                 .iter()
                 .filter(|s| s.0 == CacheState::Modified)
@@ -271,6 +490,15 @@ enum Op {
         page: u64,
         max: u32,
     },
+    /// A range request (`request_range`) for up to `count` pages from `page`.
+    Range {
+        node: usize,
+        page: u64,
+        count: u32,
+        write: bool,
+        wait: bool,
+        touch: bool,
+    },
     Deliver(usize),
     /// Per-page FIFO only (the hold window's deferral).
     DeliverOutOfOrder(usize, usize),
@@ -282,6 +510,8 @@ fn op(n: usize, pages: u64) -> impl Strategy<Value = Op> {
         3 => (0..n, 0..pages, any::<bool>()).prop_map(|(node, page, write)| Op::Access { node, page, write }),
         1 => (0..n, 0..pages).prop_map(|(node, page)| Op::Evict { node, page }),
         2 => (0..n, 0..pages, 1u32..=6).prop_map(|(node, page, max)| Op::Prefetch { node, page, max }),
+        3 => (0..n, 0..pages, 1u32..=8, any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(node, page, count, write, wait, touch)| Op::Range { node, page, count, write, wait, touch }),
         4 => (0..64usize).prop_map(Op::Deliver),
         2 => (0..64usize, 0..8usize).prop_map(|(k, j)| Op::DeliverOutOfOrder(k, j)),
         1 => (0..n).prop_map(Op::Retry),
@@ -289,7 +519,7 @@ fn op(n: usize, pages: u64) -> impl Strategy<Value = Op> {
 }
 
 fn scenario() -> impl Strategy<Value = (usize, u64, Vec<Op>, Vec<usize>)> {
-    (2usize..=4, 1u64..=4).prop_flat_map(|(n, per)| {
+    (2usize..=4, 1u64..=6).prop_flat_map(|(n, per)| {
         (
             Just(n),
             Just(per),
@@ -309,6 +539,18 @@ fn run(n: usize, per: u64, ops: &[Op], drain: &[usize]) {
             }
             Op::Evict { node, page } => sim.evict(node, page),
             Op::Prefetch { node, page, max } => sim.prefetch(node, page, max),
+            Op::Range {
+                node,
+                page,
+                count,
+                write,
+                wait,
+                touch,
+            } => {
+                let a = if write { Access::Write } else { Access::Read };
+                let b = if wait { OnBusy::Wait } else { OnBusy::Decline };
+                sim.range(node, page, count, a, b, touch)
+            }
             Op::Deliver(k) => {
                 sim.deliver(k, false);
             }
@@ -341,14 +583,62 @@ fn run(n: usize, per: u64, ops: &[Op], drain: &[usize]) {
             sim.nodes[node].dir_idle(),
             "node {node}: transaction never ended"
         );
+        for p in 0..sim.pages() {
+            assert!(
+                !sim.nodes[node].is_pending(p),
+                "node {node} page {p}: request never answered"
+            );
+        }
     }
     sim.check();
+    if std::env::var_os("DSM_SIM_STATS").is_some() {
+        eprintln!(
+            "n={n} per={per} ops={} accesses={} ranges={} range_grants={} prefetches={}",
+            ops.len(),
+            sim.done_accesses,
+            sim.ranges,
+            sim.range_grants,
+            sim.prefetches
+        );
+    }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
     #[test]
     fn coherence_under_random_interleavings((n, per, ops, drain) in scenario()) {
+        run(n, per, &ops, &drain);
+    }
+}
+
+/// Longer ranges over more pages per node (fewer nodes, fewer cases: each
+/// step checks every page).
+fn range_scenario() -> impl Strategy<Value = (usize, u64, Vec<Op>, Vec<usize>)> {
+    (2usize..=3, 8u64..=40).prop_flat_map(|(n, per)| {
+        let pages = n as u64 * per;
+        let op = prop_oneof![
+            3 => (0..n, 0..pages, any::<bool>()).prop_map(|(node, page, write)| Op::Access { node, page, write }),
+            1 => (0..n, 0..pages).prop_map(|(node, page)| Op::Evict { node, page }),
+            1 => (0..n, 0..pages, 1u32..=16).prop_map(|(node, page, max)| Op::Prefetch { node, page, max }),
+            3 => (0..n, 0..pages, 1u32..=40, any::<bool>(), any::<bool>(), any::<bool>())
+                .prop_map(|(node, page, count, write, wait, touch)| Op::Range { node, page, count, write, wait, touch }),
+            5 => (0..64usize).prop_map(Op::Deliver),
+            3 => (0..64usize, 0..8usize).prop_map(|(k, j)| Op::DeliverOutOfOrder(k, j)),
+            1 => (0..n).prop_map(Op::Retry),
+        ];
+        (
+            Just(n),
+            Just(per),
+            prop::collection::vec(op, 1..300),
+            prop::collection::vec(0usize..64, 0..64),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn coherence_with_long_ranges((n, per, ops, drain) in range_scenario()) {
         run(n, per, &ops, &drain);
     }
 }
@@ -573,5 +863,360 @@ fn prefetch_batches_and_declines() {
             );
         }
         sim.check();
+    }
+}
+
+/// A 2 MiB read range of pages that sit at their home: one request, one
+/// fetch, one grant carrying all 512 pages, one completion.
+#[test]
+fn range_full_2mib_is_one_transaction() {
+    let mut sim = Sim::new(2, u64::from(MAX_RANGE));
+    for p in 0..u64::from(MAX_RANGE) {
+        sim.access(0, p, Access::Write);
+    }
+    sim.range(1, 0, MAX_RANGE, Access::Read, OnBusy::Wait, true);
+    assert_eq!(sim.blocked[1].len(), MAX_RANGE as usize);
+    sim.drain();
+    assert_eq!(sim.delivered.len(), 4, "{:?}", sim.delivered.len());
+    assert_eq!(sim.count_range(|m| matches!(m, RangeMsg::Req { .. })), 1);
+    assert_eq!(sim.count_range(|m| matches!(m, RangeMsg::Fetch { .. })), 1);
+    assert_eq!(
+        sim.count_range(|m| matches!(m, RangeMsg::Grant { data, .. }
+            if data.len() == MAX_RANGE as usize && data.iter().all(|d| *d == Data::Page))),
+        1
+    );
+    assert_eq!(sim.count_range(|m| matches!(m, RangeMsg::Done { .. })), 1);
+    for p in 0..u64::from(MAX_RANGE) {
+        assert_eq!(
+            sim.nodes[1].state(p).unwrap(),
+            (CacheState::Shared, true, 1)
+        );
+        assert_eq!(sim.nodes[0].dir_entry(p).unwrap(), (0b11, false, 1));
+    }
+}
+
+/// Set up node 0 as home of 0..8 with: page 3 held by node 2, page 5 busy
+/// (node 2's write request started at the home, its fetch not delivered).
+fn busy_setup() -> Sim {
+    let mut sim = Sim::new(3, 8);
+    for p in 0..8 {
+        sim.access(0, p, Access::Write);
+    }
+    sim.access(2, 3, Access::Write);
+    sim.drain();
+    sim.access(2, 5, Access::Write);
+    assert!(
+        sim.deliver_lane(2, 0, false),
+        "the request reaches the home"
+    );
+    assert!(!sim.nodes[0].dir_idle());
+    sim.delivered.clear();
+    sim
+}
+
+/// Pages busy at the home are split off a waiting range and queued as single
+/// pages; the rest is served in runs of equal holders.
+#[test]
+fn range_splits_at_busy_pages_and_holder_changes() {
+    let mut sim = busy_setup();
+    sim.range(1, 0, 8, Access::Read, OnBusy::Wait, true);
+    assert!(sim.deliver_lane(1, 0, false));
+    // Runs 0..3 (home), 3 (node 2), 4 (home), 6..8 (home); page 5 queued.
+    let fetches: Vec<(NodeId, Range<u64>)> = sim
+        .lanes
+        .iter()
+        .flat_map(|((_, to, _), q)| {
+            q.iter().filter_map(move |(m, _)| match m {
+                M::R(f @ RangeMsg::Fetch { .. }) => Some((*to, f.pages())),
+                _ => None,
+            })
+        })
+        .collect();
+    let mut want = vec![(0, 0..3), (2, 3..4), (0, 4..5), (0, 6..8)];
+    let mut got = fetches.clone();
+    got.sort_by_key(|f| f.1.start);
+    want.sort_by_key(|f| f.1.start);
+    assert_eq!(got, want);
+    sim.drain();
+    assert_eq!(sim.count_range(|m| matches!(m, RangeMsg::Done { .. })), 4);
+    // Page 5 came with a single-page grant, after node 2's write.
+    assert_eq!(
+        sim.count_page(|m| matches!(
+            m,
+            Msg::Grant {
+                page: 5,
+                access: Access::Read,
+                ..
+            }
+        )),
+        1
+    );
+    for p in 0..8 {
+        assert_eq!(
+            sim.nodes[1].state(p).unwrap().0,
+            CacheState::Shared,
+            "page {p}"
+        );
+    }
+    assert_eq!(
+        sim.nodes[1].state(5).unwrap().2,
+        2,
+        "version after node 2's write"
+    );
+}
+
+/// A declining range (prefetch) gets a `Nack` for its busy pages; an access
+/// waiting on a declined page asks again with a queued single-page request.
+#[test]
+fn range_declines_busy_pages() {
+    for touch in [false, true] {
+        let mut sim = busy_setup();
+        sim.range(1, 4, 4, Access::Read, OnBusy::Decline, false);
+        if touch {
+            sim.access(1, 5, Access::Read);
+        }
+        assert!(sim.deliver_lane(1, 0, false));
+        sim.drain();
+        assert_eq!(
+            sim.count_range(|m| matches!(m, RangeMsg::Nack { first: 5, count: 1 })),
+            1
+        );
+        let resent = sim.count_page(|m| matches!(m, Msg::Req { page: 5, .. }));
+        assert_eq!(resent, usize::from(touch), "touch {touch}");
+        let want = if touch {
+            CacheState::Shared
+        } else {
+            CacheState::Invalid
+        };
+        assert_eq!(sim.nodes[1].state(5).unwrap().0, want);
+        for p in [4, 6, 7] {
+            assert_eq!(sim.nodes[1].state(p).unwrap().0, CacheState::Shared);
+        }
+    }
+}
+
+/// A write range over pages the requester holds current copies of: one
+/// invalidation round, a grant without data, versions bumped per page.
+#[test]
+fn range_write_upgrade_skips_data() {
+    let mut sim = Sim::new(2, 8);
+    for p in 0..8 {
+        // Different versions per page: page p written (granted) p times.
+        for _ in 0..p {
+            sim.access(1, p, Access::Write);
+            sim.drain();
+            sim.access(0, p, Access::Write);
+            sim.drain();
+        }
+    }
+    sim.range(1, 0, 8, Access::Read, OnBusy::Wait, false);
+    sim.drain();
+    sim.delivered.clear();
+    let before: Vec<u64> = (0..8).map(|p| sim.nodes[1].state(p).unwrap().2).collect();
+    sim.range(1, 0, 8, Access::Write, OnBusy::Wait, true);
+    sim.drain();
+    assert_eq!(
+        sim.count_range(|m| matches!(m, RangeMsg::Inv { first: 0, count: 8 })),
+        1
+    );
+    assert_eq!(
+        sim.count_range(|m| matches!(m, RangeMsg::Grant { data, .. }
+            if data.iter().all(|d| *d == Data::None))),
+        1
+    );
+    assert_eq!(sim.delivered.len(), 5, "req, inv, ack, grant, done");
+    for p in 0..8 {
+        assert_eq!(
+            sim.nodes[1].state(p).unwrap(),
+            (CacheState::Modified, true, before[p as usize] + 1)
+        );
+    }
+}
+
+/// Several ranges of one requester in flight at once, and a range request
+/// that leaves out pages already pending or accessible.
+#[test]
+fn ranges_in_flight_and_request_splitting() {
+    let mut sim = Sim::new(2, 16);
+    let mut out = Vec::new();
+    let runs = sim.nodes[1]
+        .request_range(0, 4, Access::Read, OnBusy::Wait, &mut out)
+        .unwrap();
+    assert_eq!(runs, vec![(0, 4)]);
+    sim.apply(1, out, None);
+    sim.access(1, 6, Access::Read);
+    let mut out = Vec::new();
+    let runs = sim.nodes[1]
+        .request_range(2, 10, Access::Read, OnBusy::Wait, &mut out)
+        .unwrap();
+    // 2..4 pending, 6 pending (single page): 4..6 and 7..12.
+    assert_eq!(runs, vec![(4, 2), (7, 5)]);
+    sim.apply(1, out, None);
+    sim.drain();
+    assert_eq!(sim.count_range(|m| matches!(m, RangeMsg::Grant { .. })), 3);
+    for p in 0..12 {
+        assert_eq!(sim.nodes[1].state(p).unwrap().0, CacheState::Shared);
+    }
+    // Everything already readable: nothing to send.
+    let mut out = Vec::new();
+    let runs = sim.nodes[1]
+        .request_range(0, 12, Access::Read, OnBusy::Wait, &mut out)
+        .unwrap();
+    assert!(runs.is_empty() && out.is_empty());
+}
+
+/// Malformed or out-of-protocol range messages are errors, never panics.
+#[test]
+fn out_of_protocol_range_messages_are_errors() {
+    let homes = vec![0..8, 8..16];
+    let mut a = Node::new(0, homes.clone()).unwrap();
+    let mut b = Node::new(1, homes).unwrap();
+    let mut out = Vec::new();
+    let req = |first, count: u32, n: usize| RangeMsg::Req {
+        first,
+        count,
+        access: Access::Read,
+        busy: OnBusy::Wait,
+        have: vec![0; n].into_boxed_slice(),
+    };
+    for m in [
+        req(0, 0, 0),
+        req(0, MAX_RANGE + 1, MAX_RANGE as usize + 1),
+        req(6, 4, 4),        // crosses into node 1's range
+        req(8, 2, 2),        // not homed here
+        req(0, 4, 3),        // versions missing
+        req(u64::MAX, 2, 2), // past the end
+        RangeMsg::Done { first: 0, count: 2 },
+        RangeMsg::InvAck { first: 0, count: 2 },
+        RangeMsg::Inv { first: 0, count: 2 }, // home is me, not the sender
+    ] {
+        let e = a.handle_range(1, &m, &mut out).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::BadRange { .. } | ProtocolError::Unexpected { .. }
+            ),
+            "{m:?}: {e}"
+        );
+    }
+    assert!(matches!(
+        a.handle_range(9, &RangeMsg::Done { first: 0, count: 1 }, &mut out),
+        Err(ProtocolError::BadNode(9))
+    ));
+    // A grant, nack or fetch for pages never requested / not held.
+    let grant = RangeMsg::Grant {
+        first: 0,
+        count: 2,
+        access: Access::Read,
+        versions: vec![1, 1].into_boxed_slice(),
+        data: vec![Data::Zero, Data::Zero].into_boxed_slice(),
+    };
+    assert!(b.handle_range(0, &grant, &mut out).is_err());
+    assert!(b
+        .handle_range(0, &RangeMsg::Nack { first: 0, count: 2 }, &mut out)
+        .is_err());
+    let fetch = RangeMsg::Fetch {
+        first: 0,
+        count: 2,
+        to: 0,
+        keep: Keep::Shared,
+        versions: vec![1, 1].into_boxed_slice(),
+    };
+    assert!(b.handle_range(0, &fetch, &mut out).is_err());
+    // A fetch with the wrong number of versions, or to a node that does not exist.
+    let mut fetch2 = fetch.clone();
+    if let RangeMsg::Fetch { versions, .. } = &mut fetch2 {
+        *versions = vec![1].into_boxed_slice();
+    }
+    assert!(a.handle_range(0, &fetch2, &mut out).is_err());
+    if let RangeMsg::Fetch { to, .. } = &mut fetch2 {
+        *to = 5;
+    }
+    assert!(a.handle_range(0, &fetch2, &mut out).is_err());
+    // A grant whose arrays do not match its count, for requested pages.
+    out.clear();
+    b.request_range(0, 2, Access::Read, OnBusy::Wait, &mut out)
+        .unwrap();
+    let short = RangeMsg::Grant {
+        first: 0,
+        count: 2,
+        access: Access::Read,
+        versions: vec![1].into_boxed_slice(),
+        data: vec![Data::Zero, Data::Zero].into_boxed_slice(),
+    };
+    assert!(b.handle_range(0, &short, &mut out).is_err());
+    // A grant without data for pages this node does not hold.
+    let none = RangeMsg::Grant {
+        first: 0,
+        count: 2,
+        access: Access::Read,
+        versions: vec![1, 1].into_boxed_slice(),
+        data: vec![Data::None, Data::None].into_boxed_slice(),
+    };
+    assert!(b.handle_range(0, &none, &mut out).is_err());
+    // Nothing was applied by the failed grants.
+    assert_eq!(b.state(0).unwrap().0, CacheState::Invalid);
+    // Requests the caller gets wrong.
+    for (first, count) in [(0, 0), (6, 4), (16, 1)] {
+        assert!(b
+            .request_range(first, count, Access::Read, OnBusy::Wait, &mut out)
+            .is_err());
+    }
+}
+
+/// The slot of a page in a range grant's payload.
+#[test]
+fn range_grant_slots() {
+    let g = RangeMsg::Grant {
+        first: 10,
+        count: 4,
+        access: Access::Read,
+        versions: vec![1; 4].into_boxed_slice(),
+        data: vec![Data::Page, Data::None, Data::Zero, Data::Page].into_boxed_slice(),
+    };
+    assert_eq!(g.data_pages(), 2);
+    assert!(g.is_bulk());
+    let slots: Vec<_> = (9..15).map(|p| g.slot_of(p)).collect();
+    assert_eq!(slots, vec![None, Some(0), None, None, Some(1), None]);
+    assert!(!RangeMsg::Done { first: 0, count: 1 }.is_bulk());
+}
+
+/// The home requests a range of its own pages while it takes one of them
+/// back from an evicting last holder: the take-back's grant does not answer
+/// the range request, which stays pending until its own answer (a `Nack`, or
+/// a grant without data after the take-back) arrives, in either order.
+#[test]
+fn home_range_during_take_back() {
+    for busy in [OnBusy::Wait, OnBusy::Decline] {
+        for grant_first in [false, true] {
+            let mut sim = Sim::new(2, 8);
+            sim.access(1, 6, Access::Write);
+            sim.drain();
+            sim.evict(1, 6);
+            assert!(
+                sim.deliver_lane(1, 0, false),
+                "the eviction reaches the home"
+            );
+            // Only page 6 is not accessible at the home.
+            sim.range(0, 0, 8, Access::Read, busy, true);
+            assert_eq!(sim.ranges, 1);
+            assert!(sim.nodes[0].is_pending(6));
+            assert!(
+                sim.deliver_lane(0, 0, false),
+                "the range request: page 6 busy"
+            );
+            assert!(sim.deliver_lane(0, 1, false), "the take-back fetch");
+            if grant_first {
+                assert!(sim.deliver_lane(1, 0, true), "the take-back grant");
+                assert!(sim.nodes[0].is_pending(6), "still waiting for its answer");
+            }
+            sim.drain();
+            assert_eq!(sim.nodes[0].state(6).unwrap().0, CacheState::Modified);
+            assert!(!sim.nodes[0].is_pending(6));
+            assert_eq!(
+                sim.count_range(|m| matches!(m, RangeMsg::Nack { .. })),
+                usize::from(busy == OnBusy::Decline)
+            );
+        }
     }
 }

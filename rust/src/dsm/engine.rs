@@ -153,6 +153,8 @@ pub enum EffectError {
     MissingData(PageIdx),
     #[error("page {page}: {err}")]
     Memory { page: PageIdx, err: UffdError },
+    #[error("range message {0:?}: this engine sends single-page messages only")]
+    RangeUnsupported(Box<protocol::RangeMsg>),
 }
 
 /// Default [`DsmConfig::spin`] in microseconds (`DVMM_DSM_SPIN_US` overrides it
@@ -1327,6 +1329,11 @@ impl Engine {
             Effect::Wake { page } => mem
                 .wake(page)
                 .map_err(|err| EffectError::Memory { page, err }),
+            // The engine never issues range requests yet, so the protocol
+            // never asks it to send a range message; refuse rather than drop.
+            Effect::SendRange { ref msg, .. } => {
+                Err(EffectError::RangeUnsupported(Box::new(msg.clone())))
+            }
         }
     }
 
