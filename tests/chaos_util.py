@@ -40,11 +40,6 @@ _NODE_LINE = re.compile(
 )
 
 
-def in_ci() -> bool:
-    """The environment says it is CI (as tests/test_faultlat.py reads it)."""
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
 def netns_unavailable() -> str | None:
     """Why nodes cannot be put in namespaces with faults injected, or None."""
     if os.geteuid() != 0:

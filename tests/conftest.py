@@ -1,7 +1,7 @@
 """Shared helpers for the Python tests.
 
 Tests that need /dev/kvm or QEMU skip with the reason when the host lacks
-them. Tests that need the native module or the bundled guest do not skip:
+them, and fail instead when the environment says it is CI (``CI`` set). Tests that need the native module or the bundled guest do not skip:
 `make test` builds both, so their absence is a failure.
 """
 
@@ -30,13 +30,37 @@ def kvm_usable() -> bool:
     return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-requires_kvm = pytest.mark.skipif(
-    not kvm_usable(), reason="/dev/kvm is missing or not read-write for this user"
-)
-requires_qemu = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None,
-    reason="qemu-system-x86_64 not installed (Debian package qemu-system-x86; `make setup`)",
-)
+def in_ci() -> bool:
+    """The environment says it is CI (``CI`` set, as CI services and .ci/run do)."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with the reason printed; under CI fail instead (CI must run every test)."""
+    if in_ci():
+        pytest.fail(f"CI must run the dvmm tests, but: {reason}")
+    print(f"SKIP: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def need_kvm() -> None:
+    if not kvm_usable():
+        skip_or_fail("/dev/kvm is missing or not read-write for this user")
+
+
+@pytest.fixture
+def need_qemu() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        skip_or_fail(
+            "qemu-system-x86_64 not installed (Debian package qemu-system-x86; `make setup`)"
+        )
+
+
+#: Marks for tests that need /dev/kvm or QEMU: skipped with the reason elsewhere,
+#: failed under CI.
+requires_kvm = pytest.mark.usefixtures("need_kvm")
+requires_qemu = pytest.mark.usefixtures("need_qemu")
 
 
 def dvmmctl(

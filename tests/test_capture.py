@@ -29,43 +29,31 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import GUEST, kvm_usable
+from conftest import GUEST, kvm_usable, skip_or_fail
 
 from dvmmd.cluster_cli import Client, LocalCluster
 
 CONSOLE_TIMEOUT_S = 240
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def _skip_or_fail(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(f"CI must run the capture test, but: {reason}")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
-
-
 def _requirements() -> None:
     if not kvm_usable():
-        _skip_or_fail("/dev/kvm is missing or not read-write for this user")
+        skip_or_fail("/dev/kvm is missing or not read-write for this user")
     if not GUEST.is_file():
-        _skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
+        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
     try:
         from dvmmd import _native  # noqa: F401
     except ImportError as e:
-        _skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
     from dvmmd.vmmanager import multinode_supported
 
     multi, why = multinode_supported("auto")
     if not multi:
-        _skip_or_fail(f"multi-node VMs are not available: {why}")
+        skip_or_fail(f"multi-node VMs are not available: {why}")
     if shutil.which("tcpdump") is None:
-        _skip_or_fail("tcpdump is not installed (Debian package tcpdump; `make setup`)")
+        skip_or_fail("tcpdump is not installed (Debian package tcpdump; `make setup`)")
     if os.geteuid() != 0:
-        _skip_or_fail("capturing on lo needs root")
+        skip_or_fail("capturing on lo needs root")
 
 
 # --------------------------------------------------------------------------- pcap

@@ -41,8 +41,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chaos_util import ChaosRun, NftDrop, NodeInfo, Shaper, freeze, in_ci, netns_unavailable, thaw
-from conftest import assert_all_passed, parse_guest_output
+from chaos_util import ChaosRun, NftDrop, NodeInfo, Shaper, freeze, netns_unavailable, thaw
+from conftest import assert_all_passed, parse_guest_output, skip_or_fail
 from test_multinode import KILLED_WORKER_BOUND_S, _pid_gone, cluster_unavailable, result_lines
 
 from dvmmd import netns
@@ -80,17 +80,10 @@ SETTLE_S = 0.3
 LOSS_WORDS = r"(vanished|is down|died|lost|dead|unreachable)"
 
 
-def _skip_or_fail(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"CI must run the dvmm chaos tests, but: {reason}")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
-
-
 def _check_ready(tmp_dir: Path) -> None:
     for reason in (cluster_unavailable(tmp_dir), netns_unavailable()):
         if reason is not None:
-            _skip_or_fail(reason)
+            skip_or_fail(reason)
 
 
 @pytest.fixture

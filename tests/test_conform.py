@@ -22,14 +22,20 @@ is CI (``CI`` set).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BOOT_TIMEOUT_S, GUEST, assert_all_passed, dvmmctl, kvm_usable
+from conftest import (
+    BOOT_TIMEOUT_S,
+    GUEST,
+    assert_all_passed,
+    dvmmctl,
+    kvm_usable,
+    skip_or_fail,
+)
 from test_faultlat import line_fields, result_line
 from test_multinode import cluster_unavailable
 
@@ -44,22 +50,11 @@ _CHECK_LINE = re.compile(
 _EXIT_LINE = re.compile(r"dvmm-guest: exit cpu=(\d+) node=(-?\d+) apic=(\d+) status=(\d+)\s*$")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def _skip_or_fail(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(f"CI must run the conformance tests, but: {reason}")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
-
-
 def _require_guest_and_kvm() -> None:
     if not kvm_usable():
-        _skip_or_fail("/dev/kvm is missing or not read-write for this user")
+        skip_or_fail("/dev/kvm is missing or not read-write for this user")
     if not GUEST.is_file():
-        _skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
+        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
 
 
 def _checks(output: str) -> dict[tuple[str, int], tuple[int, str, str]]:
@@ -136,7 +131,7 @@ def test_conform_under_qemu(tmp_path: Path) -> None:
     _require_guest_and_kvm()
     qemu_bin = shutil.which("qemu-system-x86_64")
     if qemu_bin is None:
-        _skip_or_fail("qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
+        skip_or_fail("qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
     assert qemu_bin is not None
     cmd = [
         qemu_bin, "-enable-kvm", "-cpu", "qemu64,+x2apic,+tsc-deadline", "-smp", "2", "-m", "256",
@@ -173,11 +168,11 @@ def test_conform_under_dvmm(tmp_path: Path, nodes: int, vcpus: int) -> None:
     try:
         from dvmmd import _native  # noqa: F401
     except ImportError as e:
-        _skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
     if nodes > 1:
         reason = cluster_unavailable(tmp_path)
         if reason is not None:
-            _skip_or_fail(reason)
+            skip_or_fail(reason)
     args = ["run", "--nodes", str(nodes), "--vcpus", str(vcpus), "--memory", "256M"]
     args += ["--cmdline", "run=conform", "--timeout", str(RUN_TIMEOUT_S), "--json"]
     try:

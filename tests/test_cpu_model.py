@@ -13,7 +13,6 @@ and fail instead when the environment says it is CI (as tests/test_faultlat.py).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from conftest import (
     assert_all_passed,
     dvmmctl,
     kvm_usable,
+    skip_or_fail,
 )
 from test_multinode import cluster_unavailable
 
@@ -34,35 +34,24 @@ from dvmmd.vmspec import SpecError, build_spec, validate_spec
 KNOWN = "known models: host, baseline"
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def _skip_or_fail(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(f"CI must run the dvmm tests, but: {reason}")
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def kvm_ready() -> None:
     """One-node runs: /dev/kvm, the native module and the bundled guest."""
     if not kvm_usable():
-        _skip_or_fail("/dev/kvm is missing or not read-write for this user")
+        skip_or_fail("/dev/kvm is missing or not read-write for this user")
     if not GUEST.is_file():
-        _skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
+        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
     try:
         from dvmmd import _native  # noqa: F401
     except ImportError as e:
-        _skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
 
 
 @pytest.fixture
 def cluster_ready(tmp_path: Path) -> None:
     reason = cluster_unavailable(tmp_path)
     if reason is not None:
-        _skip_or_fail(reason)
+        skip_or_fail(reason)
 
 
 def _host_flags() -> set[str]:
@@ -138,7 +127,7 @@ def test_native_rejects_unknown_model(tmp_path: Path) -> None:
     try:
         from dvmmd import _native
     except ImportError as e:
-        _skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
     spec = {"vcpus": 1, "memory": 16 << 20, "kernel": str(tmp_path / "none"), "cpu": "486"}
     with pytest.raises(ValueError, match=f'cpu: unknown CPU model "486" \\({KNOWN}\\)'):
         _native.run_vm(json.dumps(spec))

@@ -3,7 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-/// True if /dev/kvm can be opened; otherwise prints why the test is skipped.
+/// True when the environment says it is CI (`CI` set to anything but empty, 0,
+/// false or no, as CI services and `.ci/run` do): a KVM test must then fail, not skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .is_ok_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "" | "0" | "false" | "no"))
+}
+
+/// True if /dev/kvm can be opened; otherwise prints why the test is skipped, or,
+/// under CI, fails the test (CI must run the KVM tests).
 pub fn kvm_available(test: &str) -> bool {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -12,6 +20,10 @@ pub fn kvm_available(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
+            assert!(
+                !in_ci(),
+                "{test}: CI must run the KVM tests, but /dev/kvm is not usable ({e})"
+            );
             eprintln!("skipping {test}: /dev/kvm is not usable ({e})");
             false
         }
@@ -103,8 +115,14 @@ pub fn run(spec: serde_json::Value) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-/// The bundled guest, if it has been built.
+/// The bundled guest, if it has been built (under CI it must be: `make test`
+/// builds it first, so its absence fails the test instead of skipping it).
 pub fn bundled_guest() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/build/dvmm-guest");
+    assert!(
+        p.is_file() || !in_ci(),
+        "CI must run the bundled-guest tests, but {} is not built (make -C guest)",
+        p.display()
+    );
     p.is_file().then_some(p)
 }
