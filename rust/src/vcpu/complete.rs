@@ -18,6 +18,7 @@
 //! | `ldmxcsr m32` (`0F AE /2`) | MXCSR loaded (KVM_GET_XSAVE / KVM_SET_XSAVE); #GP(0) for reserved bits, #NM if CR0.TS, #UD if CR0.EM or not CR4.OSFXSR; RIP past it |
 //! | `stmxcsr m32` (`0F AE /3`) | MXCSR stored (KVM_GET_XSAVE); #NM / #UD as `ldmxcsr`, #PF as a supervisor write; RIP past it |
 //! | `popcnt r, r/m` 16/32/64-bit (`F3 0F B8 /r`) | the count written (32-bit results zero-extend), ZF = source was 0, CF/OF/SF/AF/PF cleared; RIP past it |
+//! | `lsl r, r/m16` 16/32/64-bit (`0F 03 /r`) | the descriptor read from the guest's GDT/LDT through its page tables; type, DPL/CPL/RPL checked as the SDM says; limit (page-granular scaled) written and ZF set, or ZF cleared and the destination kept; RIP past it |
 //!
 //! Exceptions the instruction itself raises are delivered as the CPU would: a
 //! misaligned or non-canonical `cmpxchg16b` operand is #GP(0) (#SS(0) when the
@@ -44,13 +45,14 @@
 //!
 //! **Which ones.** Probed on this project's PVM host with a real vCPU
 //! (`tests/complete_insn.rs`): the emulator refuses `int3`, `int1`, `cmpxchg16b`,
-//! `stac`/`clac`, `popcnt`, `fwait`, `ldmxcsr` and `stmxcsr` at CPL0 (and delivers
-//! `ud2`'s #UD itself).
+//! `stac`/`clac`, `popcnt`, `fwait`, `ldmxcsr`, `stmxcsr` and `lsl` at CPL0 (KVM's
+//! emulator has no LAR/LSL at all), and delivers `ud2`'s #UD itself.
 //! The set is what Debian's 6.1 cloud kernel meets on its way through boot (its
 //! int3 self-test and text_poke_bp, SLUB's `cmpxchg16b` when CX16 is shown,
 //! `hweight` patched to `popcnt`, `clac` at every exception and interrupt entry
-//! with SMAP, `fwait` in `fpu__drop`, `ldmxcsr` in `kernel_fpu_begin`). Each completion costs an exit to the VMM
-//! and a few ioctls; `clac` is by far the most frequent (tens of thousands in a
+//! with SMAP, `fwait` in `fpu__drop`, `ldmxcsr` in `kernel_fpu_begin`, `lsl` of the
+//! CPUNODE segment in the FSGSBASE paranoid entry's `GET_PERCPU_BASE`). Each
+//! completion costs an exit to the VMM and a few ioctls; `clac` is by far the most frequent (tens of thousands in a
 //! boot).
 //!
 //! Not modelled: a single-step trap (RFLAGS.TF) after a completed instruction, data
@@ -166,6 +168,9 @@ pub enum Insn {
     Stac,
     /// `popcnt dst, src` (0xF3 0x0F 0xB8 /r), `size` bytes (2, 4 or 8).
     Popcnt { dst: u8, src: Operand, size: u8 },
+    /// `lsl dst, src` (0x0F 0x03 /r): the limit of the segment whose selector is
+    /// the low 16 bits of `src`, into a `size`-byte (2, 4 or 8) `dst`.
+    Lsl { dst: u8, src: Operand, size: u8 },
 }
 
 /// An instruction and its length in bytes.
@@ -288,6 +293,29 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
                 mem.seg = seg;
                 mem.addr32 = addr32;
                 Insn::Cmpxchg16b { mem, lock }
+            }
+            0x03 if !lock && rep.is_none() => {
+                i += 2;
+                let modrm = at(i)?;
+                i += 1;
+                let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
+                let src = if modrm >> 6 == 3 {
+                    Operand::Reg((modrm & 7) | ((rex & 1) << 3))
+                } else {
+                    let (mut mem, n) = decode_modrm_mem(&bytes[i..], modrm, rex)?;
+                    i += n;
+                    mem.seg = seg;
+                    mem.addr32 = addr32;
+                    Operand::Mem(mem)
+                };
+                let size = if rex & 8 != 0 {
+                    8
+                } else if opsize {
+                    2
+                } else {
+                    4
+                };
+                Insn::Lsl { dst, src, size }
             }
             // The last of F2/F3 decides (SDM 2.1.1); F3 0F B8 is popcnt.
             0xB8 if rep == Some(0xF3) && !lock => {
@@ -888,7 +916,94 @@ pub fn execute_with<M: GuestMemoryBackend>(
             regs.rflags &= !RFLAGS_RF;
             Outcome::Done
         }
+        Insn::Lsl { dst, src, size } => {
+            let selector = match src {
+                Operand::Reg(r) => gpr(regs, r) as u16,
+                Operand::Mem(m) => {
+                    let (la, stack) = linear_address(&m, d.len, regs, sregs);
+                    if !is_canonical(la, sregs.cr4 & CR4_LA57 != 0) {
+                        let v = if stack { SS_VECTOR } else { GP_VECTOR };
+                        return Ok(Outcome::exception(v, Some(0)));
+                    }
+                    let mut buf = [0u8; 2];
+                    if let Some(fault) = read_linear(mem, sregs, regs.rflags, la, &mut buf)? {
+                        return Ok(fault);
+                    }
+                    u16::from_le_bytes(buf)
+                }
+            };
+            match segment_limit(mem, sregs, selector)? {
+                Err(fault) => return Ok(fault),
+                Ok(Some(limit)) => {
+                    set_gpr(regs, dst, size, u64::from(limit));
+                    regs.rflags |= RFLAGS_ZF;
+                }
+                // The destination is left as it was (SDM: "no value is loaded").
+                Ok(None) => regs.rflags &= !RFLAGS_ZF,
+            }
+            regs.rip = next;
+            regs.rflags &= !RFLAGS_RF;
+            Outcome::Done
+        }
     })
+}
+
+/// What `lsl` finds for `selector` at the vCPU's CPL (SDM Vol. 2A, "LSL", IA-32e
+/// mode): `Some(limit)` in bytes (a page-granular limit is scaled: `limit << 12 |
+/// 0xFFF`); `None` (ZF cleared) for a null selector, an offset beyond the GDT's or
+/// LDT's limit (or no LDT), a system type LSL does not accept in IA-32e mode (only
+/// 0 — the upper half of a 16-byte descriptor —, LDT, 64-bit TSS available/busy
+/// are), or a non-conforming segment whose DPL is below the CPL or the selector's
+/// RPL. The present bit is not checked (the CPU does not either). The descriptor
+/// is read as the CPU does, an implicit supervisor access (SMAP applies whatever
+/// RFLAGS.AC): a fault there is the #PF outcome.
+fn segment_limit<M: GuestMemoryBackend>(
+    mem: &M,
+    sregs: &kvm_sregs,
+    selector: u16,
+) -> Result<Result<Option<u32>, Outcome>, CompleteError> {
+    let in_ldt = selector & 4 != 0;
+    if !in_ldt && selector & !3 == 0 {
+        return Ok(Ok(None));
+    }
+    let (base, limit) = if in_ldt {
+        if sregs.ldt.unusable != 0 {
+            return Ok(Ok(None));
+        }
+        (sregs.ldt.base, sregs.ldt.limit)
+    } else {
+        (sregs.gdt.base, u32::from(sregs.gdt.limit))
+    };
+    let offset = u64::from(selector & !7);
+    if offset + 7 > u64::from(limit) {
+        return Ok(Ok(None));
+    }
+    let mut raw = [0u8; 8];
+    let la = base.wrapping_add(offset);
+    if let Some(fault) = read_linear(mem, sregs, 0, la, &mut raw)? {
+        return Ok(Err(fault));
+    }
+    let desc = u64::from_le_bytes(raw);
+    let typ = (desc >> 40) & 0xF;
+    let code_or_data = desc & (1 << 44) != 0;
+    let dpl = ((desc >> 45) & 3) as u16;
+    let granular = desc & (1 << 55) != 0;
+    if !code_or_data && !matches!(typ, 0 | 2 | 9 | 0xB) {
+        return Ok(Ok(None));
+    }
+    // Conforming code (S=1, type bit 3 "code" and bit 2 "conforming") skips the
+    // privilege check.
+    let conforming = code_or_data && typ & 0b1100 == 0b1100;
+    let cpl = sregs.cs.selector & 3;
+    if !conforming && (cpl > dpl || selector & 3 > dpl) {
+        return Ok(Ok(None));
+    }
+    let raw_limit = ((desc & 0xFFFF) | ((desc >> 32) & 0xF_0000)) as u32;
+    Ok(Ok(Some(if granular {
+        (raw_limit << 12) | 0xFFF
+    } else {
+        raw_limit
+    })))
 }
 
 /// `lock cmpxchg16b` on host memory: returns the old value (equal to `expected`

@@ -106,6 +106,43 @@ ud2_insn:
 	stmxcsr mxcsr_out(%rip)
 	cmpl $0x1fc0, mxcsr_out(%rip)
 	jne fail12
+	# 10. lsl (Linux's GET_PERCPU_BASE reads its CPU number with `lsl` of the
+	# CPUNODE selector 0x7b), through a GDT of our own: the boot GDT copied, entry
+	# 14 page-granular DPL-0 data (limit 0xf -> 0xffff), entry 15 CPUNODE-like
+	# (byte-granular limit 0x1003, DPL 3)
+	sgdt gdtr_old(%rip)
+	movzwl gdtr_old(%rip), %ecx
+	inc %ecx
+	mov gdtr_old+2(%rip), %rsi
+	lea gdt(%rip), %rdi
+	rep movsb
+	lea gdtr(%rip), %rsi
+	lea gdt(%rip), %rax
+	mov %rax, 2(%rsi)
+	lgdt (%rsi)
+	mov $0x7b, %eax
+	lsl %rax, %rax
+	jnz fail13
+	cmp $0x1003, %rax
+	jne fail13
+	mov $0x70, %ecx
+	mov $-1, %rdx
+	lsl %ecx, %edx
+	jnz fail14
+	cmp $0xffff, %rdx
+	jne fail14
+	# past the GDT's limit: ZF clear, the destination kept
+	mov $0x80, %ecx
+	mov $5, %edx
+	lsl %ecx, %edx
+	jz fail15
+	cmp $5, %rdx
+	jne fail15
+	# a memory source
+	lsl sel_cpunode(%rip), %eax
+	jnz fail15
+	cmp $0x1003, %eax
+	jne fail15
 	mov $0x55, %al
 	jmp done
 fail1:	mov $1, %al
@@ -131,6 +168,12 @@ fail10:	mov $10, %al
 fail11:	mov $11, %al
 	jmp done
 fail12:	mov $12, %al
+	jmp done
+fail13:	mov $13, %al
+	jmp done
+fail14:	mov $14, %al
+	jmp done
+fail15:	mov $15, %al
 done:
 	out %al, $0xf4
 1:	cli
@@ -178,6 +221,17 @@ db_rip:	.quad 0
 ud_rip:	.quad 0
 mxcsr_in:	.long 0x1fc0
 mxcsr_out:	.long 0
+sel_cpunode:	.word 0x7b
+	.balign 16
+gdtr_old:	.word 0
+	.quad 0
+	.balign 16
+gdtr:	.word 16*8-1
+	.quad 0
+	.balign 8
+gdt:	.fill 14*8, 1, 0
+	.quad 0x008093000000000f
+	.quad 0x0040f50000001003
 	.balign 16
 idtr:	.word 16*8-1
 	.quad 0
