@@ -6,9 +6,10 @@
 //!   engine registers userfaultfd on this mapping, so VMM accesses through it are
 //!   coherent exactly like guest accesses.
 //! * The **engine mapping** is a second mapping of the same memfd. The coherence
-//!   engine reads and writes page contents through it without faulting on the
-//!   guest mapping's userfaultfd registration (e.g. fill a page, then
-//!   `UFFDIO_CONTINUE` on the guest mapping).
+//!   engine reads the contents of pages it holds through it (to send them) without
+//!   faulting on the guest mapping's userfaultfd registration; pages arrive with
+//!   `UFFDIO_COPY` into the guest mapping (crate::dsm::uffd says why not
+//!   `UFFDIO_CONTINUE`).
 //!
 //! Guest-physical layout (docs/interfaces.md): RAM below 3 GiB starts at GPA 0; what
 //! does not fit below 3 GiB continues at 4 GiB. The memfd holds the RAM densely:

@@ -1,10 +1,11 @@
 //! userfaultfd on the guest mapping, plus the memfd operations of the engine.
 //!
 //! The `userfaultfd` crate creates the descriptor and registers the range; the
-//! few ioctls it does not expose with the modes we need (UFFDIO_COPY with
-//! `MODE_WP`, UFFDIO_WRITEPROTECT, reading raw fault messages with the WP flag)
-//! are issued directly (enabling the crate's `linux5_7` feature would expose
-//! some of them too).
+//! ioctls that install and protect pages (UFFDIO_COPY with `MODE_WP`,
+//! UFFDIO_WRITEPROTECT) and the reading of raw fault messages with the WP flag are
+//! issued directly here. The crate's enabled `linux5_13` feature has equivalents
+//! of most of them (`copy` with write-protect mode, `write_protect`); moving to
+//! them is open work (issue 14), kept apart from data-path changes.
 //!
 //! Installation choice: pages are installed with UFFDIO_COPY (one ioctl that
 //! allocates the memfd page, fills it, maps it — write-protected for a shared
