@@ -163,6 +163,10 @@ pub struct ClusterSpec {
     /// engine's default, see [`crate::dsm::engine::DEFAULT_PREFETCH_MAX_PAGES`]).
     #[serde(default)]
     pub prefetch_max_pages: Option<u32>,
+    /// DSM range transactions for prefetch (absent: off, or `DVMM_DSM_RANGES`
+    /// in the worker's environment; see [`crate::dsm::DsmConfig::ranges`]).
+    #[serde(default)]
+    pub dsm_ranges: Option<bool>,
     /// How messages move between the nodes: "tcp" (default; any nodes) or
     /// "shm" (shared-memory rings; all nodes on one host).
     #[serde(default)]
@@ -463,6 +467,9 @@ impl Cluster {
         }
         if let Some(n) = spec.prefetch_max_pages {
             cfg.prefetch_max_pages = n;
+        }
+        if let Some(on) = spec.dsm_ranges {
+            cfg.ranges = on;
         }
         cfg.transport = spec.transport_kind()?;
         if let Some(t) = spec.connect_timeout_s {
@@ -909,6 +916,7 @@ mod tests {
             foreign_budget_pages: None,
             hold_window_us: None,
             prefetch_max_pages: None,
+            dsm_ranges: None,
             transport: None,
             connect_timeout_s: None,
         };

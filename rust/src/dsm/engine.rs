@@ -22,7 +22,18 @@
 //! messages keep their order; messages for other pages may overtake, which the
 //! protocol allows (all its state is per page; `tests/dsm_protocol.rs` delivers
 //! out of order that way). The deferral is bounded, so it cannot deadlock: to the
-//! protocol it is a slower link. Zero turns it off (plain IVY).
+//! protocol it is a slower link. Zero turns it off (plain IVY). A range
+//! message is deferred as a whole (if any of its pages is held), and later
+//! messages overlapping a deferred one queue behind it.
+//!
+//! **Range transactions** ([`DsmConfig::ranges`], off by default,
+//! `DVMM_DSM_RANGES=1`): a prefetch window is requested with one
+//! [`protocol::RangeMsg::Req`] (`OnBusy::Decline`) instead of a `Prefetch`
+//! message, so the home answers a run of pages with one grant (pages as one
+//! train of frames, see `wire`) and one `Done`, and the window may grow to
+//! [`protocol::MAX_RANGE`] pages. The engine executes every range effect
+//! whether or not it asked for ranges itself (a peer's home may answer with
+//! range messages only to range requests, but every node handles them).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -37,7 +48,9 @@ use std::time::{Duration, Instant};
 
 use super::auth::{AuthError, NodeKeys};
 use super::prefetch::Prefetcher;
-use super::protocol::{self, Access, CacheState, Data, Effect, FaultOutcome, Msg, NodeId, PageIdx};
+use super::protocol::{
+    self, Access, CacheState, Data, Effect, FaultOutcome, Msg, NodeId, OnBusy, PageIdx, RangeMsg,
+};
 use super::shm::{ShmConfig, ShmMesh};
 use super::stats::{Stats, StatsSnapshot};
 use super::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
@@ -153,8 +166,16 @@ pub enum EffectError {
     MissingData(PageIdx),
     #[error("page {page}: {err}")]
     Memory { page: PageIdx, err: UffdError },
-    #[error("range message {0:?}: this engine sends single-page messages only")]
-    RangeUnsupported(Box<protocol::RangeMsg>),
+    /// (The message's kind and pages only: its per-page arrays can hold 512
+    /// entries.)
+    #[error("sending range {what} for pages {first}..{end} to node {to}: {err}")]
+    SendRange {
+        to: NodeId,
+        what: &'static str,
+        first: PageIdx,
+        end: PageIdx,
+        err: TransportError,
+    },
 }
 
 /// Default [`DsmConfig::spin`] in microseconds (`DVMM_DSM_SPIN_US` overrides it
@@ -213,10 +234,25 @@ pub struct DsmConfig {
     /// pages in one message (per stream, the batch doubles from 4 while the
     /// stream stays sequential and halves when its prefetched pages are
     /// wasted: see `prefetch`). 0 turns it off; at most
-    /// [`protocol::MAX_PREFETCH`]. Bounded by `foreign_budget`.
+    /// [`protocol::MAX_PREFETCH`], or [`protocol::MAX_RANGE`] with
+    /// [`DsmConfig::ranges`] (then also the default when `DVMM_DSM_PREFETCH`
+    /// is unset). Bounded by `foreign_budget`.
     pub prefetch_max_pages: u32,
     /// How messages move between the nodes.
     pub transport: TransportKind,
+    /// Prefetch with range transactions (one request, grant and `Done` per
+    /// window, windows up to [`protocol::MAX_RANGE`] pages) instead of
+    /// `Prefetch` messages. Off by default until the A/B says otherwise;
+    /// `DVMM_DSM_RANGES=1` turns it on.
+    pub ranges: bool,
+}
+
+/// `DVMM_DSM_RANGES` from the environment: `1`, `true`, `on` or `yes` turn
+/// range transactions on; anything else (or nothing) leaves them off.
+pub fn ranges_from_env() -> bool {
+    std::env::var("DVMM_DSM_RANGES")
+        .map(|v| matches!(v.trim(), "1" | "true" | "on" | "yes"))
+        .unwrap_or(false)
 }
 
 /// The transport [`DsmEngine::start`] builds.
@@ -264,8 +300,13 @@ impl DsmConfig {
             prefetch_max_pages: std::env::var("DVMM_DSM_PREFETCH")
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(DEFAULT_PREFETCH_MAX_PAGES),
+                .unwrap_or(if ranges_from_env() {
+                    protocol::MAX_RANGE
+                } else {
+                    DEFAULT_PREFETCH_MAX_PAGES
+                }),
             transport: TransportKind::Tcp,
+            ranges: ranges_from_env(),
         }
     }
 }
@@ -492,7 +533,19 @@ impl DsmEngine {
             hold_until: HashMap::new(),
             deferred: VecDeque::new(),
             deferred_pages: HashMap::new(),
-            pf: Prefetcher::new(cfg.prefetch_max_pages.min(protocol::MAX_PREFETCH)),
+            // A range request may cover a whole 2 MiB run; `Prefetch` 64 pages.
+            pf: Prefetcher::new(cfg.prefetch_max_pages.min(if cfg.ranges {
+                protocol::MAX_RANGE
+            } else {
+                protocol::MAX_PREFETCH
+            })),
+            ranges: cfg.ranges,
+            homes: cfg
+                .ram
+                .iter()
+                .map(|r| r.start / PAGE as u64..r.end / PAGE as u64)
+                .collect(),
+            rbuf: Vec::new(),
         };
         let realtime = cfg.realtime || cfg.service != ServiceMode::Legacy;
         let me = cfg.node_index;
@@ -531,9 +584,11 @@ impl DsmHandle {
         self.sh.transport.nodes()
     }
 
-    /// Counters.
+    /// Counters (the engine's, plus the transport's page copies).
     pub fn stats(&self) -> StatsSnapshot {
-        self.sh.stats.snapshot()
+        let mut s = self.sh.stats.snapshot();
+        s.page_copies += self.sh.transport.page_copies();
+        s
     }
 
     /// Handle application messages on the engine thread itself, saving the
@@ -774,11 +829,75 @@ fn lock_engine(m: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The name of a range message's kind (for errors).
+fn range_kind(m: &RangeMsg) -> &'static str {
+    match m {
+        RangeMsg::Req { .. } => "Req",
+        RangeMsg::Inv { .. } => "Inv",
+        RangeMsg::InvAck { .. } => "InvAck",
+        RangeMsg::Fetch { .. } => "Fetch",
+        RangeMsg::Grant { .. } => "Grant",
+        RangeMsg::Done { .. } => "Done",
+        RangeMsg::Nack { .. } => "Nack",
+    }
+}
+
+/// A protocol message of either kind.
+#[derive(Debug, Clone)]
+enum PMsg {
+    One(Msg),
+    Range(RangeMsg),
+}
+
+impl PMsg {
+    /// The pages it is about.
+    fn pages(&self) -> Range<PageIdx> {
+        match self {
+            PMsg::One(m) => m.page()..m.page() + 1,
+            PMsg::Range(m) => m.pages(),
+        }
+    }
+
+    /// Whether it takes a page away from this node (held back by the hold
+    /// window).
+    fn takes_away(&self) -> bool {
+        matches!(
+            self,
+            PMsg::One(Msg::Inv { .. } | Msg::Fetch { .. })
+                | PMsg::Range(RangeMsg::Inv { .. } | RangeMsg::Fetch { .. })
+        )
+    }
+}
+
+/// Where an `Install` effect finds the contents: the page of a single-page
+/// grant, or a range grant's payload (its `Data::Page` pages in slot order).
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    None,
+    One(&'a [u8]),
+    Range(&'a RangeMsg, &'a [u8]),
+}
+
+impl<'a> Payload<'a> {
+    /// The contents of `page`, if the message carries them.
+    fn page(&self, page: PageIdx) -> Option<&'a [u8; PAGE]> {
+        let d = match *self {
+            Payload::None => return None,
+            Payload::One(d) => d,
+            Payload::Range(m, d) => {
+                let at = m.slot_of(page)?.checked_mul(PAGE)?;
+                d.get(at..at.checked_add(PAGE)?)?
+            }
+        };
+        <&[u8; PAGE]>::try_from(d).ok()
+    }
+}
+
 /// A protocol message held back by the hold window.
 struct Deferred {
     until: Instant,
     from: NodeId,
-    msg: Msg,
+    msg: PMsg,
     data: Option<Box<[u8]>>,
 }
 
@@ -797,7 +916,7 @@ struct Engine {
     sh: Arc<Shared>,
     node: protocol::Node,
     /// Messages to ourselves (the home's own requests), with page data.
-    local: VecDeque<(Msg, Option<Box<[u8]>>)>,
+    local: VecDeque<(PMsg, Option<Box<[u8]>>)>,
     pending_since: HashMap<PageIdx, Instant>,
     /// Foreign pages in installation order (may hold stale entries).
     foreign: VecDeque<PageIdx>,
@@ -828,6 +947,12 @@ struct Engine {
     deferred_pages: HashMap<PageIdx, u32>,
     /// Adaptive sequential prefetch (see `prefetch`).
     pf: Prefetcher,
+    /// Prefetch with range requests ([`DsmConfig::ranges`]).
+    ranges: bool,
+    /// Pages each node is home of.
+    homes: Vec<Range<PageIdx>>,
+    /// The pages of a range grant being sent (read from the engine mapping).
+    rbuf: Vec<u8>,
 }
 
 impl Engine {
@@ -1002,7 +1127,7 @@ impl Engine {
             }
         }
         let fx = std::mem::take(effects);
-        self.exec(&fx, None);
+        self.exec(&fx, Payload::None);
         *effects = fx;
         if self.pf.enabled() && access == Access::Read && self.node.is_pending(f.page) {
             self.prefetch(f.page, effects);
@@ -1018,14 +1143,16 @@ impl Engine {
             let used = self.foreign_resident + self.pending_since.len() + self.pf.tracked();
             k = k.min(u32::try_from(b.saturating_sub(used)).unwrap_or(u32::MAX));
         }
-        if k > 0 {
+        if k > 0 && self.ranges {
+            self.prefetch_range(page, k, effects);
+        } else if k > 0 {
             effects.clear();
             match self.node.prefetch(page, k, effects) {
                 Ok((start, n)) if n > 0 => {
                     Stats::inc(&self.sh.stats.prefetch_requests);
                     self.pf.requested(page, start, n);
                     let fx = std::mem::take(effects);
-                    self.exec(&fx, None);
+                    self.exec(&fx, Payload::None);
                     *effects = fx;
                 }
                 Ok(_) => {}
@@ -1033,6 +1160,63 @@ impl Engine {
             }
         }
         self.sync_prefetch_stats();
+    }
+
+    /// Prefetch with a range request: the window as `Node::prefetch` picks
+    /// it (skip what is valid or in flight right after `page`, at most `2 *
+    /// k` pages: the stream's window still arriving; then the run of up to
+    /// `k` pages that can be asked for), requested with one
+    /// [`RangeMsg::Req`] whose busy pages the home declines.
+    fn prefetch_range(&mut self, page: PageIdx, k: u32, effects: &mut Vec<Effect>) {
+        let Ok(home) = self.node.home_of(page) else {
+            return;
+        };
+        // As `Node::prefetch`: pages a home reads back are not prefetched yet.
+        if home == self.sh.me {
+            return;
+        }
+        let Some(end) = self.homes.get(usize::from(home)).map(|r| r.end) else {
+            return;
+        };
+        let askable = |node: &protocol::Node, p: PageIdx| {
+            matches!(node.state(p), Some((CacheState::Invalid, _, _))) && !node.is_pending(p)
+        };
+        let mut p = page + 1;
+        let skip_end = p.saturating_add(2 * u64::from(k));
+        while p < end && p < skip_end && !askable(&self.node, p) {
+            p += 1;
+        }
+        let start = p;
+        let limit = start
+            .saturating_add(u64::from(k.min(protocol::MAX_RANGE)))
+            .min(end);
+        while p < limit && askable(&self.node, p) {
+            p += 1;
+        }
+        let n = (p - start) as u32;
+        if n == 0 {
+            return;
+        }
+        effects.clear();
+        match self
+            .node
+            .request_range(start, n, Access::Read, OnBusy::Decline, effects)
+        {
+            Ok(runs) => {
+                if !runs.is_empty() {
+                    Stats::inc(&self.sh.stats.prefetch_requests);
+                }
+                for (s, c) in runs {
+                    self.pf.requested(page, s, c);
+                }
+                let fx = std::mem::take(effects);
+                self.exec(&fx, Payload::None);
+                *effects = fx;
+            }
+            Err(e) => self
+                .sh
+                .fail(format!("range prefetch of pages {start}+{n}: {e}")),
+        }
     }
 
     /// Publish the prefetcher's counters.
@@ -1060,7 +1244,11 @@ impl Engine {
             }
             Event::Frame { from, frame, .. } => match frame {
                 Frame::Proto { msg, data } => {
-                    self.on_msg(from, msg, data, effects);
+                    self.on_msg(from, PMsg::One(msg), data, effects);
+                    self.drain_local(effects);
+                }
+                Frame::Range { msg, data } => {
+                    self.on_msg(from, PMsg::Range(msg), data, effects);
                     self.drain_local(effects);
                 }
                 Frame::App { kind, tag, payload } => {
@@ -1094,28 +1282,33 @@ impl Engine {
     fn on_msg(
         &mut self,
         from: NodeId,
-        msg: Msg,
+        msg: PMsg,
         data: Option<Box<[u8]>>,
         effects: &mut Vec<Effect>,
     ) {
         if !self.hold.is_zero() {
-            let page = msg.page();
-            let mut until = None;
-            if matches!(msg, Msg::Inv { .. } | Msg::Fetch { .. }) {
-                if let Some(&u) = self.hold_until.get(&page) {
-                    if u > Instant::now() {
-                        until = Some(u);
-                    } else {
-                        self.hold_until.remove(&page);
+            let pages = msg.pages();
+            let mut until: Option<Instant> = None;
+            if msg.takes_away() {
+                let now = Instant::now();
+                for page in pages.clone() {
+                    if let Some(&u) = self.hold_until.get(&page) {
+                        if u > now {
+                            until = Some(until.map_or(u, |t| t.max(u)));
+                        } else {
+                            self.hold_until.remove(&page);
+                        }
                     }
                 }
             }
-            if until.is_none() && self.deferred_pages.contains_key(&page) {
+            if until.is_none() && pages.clone().any(|p| self.deferred_pages.contains_key(&p)) {
                 until = Some(Instant::now());
             }
             if let Some(until) = until {
                 Stats::inc(&self.sh.stats.held_requests);
-                *self.deferred_pages.entry(page).or_insert(0) += 1;
+                for page in pages {
+                    *self.deferred_pages.entry(page).or_insert(0) += 1;
+                }
                 self.deferred.push_back(Deferred {
                     until,
                     from,
@@ -1136,9 +1329,12 @@ impl Engine {
         let mut i = 0;
         while i < self.deferred.len() {
             let d = &self.deferred[i];
-            let page = d.msg.page();
-            // An earlier message for the same page still waiting blocks this one.
-            let blocked = self.deferred.iter().take(i).any(|e| e.msg.page() == page);
+            let pages = d.msg.pages();
+            // An earlier message for one of its pages still waiting blocks this one.
+            let blocked = self.deferred.iter().take(i).any(|e| {
+                let o = e.msg.pages();
+                o.start < pages.end && pages.start < o.end
+            });
             if d.until > now || blocked {
                 i += 1;
                 continue;
@@ -1146,13 +1342,15 @@ impl Engine {
             let Some(d) = self.deferred.remove(i) else {
                 break;
             };
-            if let Some(c) = self.deferred_pages.get_mut(&page) {
-                *c -= 1;
-                if *c == 0 {
-                    self.deferred_pages.remove(&page);
+            for page in pages {
+                if let Some(c) = self.deferred_pages.get_mut(&page) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.deferred_pages.remove(&page);
+                    }
                 }
+                self.hold_until.remove(&page);
             }
-            self.hold_until.remove(&page);
             any = true;
             self.handle_msg(d.from, d.msg, d.data, effects);
             self.drain_local(effects);
@@ -1163,10 +1361,14 @@ impl Engine {
     fn handle_msg(
         &mut self,
         from: NodeId,
-        msg: Msg,
+        msg: PMsg,
         data: Option<Box<[u8]>>,
         effects: &mut Vec<Effect>,
     ) {
+        let msg = match msg {
+            PMsg::One(m) => m,
+            PMsg::Range(m) => return self.handle_range(from, m, data, effects),
+        };
         let st = &self.sh.stats;
         match msg {
             Msg::Inv { page } => {
@@ -1186,6 +1388,7 @@ impl Engine {
                 data: Data::Page, ..
             } if from != self.sh.me => {
                 Stats::inc(&st.pages_received);
+                Stats::inc(&st.pages_moved);
                 Stats::add(&st.bytes_received, PAGE as u64);
             }
             _ => {}
@@ -1197,21 +1400,82 @@ impl Engine {
             return;
         }
         let fx = std::mem::take(effects);
-        self.exec(&fx, data.as_deref());
+        self.exec(&fx, data.as_deref().map_or(Payload::None, Payload::One));
         *effects = fx;
         if let Msg::Grant { page, access, .. } = msg {
-            if access == Access::Write && !self.hold.is_zero() {
-                if self.hold_until.len() >= 4096 {
-                    let now = Instant::now();
-                    self.hold_until.retain(|_, u| *u > now);
-                }
-                self.hold_until.insert(page, Instant::now() + self.hold);
+            self.granted(page, access);
+        }
+    }
+
+    /// Bookkeeping after a grant of `page` was installed.
+    fn granted(&mut self, page: PageIdx, access: Access) {
+        if access == Access::Write && !self.hold.is_zero() {
+            if self.hold_until.len() >= 4096 {
+                let now = Instant::now();
+                self.hold_until.retain(|_, u| *u > now);
             }
-            let prefetched = self.pf.is_tracked(page);
-            if let Some(t0) = self.pending_since.remove(&page) {
-                self.sh.stats.fault_latency(t0.elapsed().as_nanos() as u64);
-            } else if prefetched {
-                Stats::inc(&self.sh.stats.prefetched_pages);
+            self.hold_until.insert(page, Instant::now() + self.hold);
+        }
+        let prefetched = self.pf.is_tracked(page);
+        if let Some(t0) = self.pending_since.remove(&page) {
+            self.sh.stats.fault_latency(t0.elapsed().as_nanos() as u64);
+        } else if prefetched {
+            Stats::inc(&self.sh.stats.prefetched_pages);
+        }
+    }
+
+    /// Handle a range message (see `handle_msg`); `data` is a range grant's
+    /// payload.
+    fn handle_range(
+        &mut self,
+        from: NodeId,
+        msg: RangeMsg,
+        data: Option<Box<[u8]>>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let st = &self.sh.stats;
+        let (_, count) = msg.span();
+        let remote = from != self.sh.me;
+        match &msg {
+            RangeMsg::Inv { .. } => {
+                if remote {
+                    Stats::add(&st.invalidations_received, u64::from(count));
+                }
+                for page in msg.pages() {
+                    self.evicting.remove(&page);
+                }
+            }
+            RangeMsg::Fetch { .. } => {
+                for page in msg.pages() {
+                    self.evicting.remove(&page);
+                }
+            }
+            RangeMsg::Nack { .. } => {
+                Stats::add(&st.prefetch_declined, u64::from(count));
+                for page in msg.pages() {
+                    self.pf.refused(page);
+                }
+            }
+            RangeMsg::Grant { .. } if remote => {
+                let n = msg.data_pages() as u64;
+                Stats::add(&st.pages_received, n);
+                Stats::add(&st.pages_moved, n);
+                Stats::add(&st.bytes_received, n * PAGE as u64);
+            }
+            _ => {}
+        }
+        effects.clear();
+        if let Err(e) = self.node.handle_range(from, &msg, effects) {
+            let why = format!("protocol violation by node {from}: {e}");
+            self.sh.fail(why);
+            return;
+        }
+        let fx = std::mem::take(effects);
+        self.exec(&fx, Payload::Range(&msg, data.as_deref().unwrap_or(&[])));
+        *effects = fx;
+        if let RangeMsg::Grant { access, .. } = msg {
+            for page in msg.pages() {
+                self.granted(page, access);
             }
         }
     }
@@ -1231,7 +1495,7 @@ impl Engine {
     /// and aborts the rest: a failed `Drop` must not be acknowledged, a failed
     /// `Install` must not be reported `Done`, or peers would go on with a page
     /// this node does not hold.
-    fn exec(&mut self, effects: &[Effect], data: Option<&[u8]>) {
+    fn exec(&mut self, effects: &[Effect], data: Payload) {
         for e in effects {
             if self.failed {
                 return;
@@ -1244,11 +1508,7 @@ impl Engine {
         }
     }
 
-    fn exec_one(
-        &mut self,
-        e: &Effect,
-        data: Option<&[u8]>,
-    ) -> std::result::Result<(), EffectError> {
+    fn exec_one(&mut self, e: &Effect, data: Payload) -> std::result::Result<(), EffectError> {
         let st = &self.sh.stats;
         let mem = &self.sh.mem;
         match *e {
@@ -1258,6 +1518,8 @@ impl Engine {
                     match d {
                         Data::Page => {
                             mem.read_page(page, &mut self.buf);
+                            // One copy here, one more if it goes to self.
+                            Stats::add(&st.page_copies, 1 + u64::from(to == self.sh.me));
                             page_data = Some(&self.buf[..]);
                             if to != self.sh.me {
                                 Stats::inc(&st.pages_sent);
@@ -1274,8 +1536,10 @@ impl Engine {
                     }
                 }
                 if to == self.sh.me {
-                    self.local
-                        .push_back((msg, page_data.map(|d| d.to_vec().into_boxed_slice())));
+                    self.local.push_back((
+                        PMsg::One(msg),
+                        page_data.map(|d| d.to_vec().into_boxed_slice()),
+                    ));
                     Ok(())
                 } else {
                     self.sh
@@ -1292,13 +1556,17 @@ impl Engine {
                 let src: &[u8; PAGE] = if zero {
                     &ZERO
                 } else {
-                    match data.and_then(|d| <&[u8; PAGE]>::try_from(d).ok()) {
+                    match data.page(page) {
                         Some(d) => d,
                         None => return Err(EffectError::MissingData(page)),
                     }
                 };
                 mem.install(page, src, writable)
                     .map_err(|err| EffectError::Memory { page, err })?;
+                if !zero {
+                    // UFFDIO_COPY from the received payload.
+                    Stats::inc(&st.page_copies);
+                }
                 st.resident(1);
                 if self.is_foreign(page) {
                     self.foreign_resident += 1;
@@ -1329,12 +1597,64 @@ impl Engine {
             Effect::Wake { page } => mem
                 .wake(page)
                 .map_err(|err| EffectError::Memory { page, err }),
-            // The engine never issues range requests yet, so the protocol
-            // never asks it to send a range message; refuse rather than drop.
-            Effect::SendRange { ref msg, .. } => {
-                Err(EffectError::RangeUnsupported(Box::new(msg.clone())))
-            }
+            Effect::SendRange { to, ref msg } => self.send_range(to, msg),
         }
+    }
+
+    /// Execute a `SendRange`: for a grant, read its pages of data from the
+    /// engine mapping now (as for a single-page grant) into one payload.
+    fn send_range(&mut self, to: NodeId, msg: &RangeMsg) -> std::result::Result<(), EffectError> {
+        let st = &self.sh.stats;
+        let remote = to != self.sh.me;
+        self.rbuf.clear();
+        match msg {
+            RangeMsg::Grant { first, data, .. } => {
+                let n = msg.data_pages();
+                self.rbuf.resize(n * PAGE, 0);
+                let mut slots = self.rbuf.chunks_exact_mut(PAGE);
+                for (page, d) in (*first..).zip(data.iter()) {
+                    match d {
+                        Data::Page => {
+                            // n slots for the n `Data::Page` entries.
+                            let Some(slot) = slots
+                                .next()
+                                .and_then(|s| <&mut [u8; PAGE]>::try_from(s).ok())
+                            else {
+                                return Err(EffectError::MissingData(page));
+                            };
+                            self.sh.mem.read_page(page, slot);
+                        }
+                        Data::Zero => Stats::inc(&st.zero_pages_sent),
+                        Data::None => Stats::inc(&st.transfers_skipped),
+                    }
+                }
+                if remote {
+                    Stats::add(&st.pages_sent, n as u64);
+                    Stats::add(&st.bytes_sent, (n * PAGE) as u64);
+                }
+                // Read from the mapping; once more below if it goes to self.
+                Stats::add(&st.page_copies, (n + if remote { 0 } else { n }) as u64);
+            }
+            RangeMsg::Inv { count, .. } if remote => {
+                Stats::add(&st.invalidations_sent, u64::from(*count));
+            }
+            _ => {}
+        }
+        if !remote {
+            let data = (!self.rbuf.is_empty()).then(|| self.rbuf.clone().into_boxed_slice());
+            self.local.push_back((PMsg::Range(msg.clone()), data));
+            return Ok(());
+        }
+        self.sh
+            .transport
+            .send_range(to, msg, &self.rbuf)
+            .map_err(|err| EffectError::SendRange {
+                to,
+                what: range_kind(msg),
+                first: msg.pages().start,
+                end: msg.pages().end,
+                err,
+            })
     }
 
     fn evict_over_budget(&mut self, effects: &mut Vec<Effect>) {
@@ -1359,7 +1679,7 @@ impl Engine {
                     Stats::inc(&self.sh.stats.evictions);
                     self.evicting.insert(page);
                     let fx = std::mem::take(effects);
-                    self.exec(&fx, None);
+                    self.exec(&fx, Payload::None);
                     *effects = fx;
                 }
                 Ok(false) => {

@@ -7,7 +7,8 @@
 //!   fixed-distributed-manager with versions; states, messages and the version
 //!   rule are documented there). Property-tested in `tests/dsm_protocol.rs`.
 //! - [`wire`]: framed, versioned binary protocol; fixed 48-byte `#[repr(C)]`
-//!   zerocopy headers, every field validated.
+//!   zerocopy headers, every field validated; a range message (up to 2 MiB)
+//!   travels as a train of such frames on one lane, assembled by the decoder.
 //! - [`auth`]: per-node X25519 keys; mutual authentication and per-connection
 //!   session keys for every data-plane connection.
 //! - [`seal`]: AES-256-GCM protection of every frame after the handshake
@@ -18,7 +19,10 @@
 //!   shared segment, a unix-socket doorbell, the same sealed records).
 //! - [`uffd`]: userfaultfd on the guest mapping; install (UFFDIO_COPY),
 //!   downgrade (UFFDIO_WRITEPROTECT), drop (fallocate PUNCH_HOLE).
-//! - [`engine`]: the per-node engine thread tying them together.
+//! - [`engine`]: the per-node engine thread tying them together; it takes a
+//!   transport ([`DsmEngine::start_with`]) or builds one ([`DsmEngine::start`]);
+//!   with [`DsmConfig::ranges`] (`DVMM_DSM_RANGES=1`, off by default) it
+//!   prefetches with range transactions.
 //! - [`stats`](mod@stats): counters.
 //!
 //! # API for the VM

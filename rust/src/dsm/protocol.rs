@@ -103,9 +103,10 @@
 //! answer — a grant without data, or a `Nack` — is still on its way and must
 //! find a request). Single-page requests behave the same way.
 //!
-//! The engine does not issue range requests yet (prefetch still sends
-//! `Prefetch`): moving a 2 MiB grant needs frames larger than the transports
-//! carry today (`wire::MAX_FRAME`), see issue 10.
+//! The engine issues range requests for prefetch windows when its `ranges`
+//! switch is on (`DVMM_DSM_RANGES=1`; off by default, `Prefetch` otherwise); on
+//! the wire a range message is a train of ordinary frames on one lane
+//! (crate::dsm::wire).
 //!
 //! A message reordering rule the engine must keep: messages that share a page
 //! keep their order (they do on one lane; the hold window must defer a range

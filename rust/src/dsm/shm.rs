@@ -32,12 +32,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::auth::{self, NodeKeys, Session, FIRST_DATA_SEQ};
-use super::protocol::{Msg, NodeId};
+use super::protocol::{Msg, NodeId, RangeMsg};
 use super::seal::Sealer;
 use super::transport::{
     epoll_ctl, register_extra, Event, Lane, Transport, TransportError, EXTRA_TOKEN, KICK_TOKEN,
 };
-use super::wire::{self, Decoder, Frame, Limits, WireError};
+use super::wire::{self, Decoder, Frame, Limits, RangeFrames, WireError};
 
 type Result<T> = std::result::Result<T, TransportError>;
 
@@ -261,6 +261,9 @@ pub struct ShmMesh {
     dead_after: Duration,
     next_house: Mutex<Instant>,
     down_reported: AtomicU64,
+    /// Copies of page contents on the send side, in pages: two per page (the
+    /// encoding into the lane's pending buffer, then into the ring).
+    tx_page_copies: AtomicU64,
 }
 
 fn sock_name(session: &str, node: NodeId) -> String {
@@ -403,6 +406,7 @@ impl ShmMesh {
             dead_after: cfg.dead_after,
             next_house: Mutex::new(Instant::now()),
             down_reported: AtomicU64::new(0),
+            tx_page_copies: AtomicU64::new(0),
         })
     }
 
@@ -460,19 +464,30 @@ impl ShmMesh {
         unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    fn send_encoded(&self, to: NodeId, lane: Lane, enc: &dyn Fn(u64, &mut Vec<u8>)) -> Result<()> {
+    /// Queue `frames` encoded frames (`enc(i, seq, out)` writes frame i) on
+    /// one lane, back to back (one lock: a range message's train stays
+    /// contiguous), and write what fits into the ring.
+    fn send_encoded(
+        &self,
+        to: NodeId,
+        lane: Lane,
+        frames: usize,
+        enc: &dyn Fn(usize, u64, &mut Vec<u8>),
+    ) -> Result<()> {
         let p = self.pair_of(to)?;
         if p.down.load(Ordering::Relaxed) {
             return Err(TransportError::PeerDown(to));
         }
         let l = lane as usize;
         let mut tx = lock(&p.tx[l]);
-        let seq = tx.seq;
-        tx.seq += 1;
-        let Tx {
-            sealer, pending, ..
-        } = &mut *tx;
-        sealer.seal_into(seq, pending, enc)?;
+        for i in 0..frames {
+            let seq = tx.seq;
+            tx.seq += 1;
+            let Tx {
+                sealer, pending, ..
+            } = &mut *tx;
+            sealer.seal_into(seq, pending, &|seq, out| enc(i, seq, out))?;
+        }
         tx.last = Instant::now();
         if let Err(e) = p.flush(l, &mut tx) {
             p.down.store(true, Ordering::Relaxed);
@@ -625,7 +640,36 @@ impl Transport for ShmMesh {
     }
 
     fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
-        self.send_encoded(to, lane, &|seq, out| wire::encode(frame, seq, out))
+        if let Frame::Range { msg, data } = frame {
+            return self.send_range(to, msg, data.as_deref().unwrap_or(&[]));
+        }
+        self.send_encoded(to, lane, 1, &|_, seq, out| wire::encode(frame, seq, out))
+    }
+
+    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
+        let train = RangeFrames::new(msg, pages)?;
+        let lane = if train.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        self.send_encoded(to, lane, train.len(), &|i, seq, out| {
+            train.encode(i, seq, out)
+        })?;
+        let pages = (pages.len() / wire::PAGE_SIZE) as u64;
+        self.tx_page_copies.fetch_add(2 * pages, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn page_copies(&self) -> u64 {
+        let rx: u64 = self
+            .pairs
+            .iter()
+            .flatten()
+            .flat_map(|p| p.rx.iter())
+            .map(|r| lock(r).dec.page_copies())
+            .sum();
+        rx + self.tx_page_copies.load(Ordering::Relaxed)
     }
 
     fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
@@ -635,7 +679,13 @@ impl Transport for ShmMesh {
             Lane::Control
         };
         wire::check_msg(msg, data)?;
-        self.send_encoded(to, lane, &|seq, out| wire::encode_msg(msg, data, seq, out))
+        self.send_encoded(to, lane, 1, &|_, seq, out| {
+            wire::encode_msg(msg, data, seq, out)
+        })?;
+        if data.is_some() {
+            self.tx_page_copies.fetch_add(2, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn poll(

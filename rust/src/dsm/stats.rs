@@ -117,6 +117,10 @@ pub struct Stats {
     pub resident_peak: AtomicU64,
     pub fault_ns_total: AtomicU64,
     pub remote_faults: AtomicU64,
+    /// User-space copies of page contents made by the engine (see
+    /// [`StatsSnapshot::page_copies`]; the transport adds its own).
+    pub page_copies: AtomicU64,
+    pub pages_moved: AtomicU64,
     /// Latency of the faults counted in `remote_faults` (the engine records).
     pub latency: LatencyHistogram,
 }
@@ -162,6 +166,23 @@ pub struct StatsSnapshot {
     /// was abandoned.
     #[serde(default)]
     pub prefetch_wasted: u64,
+    /// Copies of 4 KiB of page contents made in user space on this node,
+    /// counted where they happen: the engine reading a page from its
+    /// mapping to send it, the transport encoding it into a send buffer (and
+    /// the shm transport pushing it into its ring), the receive side's
+    /// decoder buffer (and a move inside it), the decoded payload, the
+    /// payload of a message to self, and UFFDIO_COPY of a received page into
+    /// guest memory (a kernel copy, but from our buffer: it goes away with
+    /// pages that land in place). Not counted: the kernel's socket copies
+    /// and in-place encryption.
+    #[serde(default)]
+    pub page_copies: u64,
+    /// Pages of contents this node received from another node (each moved
+    /// page is counted once, at its receiver). Summed over the nodes of a
+    /// VM, `sum(page_copies) / sum(pages_moved)` is the number of copies per
+    /// page moved, sender and receiver together.
+    #[serde(default)]
+    pub pages_moved: u64,
     pub ipis_forwarded: u64,
     pub io_forwarded: u64,
     pub resident_pages: u64,
@@ -249,6 +270,8 @@ impl Stats {
             prefetch_late: g(&self.prefetch_late),
             prefetch_used: g(&self.prefetch_used),
             prefetch_wasted: g(&self.prefetch_wasted),
+            page_copies: g(&self.page_copies),
+            pages_moved: g(&self.pages_moved),
             ipis_forwarded: g(&self.ipis_forwarded),
             io_forwarded: g(&self.io_forwarded),
             resident_pages: g(&self.resident_pages),

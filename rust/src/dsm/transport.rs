@@ -36,9 +36,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::auth::{self, AuthError, NodeKeys, Session, FIRST_DATA_SEQ};
-use super::protocol::{Msg, NodeId};
+use super::protocol::{Msg, NodeId, RangeMsg};
 use super::seal::{SealError, Sealer};
-use super::wire::{self, Decoder, Frame, Limits, WireError};
+use super::wire::{self, Decoder, Frame, Limits, RangeFrames, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -115,6 +115,16 @@ pub trait Transport: Send + Sync {
     fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()>;
     /// Send a coherence message; a page grant goes on the bulk lane with `data`.
     fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()>;
+    /// Send a range message; `pages` are the contents of a range grant's
+    /// `Data::Page` pages in slot order (4 KiB each; empty otherwise). The
+    /// frames of the message go out back to back on one lane (see `wire`'s
+    /// "Range messages"). A transport that cannot carry them says so.
+    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
+        let _ = (to, msg, pages);
+        Err(TransportError::Config(
+            "this transport carries no range messages",
+        ))
+    }
     /// Wait up to `timeout` (None: forever) for traffic or for one of the
     /// `extra` fds to become readable; appends events. Returns a bitmask of the
     /// readable `extra` fds. Only one thread may poll.
@@ -136,6 +146,11 @@ pub trait Transport: Send + Sync {
     /// Write what the polling thread queued (a thread that served one turn and
     /// will not poll again soon calls this; the poller's next poll does it too).
     fn flush(&self) {}
+    /// User-space copies of page contents the transport made so far, in
+    /// pages, both directions (see `StatsSnapshot::page_copies`).
+    fn page_copies(&self) -> u64 {
+        0
+    }
 }
 
 /// Configuration of a TCP mesh.
@@ -269,6 +284,28 @@ impl Tx {
     }
 }
 
+/// What `send_encoded` queues: one frame, or a range message's train (each
+/// frame sealed on its own, all under one lock of the lane so nothing comes
+/// between them).
+enum Frames<'a> {
+    One(&'a dyn Fn(u64, &mut Vec<u8>)),
+    Train(&'a RangeFrames<'a>),
+}
+
+impl Frames<'_> {
+    fn push(&self, tx: &mut Tx) -> std::result::Result<(), SealError> {
+        match self {
+            Frames::One(enc) => tx.push(*enc),
+            Frames::Train(t) => {
+                for i in 0..t.len() {
+                    tx.push(&|seq, out| t.encode(i, seq, out))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A full mesh of TCP connections between the nodes.
 pub struct TcpMesh {
     me: NodeId,
@@ -290,6 +327,8 @@ pub struct TcpMesh {
     dead_after: Duration,
     down_reported: AtomicU64,
     closed: Arc<AtomicBool>,
+    /// Pages of contents encoded into send buffers (one copy each).
+    tx_page_copies: AtomicU64,
 }
 
 /// `fcntl` commands and `struct f_owner_ex` (linux/fcntl.h; not in the libc crate).
@@ -582,6 +621,7 @@ impl TcpMesh {
             dead_after: cfg.dead_after,
             down_reported: AtomicU64::new(0),
             closed,
+            tx_page_copies: AtomicU64::new(0),
         })
     }
 
@@ -702,20 +742,14 @@ impl TcpMesh {
 
     /// Queue a frame; write it now unless `defer` (the poller flushes it on its
     /// next poll) or bytes are queued already (they go first).
-    fn send_encoded(
-        &self,
-        to: NodeId,
-        lane: Lane,
-        defer: bool,
-        enc: &dyn Fn(u64, &mut Vec<u8>),
-    ) -> Result<()> {
+    fn send_encoded(&self, to: NodeId, lane: Lane, defer: bool, frames: Frames) -> Result<()> {
         let c = self.conn(to, lane)?;
         if c.down.load(Ordering::Relaxed) {
             return Err(TransportError::PeerDown(to));
         }
         let mut tx = lock(&c.tx);
         let was_empty = tx.off == tx.buf.len();
-        tx.push(enc)?;
+        frames.push(&mut tx)?;
         tx.last = Instant::now();
         if !was_empty {
             return Ok(());
@@ -838,7 +872,11 @@ impl Transport for TcpMesh {
     }
 
     fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
-        self.send_encoded(to, lane, false, &|seq, out| wire::encode(frame, seq, out))
+        if let Frame::Range { msg, data } = frame {
+            return self.send_range(to, msg, data.as_deref().unwrap_or(&[]));
+        }
+        let enc = |seq, out: &mut Vec<u8>| wire::encode(frame, seq, out);
+        self.send_encoded(to, lane, false, Frames::One(&enc))
     }
 
     fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
@@ -849,9 +887,35 @@ impl Transport for TcpMesh {
         };
         wire::check_msg(msg, data)?;
         let defer = self.is_poller();
-        self.send_encoded(to, lane, defer, &|seq, out| {
-            wire::encode_msg(msg, data, seq, out)
-        })
+        let enc = |seq, out: &mut Vec<u8>| wire::encode_msg(msg, data, seq, out);
+        self.send_encoded(to, lane, defer, Frames::One(&enc))?;
+        if data.is_some() {
+            self.tx_page_copies.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn page_copies(&self) -> u64 {
+        let rx: u64 = self
+            .flat
+            .iter()
+            .map(|c| lock(&c.rx).dec.page_copies())
+            .sum();
+        rx + self.tx_page_copies.load(Ordering::Relaxed)
+    }
+
+    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
+        let train = RangeFrames::new(msg, pages)?;
+        let lane = if train.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        let defer = self.is_poller();
+        self.send_encoded(to, lane, defer, Frames::Train(&train))?;
+        let pages = (pages.len() / wire::PAGE_SIZE) as u64;
+        self.tx_page_copies.fetch_add(pages, Ordering::Relaxed);
+        Ok(())
     }
 
     fn poll(
