@@ -487,6 +487,7 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
     scan: list[float] = []
     scan_shm: list[float] = []
     hit: list[float] = []
+    copies: list[float] = []
     mean_engine: list[float] = []
     guest: list[float] = []
     kinds: set[str] = set()
@@ -502,6 +503,9 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
         fetched = float(ta.get("prefetched_pages", 0))
         if fetched > 0:
             hit.append(float(ta.get("prefetch_used", 0)) / fetched)
+        moved = float(ta.get("pages_moved", 0))
+        if moved > 0:
+            copies.append(float(ta.get("page_copies", 0)) / moved)
         if isinstance(ta.get("latency_ns_hdr"), list):
             hdrs.append(ta["latency_ns_hdr"])
         sw = a.get("sweep")
@@ -550,6 +554,13 @@ def remote_scan(p: Params) -> tuple[list[Figure], dict[str, Any]]:
             "the remote_scan_gbps runs' DSM counters summed over both nodes: "
             "prefetch_used / prefetched_pages (pages the adaptive prefetcher fetched that "
             "a fault then found in place; the rest were wasted or invalidated first)",
+        ),
+        Figure(
+            "copies_per_page", "copies", copies,
+            "the remote_scan_gbps runs' DSM counters summed over both nodes: page_copies / "
+            "pages_moved, every user-space copy of page bytes on both sides (read from the "
+            "engine mapping, encode, decoder buffer and its compaction, payload, "
+            "UFFDIO_COPY source) per page received; kernel socket copies not counted",
         ),
     ]  # fmt: skip
     merged = merge_hdr(hdrs)

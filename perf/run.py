@@ -124,7 +124,10 @@ MICRO_KEYS = (
     "tcp_rtt_p50_us", "tcp_rtt_busy_p50_us", "tcp_stream_gbps", "local_fault_floor_p50_us",
     "local_fault_floor_busy_p50_us",
 )  # fmt: skip
-SCAN_KEYS = ("remote_scan_gbps", "remote_scan_shm_gbps", "prefetch_hit_ratio", *ENGINE_KEYS)
+SCAN_KEYS = (
+    "remote_scan_gbps", "remote_scan_shm_gbps", "prefetch_hit_ratio", "copies_per_page",
+    *ENGINE_KEYS,
+)  # fmt: skip
 CONTENDED_KEYS = ("counter_2node_ops_per_s", "falseshare_2node_ops_per_s")
 PLAIN_KEYS = ("falseshare_2node_plain_ops_per_s", "counter_2node_plain_ops_per_s")
 
