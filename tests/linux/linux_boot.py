@@ -255,11 +255,11 @@ def boot(nodes: int, vcpus: int, memory: str, cmdline: str, timeout: int, extra:
         if "insns_completed" in ln or "exits_total" in ln:
             log(ln.strip())
     failed = False
-    for name, ok, required in check(text, nodes, vcpus):
-        state = "ok" if ok else ("MISSING" if required else "not reached")
+    for name, ok, needed in check(text, nodes, vcpus):
+        state = "ok" if ok else ("MISSING" if needed else "not reached")
         when = f" ({seen[name]:.0f} s)" if name in seen else ""
         log(f"{name:16} {state}{when}")
-        failed |= required and not ok
+        failed |= needed and not ok
     return 1 if failed else 0
 
 
