@@ -1123,6 +1123,24 @@ pub struct ExitContext<'a> {
     pub kernel_lapic: bool,
 }
 
+impl<'a> ExitContext<'a> {
+    /// The context of an exit of the vCPU `shared` runs in `env` at VM time `now_ns`.
+    fn of(env: &'a VcpuEnv, shared: &'a VcpuShared, stats: &'a mut VcpuStats, now_ns: u64) -> Self {
+        ExitContext {
+            vcpu: shared.index,
+            pio: &env.pio,
+            mmio: &env.mmio,
+            lapic: &shared.lapic,
+            irq: &*env.irq,
+            now_ns,
+            stats,
+            debug: env.debug,
+            apic_base_written: None,
+            kernel_lapic: env.kernel_lapic,
+        }
+    }
+}
+
 /// The APIC's architectural page (0xFEE00000): while this vCPU's APIC does not decode
 /// there (disabled, x2APIC mode, relocated) nothing is, but an access is not counted
 /// or logged as unknown MMIO (guests probe it, e.g. while switching modes).
@@ -1631,7 +1649,6 @@ impl Vcpu {
 
     /// [`Vcpu::run_once`] with KVM's LAPIC: nothing to inject, no timer to arm.
     fn run_once_kernel_lapic(&mut self) -> Result<Option<StopReason>, VcpuError> {
-        let index = self.shared.index;
         if self.kicked_before_entry() {
             return Ok(None);
         }
@@ -1639,18 +1656,8 @@ impl Vcpu {
         self.shared.in_guest.store(false, Ordering::SeqCst);
         let action = match res {
             Ok(exit) => {
-                let mut ctx = ExitContext {
-                    vcpu: index,
-                    pio: &self.env.pio,
-                    mmio: &self.env.mmio,
-                    lapic: &self.shared.lapic,
-                    irq: &*self.env.irq,
-                    now_ns: 0,
-                    stats: &mut self.stats,
-                    debug: self.env.debug,
-                    apic_base_written: None,
-                    kernel_lapic: true,
-                };
+                // (VM time only matters to the userspace LAPIC.)
+                let mut ctx = ExitContext::of(&self.env, &self.shared, &mut self.stats, 0);
                 handle_exit(exit, &mut ctx)?
             }
             Err(e) => self.interrupted_run(e)?,
@@ -1884,18 +1891,8 @@ impl Vcpu {
         }
         let action = match res {
             Ok(exit) => {
-                let mut ctx = ExitContext {
-                    vcpu: index,
-                    pio: &self.env.pio,
-                    mmio: &self.env.mmio,
-                    lapic: &self.shared.lapic,
-                    irq: &*self.env.irq,
-                    now_ns: self.env.clock.now_ns(),
-                    stats: &mut self.stats,
-                    debug: self.env.debug,
-                    apic_base_written: None,
-                    kernel_lapic: false,
-                };
+                let now_ns = self.env.clock.now_ns();
+                let mut ctx = ExitContext::of(&self.env, &self.shared, &mut self.stats, now_ns);
                 let action = handle_exit(exit, &mut ctx)?;
                 if let Some(base) = ctx.apic_base_written {
                     self.sync_kvm_apic_base(base);

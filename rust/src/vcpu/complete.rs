@@ -295,50 +295,26 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
                 Insn::Cmpxchg16b { mem, lock }
             }
             0x03 if !lock && rep.is_none() => {
-                i += 2;
-                let modrm = at(i)?;
-                i += 1;
-                let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
-                let src = if modrm >> 6 == 3 {
-                    Operand::Reg((modrm & 7) | ((rex & 1) << 3))
-                } else {
-                    let (mut mem, n) = decode_modrm_mem(&bytes[i..], modrm, rex)?;
-                    i += n;
-                    mem.seg = seg;
-                    mem.addr32 = addr32;
-                    Operand::Mem(mem)
-                };
-                let size = if rex & 8 != 0 {
-                    8
-                } else if opsize {
-                    2
-                } else {
-                    4
-                };
+                let (dst, src, size, n) = decode_reg_rm(
+                    bytes.get(i + 2..).ok_or(DecodeError::Truncated)?,
+                    rex,
+                    seg,
+                    addr32,
+                    opsize,
+                )?;
+                i += 2 + n;
                 Insn::Lsl { dst, src, size }
             }
             // The last of F2/F3 decides (SDM 2.1.1); F3 0F B8 is popcnt.
             0xB8 if rep == Some(0xF3) && !lock => {
-                i += 2;
-                let modrm = at(i)?;
-                i += 1;
-                let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
-                let src = if modrm >> 6 == 3 {
-                    Operand::Reg((modrm & 7) | ((rex & 1) << 3))
-                } else {
-                    let (mut mem, n) = decode_modrm_mem(&bytes[i..], modrm, rex)?;
-                    i += n;
-                    mem.seg = seg;
-                    mem.addr32 = addr32;
-                    Operand::Mem(mem)
-                };
-                let size = if rex & 8 != 0 {
-                    8
-                } else if opsize {
-                    2
-                } else {
-                    4
-                };
+                let (dst, src, size, n) = decode_reg_rm(
+                    bytes.get(i + 2..).ok_or(DecodeError::Truncated)?,
+                    rex,
+                    seg,
+                    addr32,
+                    opsize,
+                )?;
+                i += 2 + n;
                 Insn::Popcnt { dst, src, size }
             }
             _ => return Err(DecodeError::Unsupported),
@@ -349,6 +325,39 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         return Err(DecodeError::Unsupported);
     }
     Ok(Decoded { insn, len: i })
+}
+
+/// Decodes the operands of a `reg, r/m` instruction (`lsl`, `popcnt`) from its
+/// ModRM byte on (`rest`): destination register, source (register or memory with
+/// the prefixes' segment and address size), operand size (REX.W 8, 66h 2, else 4)
+/// and the bytes consumed.
+fn decode_reg_rm(
+    rest: &[u8],
+    rex: u8,
+    seg: Option<Seg>,
+    addr32: bool,
+    opsize: bool,
+) -> Result<(u8, Operand, u8, usize), DecodeError> {
+    let modrm = rest.first().copied().ok_or(DecodeError::Truncated)?;
+    let mut n = 1;
+    let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
+    let src = if modrm >> 6 == 3 {
+        Operand::Reg((modrm & 7) | ((rex & 1) << 3))
+    } else {
+        let (mut mem, used) = decode_modrm_mem(&rest[1..], modrm, rex)?;
+        n += used;
+        mem.seg = seg;
+        mem.addr32 = addr32;
+        Operand::Mem(mem)
+    };
+    let size = if rex & 8 != 0 {
+        8
+    } else if opsize {
+        2
+    } else {
+        4
+    };
+    Ok((dst, src, size, n))
 }
 
 /// Decodes the memory form of a ModRM byte (mod != 3) and what follows it (SIB,
