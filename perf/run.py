@@ -16,9 +16,12 @@ Stages (``--only`` picks some; ``--list-stages`` prints them with their keys):
    falseshare with the DSM hold window and without, ``--hold-window-us 0``), ``numa``
    (locality), ``scaling`` (fault throughput). A figure that cannot be measured is
    recorded as null with the reason under ``missing`` -- never guessed;
-4. ``profiles``: under a 2-node load, py-spy flame graphs of the workers and of the
+4. ``npb``: the guest's NAS Parallel Benchmark kernels on 1 node (QEMU/KVM and dvmm) and on
+   2 and 3 nodes (dvmm, numa=local and numa=ignore) -> npb_* keys, npb.md and npb.png
+   (perf/npb.py; class W, ``--quick`` S, ``--npb-class`` to choose);
+5. ``profiles``: under a 2-node load, py-spy flame graphs of the workers and of the
    daemons (``dvmmctl demo``), ``perf record -g`` of the workers' native threads;
-5. perf/results/latest.json and report.md with PNG plots (perf.report).
+6. perf/results/latest.json and report.md with PNG plots (perf.report).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perf import measure, report
+from perf import measure, npb, report
 from perf.common import (
     ISSUE_KEYS,
     PERF,
@@ -142,6 +145,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "numa": ("sweep numa=ignore vs numa=local on 2 nodes", ("numa_local_speedup",)),
     "security": ("remote scan and read miss under each --data-plane mode", measure.SECURITY_KEYS),
     "scaling": ("fault throughput against nodes and vCPUs (extra.fault_scaling)", ()),
+    "npb": ("NPB EP/IS/CG/MG/FT: QEMU and dvmm 1 node, dvmm 2 and 3 nodes (npb.md)", ()),
     "profiles": ("py-spy and perf profiles under a 2-node load", ()),
 }  # fmt: skip
 DEFAULT_STAGES = tuple(k for k in STAGES if k != "ipi")
@@ -367,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only these stages (default: all but ipi), e.g. --only micro,remote,ipi",
     )  # fmt: skip
     ap.add_argument("--list-stages", action="store_true", help="print the stages and exit")
+    ap.add_argument(
+        "--npb-class", choices=("S", "W", "A"),
+        help="NPB problem class of the npb stage (default W; S with --quick)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.list_stages:
         print(_stage_list())
@@ -398,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         c.stage("ipi", IPI_KEYS, lambda: c.partial(measure.ipi_runs(p, two_node)))
     if two_node:
         run_distributed(c, p, stages)
+    if "npb" in stages:
+        c.stage("npb", [], lambda: c.partial(npb.stage(p, out, args.npb_class)))
     if "profiles" in stages:
         c.stage("profiles", [], lambda: run_profiles(c, p, out))
     doc = assemble(c, p, started, host, stages)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from perf import measure
+from perf import measure, npb
 from perf.ab import Side, compare, parse_env, permutation_p, render
 from perf.common import (
     ISSUE_KEYS,
@@ -24,7 +24,7 @@ from perf.common import (
 )
 from perf.measure import Missing, Params
 from perf.run import DEFAULT_STAGES, STAGES, Collector, assemble, parse_stages
-from perf.vm import VmRun
+from perf.vm import VmError, VmRun
 
 #: The guest's faultlat line (guest/src/user.c faultlat_check) on 2 nodes x 1 vCPU.
 FAULTLAT = (
@@ -335,3 +335,84 @@ def test_ab_table() -> None:
     assert "| us | 60.75 (59..63, 6) | 40.75 (39..42, 6) | -32.9% |" in row, row
     assert row.endswith("| better |")
     assert all(x.count("|") == 8 for x in lines if x.startswith("|"))
+
+
+# ---------------------------------------------------------------- NPB (perf/npb.py)
+
+#: The guest's npb lines (guest/src/npb.c npb_report): verified, and a corrupted input.
+NPB_OUT = (
+    "dvmm-guest: npb.ep class=W cpus=2 time_us=3684490 mops=18.21 verified=yes PASS\n"
+    "dvmm-guest: note: npb.cg class=S zeta=8.598590197123e+00 want=8.597177507865e+00\n"
+    "dvmm-guest: npb.cg class=S cpus=2 time_us=434312 mops=22.10 verified=no FAIL\n"
+)
+
+
+def test_npb_line_parses() -> None:
+    r = parse_results(NPB_OUT)
+    assert set(r) == {"npb.ep", "npb.cg"}  # the note line is not a result
+    ep = npb.npb_line(r["npb.ep"])
+    assert ep == npb.NpbLine("ep", "W", 2, 3.68449, 18.21, True, True)
+    cg = npb.npb_line(r["npb.cg"])
+    assert cg.kernel == "cg" and cg.cls == "S" and not cg.verified and not cg.passed
+    assert cg.time_s == pytest.approx(0.434312)
+
+
+def test_npb_line_rejects_other_lines() -> None:
+    r = parse_results(
+        "dvmm-guest: ep samples=4194304 inside=3294631 time_us=13452 PASS\n"
+        "dvmm-guest: npb.is class=A cpus=2 verified=yes PASS\n"
+    )
+    with pytest.raises(GuestFormatError, match="not an npb line"):
+        npb.npb_line(r["ep"])
+    with pytest.raises(GuestFormatError, match="time_us"):
+        npb.npb_line(r["npb.is"])
+
+
+def _vm(text: str) -> VmRun:
+    return VmRun(text, parse_results(text), 1.0)
+
+
+def test_npb_runs_keys_and_ratios() -> None:
+    runs = npb.NpbRuns("W")
+    lines = {"dvmm_1x2": 2.0, "dvmm_2x1_local": 2.5, "dvmm_1x1": 4.0}
+    for cfg, t in lines.items():
+        text = "".join(
+            f"dvmm-guest: npb.{k} class=W cpus=2 time_us={int(t * 1e6)} mops=1.00 verified=yes PASS\n"
+            for k in npb.KERNELS
+        )
+        runs.add(cfg, _vm(text))
+    assert runs.median("cg", "dvmm_1x2") == 2.0
+    assert npb.ratio(runs, "mg", "dvmm_1x2", "dvmm_2x1_local") == pytest.approx(0.8)
+    assert npb.ratio(runs, "mg", "dvmm_1x1", "dvmm_2x1_local") == pytest.approx(1.6)
+    assert npb.ratio(runs, "mg", "dvmm_1x3", "dvmm_3x1_local") is None
+    part = npb.figures(runs)
+    names = {f.key for f in part.figures}
+    assert "npb_ep_W_dvmm_2x1_local_s" in names and "npb_is_W_dvmm_1x1_s" in names
+    assert "npb_ep_W_qemu_1x2_s" in part.missing  # not run: missing, never guessed
+    md = npb.render(runs, Params(quick=False))
+    assert "| ep | 0.8 |" in md and "1x1 / 2x1 local" in md
+
+
+def test_npb_unverified_run_is_an_error() -> None:
+    runs = npb.NpbRuns("S")
+    bad = NPB_OUT.replace("npb.ep class=W", "npb.is class=S") + "".join(
+        f"dvmm-guest: npb.{k} class=S cpus=2 time_us=5 mops=1.00 verified=yes PASS\n"
+        for k in ("ep", "mg")
+    )
+    with pytest.raises(VmError, match=r"npb\.cg"):
+        runs.add("qemu_1x2", _vm(bad))
+
+
+def test_npb_configs_and_class() -> None:
+    names = [c.name for c in npb.CONFIGS]
+    assert "qemu_1x2" in names and "dvmm_3x1_ignore" in names and len(set(names)) == len(names)
+    assert npb.Config("dvmm", 2, 1, "ignore").vcpus == 2
+    assert npb.npb_class(Params(quick=True), None) == "S"
+    assert npb.npb_class(Params(quick=False), None) == "W"
+    assert npb.npb_class(Params(quick=False), "a") == "A"
+    with pytest.raises(Missing):
+        npb.npb_class(Params(quick=False), "B")
+    assert (
+        npb.cmdline("W", "ignore") == "run=npb.ep,npb.is,npb.cg,npb.mg,npb.ft class=W numa=ignore"
+    )
+    assert "npb" in STAGES and parse_stages("npb", False) == ["npb"]

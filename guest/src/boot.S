@@ -55,7 +55,10 @@ ap_entry32:
 
 entry32_common:
         movl %cr4, %eax
-        orl $0x20, %eax                 /* PAE */
+        /* PAE; OSFXSR | OSXMMEXCPT: SSE for the NPB kernels, which alone run
+         * SSE code, at CPL3 (the kernel is general-registers only, so it never
+         * touches the XMM state user code owns; CR0 keeps EM clear, MP set) */
+        orl $0x620, %eax
         movl %eax, %cr4
         movl $pml4, %eax
         movl %eax, %cr3

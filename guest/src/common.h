@@ -1,5 +1,6 @@
 /* Shared by kernel (CPL0) and user (CPL3) code. Everything is built with
- * -mgeneral-regs-only: no SSE/AVX anywhere, so no FPU state to manage. */
+ * -mgeneral-regs-only: no SSE/AVX in the kernel, so no FPU state to manage (only
+ * npb.c, user code, is built with SSE2: each CPU runs one user context). */
 #ifndef COMMON_H
 #define COMMON_H
 #include "layout.h"

@@ -4,6 +4,7 @@
  * reaches the kernel only through the int3 system-call gate (see common.h).
  */
 #include "common.h"
+#include "npb.h"
 
 /* ---------------------------------------------------------------- */
 /* System calls                                                      */
@@ -179,10 +180,11 @@ static void spin_unlock(volatile u64 *l)
 /* ---------------------------------------------------------------- */
 /* Parameters                                                        */
 
-enum { P_ITERS, P_SIZE, P_MEM, P_SEED, P_STEPS, P_SLOTS, P_PEER, P_NUMA, P_TIMEOUT, NPARAM };
-static const char *const pname[NPARAM] = { "iters", "size", "mem", "seed", "steps", "slots", "peer", "numa", "timeout" };
+enum { P_ITERS, P_SIZE, P_MEM, P_SEED, P_STEPS, P_SLOTS, P_PEER, P_NUMA, P_TIMEOUT, P_CLASS, P_CORRUPT, NPARAM };
+static const char *const pname[NPARAM] = { "iters", "size", "mem", "seed", "steps", "slots", "peer", "numa", "timeout",
+                                           "class", "corrupt" };
 
-struct params { u64 v[NPARAM]; };   /* numa: 1 = local, 0 = ignore */
+struct params { u64 v[NPARAM]; };   /* numa: 1 = local, 0 = ignore; class: 'S', 'W', 'A' */
 
 struct workload {
     const char *name;
@@ -192,6 +194,7 @@ struct workload {
     u64 used;                      /* bit mask of parameters it reads */
     struct params p;
     int selected;
+    int own_line;                  /* check() prints time_us itself (the NPB line format) */
 };
 
 static struct workload *W;      /* the workload being run */
@@ -1442,21 +1445,60 @@ static void NORETURN last_cpu_exit(u32 me, u32 status)
     { { [P_ITERS] = it, [P_SIZE] = sz, [P_MEM] = mem, [P_SEED] = 1, [P_STEPS] = steps, [P_SLOTS] = slots, \
         [P_PEER] = peer, [P_NUMA] = 1, [P_TIMEOUT] = 60 } }
 #define COMMON_P (B(P_NUMA) | B(P_TIMEOUT))
+#define NPB_DEF { { [P_SEED] = 1, [P_NUMA] = 1, [P_TIMEOUT] = 60, [P_CLASS] = 'S', [P_CORRUPT] = 0 } }
+#define NPB_P (B(P_CLASS) | B(P_CORRUPT) | COMMON_P)
+
+/* The NPB kernels run in npb.c (built with SSE2); these wrappers hand them
+ * the parameters and the runtime's barrier and allocator. */
+static struct npb_rt npb_rt; /* filled by CPU 0 before the first workload */
+
+static void npb_args_for(struct npb_args *a, u32 kernel)
+{
+    a->kernel = kernel;
+    a->cls = (char)PRM(P_CLASS);
+    a->numa_local = (u32)numa_local();
+    a->corrupt = PRM(P_CORRUPT);
+}
+static void npb_print(const char *line) { uprintf("%s", line); }
+#define NPB_WRAP(k, id)                                                        \
+    static void npb_##k##_par(u32 me)                                          \
+    {                                                                          \
+        struct npb_args a;                                                     \
+        npb_args_for(&a, id);                                                  \
+        npb_par(&npb_rt, &a, me);                                              \
+    }                                                                          \
+    static int npb_##k##_check(char *out, u64 n)                               \
+    {                                                                          \
+        struct npb_args a;                                                     \
+        npb_args_for(&a, id);                                                  \
+        return npb_report(&npb_rt, &a, out, n, npb_print);                     \
+    }
+NPB_WRAP(ep, NPB_EP)
+NPB_WRAP(is, NPB_IS)
+NPB_WRAP(cg, NPB_CG)
+NPB_WRAP(mg, NPB_MG)
+NPB_WRAP(ft, NPB_FT)
 
 static struct workload workloads[] = {
-    { "ep", ep_par, ep_check, DEF(0, 4 << 20, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
-    { "counter", counter_par, counter_check, DEF(100000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0 },
-    { "spinlock", spinlock_par, spinlock_check, DEF(20000, 64, 0, 0, 0, 0), B(P_ITERS) | B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
-    { "matmul", matmul_par, matmul_check, DEF(0, 128, 0, 4, 0, 0), B(P_SIZE) | B(P_STEPS) | B(P_SEED) | COMMON_P, {{0}}, 0 },
-    { "ring", ring_par, ring_check, DEF(100000, 0, 0, 0, 1024, 0), B(P_ITERS) | B(P_SLOTS) | B(P_SEED) | COMMON_P, {{0}}, 0 },
-    { "sweep", sweep_par, sweep_check, DEF(0, 0, 16 << 20, 0, 0, 0), B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0 },
-    { "falseshare", falseshare_par, falseshare_check, DEF(200000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0 },
-    { "ipi", ipi_par, ipi_check, DEF(200, 0, 0, 0, 0, 1), B(P_ITERS) | B(P_PEER) | COMMON_P, {{0}}, 0 },
-    { "stress", stress_par, stress_check, DEF(20000, 0, 512 << 10, 0, 0, 0), B(P_ITERS) | B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0 },
-    { "faultlat", faultlat_par, faultlat_check, DEF(0, 1024, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0 },
+    { "ep", ep_par, ep_check, DEF(0, 4 << 20, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
+    { "counter", counter_par, counter_check, DEF(100000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0, 0 },
+    { "spinlock", spinlock_par, spinlock_check, DEF(20000, 64, 0, 0, 0, 0), B(P_ITERS) | B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
+    { "matmul", matmul_par, matmul_check, DEF(0, 128, 0, 4, 0, 0), B(P_SIZE) | B(P_STEPS) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
+    { "ring", ring_par, ring_check, DEF(100000, 0, 0, 0, 1024, 0), B(P_ITERS) | B(P_SLOTS) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
+    { "sweep", sweep_par, sweep_check, DEF(0, 0, 16 << 20, 0, 0, 0), B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
+    { "falseshare", falseshare_par, falseshare_check, DEF(200000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0, 0 },
+    { "ipi", ipi_par, ipi_check, DEF(200, 0, 0, 0, 0, 1), B(P_ITERS) | B(P_PEER) | COMMON_P, {{0}}, 0, 0 },
+    { "stress", stress_par, stress_check, DEF(20000, 0, 512 << 10, 0, 0, 0), B(P_ITERS) | B(P_MEM) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
+    { "faultlat", faultlat_par, faultlat_check, DEF(0, 1024, 0, 0, 0, 0), B(P_SIZE) | B(P_SEED) | COMMON_P, {{0}}, 0, 0 },
     /* not in run=all: */
-    { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
-    { "conform", conform_par, conform_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0 },
+    { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0, 0 },
+    { "conform", conform_par, conform_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0, 0 },
+    /* the NAS Parallel Benchmark kernels (npb.c), not in run=all either */
+    { "npb.ep", npb_ep_par, npb_ep_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },
+    { "npb.is", npb_is_par, npb_is_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },
+    { "npb.cg", npb_cg_par, npb_cg_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },
+    { "npb.mg", npb_mg_par, npb_mg_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },
+    { "npb.ft", npb_ft_par, npb_ft_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },
 };
 #define NALL 10 /* run=all runs the first NALL */
 #define NWL (sizeof workloads / sizeof workloads[0])
@@ -1523,6 +1565,7 @@ static int parse_num(const char *s, u64 *out)
 static const u64 pmax[NPARAM] = {
     [P_ITERS] = 1UL << 40, [P_SIZE] = 1UL << 40, [P_MEM] = 1UL << 44, [P_SEED] = ~0UL,
     [P_STEPS] = 1UL << 20, [P_SLOTS] = 1UL << 24, [P_PEER] = MAX_CPUS - 1, [P_NUMA] = 1, [P_TIMEOUT] = 1UL << 20,
+    [P_CORRUPT] = 1UL << 40, /* P_CLASS is a letter, checked where it is parsed */
 };
 
 /* key=value for one workload (w) or all (w == 0) */
@@ -1552,9 +1595,17 @@ static void set_param(struct workload *w, const char *key, u64 klen, const char 
             v = 0;
         else
             return cmd_fail(kname, "malformed parameter '%s' (numa=local|ignore)", tok, 0);
+    } else if (p == P_CLASS) {
+        /* NPB problem classes; B and larger do not fit these guests */
+        if ((val[0] == 'S' || val[0] == 'W' || val[0] == 'A') && !val[1])
+            v = (u64)val[0];
+        else if ((val[0] == 's' || val[0] == 'w' || val[0] == 'a') && !val[1])
+            v = (u64)(val[0] - 'a' + 'A');
+        else
+            return cmd_fail(kname, "malformed parameter '%s' (class=S|W|A)", tok, 0);
     } else if (parse_num(val, &v) < 0) {
         return cmd_fail(kname, "malformed parameter '%s' (expected a number)", tok, 0);
-    } else if (v > pmax[p] || (v == 0 && p != P_SEED && p != P_PEER)) {
+    } else if (v > pmax[p] || (v == 0 && p != P_SEED && p != P_PEER && p != P_CORRUPT)) {
         return cmd_fail(kname, "parameter out of range '%s'", tok, 0);
     }
     if (p == P_TIMEOUT && !w)
@@ -1622,14 +1673,22 @@ static void parse_cmdline(const char *cl)
             }
             continue;
         }
+        /* the last dot: workload names may hold one (npb.ep.class=W); a
+         * prefix that names a family sets all of it (npb.class=W) */
         const char *dot = 0;
         for (const char *p = key; p < eq; p++)
-            if (*p == '.') {
+            if (*p == '.')
                 dot = p;
-                break;
-            }
         if (dot) {
             struct workload *w = find_wl(key, dot - key);
+            u32 family = 0;
+            for (u32 i = 0; !w && i < NWL; i++)
+                if (!strncmp(workloads[i].name, key, dot - key) && workloads[i].name[dot - key] == '.') {
+                    set_param(&workloads[i], dot + 1, eq - dot - 1, val, tok);
+                    family++;
+                }
+            if (family)
+                continue;
             if (!w) {
                 char name[64];
                 u64 l = dot - key < 63 ? dot - key : 63;
@@ -1703,7 +1762,10 @@ static void run_workload(struct workload *w)
     else
         failed = w->check(res, sizeof res);
     u64 us = T1 > T0 ? (T1 - T0) * 1000 / tsc_khz : us_since(t);
-    uprintf("dvmm-guest: %s %s time_us=%lu %s\n", w->name, res, us, failed ? "FAIL" : "PASS");
+    if (w->own_line)
+        uprintf("dvmm-guest: %s %s %s\n", w->name, res, failed ? "FAIL" : "PASS");
+    else
+        uprintf("dvmm-guest: %s %s time_us=%lu %s\n", w->name, res, us, failed ? "FAIL" : "PASS");
     if (failed)
         nfail++;
     else
@@ -1738,7 +1800,12 @@ void NORETURN user_main(u64 arg)
         pc[c] = (struct percpu *)sys(SYS_PERCPU_PAGE, c, 0, 0);
         memset(pc[c], 0, sizeof *pc[c]);
         pc[c]->node = (s32)sys(SYS_NODE_OF_CPU, c, 0, 0);
+        npb_rt.node[c] = pc[c]->node;
     }
+    npb_rt.ncpu = ncpu;
+    npb_rt.tsc_khz = tsc_khz;
+    npb_rt.barrier = barrier_all;
+    npb_rt.alloc = ualloc;
     const char *cl = (const char *)sys(SYS_CMDLINE, 0, 0, 0);
     uprintf("dvmm-guest: boot cpus=%u nodes=%u apic=%s tsc_mhz=%lu tsc_src=%s mem_mb=%lu boot_ms=%lu syscall_ns=%lu cmdline='%s'\n",
             ncpu, nnode, si->x2apic ? "x2apic" : "xapic", tsc_khz / 1000, si->tsc_source, si->mem_bytes >> 20,
