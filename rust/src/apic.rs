@@ -607,7 +607,14 @@ pub struct LocalApic {
     pending_init: bool,
     pending_sipi: Option<u8>,
     wait_for_sipi: bool,
+    /// The last interrupt events (kind byte, vector), oldest first after `hist_at`:
+    /// a diagnostic trail shown by [`Self::timer_summary`].
+    hist: [(u8, u8); HIST],
+    hist_at: usize,
 }
+
+/// Length of [`LocalApic`]'s event trail.
+const HIST: usize = 24;
 
 impl LocalApic {
     /// A local APIC at power-on: xAPIC mode at [`APIC_DEFAULT_BASE`],
@@ -642,6 +649,8 @@ impl LocalApic {
             pending_init: false,
             pending_sipi: None,
             wait_for_sipi: !is_bsp,
+            hist: [(0, 0); HIST],
+            hist_at: 0,
         };
         apic.reset_registers();
         apic
@@ -992,6 +1001,7 @@ impl LocalApic {
 
     /// `vector` was injected (KVM_INTERRUPT succeeded): IRR -> ISR.
     pub fn acknowledge(&mut self, vector: u8) {
+        self.note(b'I', vector);
         bit_clear(&mut self.irr, vector);
         bit_set(&mut self.isr, vector);
     }
@@ -1043,6 +1053,38 @@ impl LocalApic {
     // Timer
     // ----------------------------------------------------------------------
 
+    /// The timer and interrupt state in one line, for diagnostics
+    /// (`DVMM_TRACE_TIMER`).
+    /// Record an event in the diagnostic trail (`kind`: I = injected, E = EOI of
+    /// the vector, e = EOI with nothing in service, T = timer raised, others from
+    /// the vCPU loop).
+    pub fn note(&mut self, kind: u8, vector: u8) {
+        self.hist[self.hist_at] = (kind, vector);
+        self.hist_at = (self.hist_at + 1) % HIST;
+    }
+
+    pub fn timer_summary(&self, now_ns: u64) -> String {
+        let trail: Vec<String> = (0..HIST)
+            .map(|i| self.hist[(self.hist_at + i) % HIST])
+            .filter(|(k, _)| *k != 0)
+            .map(|(k, v)| format!("{}{v:x}", k as char))
+            .collect();
+        format!(
+            "lvtt={:#x} deadline_in_us={:?} tsc_deadline={:#x} tsc_now={:#x} irr_top={:?} isr_top={:?} ppr={:#x} isr={:x?} trail={}",
+            self.lvt[Lvt::Timer.index()],
+            self.timer
+                .deadline_ns
+                .map(|d| (d as i128 - i128::from(now_ns)) / 1000),
+            self.timer.tsc_deadline,
+            self.tsc_at(now_ns),
+            highest(&self.irr),
+            highest(&self.isr),
+            self.ppr(),
+            self.isr,
+            trail.join(",")
+        )
+    }
+
     /// When [`Self::advance`] must next be called, if the timer can fire
     /// (`None` when disarmed or masked: a masked timer is brought up to date
     /// lazily on the next access).
@@ -1077,6 +1119,7 @@ impl LocalApic {
             }
             _ => self.timer.deadline_ns = None,
         }
+        self.note(b'T', self.lvt[Lvt::Timer.index()] as u8);
         self.raise_lvt(Lvt::Timer)
     }
 
@@ -1320,8 +1363,10 @@ impl LocalApic {
 
     fn eoi(&mut self) -> ApicAction {
         let Some(v) = highest(&self.isr) else {
+            self.note(b'e', 0);
             return ApicAction::None;
         };
+        self.note(b'E', v);
         bit_clear(&mut self.isr, v);
         if bit_test(&self.tmr, v) {
             ApicAction::EoiLevel(v)

@@ -109,6 +109,68 @@ impl CpuModel {
     }
 }
 
+impl CpuModel {
+    /// Linux's own command-line switches for the features this model removes that
+    /// a Linux kernel would otherwise use at CPL0 during boot: `noxsave` (XSAVE and
+    /// everything built on it: AVX*, FMA, ...) and `clearcpuid=` names. Appended to a
+    /// Linux kernel's command line (see [`linux_cmdline`]) so that the model holds
+    /// where KVM does not honour KVM_SET_CPUID2: KVM PVM shows the guest XSAVE and
+    /// SSSE3 whatever the table says, and its CPL0 emulator refuses `xrstor` (FPU
+    /// init) and SSSE3 code (the RNG's blake2s). Redundant but harmless where KVM
+    /// honours the table. Empty for `host`.
+    pub fn linux_switches(self) -> &'static [&'static str] {
+        match self {
+            CpuModel::Host => &[],
+            CpuModel::Baseline => &["noxsave", "clearcpuid=ssse3"],
+        }
+    }
+}
+
+/// `user` with `model`'s [`CpuModel::linux_switches`] added, and the switches that
+/// were added (empty when the user's line already has them). A `clearcpuid=` the
+/// user wrote is extended rather than repeated (Linux reads only one).
+pub fn linux_cmdline(user: &str, model: CpuModel) -> (String, Vec<String>) {
+    let mut words: Vec<String> = user.split_whitespace().map(str::to_owned).collect();
+    // Words after a lone `--` are init's arguments, not the kernel's.
+    let kernel_end = words.iter().position(|w| w == "--").unwrap_or(words.len());
+    let (mut words, init_args) = {
+        let rest = words.split_off(kernel_end);
+        (words, rest)
+    };
+    let mut added = Vec::new();
+    for sw in model.linux_switches() {
+        match sw.split_once('=') {
+            Some(("clearcpuid", names)) => {
+                let existing = words.iter().position(|w| w.starts_with("clearcpuid="));
+                let have: Vec<&str> = existing
+                    .map(|i| words[i]["clearcpuid=".len()..].split(',').collect())
+                    .unwrap_or_default();
+                let missing: Vec<&str> = names.split(',').filter(|n| !have.contains(n)).collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                let extra = missing.join(",");
+                match existing {
+                    Some(i) if have.iter().any(|h| !h.is_empty()) => {
+                        words[i] = format!("{},{extra}", words[i]);
+                    }
+                    Some(i) => words[i] = format!("clearcpuid={extra}"),
+                    None => words.push(format!("clearcpuid={extra}")),
+                }
+                added.push(format!("clearcpuid={extra}"));
+            }
+            _ => {
+                if !words.iter().any(|w| w == sw) {
+                    words.push((*sw).to_owned());
+                    added.push((*sw).to_owned());
+                }
+            }
+        }
+    }
+    words.extend(init_args);
+    (words.join(" "), added)
+}
+
 /// A CPUID register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reg {
@@ -164,6 +226,13 @@ pub const BASELINE_REMOVED: &[Removed] = &[
         Reg::Ecx,
         1 << 1,
         "PCLMULQDQ: kernel crc/ghash at CPL0; not emulated",
+    ),
+    rm(
+        1,
+        None,
+        Reg::Ecx,
+        1 << 9,
+        "SSSE3: Linux's blake2s (the RNG) runs SSSE3 code at CPL0; not emulated",
     ),
     rm(1, None, Reg::Ecx, 1 << 12, "FMA: AVX state, needs XSAVE"),
     rm(
@@ -673,6 +742,29 @@ pub fn initial_msrs() -> Result<Msrs, CpuidError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn linux_switches_are_added_once_and_before_init_args() {
+        let b = CpuModel::Baseline;
+        let (line, added) = linux_cmdline("console=ttyS0", b);
+        assert_eq!(line, "console=ttyS0 noxsave clearcpuid=ssse3");
+        assert_eq!(added, vec!["noxsave", "clearcpuid=ssse3"]);
+        // Already there: nothing added, nothing repeated.
+        let (line, added) = linux_cmdline("noxsave clearcpuid=ssse3 quiet", b);
+        assert_eq!(line, "noxsave clearcpuid=ssse3 quiet");
+        assert!(added.is_empty());
+        // A clearcpuid= of the user's is extended (Linux reads one).
+        let (line, added) = linux_cmdline("clearcpuid=pcid console=ttyS0", b);
+        assert_eq!(line, "clearcpuid=pcid,ssse3 console=ttyS0 noxsave");
+        assert_eq!(added, vec!["noxsave", "clearcpuid=ssse3"]);
+        // init's arguments stay last.
+        let (line, _) = linux_cmdline("console=ttyS0 -- single", b);
+        assert_eq!(line, "console=ttyS0 noxsave clearcpuid=ssse3 -- single");
+        // `host` promises the host's features: the line is left alone.
+        let (line, added) = linux_cmdline("console=ttyS0  quiet", CpuModel::Host);
+        assert_eq!(line, "console=ttyS0 quiet");
+        assert!(added.is_empty());
+    }
+
     use super::*;
 
     fn fake_supported() -> CpuId {
@@ -891,13 +983,16 @@ mod tests {
             .all(|e| regs(e) == [0; 4]));
         assert_eq!(leaf(&base, 0x8000_0001, 0).edx & (1 << 27), 0, "no rdtscp");
         // What the bundled guest and a kernel need stays: SSE2, FXSR, NX, LM,
-        // SYSCALL, 1 GiB pages, TSC, CX8, SSE3, SSSE3, SSE4.1, leaf 7's max subleaf.
+        // SYSCALL, 1 GiB pages, TSC, CX8, SSE3, SSE4.1, leaf 7's max subleaf.
+        // SSSE3 goes (Linux's blake2s would run it at CPL0).
         for bit in [4, 8, 24, 25, 26] {
             assert_ne!(l1(&base).edx & (1 << bit), 0, "leaf 1 edx bit {bit}");
         }
-        for bit in [0, 9, 19] {
+        for bit in [0, 19] {
             assert_ne!(l1(&base).ecx & (1 << bit), 0, "leaf 1 ecx bit {bit}");
         }
+        assert_ne!(l1(&host).ecx & (1 << 9), 0, "host keeps ssse3");
+        assert_eq!(l1(&base).ecx & (1 << 9), 0, "baseline drops ssse3");
         for bit in [11, 20, 26, 29] {
             assert_ne!(
                 leaf(&base, 0x8000_0001, 0).edx & (1 << bit),

@@ -52,7 +52,7 @@ use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 
-use crate::apic::{ApicAction, InterruptMessage, LocalApic};
+use crate::apic::{ApicAction, InterruptMessage, LocalApic, Lvt};
 use crate::bus::{lock, Bus, BusAction};
 
 /// Guest-physical base of the local APIC page at reset (the guest may move it through
@@ -1004,6 +1004,11 @@ const EK_INTERNAL: usize = 7;
 const EK_FAIL_ENTRY: usize = 8;
 const EK_OTHER: usize = 9;
 
+/// A timer interrupt injected later than this after its deadline counts as late
+/// ([`VcpuStats::timer_late`]); with `DVMM_TRACE_TIMER=1` each one is reported with
+/// where the time went (kick or injection).
+pub const TIMER_LATE_NS: u64 = 10_000_000;
+
 /// Counters of one vCPU (owned by its thread; no atomics on the exit path).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VcpuStats {
@@ -1026,6 +1031,14 @@ pub struct VcpuStats {
     pub halt_sleeps: u64,
     /// Emulation failures finished by the VMM (see [`complete`]).
     pub insns_completed: u64,
+    /// Interrupt injections put off because KVM still held the previous vector.
+    pub injections_deferred: u64,
+    /// LAPIC timer expiries (the timer vector raised into the IRR).
+    pub timer_fires: u64,
+    /// Worst delay from a timer's deadline to its vector's injection, in µs.
+    pub timer_late_max_us: u64,
+    /// Timer interrupts injected more than [`TIMER_LATE_NS`] after their deadline.
+    pub timer_late: u64,
 }
 
 impl VcpuStats {
@@ -1049,6 +1062,10 @@ impl VcpuStats {
         self.halt_poll_hits += o.halt_poll_hits;
         self.halt_sleeps += o.halt_sleeps;
         self.insns_completed += o.insns_completed;
+        self.timer_fires += o.timer_fires;
+        self.injections_deferred += o.injections_deferred;
+        self.timer_late_max_us = self.timer_late_max_us.max(o.timer_late_max_us);
+        self.timer_late += o.timer_late;
     }
 
     /// Total number of exits.
@@ -1499,6 +1516,15 @@ pub struct Vcpu {
     serves: bool,
     /// A signal or kick came: serve before the next entry.
     serve_due: bool,
+    /// The deadline of a timer expiry whose vector is raised but not injected yet.
+    timer_due: Option<u64>,
+    /// `DVMM_TRACE_TIMER` is set: report late timer interrupts on stderr.
+    trace_timer: bool,
+    /// A vector went to KVM_INTERRUPT and has not been seen delivered since.
+    injected_unconfirmed: bool,
+    /// (Tracing) when the current halt began, and when it was last reported.
+    halt_since: Option<u64>,
+    halt_reported: u64,
 }
 
 const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
@@ -1533,6 +1559,11 @@ impl Vcpu {
             after_hlt: false,
             serves: false,
             serve_due: false,
+            timer_due: None,
+            trace_timer: std::env::var_os("DVMM_TRACE_TIMER").is_some_and(|v| v != "0"),
+            injected_unconfirmed: false,
+            halt_since: None,
+            halt_reported: 0,
         }
     }
 
@@ -1753,12 +1784,76 @@ impl Vcpu {
         self.env.irq.addressing_changed(self.shared.index, a);
     }
 
+    /// [`LocalApic::advance`], counting an expiry and remembering its deadline
+    /// until the vector is injected ([`Self::timer_injected`]).
+    fn advance_timer(
+        l: &mut LocalApic,
+        now: u64,
+        due: &mut Option<u64>,
+        stats: &mut VcpuStats,
+        trace: bool,
+        index: u32,
+        state: &str,
+    ) {
+        let deadline = l.next_deadline_ns();
+        if l.advance(now) {
+            stats.timer_fires += 1;
+            if let Some(d) = deadline {
+                due.get_or_insert(d);
+                if trace && now.saturating_sub(d) > TIMER_LATE_NS {
+                    eprintln!(
+                        "dvmm: vCPU {index}: timer seen {} us after its deadline ({state})",
+                        (now - d) / 1000
+                    );
+                }
+            }
+        }
+    }
+
+    /// The timer vector whose deadline was `due` is being injected at `now`.
+    fn timer_injected(&mut self, now: u64, due: u64) {
+        let late = now.saturating_sub(due);
+        self.stats.timer_late_max_us = self.stats.timer_late_max_us.max(late / 1000);
+        if late > TIMER_LATE_NS {
+            self.stats.timer_late += 1;
+            if self.trace_timer {
+                eprintln!(
+                    "dvmm: vCPU {}: timer interrupt injected {} us after its deadline",
+                    self.shared.index,
+                    late / 1000
+                );
+            }
+        }
+    }
+
     fn halted(&mut self) {
         let now = self.env.clock.now_ns();
+        if self.trace_timer {
+            let since = *self.halt_since.get_or_insert(now);
+            if now - since > 2_000_000_000 && now - self.halt_reported > 1_000_000_000 {
+                self.halt_reported = now;
+                let l = lock(&self.shared.lapic);
+                eprintln!(
+                    "dvmm: vCPU {}: halted for {} ms (IF={}): {}",
+                    self.shared.index,
+                    (now - since) / 1_000_000,
+                    self.halted_if,
+                    l.timer_summary(now)
+                );
+            }
+        }
         let (wake, init, deadline) = {
             let mut l = lock(&self.shared.lapic);
             self.shared.drain_posted(self.inbox.as_ref(), &mut l);
-            l.advance(now);
+            Self::advance_timer(
+                &mut l,
+                now,
+                &mut self.timer_due,
+                &mut self.stats,
+                self.trace_timer,
+                self.shared.index,
+                "halted",
+            );
             if l.take_nmi() {
                 self.pending_nmi = true;
             }
@@ -1767,12 +1862,14 @@ impl Vcpu {
             (wake, init, l.next_deadline_ns())
         };
         if init {
+            self.halt_since = None;
             self.report_init_addressing();
             self.transition(Event::Init);
         } else if wake {
             // The HLT completed with IF set: the interrupt that woke it can be
             // injected at once (see `run_once`).
             self.after_hlt = self.halted_if;
+            self.halt_since = None;
             self.transition(Event::Wake);
         } else {
             let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
@@ -1799,10 +1896,19 @@ impl Vcpu {
         let index = self.shared.index;
         let now = self.env.clock.now_ns();
         let after_hlt = std::mem::take(&mut self.after_hlt);
+        let mut timer_injected = None;
         let (vector, more, deadline, init) = {
             let mut l = lock(&self.shared.lapic);
             self.shared.drain_posted(self.inbox.as_ref(), &mut l);
-            l.advance(now);
+            Self::advance_timer(
+                &mut l,
+                now,
+                &mut self.timer_due,
+                &mut self.stats,
+                self.trace_timer,
+                self.shared.index,
+                "running",
+            );
             if l.take_init() {
                 (None, false, None, true)
             } else {
@@ -1817,7 +1923,25 @@ impl Vcpu {
                 // shadow (not ready), which would cost an interrupt-window exit
                 // per wake-up; but the shadow ended with the HLT and IF is set,
                 // so a real CPU takes the interrupt right there.
-                let can = run.if_flag != 0 && (run.ready_for_interrupt_injection != 0 || after_hlt);
+                let mut can =
+                    run.if_flag != 0 && (run.ready_for_interrupt_injection != 0 || after_hlt);
+                if can && self.injected_unconfirmed && l.pending_interrupt().is_some() {
+                    // The last vector given to KVM_INTERRUPT may still be held by
+                    // KVM for (re)injection: on KVM PVM `ready_for_interrupt_injection`
+                    // can say 1 then, and a second KVM_INTERRUPT would replace the
+                    // first, which the LAPIC already moved to the ISR: that vector
+                    // would stay in service forever (no EOI comes) and block every
+                    // lower-priority interrupt, the timer's among them. Wait for a
+                    // window instead.
+                    match self.fd.get_vcpu_events() {
+                        Ok(ev) if ev.interrupt.injected != 0 => {
+                            l.note(b'H', ev.interrupt.nr);
+                            self.stats.injections_deferred += 1;
+                            can = false;
+                        }
+                        _ => self.injected_unconfirmed = false,
+                    }
+                }
                 let mut vector = None;
                 let mut more = false;
                 if let Some(v) = l.pending_interrupt() {
@@ -1825,6 +1949,9 @@ impl Vcpu {
                         l.acknowledge(v);
                         vector = Some(v);
                         more = l.pending_interrupt().is_some();
+                        if v == (l.lvt(Lvt::Timer) & 0xff) as u8 {
+                            timer_injected = self.timer_due.take();
+                        }
                     } else {
                         more = true;
                     }
@@ -1832,6 +1959,9 @@ impl Vcpu {
                 (vector, more, l.next_deadline_ns(), false)
             }
         };
+        if let Some(due) = timer_injected {
+            self.timer_injected(now, due);
+        }
         if init {
             timer.set(None);
             self.report_init_addressing();
@@ -1865,6 +1995,7 @@ impl Vcpu {
                 });
             }
             self.stats.interrupts_injected += 1;
+            self.injected_unconfirmed = true;
         }
         self.fd.get_kvm_run().request_interrupt_window = u8::from(more);
         let abs = deadline.map(|d| self.env.clock.to_monotonic(d));
@@ -1983,6 +2114,15 @@ impl Vcpu {
             self.fd.get_kvm_run().ready_for_interrupt_injection = 0;
         }
         self.stats.insns_completed += 1;
+        if self.trace_timer {
+            let ev = self.fd.get_vcpu_events().ok();
+            let mut l = lock(&self.shared.lapic);
+            // Trail: C = completed (vector: the interrupt KVM holds as injected, if any).
+            let held = ev
+                .filter(|e| e.interrupt.injected != 0)
+                .map_or(0, |e| e.interrupt.nr);
+            l.note(b'C', held);
+        }
         if self.env.debug {
             eprintln!(
                 "dvmm: vCPU {index}: completed {:?} at {rip:#x} ({outcome:?})",

@@ -299,6 +299,13 @@ pub struct VmStats {
     pub halt_sleeps: u64,
     /// Emulation failures the VMM finished itself (`vcpu::complete`).
     pub insns_completed: u64,
+    /// LAPIC timer expiries; the worst deadline-to-injection delay (µs); timer
+    /// interrupts injected more than 10 ms late (`vcpu::TIMER_LATE_NS`).
+    pub timer_fires: u64,
+    pub timer_late_max_us: u64,
+    pub timer_late: u64,
+    /// Interrupt injections put off while KVM still held the previous vector.
+    pub injections_deferred: u64,
     pub setup_ms: f64,
     pub run_ms: f64,
     pub per_vcpu_exits: Vec<u64>,
@@ -995,14 +1002,26 @@ impl Vm {
         let boot = if is_boot {
             let rsdp = write_acpi(&ram, &spec)?;
             let mem = ram.guest_memory();
-            Some(crate::boot::load_kernel(
+            let user_line = spec.cmdline.as_deref().unwrap_or("");
+            let model = spec.cpu_model()?;
+            let (linux_line, added) = cpuid::linux_cmdline(user_line, model);
+            let setup = crate::boot::load_kernel(
                 mem,
                 spec.memory,
                 Path::new(&spec.kernel),
                 spec.initrd.as_deref().map(Path::new),
-                spec.cmdline.as_deref().unwrap_or(""),
+                user_line,
+                Some(&linux_line),
                 rsdp,
-            )?)
+            )?;
+            if setup.kind == crate::boot::KernelKind::LinuxBzImage && !added.is_empty() {
+                eprintln!(
+                    "dvmm: CPU model {}: added '{}' to the Linux command line, so the model holds where KVM cannot hide these features from the guest's CPUID (KVM PVM); `--cpu host` leaves the line alone",
+                    model.name(),
+                    added.join(" ")
+                );
+            }
+            Some(setup)
         } else {
             None
         };
@@ -1278,6 +1297,10 @@ impl Vm {
             halt_poll_hits: total.halt_poll_hits,
             halt_sleeps: total.halt_sleeps,
             insns_completed: total.insns_completed,
+            timer_fires: total.timer_fires,
+            timer_late_max_us: total.timer_late_max_us,
+            timer_late: total.timer_late,
+            injections_deferred: total.injections_deferred,
             setup_ms: self.setup.as_secs_f64() * 1e3,
             run_ms: run.as_secs_f64() * 1e3,
             per_vcpu_exits: per_vcpu,

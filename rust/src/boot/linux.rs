@@ -163,7 +163,8 @@ pub(super) fn load<M: GuestMemoryBackend>(
     let kernel_end = load_addr.saturating_add(init_size);
     check_kernel_placement(mem_size, load_addr, kernel_end)?;
 
-    let cmdline = make_cmdline(img.cmdline, h.cmdline_size as usize)?;
+    let line = img.linux_cmdline.unwrap_or(img.cmdline);
+    let cmdline = make_cmdline(line, h.cmdline_size as usize)?;
     let initrd = match img.initrd {
         Some((path, data)) => {
             let limit = u64::from(h.initrd_addr_max) + 1;

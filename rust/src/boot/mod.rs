@@ -288,6 +288,9 @@ pub struct BootImages<'a> {
     pub initrd: Option<(&'a Path, &'a [u8])>,
     /// Kernel command line.
     pub cmdline: &'a str,
+    /// The command line a Linux bzImage gets instead, when it differs (the CPU
+    /// model's restrictions in Linux's own switches: `cpuid::linux_cmdline`).
+    pub linux_cmdline: Option<&'a str>,
     /// Guest-physical address of the ACPI RSDP (0: none).
     pub rsdp_gpa: u64,
 }
@@ -295,13 +298,15 @@ pub struct BootImages<'a> {
 /// Reads `kernel_path` (and `initrd`), recognises the kernel format (PVH ELF, then
 /// Multiboot v1, then Linux bzImage), loads it into `mem` for a VM of `mem_size`
 /// bytes of RAM laid out by [`ram_ranges`], writes the boot information and returns
-/// the boot vCPU's entry state and the e820 map.
+/// the boot vCPU's entry state and the e820 map. A Linux bzImage gets
+/// `linux_cmdline` when given, the others `cmdline`.
 pub fn load_kernel<M: GuestMemoryBackend>(
     mem: &M,
     mem_size: u64,
     kernel_path: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    linux_cmdline: Option<&str>,
     rsdp_gpa: u64,
 ) -> Result<BootSetup, BootError> {
     let kernel = read_file(kernel_path, "kernel image")?;
@@ -322,6 +327,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
             kernel: &kernel,
             initrd: initrd_data.as_ref().map(|(p, d)| (*p, d.as_slice())),
             cmdline,
+            linux_cmdline,
             rsdp_gpa,
         },
     )

@@ -33,6 +33,7 @@ fn load(
             kernel,
             initrd: initrd.map(|d| (Path::new("/k/initrd.img"), d)),
             cmdline,
+            linux_cmdline: None,
             rsdp_gpa: RSDP,
         },
     )
@@ -529,6 +530,7 @@ fn bzimage_without_pref_address_fit_loads_aligned_above_1mib() {
             kernel: &bzimage(0x1000),
             initrd: None,
             cmdline: "",
+            linux_cmdline: None,
             rsdp_gpa: 0,
         },
     )
@@ -713,6 +715,7 @@ fn memory_checks() {
             kernel: &pvh_kernel(true),
             initrd: None,
             cmdline: "",
+            linux_cmdline: None,
             rsdp_gpa: 0,
         },
     )
@@ -728,6 +731,7 @@ fn memory_checks() {
             kernel: &pvh_kernel(true),
             initrd: None,
             cmdline: "",
+            linux_cmdline: None,
             rsdp_gpa: 0,
         },
     )
@@ -759,22 +763,22 @@ fn load_kernel_from_files() {
     std::fs::write(&kp, pvh_kernel(true)).unwrap();
     std::fs::write(&ip, b"INITRD").unwrap();
     let m = guest(MEM);
-    let b = load_kernel(&m, MEM, &kp, Some(&ip), "x=1", RSDP).unwrap();
+    let b = load_kernel(&m, MEM, &kp, Some(&ip), "x=1", None, RSDP).unwrap();
     let (s, e) = b.initrd_range.unwrap();
     assert_eq!(bytes(&m, s, (e - s) as usize), b"INITRD");
 
     let missing = d.0.join("nope");
-    let err = load_kernel(&m, MEM, &missing, None, "", 0).unwrap_err();
+    let err = load_kernel(&m, MEM, &missing, None, "", None, 0).unwrap_err();
     assert!(matches!(err, BootError::KernelNotFound { .. }));
     assert!(err.to_string().contains("nope"), "{err}");
-    let err = load_kernel(&m, MEM, &kp, Some(&missing), "", 0).unwrap_err();
+    let err = load_kernel(&m, MEM, &kp, Some(&missing), "", None, 0).unwrap_err();
     assert!(matches!(err, BootError::InitrdNotFound { .. }), "{err}");
     // a directory is unreadable as a file
-    let err = load_kernel(&m, MEM, &d.0, None, "", 0).unwrap_err();
+    let err = load_kernel(&m, MEM, &d.0, None, "", None, 0).unwrap_err();
     assert!(matches!(err, BootError::Unreadable { .. }), "{err}");
     let empty = d.0.join("empty");
     std::fs::write(&empty, b"").unwrap();
-    let err = load_kernel(&m, MEM, &empty, None, "", 0).unwrap_err();
+    let err = load_kernel(&m, MEM, &empty, None, "", None, 0).unwrap_err();
     assert!(matches!(err, BootError::KernelEmpty { .. }), "{err}");
     assert!(err.to_string().contains("empty"));
 }
@@ -788,7 +792,7 @@ fn bundled_guest_loads() {
     }
     let mem = 256 * MIB;
     let m = guest(mem);
-    let b = load_kernel(&m, mem, &p, None, "run=all", RSDP)
+    let b = load_kernel(&m, mem, &p, None, "run=all", None, RSDP)
         .unwrap_or_else(|e| panic!("loading the bundled guest: {e}"));
     assert_eq!(b.kind, KernelKind::Pvh, "the bundled guest boots by PVH");
     let EntryState::Protected32 { rip, rbx, .. } = b.entry else {
@@ -798,4 +802,27 @@ fn bundled_guest_loads() {
     assert!(rip >= b.kernel_range.0 && rip < b.kernel_range.1);
     assert_eq!(r32(&m, START_INFO_ADDR), 0x336e_c578);
     assert_eq!(cstr(&m, CMDLINE_ADDR), "run=all");
+}
+
+#[test]
+fn linux_cmdline_goes_to_bzimage_only() {
+    let lines = |kernel: &[u8]| {
+        let m = guest(MEM);
+        let b = load_images(
+            &m,
+            MEM,
+            &BootImages {
+                kernel_path: Path::new("k"),
+                kernel,
+                initrd: None,
+                cmdline: "console=ttyS0",
+                linux_cmdline: Some("console=ttyS0 noxsave"),
+                rsdp_gpa: 0,
+            },
+        )
+        .unwrap();
+        cstr(&m, b.cmdline_gpa)
+    };
+    assert_eq!(lines(&bzimage(0x1000)), "console=ttyS0 noxsave");
+    assert_eq!(lines(&pvh_kernel(true)), "console=ttyS0");
 }
