@@ -40,8 +40,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,14 +56,6 @@ use super::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportErr
 use super::uffd::{Fault, GuestMem, UffdError, PAGE};
 use super::wire::{Frame, Limits};
 
-/// Bit set in an application message kind for the response to a request.
-pub const APP_RESPONSE: u64 = 1 << 63;
-/// Suggested application message kinds (the payload format belongs to the VM).
-pub const APP_IPI: u64 = 1;
-pub const APP_IO: u64 = 2;
-pub const APP_STOP: u64 = 3;
-pub const APP_ERROR: u64 = 4;
-
 #[derive(Debug, thiserror::Error)]
 pub enum DsmError {
     #[error("invalid DSM configuration: {0}")]
@@ -77,10 +68,8 @@ pub enum DsmError {
     Uffd(#[from] UffdError),
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),
-    #[error("no response from node {0} within the timeout")]
-    Timeout(NodeId),
-    #[error("DSM engine stopped: {0}")]
-    Stopped(String),
+    #[error("application payload of {0} bytes (at most {max})", max = super::wire::MAX_APP_PAYLOAD)]
+    AppPayloadTooLarge(usize),
 }
 
 type Result<T> = std::result::Result<T, DsmError>;
@@ -245,6 +234,9 @@ pub struct DsmConfig {
     /// `Prefetch` messages. Off by default until the A/B says otherwise;
     /// `DVMM_DSM_RANGES=1` turns it on.
     pub ranges: bool,
+    /// Where application frames, peer failures and fatal errors go (the
+    /// cluster link, [`crate::cluster::link`]); None: they are only logged.
+    pub app: Option<Arc<dyn AppSink>>,
 }
 
 /// `DVMM_DSM_RANGES` from the environment: `1`, `true`, `on` or `yes` turn
@@ -307,43 +299,32 @@ impl DsmConfig {
                 }),
             transport: TransportKind::Tcp,
             ranges: ranges_from_env(),
+            app: None,
         }
     }
 }
 
-/// Something for the VM from the DSM layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppEvent {
-    /// An application message (`tag != 0` for a request that expects
-    /// [`DsmHandle::respond`]).
-    Message {
-        from: NodeId,
-        kind: u64,
-        tag: u64,
-        payload: Vec<u8>,
-    },
-    /// A node died or was disconnected; the VM must stop.
-    PeerDown { node: NodeId, reason: String },
-    /// A fatal DSM error (protocol violation, failed memory operation).
-    Error(String),
+/// The layer above the engine (the cluster link, [`crate::cluster::link`]):
+/// it gets the application frames (`Frame::App`, opaque to the DSM layer),
+/// peer failures and the engine's fatal errors. Called on the engine thread:
+/// must be quick, must not touch guest memory or wait for the engine.
+pub trait AppSink: Send + Sync {
+    /// An application frame from node `from` (`kind` and `tag` as sent).
+    fn frame(&self, from: NodeId, kind: u64, tag: u64, payload: Vec<u8>);
+    /// Node `node` died or was disconnected; the VM must stop.
+    fn peer_down(&self, node: NodeId, reason: &str);
+    /// The engine failed (protocol violation, failed memory operation).
+    fn failed(&self, error: &str);
 }
 
-/// A fast-path handler for application messages, run on the engine thread (see
-/// [`DsmHandle::set_app_handler`]).
-pub type AppHandler = Box<dyn Fn(NodeId, u64, u64, &[u8]) -> bool + Send + Sync>;
-
 struct Shared {
-    app_handler: Mutex<Option<AppHandler>>,
+    app: Option<Arc<dyn AppSink>>,
     me: NodeId,
     transport: Arc<dyn Transport>,
     stats: Stats,
     stop: AtomicBool,
     wake: OwnedFd,
     error: Mutex<Option<String>>,
-    app_tx: Mutex<Sender<AppEvent>>,
-    app_rx: Mutex<Receiver<AppEvent>>,
-    waiters: Mutex<HashMap<u64, SyncSender<Vec<u8>>>>,
-    next_tag: AtomicU64,
     mem: GuestMem,
     service: ServiceMode,
     /// A vCPU thread serves incoming messages ([`ServiceMode::VcpuServe`]).
@@ -358,12 +339,9 @@ impl Shared {
             *e = Some(msg.clone());
         }
         drop(e);
-        self.post(AppEvent::Error(msg));
-    }
-
-    fn post(&self, ev: AppEvent) {
-        let tx = self.app_tx.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = tx.send(ev);
+        if let Some(app) = &self.app {
+            app.failed(&msg);
+        }
     }
 
     fn kick(&self) {
@@ -491,19 +469,14 @@ impl DsmEngine {
         }
         // SAFETY: a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        let (tx, rx) = mpsc::channel();
         let sh = Arc::new(Shared {
-            app_handler: Mutex::new(None),
+            app: cfg.app.clone(),
             me: cfg.node_index,
             transport,
             stats: Stats::default(),
             stop: AtomicBool::new(false),
             wake,
             error: Mutex::new(None),
-            app_tx: Mutex::new(tx),
-            app_rx: Mutex::new(rx),
-            waiters: Mutex::new(HashMap::new()),
-            next_tag: AtomicU64::new(1),
             mem,
             service: cfg.service,
             server_attached: AtomicBool::new(false),
@@ -591,30 +564,6 @@ impl DsmHandle {
         s
     }
 
-    /// Handle application messages on the engine thread itself, saving the
-    /// wake-up of the thread blocked in [`DsmHandle::recv_app`] (~25 us here):
-    /// `handler(from, kind, tag, payload)` returns true when it consumed the
-    /// message, false to pass it on to `recv_app`. It must be quick and must not
-    /// touch guest memory or wait for the engine (it runs on the engine thread).
-    /// Replaces any previous handler; [`DsmHandle::clear_app_handler`] removes it
-    /// (do so before tearing down what it refers to).
-    pub fn set_app_handler(&self, handler: AppHandler) {
-        *self
-            .sh
-            .app_handler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(handler);
-    }
-
-    /// Remove the fast-path handler: every message goes to `recv_app` again.
-    pub fn clear_app_handler(&self) {
-        *self
-            .sh
-            .app_handler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
     /// Whether incoming messages are to be served by a vCPU thread
     /// ([`ServiceMode::VcpuServe`]).
     pub fn vcpu_serves(&self) -> bool {
@@ -670,27 +619,11 @@ impl DsmHandle {
             .clone()
     }
 
-    /// Send an application message (fire and forget) to a node (self included).
-    pub fn send(&self, to: NodeId, kind: u64, payload: &[u8]) -> Result<()> {
-        self.send_tagged(to, kind & !APP_RESPONSE, 0, payload)
-    }
-
-    fn send_tagged(&self, to: NodeId, kind: u64, tag: u64, payload: &[u8]) -> Result<()> {
+    /// Send an application frame to another node on the control lane (the
+    /// cluster link's messages: the DSM layer does not look into them).
+    pub fn send_app(&self, to: NodeId, kind: u64, tag: u64, payload: &[u8]) -> Result<()> {
         if payload.len() > super::wire::MAX_APP_PAYLOAD {
-            return Err(DsmError::Config("application payload too large".into()));
-        }
-        if to == self.sh.me {
-            if kind & APP_RESPONSE != 0 {
-                self.deliver_response(tag, payload.to_vec());
-            } else {
-                self.sh.post(AppEvent::Message {
-                    from: to,
-                    kind,
-                    tag,
-                    payload: payload.to_vec(),
-                });
-            }
-            return Ok(());
+            return Err(DsmError::AppPayloadTooLarge(payload.len()));
         }
         let f = Frame::App {
             kind,
@@ -699,66 +632,6 @@ impl DsmHandle {
         };
         self.sh.transport.send(to, Lane::Control, &f)?;
         Ok(())
-    }
-
-    fn deliver_response(&self, tag: u64, payload: Vec<u8>) {
-        deliver_response(&self.sh, tag, payload)
-    }
-
-    /// Send a request and wait (spinning briefly, then blocking) for the
-    /// response, e.g. a forwarded port or MMIO access.
-    pub fn request(
-        &self,
-        to: NodeId,
-        kind: u64,
-        payload: &[u8],
-        timeout: Duration,
-    ) -> Result<Vec<u8>> {
-        let tag = self.sh.next_tag.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.sh
-            .waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tag, tx);
-        let r = self.send_tagged(to, kind & !APP_RESPONSE, tag, payload);
-        let r = r.and_then(|_| {
-            let spin_end = Instant::now() + Duration::from_micros(200);
-            loop {
-                match rx.try_recv() {
-                    Ok(p) => return Ok(p),
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        return Err(DsmError::Stopped("engine gone".into()))
-                    }
-                    Err(mpsc::TryRecvError::Empty) if Instant::now() < spin_end => {
-                        std::hint::spin_loop()
-                    }
-                    Err(mpsc::TryRecvError::Empty) => break,
-                }
-            }
-            rx.recv_timeout(timeout).map_err(|_| DsmError::Timeout(to))
-        });
-        self.sh
-            .waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&tag);
-        r
-    }
-
-    /// Answer a request received as `AppEvent::Message` with a non-zero tag.
-    pub fn respond(&self, to: NodeId, kind: u64, tag: u64, payload: &[u8]) -> Result<()> {
-        self.send_tagged(to, kind | APP_RESPONSE, tag, payload)
-    }
-
-    /// Next event for the VM (messages from other nodes, peer failures, errors).
-    pub fn recv_app(&self, timeout: Duration) -> Option<AppEvent> {
-        self.sh
-            .app_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .recv_timeout(timeout)
-            .ok()
     }
 
     /// Stop the engine thread and close the connections. Guest memory must no
@@ -789,17 +662,6 @@ impl DsmHandle {
 impl Drop for DsmHandle {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-fn deliver_response(sh: &Shared, tag: u64, payload: Vec<u8>) {
-    let w = sh
-        .waiters
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&tag);
-    if let Some(w) = w {
-        let _ = w.try_send(payload);
     }
 }
 
@@ -1231,10 +1093,9 @@ impl Engine {
     fn on_event(&mut self, ev: Event, effects: &mut Vec<Effect>) {
         match ev {
             Event::PeerDown { node, reason } => {
-                self.sh.post(AppEvent::PeerDown {
-                    node,
-                    reason: reason.clone(),
-                });
+                if let Some(app) = &self.sh.app {
+                    app.peer_down(node, &reason);
+                }
                 let msg = format!("node {node} is down: {reason}");
                 eprintln!("dvmm-dsm: node {}: {msg}", self.sh.me);
                 let mut e = self.sh.error.lock().unwrap_or_else(|e| e.into_inner());
@@ -1252,24 +1113,8 @@ impl Engine {
                     self.drain_local(effects);
                 }
                 Frame::App { kind, tag, payload } => {
-                    if kind & APP_RESPONSE != 0 {
-                        deliver_response(&self.sh, tag, payload);
-                    } else {
-                        let handled = self
-                            .sh
-                            .app_handler
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .as_ref()
-                            .is_some_and(|h| h(from, kind, tag, &payload));
-                        if !handled {
-                            self.sh.post(AppEvent::Message {
-                                from,
-                                kind,
-                                tag,
-                                payload,
-                            });
-                        }
+                    if let Some(app) = &self.sh.app {
+                        app.frame(from, kind, tag, payload);
                     }
                 }
                 Frame::Ping | Frame::Auth { .. } => {}
