@@ -5,6 +5,23 @@
 use crate::apic;
 use crate::vcpu::StopReason;
 
+/// A malformed payload from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("addressing update of {0} bytes (expected {ADDRESSING_BYTES})")]
+    AddressingLength(usize),
+    #[error("addressing update with reserved flags {0:#x}")]
+    AddressingFlags(u8),
+    #[error("I/O request of {0} bytes (< 16)")]
+    IoShort(usize),
+    #[error("malformed I/O request")]
+    IoMalformed,
+    #[error("stop message too short")]
+    StopShort,
+    #[error("stop message of unknown kind {0}")]
+    StopKind(u8),
+}
+
 /// Bit set in an application message kind for the response to a request.
 pub const APP_RESPONSE: u64 = 1 << 63;
 /// Application message: an interrupt message for the receiver's local APICs.
@@ -43,17 +60,14 @@ pub fn encode_addressing(vcpu: u32, a: &apic::ApicAddressing) -> [u8; ADDRESSING
 }
 
 /// Decode [`encode_addressing`].
-pub fn decode_addressing(b: &[u8]) -> Result<(u32, apic::ApicAddressing), String> {
+pub fn decode_addressing(b: &[u8]) -> Result<(u32, apic::ApicAddressing), MessageError> {
     if b.len() != ADDRESSING_BYTES {
-        return Err(format!(
-            "addressing update of {} bytes (expected {ADDRESSING_BYTES})",
-            b.len()
-        ));
+        return Err(MessageError::AddressingLength(b.len()));
     }
     let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let flags = b[12];
     if flags & !0xF != 0 {
-        return Err(format!("addressing update with reserved flags {flags:#x}"));
+        return Err(MessageError::AddressingFlags(flags));
     }
     Ok((
         word(0),
@@ -92,13 +106,13 @@ impl IoRequest {
         v
     }
 
-    pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+    pub fn from_bytes(b: &[u8]) -> Result<Self, MessageError> {
         if b.len() < 16 {
-            return Err(format!("I/O request of {} bytes (< 16)", b.len()));
+            return Err(MessageError::IoShort(b.len()));
         }
         let len = usize::from(b[2]);
         if b[0] > 1 || b[1] > 1 || !(1..=8).contains(&len) || b.len() != 16 + len {
-            return Err("malformed I/O request".into());
+            return Err(MessageError::IoMalformed);
         }
         let mut a = [0u8; 8];
         a.copy_from_slice(&b[8..16]);
@@ -128,9 +142,9 @@ pub fn encode_stop(r: &StopReason) -> Vec<u8> {
 }
 
 /// Decode an `APP_STOP` payload sent by node `from` (described as `who`).
-pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, String> {
+pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, MessageError> {
     if b.len() < 2 {
-        return Err("stop message too short".into());
+        return Err(MessageError::StopShort);
     }
     let msg = String::from_utf8_lossy(&b[2..]).into_owned();
     Ok(match b[0] {
@@ -143,7 +157,7 @@ pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, String> {
         3 => StopReason::Error(format!("{who}: {msg}")),
         4 => StopReason::Timeout,
         5 => StopReason::Stopped,
-        k => return Err(format!("stop message of unknown kind {k}")),
+        k => return Err(MessageError::StopKind(k)),
     })
 }
 
@@ -215,6 +229,9 @@ mod tests {
         assert!(decode_addressing(&[]).is_err());
         let mut bad = b;
         bad[12] |= 0x80;
-        assert!(decode_addressing(&bad).unwrap_err().contains("reserved"));
+        assert_eq!(
+            decode_addressing(&bad).unwrap_err(),
+            MessageError::AddressingFlags(0x8E)
+        );
     }
 }

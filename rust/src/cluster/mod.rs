@@ -54,8 +54,9 @@ pub mod service;
 pub mod spec;
 
 pub use link::{AppEvent, AppHandler, AppLink, LinkError};
+pub use messages::MessageError;
 pub use service::{LocalInterrupts, RemoteInterruptSink};
-pub use spec::{ClusterNodeSpec, ClusterSpec};
+pub use spec::{ClusterNodeSpec, ClusterSpec, ClusterSpecError};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -74,6 +75,19 @@ use spec::default_foreign_budget;
 
 /// How long a forwarded I/O access may take before the VM is stopped with an error.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the cluster link.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Spec(#[from] ClusterSpecError),
+    #[error("node {node} ({addr}): {source}")]
+    Engine {
+        node: NodeId,
+        addr: SocketAddr,
+        source: crate::dsm::DsmError,
+    },
+}
 
 /// This node's link to the cluster.
 pub struct Cluster {
@@ -101,7 +115,7 @@ impl Cluster {
         vcpus: u32,
         ram: &GuestRam,
         stop: Arc<VmStop>,
-    ) -> Result<Arc<Cluster>, String> {
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let addrs = spec.addrs()?;
         let me = spec.node_index as NodeId;
         let ranges = numa
@@ -140,8 +154,11 @@ impl Cluster {
         // SAFETY: both mappings cover the whole memfd and live in `ram`, which the
         // Vm keeps alive until after `Cluster::finish` shut the engine down; the
         // memfd is still all holes (nothing has touched guest memory yet).
-        let dsm = unsafe { DsmEngine::start(cfg) }
-            .map_err(|e| format!("node {me} ({}): {e}", addrs[usize::from(me)]))?;
+        let dsm = unsafe { DsmEngine::start(cfg) }.map_err(|source| ClusterError::Engine {
+            node: me,
+            addr: addrs[usize::from(me)],
+            source,
+        })?;
         let mut cpu_node = vec![0 as NodeId; vcpus as usize];
         for (i, n) in numa.iter().enumerate() {
             for &c in &n.cpus {

@@ -11,6 +11,58 @@ use crate::dsm::protocol::NodeId;
 use crate::dsm::seal::Protection;
 use crate::numa::NumaNode;
 
+/// What is wrong with the spec's `cluster` field (each message names the field).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterSpecError {
+    #[error("cluster.nodes: empty list")]
+    NoNodes,
+    #[error("cluster.nodes: {0} nodes, at most {max} are supported", max = crate::dsm::protocol::MAX_NODES)]
+    TooManyNodes(usize),
+    #[error("cluster.node_index = {index}: must be below the number of nodes ({nodes})")]
+    NodeIndex { index: usize, nodes: usize },
+    #[error("cluster.node_index = {0}: too large")]
+    NodeIndexTooLarge(usize),
+    #[error("cluster.boot_node = {index}: must be below the number of nodes ({nodes})")]
+    BootNode { index: usize, nodes: usize },
+    #[error("numa: a cluster of {0} nodes needs a numa list with one entry per node")]
+    NoNuma(usize),
+    #[error("numa: {numa} entries but cluster.nodes has {nodes} (one NUMA node per cluster node)")]
+    NumaCount { numa: usize, nodes: usize },
+    #[error("cluster.boot_node = {0}: the BSP (vCPU 0) must be in numa[{0}].cpus")]
+    BspNotOnBootNode(usize),
+    #[error("cluster.nodes[{index}].addr = {addr:?}: not an ip:port address ({source})")]
+    Addr {
+        index: usize,
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("cluster.nodes[{index}].addr = {addr}: used by another node")]
+    AddrTwice { index: usize, addr: SocketAddr },
+    #[error("cluster.transport = {0:?}: must be \"tcp\" or \"shm\"")]
+    Transport(String),
+    #[error("cluster.connect_timeout_s = {0}: must be > 0")]
+    ConnectTimeout(f64),
+    #[error("cluster.node_pubkeys_hex: {keys} keys for {nodes} nodes (one per node)")]
+    PubkeyCount { keys: usize, nodes: usize },
+    #[error("{field}: not a hex string")]
+    NotHex {
+        field: String,
+        source: hex::FromHexError,
+    },
+    #[error("{field}: {got} bytes, {want} are required")]
+    HexLength {
+        field: String,
+        got: usize,
+        want: usize,
+    },
+    #[error("cluster.private_key_hex: missing (the worker reads it from its standard input)")]
+    NoPrivateKey,
+    #[error("cluster.security = {0:?}: must be \"encrypt\", \"integrity\" or \"none\"")]
+    Security(String),
+    #[error("cluster.private_key_hex: {0}")]
+    Keys(#[source] crate::dsm::auth::AuthError),
+}
+
 /// One node of the cluster in the spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,90 +143,75 @@ impl std::fmt::Debug for PrivateKeyHex {
     }
 }
 
-fn hex_array<const N: usize>(field: &str, s: &str) -> Result<[u8; N], String> {
-    let v = decode_hex(s).ok_or_else(|| format!("{field}: not a hex string"))?;
-    <[u8; N]>::try_from(v.as_slice())
-        .map_err(|_| format!("{field}: {} bytes, {N} are required", v.len()))
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+/// Decode the hex string `s` of field `field` into exactly `N` bytes.
+fn hex_array<const N: usize>(field: &str, s: &str) -> Result<[u8; N], ClusterSpecError> {
+    let v = hex::decode(s.trim()).map_err(|source| ClusterSpecError::NotHex {
+        field: field.to_string(),
+        source,
+    })?;
+    <[u8; N]>::try_from(v.as_slice()).map_err(|_| ClusterSpecError::HexLength {
+        field: field.to_string(),
+        got: v.len(),
+        want: N,
+    })
 }
 
 impl ClusterSpec {
     /// Check the cluster against the VM's NUMA layout; the error names the field.
-    pub fn validate(&self, numa: Option<&[NumaNode]>) -> Result<(), String> {
+    pub fn validate(&self, numa: Option<&[NumaNode]>) -> Result<(), ClusterSpecError> {
         let n = self.nodes.len();
         if n == 0 {
-            return Err("cluster.nodes: empty list".into());
+            return Err(ClusterSpecError::NoNodes);
         }
         if n > crate::dsm::protocol::MAX_NODES {
-            return Err(format!(
-                "cluster.nodes: {n} nodes, at most {} are supported",
-                crate::dsm::protocol::MAX_NODES
-            ));
+            return Err(ClusterSpecError::TooManyNodes(n));
         }
         if self.node_index >= n {
-            return Err(format!(
-                "cluster.node_index = {}: must be below the number of nodes ({n})",
-                self.node_index
-            ));
+            return Err(ClusterSpecError::NodeIndex {
+                index: self.node_index,
+                nodes: n,
+            });
         }
         if self.boot_node >= n {
-            return Err(format!(
-                "cluster.boot_node = {}: must be below the number of nodes ({n})",
-                self.boot_node
-            ));
+            return Err(ClusterSpecError::BootNode {
+                index: self.boot_node,
+                nodes: n,
+            });
         }
         let Some(numa) = numa else {
-            return Err(format!(
-                "numa: a cluster of {n} nodes needs a numa list with one entry per node"
-            ));
+            return Err(ClusterSpecError::NoNuma(n));
         };
         if numa.len() != n {
-            return Err(format!(
-                "numa: {} entries but cluster.nodes has {n} (one NUMA node per cluster node)",
-                numa.len()
-            ));
+            return Err(ClusterSpecError::NumaCount {
+                numa: numa.len(),
+                nodes: n,
+            });
         }
         if !numa[self.boot_node].cpus.contains(&0) {
-            return Err(format!(
-                "cluster.boot_node = {}: the BSP (vCPU 0) must be in numa[{}].cpus",
-                self.boot_node, self.boot_node
-            ));
+            return Err(ClusterSpecError::BspNotOnBootNode(self.boot_node));
         }
         self.addrs()?;
         self.keys()?;
         self.transport_kind()?;
         if let Some(t) = self.connect_timeout_s {
             if !(t.is_finite() && t > 0.0) {
-                return Err(format!("cluster.connect_timeout_s = {t}: must be > 0"));
+                return Err(ClusterSpecError::ConnectTimeout(t));
             }
         }
         Ok(())
     }
 
     /// The nodes' socket addresses.
-    pub fn addrs(&self) -> Result<Vec<SocketAddr>, String> {
+    pub fn addrs(&self) -> Result<Vec<SocketAddr>, ClusterSpecError> {
         let mut out: Vec<SocketAddr> = Vec::with_capacity(self.nodes.len());
         for (i, nd) in self.nodes.iter().enumerate() {
-            let a: SocketAddr = nd.addr.parse().map_err(|e| {
-                format!(
-                    "cluster.nodes[{i}].addr = {:?}: not an ip:port address ({e})",
-                    nd.addr
-                )
+            let a: SocketAddr = nd.addr.parse().map_err(|source| ClusterSpecError::Addr {
+                index: i,
+                addr: nd.addr.clone(),
+                source,
             })?;
             if out.contains(&a) {
-                return Err(format!(
-                    "cluster.nodes[{i}].addr = {a}: used by another node"
-                ));
+                return Err(ClusterSpecError::AddrTwice { index: i, addr: a });
             }
             out.push(a);
         }
@@ -182,24 +219,22 @@ impl ClusterSpec {
     }
 
     /// The transport the spec asks for.
-    pub fn transport_kind(&self) -> Result<TransportKind, String> {
+    pub fn transport_kind(&self) -> Result<TransportKind, ClusterSpecError> {
         match self.transport.as_deref() {
             None | Some("tcp") => Ok(TransportKind::Tcp),
             Some("shm") => Ok(TransportKind::Shm),
-            Some(t) => Err(format!(
-                "cluster.transport = {t:?}: must be \"tcp\" or \"shm\""
-            )),
+            Some(t) => Err(ClusterSpecError::Transport(t.to_string())),
         }
     }
 
     /// This node's data-plane keys (the private key must match its public key).
-    pub fn keys(&self) -> Result<NodeKeys, String> {
+    pub fn keys(&self) -> Result<NodeKeys, ClusterSpecError> {
         let n = self.nodes.len();
         if self.node_pubkeys_hex.len() != n {
-            return Err(format!(
-                "cluster.node_pubkeys_hex: {} keys for {n} nodes (one per node)",
-                self.node_pubkeys_hex.len()
-            ));
+            return Err(ClusterSpecError::PubkeyCount {
+                keys: self.node_pubkeys_hex.len(),
+                nodes: n,
+            });
         }
         let pubs = self
             .node_pubkeys_hex
@@ -208,23 +243,17 @@ impl ClusterSpec {
             .map(|(i, h)| hex_array::<32>(&format!("cluster.node_pubkeys_hex[{i}]"), h))
             .collect::<Result<Vec<_>, _>>()?;
         if self.private_key_hex.0.is_empty() {
-            return Err(
-                "cluster.private_key_hex: missing (the worker reads it from its \
-                        standard input)"
-                    .into(),
-            );
+            return Err(ClusterSpecError::NoPrivateKey);
         }
         let private = hex_array::<32>("cluster.private_key_hex", &self.private_key_hex.0)?;
         let session =
             hex_array::<{ auth::SESSION_SIZE }>("cluster.session_hex", &self.session_hex)?;
         let mode = self.security.as_deref().unwrap_or("encrypt");
-        let protection = Protection::parse(mode).ok_or_else(|| {
-            format!("cluster.security = {mode:?}: must be \"encrypt\", \"integrity\" or \"none\"")
-        })?;
+        let protection =
+            Protection::parse(mode).ok_or_else(|| ClusterSpecError::Security(mode.to_string()))?;
         let me = NodeId::try_from(self.node_index)
-            .map_err(|_| format!("cluster.node_index = {}: too large", self.node_index))?;
-        NodeKeys::new(me, private, &pubs, session, protection)
-            .map_err(|e| format!("cluster.private_key_hex: {e}"))
+            .map_err(|_| ClusterSpecError::NodeIndexTooLarge(self.node_index))?;
+        NodeKeys::new(me, private, &pubs, session, protection).map_err(ClusterSpecError::Keys)
     }
 }
 
@@ -278,7 +307,7 @@ mod tests {
         let e = |f: &dyn Fn(&mut ClusterSpec)| {
             let mut c = ok.clone();
             f(&mut c);
-            c.validate(Some(&numa)).unwrap_err()
+            c.validate(Some(&numa)).unwrap_err().to_string()
         };
         assert!(e(&|c| c.node_index = 2).contains("cluster.node_index"));
         assert!(e(&|c| c.boot_node = 5).contains("cluster.boot_node"));
@@ -305,7 +334,11 @@ mod tests {
             !json.contains("5dab087e"),
             "the private key is never serialized"
         );
-        assert!(ok.validate(Some(&numa[..1])).unwrap_err().contains("numa"));
-        assert!(ok.validate(None).unwrap_err().contains("numa"));
+        assert!(ok
+            .validate(Some(&numa[..1]))
+            .unwrap_err()
+            .to_string()
+            .contains("numa"));
+        assert!(ok.validate(None).unwrap_err().to_string().contains("numa"));
     }
 }

@@ -58,8 +58,20 @@ use super::wire::{Frame, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DsmError {
-    #[error("invalid DSM configuration: {0}")]
-    Config(String),
+    #[error("invalid DSM configuration: keys are node {keys}'s, this is node {node}")]
+    KeysOfAnotherNode { keys: NodeId, node: NodeId },
+    #[error("invalid DSM configuration: the transport does not match the node layout")]
+    TransportMismatch,
+    #[error("invalid DSM configuration: {ranges} RAM ranges for {nodes} nodes")]
+    RamRanges { ranges: usize, nodes: usize },
+    #[error("invalid DSM configuration: RAM ranges must be page-aligned")]
+    UnalignedRam,
+    #[error("invalid DSM configuration: mappings must be page-aligned")]
+    UnalignedMapping,
+    #[error("cannot create the engine's wake-up eventfd: {0}")]
+    WakeFd(#[source] std::io::Error),
+    #[error("cannot spawn the engine thread: {0}")]
+    Spawn(#[source] std::io::Error),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -149,12 +161,17 @@ pub enum EffectError {
     Send {
         to: NodeId,
         msg: Msg,
+        #[source]
         err: TransportError,
     },
     #[error("grant for page {0} arrived without its data")]
     MissingData(PageIdx),
     #[error("page {page}: {err}")]
-    Memory { page: PageIdx, err: UffdError },
+    Memory {
+        page: PageIdx,
+        #[source]
+        err: UffdError,
+    },
     /// (The message's kind and pages only: its per-page arrays can hold 512
     /// entries.)
     #[error("sending range {what} for pages {first}..{end} to node {to}: {err}")]
@@ -163,6 +180,7 @@ pub enum EffectError {
         what: &'static str,
         first: PageIdx,
         end: PageIdx,
+        #[source]
         err: TransportError,
     },
 }
@@ -372,11 +390,10 @@ impl DsmEngine {
     pub unsafe fn start(cfg: DsmConfig) -> Result<DsmHandle> {
         let node = Self::layout(&cfg)?;
         if cfg.keys.me() != cfg.node_index {
-            return Err(DsmError::Config(format!(
-                "keys are node {}'s, this is node {}",
-                cfg.keys.me(),
-                cfg.node_index
-            )));
+            return Err(DsmError::KeysOfAnotherNode {
+                keys: cfg.keys.me(),
+                node: cfg.node_index,
+            });
         }
         let limits = Limits {
             pages: node.pages(),
@@ -411,9 +428,7 @@ impl DsmEngine {
     pub unsafe fn start_with(cfg: DsmConfig, transport: Arc<dyn Transport>) -> Result<DsmHandle> {
         let node = Self::layout(&cfg)?;
         if transport.me() != cfg.node_index || transport.nodes() != cfg.nodes.len() {
-            return Err(DsmError::Config(
-                "the transport does not match the node layout".into(),
-            ));
+            return Err(DsmError::TransportMismatch);
         }
         let pages = node.pages();
         let len = pages as usize * PAGE;
@@ -433,22 +448,21 @@ impl DsmEngine {
     fn layout(cfg: &DsmConfig) -> Result<protocol::Node> {
         let n = cfg.nodes.len();
         if cfg.ram.len() != n {
-            return Err(DsmError::Config(format!(
-                "{} RAM ranges for {} nodes",
-                cfg.ram.len(),
-                n
-            )));
+            return Err(DsmError::RamRanges {
+                ranges: cfg.ram.len(),
+                nodes: n,
+            });
         }
         let mut homes = Vec::with_capacity(n);
         for r in &cfg.ram {
             if !r.start.is_multiple_of(PAGE as u64) || !r.end.is_multiple_of(PAGE as u64) {
-                return Err(DsmError::Config("RAM ranges must be page-aligned".into()));
+                return Err(DsmError::UnalignedRam);
             }
             homes.push(r.start / PAGE as u64..r.end / PAGE as u64);
         }
         let node = protocol::Node::new(cfg.node_index, homes)?;
         if !cfg.guest_addr.is_multiple_of(PAGE) || !cfg.engine_addr.is_multiple_of(PAGE) {
-            return Err(DsmError::Config("mappings must be page-aligned".into()));
+            return Err(DsmError::UnalignedMapping);
         }
         Ok(node)
     }
@@ -462,10 +476,7 @@ impl DsmEngine {
         // SAFETY: eventfd has no memory-safety preconditions.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
-            return Err(DsmError::Config(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(DsmError::WakeFd(std::io::Error::last_os_error()));
         }
         // SAFETY: a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -537,7 +548,7 @@ impl DsmEngine {
                 }
                 Engine::run(&eng)
             })
-            .map_err(|e| DsmError::Config(format!("spawn: {e}")))?;
+            .map_err(DsmError::Spawn)?;
         Ok(DsmHandle {
             sh,
             engine,

@@ -317,10 +317,9 @@ impl ShmMesh {
                     Ok(s) => break s,
                     Err(e) if Instant::now() >= deadline => {
                         let _ = std::fs::remove_file(&path);
-                        return Err(TransportError::Connect {
+                        return Err(TransportError::Doorbell {
                             node: peer,
-                            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                            last: format!("shared-memory doorbell: {e}"),
+                            last: e,
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),

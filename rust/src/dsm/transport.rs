@@ -46,13 +46,21 @@ pub enum TransportError {
     Connect {
         node: NodeId,
         addr: SocketAddr,
-        last: String,
+        #[source]
+        last: std::io::Error,
+    },
+    #[error("node {node}: shared-memory doorbell not reachable within the deadline: {last}")]
+    Doorbell {
+        node: NodeId,
+        #[source]
+        last: std::io::Error,
     },
     #[error("node {0} did not connect within the deadline")]
     AcceptTimeout(NodeId),
     #[error("cannot listen on {addr}: {err}")]
     Listen {
         addr: SocketAddr,
+        #[source]
         err: std::io::Error,
     },
     #[error("node {0} is down")]
@@ -60,7 +68,11 @@ pub enum TransportError {
     #[error("bad node index {0}")]
     BadNode(NodeId),
     #[error("authentication with node {node}: {err}")]
-    Auth { node: NodeId, err: AuthError },
+    Auth {
+        node: NodeId,
+        #[source]
+        err: AuthError,
+    },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
@@ -438,7 +450,7 @@ fn backoff_connect(addr: SocketAddr, node: NodeId, deadline: Instant) -> Result<
             return Err(TransportError::Connect {
                 node,
                 addr,
-                last: err.to_string(),
+                last: err,
             });
         }
         thread::sleep(wait);
@@ -824,13 +836,13 @@ impl TcpMesh {
 
     /// Read what is available on one connection (bounded); returns an error
     /// reason if the connection must be dropped.
-    fn read_conn(&self, c: &Conn, events: &mut Vec<Event>) -> std::result::Result<(), String> {
+    fn read_conn(&self, c: &Conn, events: &mut Vec<Event>) -> std::result::Result<(), ConnDown> {
         let mut rx = lock(&c.rx);
         let mut buf = [0u8; 64 * 1024];
         let mut budget: usize = 256 * 1024;
         while budget > 0 {
             match (&c.stream).read(&mut buf) {
-                Ok(0) => return Err("connection closed by peer (EOF)".into()),
+                Ok(0) => return Err(ConnDown::Eof),
                 Ok(k) => {
                     rx.dec.push(&buf[..k]);
                     rx.last = Instant::now();
@@ -839,7 +851,7 @@ impl TcpMesh {
                         match rx.dec.next_frame() {
                             Ok(Some(Frame::Ping)) => {}
                             Ok(Some(Frame::Auth { ty, .. })) => {
-                                return Err(WireError::Unexpected(ty).to_string())
+                                return Err(ConnDown::Unexpected(WireError::Unexpected(ty)))
                             }
                             Ok(Some(frame)) => {
                                 events.push(Event::Frame {
@@ -849,17 +861,30 @@ impl TcpMesh {
                                 });
                             }
                             Ok(None) => break,
-                            Err(e) => return Err(format!("malformed frame: {e}")),
+                            Err(e) => return Err(ConnDown::Malformed(e)),
                         }
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("receive failed: {e}")),
+                Err(e) => return Err(ConnDown::Recv(e)),
             }
         }
         Ok(())
     }
+}
+
+/// Why a connection must be dropped (the reason its peer is reported down).
+#[derive(Debug, thiserror::Error)]
+enum ConnDown {
+    #[error("connection closed by peer (EOF)")]
+    Eof,
+    #[error("{0}")]
+    Unexpected(#[source] WireError),
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] WireError),
+    #[error("receive failed: {0}")]
+    Recv(#[source] std::io::Error),
 }
 
 impl Transport for TcpMesh {
@@ -1001,7 +1026,8 @@ impl Transport for TcpMesh {
                 continue;
             }
             if re & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
-                if let Err(reason) = self.read_conn(c, events) {
+                if let Err(down) = self.read_conn(c, events) {
+                    let reason = down.to_string();
                     self.mark_down(c, &reason);
                     self.report_down(c.peer, reason, events);
                 }

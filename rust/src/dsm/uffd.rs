@@ -28,17 +28,18 @@ pub const PAGE: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     #[error("cannot create userfaultfd: {0}")]
-    Create(userfaultfd::Error),
+    Create(#[source] userfaultfd::Error),
     #[error("cannot register the guest mapping: {0}")]
-    Register(userfaultfd::Error),
+    Register(#[source] userfaultfd::Error),
     #[error("{op} at offset {offset:#x}: {err}")]
     Op {
         op: &'static str,
         offset: u64,
+        #[source]
         err: std::io::Error,
     },
     #[error("reading fault events: {0}")]
-    Read(std::io::Error),
+    Read(#[source] std::io::Error),
     /// UFFDIO_COPY found the page already present. The protocol installs only
     /// into holes, so this is a coherence bug (or something populated guest
     /// memory behind the engine's back); overwriting would silently lose

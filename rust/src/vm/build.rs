@@ -141,10 +141,13 @@ impl Vm {
         let ram = GuestRam::new(spec.memory)?;
         let stop = Arc::new(VmStop::new());
         let cluster = match &spec.cluster {
-            Some(c) => Some(
-                crate::cluster::Cluster::start(c, &numa, n, &ram, stop.clone())
-                    .map_err(VmError::Cluster)?,
-            ),
+            Some(c) => Some(crate::cluster::Cluster::start(
+                c,
+                &numa,
+                n,
+                &ram,
+                stop.clone(),
+            )?),
             None => None,
         };
         let is_boot = cluster.as_ref().is_none_or(|c| c.is_boot());
@@ -429,12 +432,11 @@ fn write_acpi(ram: &GuestRam, spec: &VmSpec) -> Result<u64, VmError> {
         .map(|(gpa, size, node)| AcpiMemory { gpa, size, node })
         .collect();
     let layout = AcpiLayout::new(cpus, memory);
-    let tables =
-        build_tables(&layout, ACPI_TABLES_BASE).map_err(|e| VmError::Acpi(e.to_string()))?;
+    let tables = build_tables(&layout, ACPI_TABLES_BASE)?;
     for (gpa, blob) in &tables.blobs {
         ram.guest_memory()
             .write_slice(blob, GuestAddress(*gpa))
-            .map_err(|e| VmError::Acpi(format!("at {gpa:#x}: {e}")))?;
+            .map_err(|source| VmError::AcpiWrite { gpa: *gpa, source })?;
     }
     Ok(tables.rsdp_addr)
 }

@@ -20,7 +20,7 @@ pub mod spec;
 pub use build::{Vm, IOAPIC_BASE, IOAPIC_SIZE};
 pub use routing::{eoi_route, resolved_for, EoiRoute, InterruptRouter};
 pub use run::{run_vm, VmControl, VmResult, VmStats};
-pub use spec::{VmSpec, MAX_VCPUS};
+pub use spec::{SpecError, VmSpec, MAX_VCPUS};
 
 use crate::cpuid;
 use crate::memory::MemoryError;
@@ -30,14 +30,15 @@ use crate::memory::MemoryError;
 pub enum VmError {
     /// The spec is malformed or asks for something impossible (user error).
     #[error("invalid VM spec: {0}")]
-    InvalidSpec(String),
+    Spec(#[from] SpecError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error("cannot open /dev/kvm: {0} (is KVM available and accessible?)")]
-    Kvm(kvm_ioctls::Error),
+    Kvm(#[source] kvm_ioctls::Error),
     #[error("KVM {what} failed: {err}")]
     KvmOp {
         what: String,
+        #[source]
         err: kvm_ioctls::Error,
     },
     #[error("KVM lacks a capability dvmm needs: {0}")]
@@ -53,11 +54,16 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
     #[error("writing ACPI tables into guest memory failed: {0}")]
-    Acpi(String),
+    Acpi(#[from] crate::acpi::AcpiError),
+    #[error("writing ACPI tables into guest memory failed: at {gpa:#x}: {source}")]
+    AcpiWrite {
+        gpa: u64,
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("cannot serialize the result: {0}")]
     Json(#[from] serde_json::Error),
     #[error("cannot join the cluster: {0}")]
-    Cluster(String),
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Kirq(#[from] crate::kirq::KirqError),
 }
@@ -68,7 +74,7 @@ impl VmError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            VmError::InvalidSpec(_)
+            VmError::Spec(_)
                 | VmError::Memory(
                     MemoryError::TooSmall(_) | MemoryError::TooLarge(_) | MemoryError::Unaligned(_)
                 )

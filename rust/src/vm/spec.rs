@@ -5,9 +5,56 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::VmError;
+use crate::cluster::ClusterSpecError;
 use crate::cpuid;
 use crate::numa::NumaNode;
+
+/// What is wrong with a spec (the caller's mistake: Python raises ValueError).
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cpu: {0}")]
+    Cpu(#[source] cpuid::CpuidError),
+    #[error("{0}")]
+    Lapic(#[source] crate::kirq::KirqError),
+    #[error("vcpus = {0}: must be between 1 and {MAX_VCPUS} (the maximum)")]
+    Vcpus(u32),
+    #[error("{0}")]
+    Memory(#[source] crate::memory::MemoryError),
+    #[error("kernel: no kernel image given")]
+    NoKernel,
+    #[error("kernel image {0}: file not found")]
+    KernelNotFound(String),
+    #[error("kernel image {0}: not a regular file")]
+    KernelNotAFile(String),
+    #[error("initrd {0}: file not found")]
+    InitrdNotFound(String),
+    #[error("timeout_s = {0}: must be >= 0")]
+    Timeout(f64),
+    #[error("{0}")]
+    Cluster(#[from] ClusterSpecError),
+    #[error("numa: empty list (omit it for a single node)")]
+    NumaEmpty,
+    #[error(
+        "numa[{node}].mem_start = {start:#x}: expected {expected:#x} (ranges must follow each other)"
+    )]
+    NumaGap {
+        node: usize,
+        start: u64,
+        expected: u64,
+    },
+    #[error("numa[{node}].mem_size = {size:#x}: must be a non-zero multiple of 4 KiB")]
+    NumaSize { node: usize, size: u64 },
+    #[error("numa[{node}].cpus: vCPU {cpu} does not exist (vcpus = {vcpus})")]
+    NumaNoSuchCpu { node: usize, cpu: u32, vcpus: u32 },
+    #[error("numa[{node}].cpus: vCPU {cpu} is in two nodes")]
+    NumaCpuTwice { node: usize, cpu: u32 },
+    #[error("numa: the ranges cover {covered:#x} bytes but memory is {memory:#x}")]
+    NumaCoverage { covered: u64, memory: u64 },
+    #[error("numa: vCPU {0} is in no node")]
+    NumaCpuMissing(usize),
+}
 
 /// Most vCPUs a VM may have (8-bit xAPIC IDs; 0xFF is broadcast and the IOAPIC takes
 /// the ID after the last vCPU).
@@ -64,8 +111,8 @@ pub struct VmSpec {
 
 impl VmSpec {
     /// Parse a JSON spec.
-    pub fn from_json(s: &str) -> Result<Self, VmError> {
-        serde_json::from_str(s).map_err(|e| VmError::InvalidSpec(e.to_string()))
+    pub fn from_json(s: &str) -> Result<Self, SpecError> {
+        Ok(serde_json::from_str(s)?)
     }
 
     /// The NUMA layout: the given one or one node with everything.
@@ -80,104 +127,104 @@ impl VmSpec {
     }
 
     /// The CPU model the spec names, or this host's default.
-    pub fn cpu_model(&self) -> Result<cpuid::CpuModel, VmError> {
+    pub fn cpu_model(&self) -> Result<cpuid::CpuModel, SpecError> {
         match &self.cpu {
             None => Ok(cpuid::CpuModel::host_default()),
-            Some(name) => cpuid::CpuModel::from_name(name)
-                .map_err(|e| VmError::InvalidSpec(format!("cpu: {e}"))),
+            Some(name) => cpuid::CpuModel::from_name(name).map_err(SpecError::Cpu),
         }
     }
 
     /// The local APIC this VM gets (see [`VmSpec::lapic`]).
-    pub fn lapic_kind(&self) -> Result<crate::kirq::LapicKind, VmError> {
+    pub fn lapic_kind(&self) -> Result<crate::kirq::LapicKind, SpecError> {
         let env = std::env::var("DVMM_LAPIC").ok();
         crate::kirq::LapicKind::choose(
             self.lapic.as_deref(),
             env.as_deref(),
             self.cluster.is_some(),
         )
-        .map_err(|e| VmError::InvalidSpec(e.to_string()))
+        .map_err(SpecError::Lapic)
     }
 
     /// Check everything that can be checked without KVM.
-    pub fn validate(&self) -> Result<(), VmError> {
-        let bad = |m: String| Err(VmError::InvalidSpec(m));
+    pub fn validate(&self) -> Result<(), SpecError> {
         self.cpu_model()?;
         self.lapic_kind()?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return bad(format!(
-                "vcpus = {}: must be between 1 and {MAX_VCPUS} (the maximum)",
-                self.vcpus
-            ));
+            return Err(SpecError::Vcpus(self.vcpus));
         }
-        crate::memory::validate_size(self.memory)
-            .map_err(|e| VmError::InvalidSpec(e.to_string()))?;
+        crate::memory::validate_size(self.memory).map_err(SpecError::Memory)?;
         if self.kernel.is_empty() {
-            return bad("kernel: no kernel image given".into());
+            return Err(SpecError::NoKernel);
         }
         let k = Path::new(&self.kernel);
         if !k.exists() {
-            return bad(format!("kernel image {}: file not found", self.kernel));
+            return Err(SpecError::KernelNotFound(self.kernel.clone()));
         }
         if !k.is_file() {
-            return bad(format!("kernel image {}: not a regular file", self.kernel));
+            return Err(SpecError::KernelNotAFile(self.kernel.clone()));
         }
         if let Some(i) = &self.initrd {
             if !Path::new(i).is_file() {
-                return bad(format!("initrd {i}: file not found"));
+                return Err(SpecError::InitrdNotFound(i.clone()));
             }
         }
         if !(self.timeout_s.is_finite() && self.timeout_s >= 0.0) {
-            return bad(format!("timeout_s = {}: must be >= 0", self.timeout_s));
+            return Err(SpecError::Timeout(self.timeout_s));
         }
         if let Some(c) = &self.cluster {
-            c.validate(self.numa.as_deref())
-                .map_err(VmError::InvalidSpec)?;
+            c.validate(self.numa.as_deref())?;
         }
         if let Some(numa) = &self.numa {
-            if numa.is_empty() {
-                return bad("numa: empty list (omit it for a single node)".into());
+            self.validate_numa(numa)?;
+        }
+        Ok(())
+    }
+
+    /// The NUMA list: contiguous page-aligned ranges covering RAM, every vCPU
+    /// in exactly one node.
+    fn validate_numa(&self, numa: &[NumaNode]) -> Result<(), SpecError> {
+        if numa.is_empty() {
+            return Err(SpecError::NumaEmpty);
+        }
+        let mut seen = vec![false; self.vcpus as usize];
+        let mut next = 0u64;
+        for (i, n) in numa.iter().enumerate() {
+            if n.mem_start != next {
+                return Err(SpecError::NumaGap {
+                    node: i,
+                    start: n.mem_start,
+                    expected: next,
+                });
             }
-            let mut seen = vec![false; self.vcpus as usize];
-            let mut next = 0u64;
-            for (i, n) in numa.iter().enumerate() {
-                if n.mem_start != next {
-                    return bad(format!(
-                        "numa[{i}].mem_start = {:#x}: expected {next:#x} (ranges must follow each other)",
-                        n.mem_start
-                    ));
-                }
-                if n.mem_size == 0 || !n.mem_size.is_multiple_of(crate::memory::PAGE_SIZE) {
-                    return bad(format!(
-                        "numa[{i}].mem_size = {:#x}: must be a non-zero multiple of 4 KiB",
-                        n.mem_size
-                    ));
-                }
-                next = n.mem_start.saturating_add(n.mem_size);
-                for &c in &n.cpus {
-                    match seen.get_mut(c as usize) {
-                        None => {
-                            return bad(format!(
-                                "numa[{i}].cpus: vCPU {c} does not exist (vcpus = {})",
-                                self.vcpus
-                            ))
-                        }
-                        Some(true) => {
-                            return bad(format!("numa[{i}].cpus: vCPU {c} is in two nodes"))
-                        }
-                        Some(s) => *s = true,
+            if n.mem_size == 0 || !n.mem_size.is_multiple_of(crate::memory::PAGE_SIZE) {
+                return Err(SpecError::NumaSize {
+                    node: i,
+                    size: n.mem_size,
+                });
+            }
+            next = n.mem_start.saturating_add(n.mem_size);
+            for &c in &n.cpus {
+                match seen.get_mut(c as usize) {
+                    None => {
+                        return Err(SpecError::NumaNoSuchCpu {
+                            node: i,
+                            cpu: c,
+                            vcpus: self.vcpus,
+                        })
                     }
+                    Some(true) => return Err(SpecError::NumaCpuTwice { node: i, cpu: c }),
+                    Some(s) => *s = true,
                 }
             }
-            if next != self.memory {
-                return bad(format!(
-                    "numa: the ranges cover {next:#x} bytes but memory is {:#x}",
-                    self.memory
-                ));
-            }
-            if let Some(c) = seen.iter().position(|s| !s) {
-                return bad(format!("numa: vCPU {c} is in no node"));
-            }
+        }
+        if next != self.memory {
+            return Err(SpecError::NumaCoverage {
+                covered: next,
+                memory: self.memory,
+            });
+        }
+        if let Some(c) = seen.iter().position(|s| !s) {
+            return Err(SpecError::NumaCpuMissing(c));
         }
         Ok(())
     }
@@ -186,6 +233,7 @@ impl VmSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::VmError;
 
     fn spec(json: &str) -> Result<VmSpec, VmError> {
         let s = VmSpec::from_json(json)?;
