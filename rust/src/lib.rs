@@ -17,6 +17,7 @@
 //! - `vm`       one VM (or one node's share of a distributed VM): spec,
 //!   interrupt routing, construction, run
 //! - `dsm`      distributed shared memory: coherence protocol, wire, transport
+//! - `sync`     the crate's one mutex helper (`lock`, poison-tolerant)
 //! - `python`   the PyO3 module `dvmmd._native`
 
 pub mod acpi;
@@ -32,5 +33,6 @@ pub mod kirq;
 pub mod memory;
 pub mod numa;
 pub mod python;
+pub mod sync;
 pub mod vcpu;
 pub mod vm;

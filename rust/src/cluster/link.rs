@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::messages::APP_RESPONSE;
-use crate::bus::lock;
 use crate::dsm::protocol::NodeId;
 use crate::dsm::{AppSink, DsmError, DsmHandle};
+use crate::sync::lock;
 
 /// Errors of the application layer.
 #[derive(Debug, thiserror::Error)]

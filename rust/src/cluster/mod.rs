@@ -64,11 +64,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::bus::{lock, BusAction, RemoteBusForwarder};
+use crate::bus::{BusAction, RemoteBusForwarder};
 use crate::dsm::protocol::NodeId;
 use crate::dsm::{DsmConfig, DsmEngine, DsmHandle};
 use crate::memory::GuestRam;
 use crate::numa::NumaNode;
+use crate::sync::lock;
 use crate::vcpu::{StopReason, VmStop};
 use messages::{encode_stop, IoRequest, APP_DONE, APP_IO, APP_STOP};
 use spec::default_foreign_budget;

@@ -38,7 +38,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,9 +52,12 @@ use super::protocol::{
 };
 use super::shm::{ShmConfig, ShmMesh};
 use super::stats::{Stats, StatsSnapshot};
-use super::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
+use super::transport::{Lane, MeshConfig, TcpMesh, Transport, TransportError, TransportEvent};
 use super::uffd::{Fault, GuestMem, UffdError, PAGE};
 use super::wire::{Frame, Limits};
+use crate::sync::lock;
+use userfaultfd::EventBuffer;
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DsmError {
@@ -341,7 +344,7 @@ struct Shared {
     transport: Arc<dyn Transport>,
     stats: Stats,
     stop: AtomicBool,
-    wake: OwnedFd,
+    wake: EventFd,
     error: Mutex<Option<String>>,
     mem: GuestMem,
     service: ServiceMode,
@@ -352,7 +355,7 @@ struct Shared {
 impl Shared {
     fn fail(&self, msg: String) {
         eprintln!("dvmm-dsm: node {}: {msg}", self.me);
-        let mut e = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = lock(&self.error);
         if e.is_none() {
             *e = Some(msg.clone());
         }
@@ -363,9 +366,8 @@ impl Shared {
     }
 
     fn kick(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // Fails only if the counter would overflow: then a wake-up is pending anyway.
+        let _ = self.wake.write(1);
     }
 }
 
@@ -473,13 +475,8 @@ impl DsmEngine {
         mem: GuestMem,
         transport: Arc<dyn Transport>,
     ) -> Result<DsmHandle> {
-        // SAFETY: eventfd has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(DsmError::WakeFd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh descriptor owned by nobody else.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(DsmError::WakeFd)?;
         let sh = Arc::new(Shared {
             app: cfg.app.clone(),
             me: cfg.node_index,
@@ -510,6 +507,7 @@ impl DsmEngine {
             last_activity: Instant::now(),
             idle_busy: false,
             faults: Vec::with_capacity(64),
+            fault_buf: GuestMem::fault_buffer(),
             events: Vec::with_capacity(64),
             effects: Vec::with_capacity(16),
             buf: Box::new([0u8; PAGE]),
@@ -623,11 +621,7 @@ impl DsmHandle {
 
     /// The first fatal error, if any.
     pub fn error(&self) -> Option<String> {
-        self.sh
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.sh.error).clone()
     }
 
     /// Send an application frame to another node on the control lane (the
@@ -652,7 +646,7 @@ impl DsmHandle {
         let _ = self.attach_server(None);
         self.sh.stop.store(true, Ordering::Relaxed);
         self.sh.kick();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = lock(&self.thread).take();
         if let Some(t) = t {
             let _ = t.join();
         }
@@ -695,11 +689,6 @@ fn set_realtime() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn lock_engine(m: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
-    // A panic on a serving thread leaves the engine's state as it was.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The name of a range message's kind (for errors).
@@ -806,7 +795,9 @@ struct Engine {
     /// `RtIdle`: the idle spin found the core busy (until the next activity).
     idle_busy: bool,
     faults: Vec<Fault>,
-    events: Vec<Event>,
+    /// Raw fault messages as read from the userfaultfd.
+    fault_buf: EventBuffer,
+    events: Vec<TransportEvent>,
     effects: Vec<Effect>,
     buf: Box<[u8; PAGE]>,
     /// Hold window (zero: off).
@@ -831,10 +822,10 @@ struct Engine {
 impl Engine {
     /// The engine thread's loop.
     fn run(engine: &Mutex<Engine>) {
-        let sh = lock_engine(engine).sh.clone();
+        let sh = lock(engine).sh.clone();
         if sh.service != ServiceMode::VcpuServe {
             // Nobody else serves: hold the engine for good.
-            let mut e = lock_engine(engine);
+            let mut e = lock(engine);
             let mut rt = sh.service != ServiceMode::Legacy;
             while !sh.stop.load(Ordering::Relaxed) {
                 if sh.service == ServiceMode::RtIdle {
@@ -854,7 +845,7 @@ impl Engine {
         let watch = [sh.mem.fd(), sh.wake.as_raw_fd()];
         while !sh.stop.load(Ordering::Relaxed) {
             let quiet = {
-                let mut e = lock_engine(engine);
+                let mut e = lock(engine);
                 let quiet = e.pending_since.is_empty()
                     && e.deferred.is_empty()
                     && sh.server_attached.load(Ordering::SeqCst);
@@ -874,7 +865,7 @@ impl Engine {
                 });
                 // SAFETY: fds is a valid array of pollfd of the given length.
                 unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1) };
-                lock_engine(engine).turn(Some(Duration::ZERO));
+                lock(engine).turn(Some(Duration::ZERO));
                 sh.transport.flush();
             }
         }
@@ -940,13 +931,11 @@ impl Engine {
             }
         };
         if ready & 2 != 0 {
-            let mut v: u64 = 0;
-            // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
-            unsafe { libc::read(self.sh.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            let _ = self.sh.wake.read();
         }
         let mut active = false;
         if ready & 1 != 0 {
-            if let Err(e) = self.sh.mem.read_faults(&mut faults) {
+            if let Err(e) = self.sh.mem.read_faults(&mut self.fault_buf, &mut faults) {
                 self.sh.fail(e.to_string());
             }
         }
@@ -1101,20 +1090,20 @@ impl Engine {
         st.prefetch_wasted.store(c.wasted, Ordering::Relaxed);
     }
 
-    fn on_event(&mut self, ev: Event, effects: &mut Vec<Effect>) {
+    fn on_event(&mut self, ev: TransportEvent, effects: &mut Vec<Effect>) {
         match ev {
-            Event::PeerDown { node, reason } => {
+            TransportEvent::PeerDown { node, reason } => {
                 if let Some(app) = &self.sh.app {
                     app.peer_down(node, &reason);
                 }
                 let msg = format!("node {node} is down: {reason}");
                 eprintln!("dvmm-dsm: node {}: {msg}", self.sh.me);
-                let mut e = self.sh.error.lock().unwrap_or_else(|e| e.into_inner());
+                let mut e = lock(&self.sh.error);
                 if e.is_none() {
                     *e = Some(msg);
                 }
             }
-            Event::Frame { from, frame, .. } => match frame {
+            TransportEvent::Frame { from, frame, .. } => match frame {
                 Frame::Proto { msg, data } => {
                     self.on_msg(from, PMsg::One(msg), data, effects);
                     self.drain_local(effects);

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use super::VmError;
 use crate::apic::{self, InterruptMessage, LocalApic};
-use crate::bus::{lock, BusDevice};
+use crate::bus::BusDevice;
 use crate::cluster::{LocalInterrupts, RemoteInterruptSink};
 use crate::devices::IrqLine;
+use crate::sync::lock;
 use crate::vcpu::{InterruptSink, VcpuShared};
 
 /// `msg` re-encoded for exactly the APIC `target`: physical destination, x2APIC

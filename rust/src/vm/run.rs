@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{Vm, VmError, VmSpec};
-use crate::bus::lock;
+use crate::sync::lock;
 use crate::vcpu::{StopReason, VcpuDump, VcpuShared, VcpuStats, VmClock, VmStop, EXIT_KINDS};
 
 /// Statistics of a run.
