@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::messages::APP_RESPONSE;
 use crate::dsm::protocol::NodeId;
-use crate::dsm::{AppSink, DsmError, DsmHandle};
+use crate::dsm::{AppSink, DsmError, DsmHandle, EngineFault};
 use crate::sync::lock;
 
 /// Errors of the application layer.
@@ -30,7 +30,7 @@ pub enum LinkError {
 }
 
 /// Something for the VM from the other nodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum AppEvent {
     /// An application message (`tag != 0` for a request that expects
     /// [`AppLink::respond`]).
@@ -43,7 +43,7 @@ pub enum AppEvent {
     /// A node died or was disconnected; the VM must stop.
     PeerDown { node: NodeId, reason: String },
     /// A fatal DSM error (protocol violation, failed memory operation).
-    Error(String),
+    Error(Arc<EngineFault>),
 }
 
 /// A fast-path handler for application messages, run on the DSM engine thread
@@ -223,7 +223,7 @@ impl AppSink for AppLink {
         });
     }
 
-    fn failed(&self, error: &str) {
-        self.post(AppEvent::Error(error.to_string()));
+    fn failed(&self, fault: Arc<EngineFault>) {
+        self.post(AppEvent::Error(fault));
     }
 }

@@ -63,5 +63,5 @@ pub mod transport;
 pub mod uffd;
 pub mod wire;
 
-pub use engine::{AppSink, DsmConfig, DsmEngine, DsmError, DsmHandle};
+pub use engine::{AppSink, DsmConfig, DsmEngine, DsmError, DsmHandle, EngineFault};
 pub use stats::StatsSnapshot;

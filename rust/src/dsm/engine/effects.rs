@@ -3,7 +3,7 @@
 //! and eviction of foreign pages over the memory budget.
 
 use super::serve::{Engine, PMsg, Payload};
-use super::EffectError;
+use super::{EffectError, EngineFault};
 use crate::dsm::protocol::{CacheState, Data, Effect, Msg, NodeId, PageIdx, RangeMsg};
 use crate::dsm::stats::Stats;
 use crate::dsm::uffd::PAGE;
@@ -40,7 +40,7 @@ impl Engine {
             }
             if let Err(err) = self.exec_one(e, data) {
                 self.failed = true;
-                self.sh.fail(err.to_string());
+                self.sh.fail(EngineFault::Effect(err));
                 return;
             }
         }
@@ -234,7 +234,7 @@ impl Engine {
                         self.foreign.push_back(page);
                     }
                 }
-                Err(e) => self.sh.fail(format!("evict page {page}: {e}")),
+                Err(source) => self.sh.fail(EngineFault::Evict { page, source }),
             }
         }
     }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::serve::Engine;
-use super::{AppSink, DsmConfig, DsmError, ServiceMode, TransportKind};
+use super::{AppSink, DsmConfig, DsmError, EngineFault, ServiceMode, TransportKind};
 use crate::dsm::prefetch::Prefetcher;
 use crate::dsm::protocol::{self, NodeId};
 use crate::dsm::shm::{ShmConfig, ShmMesh};
@@ -30,7 +30,7 @@ pub(super) struct Shared {
     pub(super) stats: Stats,
     pub(super) stop: AtomicBool,
     pub(super) wake: EventFd,
-    pub(super) error: Mutex<Option<String>>,
+    pub(super) error: Mutex<Option<Arc<EngineFault>>>,
     pub(super) mem: GuestMem,
     pub(super) service: ServiceMode,
     /// A vCPU thread serves incoming messages ([`ServiceMode::VcpuServe`]).
@@ -38,15 +38,20 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    pub(super) fn fail(&self, msg: String) {
-        eprintln!("dvmm-dsm: node {}: {msg}", self.me);
+    pub(super) fn fail(&self, fault: EngineFault) {
+        eprintln!("dvmm-dsm: node {}: {fault}", self.me);
+        let fault = Arc::new(fault);
+        self.record(fault.clone());
+        if let Some(app) = &self.app {
+            app.failed(fault);
+        }
+    }
+
+    /// Keep `fault` if it is the first.
+    pub(super) fn record(&self, fault: Arc<EngineFault>) {
         let mut e = lock(&self.error);
         if e.is_none() {
-            *e = Some(msg.clone());
-        }
-        drop(e);
-        if let Some(app) = &self.app {
-            app.failed(&msg);
+            *e = Some(fault);
         }
     }
 
@@ -304,8 +309,13 @@ impl DsmHandle {
         self.sh.mem.resident_pages()
     }
 
-    /// The first fatal error, if any.
+    /// The first fatal error, if any, as text.
     pub fn error(&self) -> Option<String> {
+        self.fault().map(|f| f.to_string())
+    }
+
+    /// The first fatal error, if any.
+    pub fn fault(&self) -> Option<Arc<EngineFault>> {
         lock(&self.sh.error).clone()
     }
 

@@ -322,6 +322,45 @@ impl DsmConfig {
     }
 }
 
+/// Why the engine stopped serving (it reports the first one: the VM must stop).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineFault {
+    #[error("transport poll failed: {0}")]
+    Poll(#[source] TransportError),
+    #[error("{0}")]
+    ReadFaults(#[source] UffdError),
+    #[error("fault at page {page}: {source}")]
+    Fault {
+        page: PageIdx,
+        source: protocol::ProtocolError,
+    },
+    #[error("prefetch after page {page}: {source}")]
+    Prefetch {
+        page: PageIdx,
+        source: protocol::ProtocolError,
+    },
+    #[error("range prefetch of pages {start}+{count}: {source}")]
+    RangePrefetch {
+        start: PageIdx,
+        count: u32,
+        source: protocol::ProtocolError,
+    },
+    #[error("protocol violation by node {from}: {source}")]
+    Violation {
+        from: NodeId,
+        source: protocol::ProtocolError,
+    },
+    #[error("{0}")]
+    Effect(#[from] EffectError),
+    #[error("evict page {page}: {source}")]
+    Evict {
+        page: PageIdx,
+        source: protocol::ProtocolError,
+    },
+    #[error("node {node} is down: {reason}")]
+    PeerDown { node: NodeId, reason: String },
+}
+
 /// The layer above the engine (the cluster link, [`crate::cluster::link`]):
 /// it gets the application frames (`Frame::App`, opaque to the DSM layer),
 /// peer failures and the engine's fatal errors. Called on the engine thread:
@@ -332,5 +371,5 @@ pub trait AppSink: Send + Sync {
     /// Node `node` died or was disconnected; the VM must stop.
     fn peer_down(&self, node: NodeId, reason: &str);
     /// The engine failed (protocol violation, failed memory operation).
-    fn failed(&self, error: &str);
+    fn failed(&self, fault: Arc<EngineFault>);
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::handle::{set_normal, set_realtime, Shared};
-use super::ServiceMode;
+use super::{EngineFault, ServiceMode};
 use crate::dsm::prefetch::Prefetcher;
 use crate::dsm::protocol::{
     self, Access, CacheState, Data, Effect, FaultOutcome, Msg, NodeId, OnBusy, PageIdx, RangeMsg,
@@ -236,7 +236,7 @@ impl Engine {
         let ready = match self.sh.transport.poll(timeout, &extra, &mut events) {
             Ok(r) => r,
             Err(e) => {
-                self.sh.fail(format!("transport poll failed: {e}"));
+                self.sh.fail(EngineFault::Poll(e));
                 std::thread::sleep(Duration::from_millis(10));
                 0
             }
@@ -247,7 +247,7 @@ impl Engine {
         let mut active = false;
         if ready & 1 != 0 {
             if let Err(e) = self.sh.mem.read_faults(&mut self.fault_buf, &mut faults) {
-                self.sh.fail(e.to_string());
+                self.sh.fail(EngineFault::ReadFaults(e));
             }
         }
         for f in faults.drain(..) {
@@ -295,7 +295,10 @@ impl Engine {
                     .or_insert_with(Instant::now);
             }
             Err(e) => {
-                self.sh.fail(format!("fault at page {}: {e}", f.page));
+                self.sh.fail(EngineFault::Fault {
+                    page: f.page,
+                    source: e,
+                });
                 return;
             }
         }
@@ -329,7 +332,7 @@ impl Engine {
                     *effects = fx;
                 }
                 Ok(_) => {}
-                Err(e) => self.sh.fail(format!("prefetch after page {page}: {e}")),
+                Err(source) => self.sh.fail(EngineFault::Prefetch { page, source }),
             }
         }
         self.sync_prefetch_stats();
@@ -386,9 +389,11 @@ impl Engine {
                 self.exec(&fx, Payload::None);
                 *effects = fx;
             }
-            Err(e) => self
-                .sh
-                .fail(format!("range prefetch of pages {start}+{n}: {e}")),
+            Err(source) => self.sh.fail(EngineFault::RangePrefetch {
+                start,
+                count: n,
+                source,
+            }),
         }
     }
 
@@ -407,12 +412,9 @@ impl Engine {
                 if let Some(app) = &self.sh.app {
                     app.peer_down(node, &reason);
                 }
-                let msg = format!("node {node} is down: {reason}");
-                eprintln!("dvmm-dsm: node {}: {msg}", self.sh.me);
-                let mut e = lock(&self.sh.error);
-                if e.is_none() {
-                    *e = Some(msg);
-                }
+                let fault = EngineFault::PeerDown { node, reason };
+                eprintln!("dvmm-dsm: node {}: {fault}", self.sh.me);
+                self.sh.record(Arc::new(fault));
             }
             TransportEvent::Frame { from, frame, .. } => match frame {
                 Frame::Proto { msg, data } => {
@@ -551,8 +553,7 @@ impl Engine {
         }
         effects.clear();
         if let Err(e) = self.node.handle(from, msg, effects) {
-            let why = format!("protocol violation by node {from}: {e}");
-            self.sh.fail(why);
+            self.sh.fail(EngineFault::Violation { from, source: e });
             return;
         }
         let fx = std::mem::take(effects);
@@ -622,8 +623,7 @@ impl Engine {
         }
         effects.clear();
         if let Err(e) = self.node.handle_range(from, &msg, effects) {
-            let why = format!("protocol violation by node {from}: {e}");
-            self.sh.fail(why);
+            self.sh.fail(EngineFault::Violation { from, source: e });
             return;
         }
         let fx = std::mem::take(effects);
