@@ -186,11 +186,8 @@ impl Bus {
     }
 }
 
-/// Lock a device, recovering from a poisoned mutex (a panicking device thread must not
-/// take the VM down with a second panic).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// [`crate::sync::lock`], re-exported where crate::vcpu imports it from.
+pub use crate::sync::lock;
 
 #[cfg(test)]
 mod tests {

@@ -43,13 +43,19 @@ pub enum MemoryError {
     #[error("memory size {0} bytes is not a multiple of 4 KiB")]
     Unaligned(u64),
     #[error("memfd_create failed: {0}")]
-    Memfd(std::io::Error),
+    Memfd(#[source] std::io::Error),
     #[error("cannot size the guest RAM memfd to {size} bytes: {source}")]
     Truncate { size: u64, source: std::io::Error },
     #[error("cannot map guest RAM: {0}")]
-    Mmap(String),
+    Mmap(#[source] std::io::Error),
+    #[error("cannot map guest RAM: {0}")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("cannot map guest RAM: region at {0:#x} overflows")]
+    RegionOverflow(u64),
+    #[error("cannot map guest RAM: {0}")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
     #[error("cannot map the engine view of guest RAM: {0}")]
-    EngineMmap(std::io::Error),
+    EngineMmap(#[source] std::io::Error),
 }
 
 /// Validate a guest RAM size (bytes).
@@ -175,7 +181,7 @@ impl GuestRam {
         // The guest view is ONE contiguous mapping of the whole memfd (the
         // coherence engine registers it with userfaultfd as a single range);
         // each RAM region is a window into it.
-        let guest = map(|e| MemoryError::Mmap(e.to_string()))?;
+        let guest = map(MemoryError::Mmap)?;
 
         let mut regions = Vec::new();
         let mut guest_regions = Vec::new();
@@ -193,10 +199,10 @@ impl GuestRam {
                     libc::MAP_SHARED | libc::MAP_NORESERVE,
                 )
             }
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+            .map_err(MemoryError::Region)?;
             let host = mapping.as_ptr() as u64;
             let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
-                .ok_or_else(|| MemoryError::Mmap(format!("region at {gpa:#x} overflows")))?;
+                .ok_or(MemoryError::RegionOverflow(gpa))?;
             guest_regions.push(region);
             regions.push(RamRegion {
                 gpa,
@@ -207,8 +213,7 @@ impl GuestRam {
             });
             off += rsize;
         }
-        let mem = GuestMemoryMmap::from_regions(guest_regions)
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_regions(guest_regions).map_err(MemoryError::Regions)?;
         Ok(GuestRam {
             memfd,
             size,

@@ -19,7 +19,7 @@ use dvmm::dsm::auth::NodeKeys;
 use dvmm::dsm::engine::ServiceMode;
 use dvmm::dsm::protocol::{Access, Data, Msg, NodeId, RangeMsg};
 use dvmm::dsm::seal::Protection;
-use dvmm::dsm::transport::{Event, Lane, Transport, TransportError};
+use dvmm::dsm::transport::{Lane, Transport, TransportError, TransportEvent};
 use dvmm::dsm::wire::{self, Frame};
 use dvmm::dsm::{DsmConfig, DsmEngine, DsmHandle};
 
@@ -29,7 +29,7 @@ const PER_NODE: usize = 4;
 
 /// The other node, played by the test.
 struct Fake {
-    inbox: Mutex<VecDeque<Event>>,
+    inbox: Mutex<VecDeque<TransportEvent>>,
     sent: Mutex<Vec<(NodeId, Msg)>>,
     closed: AtomicBool,
 }
@@ -49,7 +49,7 @@ impl Fake {
         } else {
             Lane::Control
         };
-        self.inbox.lock().unwrap().push_back(Event::Frame {
+        self.inbox.lock().unwrap().push_back(TransportEvent::Frame {
             from: 0,
             lane,
             frame: Frame::Proto {
@@ -98,7 +98,7 @@ impl Transport for Fake {
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
-        events: &mut Vec<Event>,
+        events: &mut Vec<TransportEvent>,
     ) -> Result<u64, TransportError> {
         events.extend(self.inbox.lock().unwrap().drain(..));
         let ms = if events.is_empty() && !self.closed.load(Ordering::Relaxed) {

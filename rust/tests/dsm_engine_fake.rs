@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -22,9 +22,10 @@ use dvmm::dsm::auth::NodeKeys;
 use dvmm::dsm::engine::ServiceMode;
 use dvmm::dsm::protocol::{Msg, NodeId, RangeMsg};
 use dvmm::dsm::seal::Protection;
-use dvmm::dsm::transport::{Event, Lane, Transport, TransportError};
+use dvmm::dsm::transport::{Lane, Transport, TransportError, TransportEvent};
 use dvmm::dsm::wire::{self, Decoder, Frame, Limits, RangeFrames};
 use dvmm::dsm::{DsmConfig, DsmEngine, DsmHandle, StatsSnapshot};
+use vmm_sys_util::eventfd::EventFd;
 
 const PAGE: usize = 4096;
 const NODES: usize = 2;
@@ -41,9 +42,9 @@ struct FakeNode {
     me: NodeId,
     peers: OnceLock<Vec<Weak<FakeNode>>>,
     /// Decoded frames waiting for this node's `poll`.
-    inbox: Mutex<VecDeque<Event>>,
+    inbox: Mutex<VecDeque<TransportEvent>>,
     /// Rung (eventfd) when the inbox gets something: `poll` sleeps on it.
-    bell: OwnedFd,
+    bell: EventFd,
     /// Receive side per (sender, lane): a real decoder.
     rx: Mutex<HashMap<(NodeId, u8), Decoder>>,
     /// Send side per (receiver, lane): next sequence number. Held while a
@@ -60,15 +61,11 @@ impl FakeNode {
     fn mesh(pages: u64) -> Vec<Arc<FakeNode>> {
         let nodes: Vec<Arc<FakeNode>> = (0..NODES as NodeId)
             .map(|me| {
-                // SAFETY: eventfd has no memory-safety preconditions; checked.
-                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-                assert!(fd >= 0);
                 Arc::new(FakeNode {
                     me,
                     peers: OnceLock::new(),
                     inbox: Mutex::new(VecDeque::new()),
-                    // SAFETY: a fresh descriptor owned by nobody else.
-                    bell: unsafe { OwnedFd::from_raw_fd(fd) },
+                    bell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
                     rx: Mutex::new(HashMap::new()),
                     tx: Mutex::new(HashMap::new()),
                     sent: Mutex::new(Vec::new()),
@@ -133,10 +130,10 @@ impl FakeNode {
         let mut inbox = self.inbox.lock().unwrap();
         loop {
             match dec.next_frame() {
-                Ok(Some(frame)) => inbox.push_back(Event::Frame { from, lane, frame }),
+                Ok(Some(frame)) => inbox.push_back(TransportEvent::Frame { from, lane, frame }),
                 Ok(None) => break,
                 Err(e) => {
-                    inbox.push_back(Event::PeerDown {
+                    inbox.push_back(TransportEvent::PeerDown {
                         node: from,
                         reason: format!("malformed frame: {e}"),
                     });
@@ -145,9 +142,7 @@ impl FakeNode {
             }
         }
         drop(inbox);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.bell.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let _ = self.bell.write(1);
     }
 }
 
@@ -195,7 +190,7 @@ impl Transport for FakeNode {
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
-        events: &mut Vec<Event>,
+        events: &mut Vec<TransportEvent>,
     ) -> Result<u64, TransportError> {
         events.extend(self.inbox.lock().unwrap().drain(..));
         let ms = if !events.is_empty() || self.closed.load(Ordering::Relaxed) {
@@ -222,9 +217,8 @@ impl Transport for FakeNode {
                 }
             }
         }
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64 from our (non-blocking) eventfd.
-        unsafe { libc::read(self.bell.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        // Non-blocking: nothing to read is not an error here.
+        let _ = self.bell.read();
         events.extend(self.inbox.lock().unwrap().drain(..));
         Ok(ready)
     }

@@ -10,7 +10,7 @@ use dvmm::dsm::auth::NodeKeys;
 use dvmm::dsm::protocol::{Access, Data, Msg};
 use dvmm::dsm::seal::Protection;
 use dvmm::dsm::shm::{ShmConfig, ShmMesh};
-use dvmm::dsm::transport::{Event, Lane, Transport, TransportError};
+use dvmm::dsm::transport::{Lane, Transport, TransportError, TransportEvent};
 use dvmm::dsm::wire::{Frame, Limits};
 
 fn dir(test: &str) -> PathBuf {
@@ -91,7 +91,7 @@ fn pages_and_messages_cross_in_order_and_segments_are_gone() {
             .unwrap();
         for e in ev.drain(..) {
             match e {
-                Event::Frame {
+                TransportEvent::Frame {
                     from: 2,
                     lane: Lane::Bulk,
                     frame:
@@ -104,7 +104,7 @@ fn pages_and_messages_cross_in_order_and_segments_are_gone() {
                     assert!(d.iter().all(|&b| b == (page % 251) as u8));
                     pages += 1;
                 }
-                Event::Frame {
+                TransportEvent::Frame {
                     from: 2,
                     lane: Lane::Control,
                     frame: Frame::App { payload, .. },
@@ -112,7 +112,7 @@ fn pages_and_messages_cross_in_order_and_segments_are_gone() {
                     assert_eq!(payload, b"hi");
                     app = true;
                 }
-                Event::Frame {
+                TransportEvent::Frame {
                     from: 1,
                     frame:
                         Frame::Proto {
@@ -142,7 +142,7 @@ fn pages_and_messages_cross_in_order_and_segments_are_gone() {
 }
 
 /// Poll until something arrives or `within` passes.
-fn ms_drain(m: &ShmMesh, within: Duration) -> Vec<Event> {
+fn ms_drain(m: &ShmMesh, within: Duration) -> Vec<TransportEvent> {
     let end = Instant::now() + within;
     let mut ev = Vec::new();
     while ev.is_empty() && Instant::now() < end {
@@ -161,7 +161,7 @@ fn a_peer_that_goes_away_is_reported_by_node() {
     m1.shutdown();
     drop(m1);
     match ms_drain(&ms[0], Duration::from_secs(3)).first() {
-        Some(Event::PeerDown { node: 1, reason }) => {
+        Some(TransportEvent::PeerDown { node: 1, reason }) => {
             assert!(
                 reason.contains("EOF") || reason.contains("doorbell"),
                 "{reason}"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dvmm::dsm::auth::{self, AuthError, NodeKeys};
 use dvmm::dsm::protocol::{Access, Data, Msg};
 use dvmm::dsm::seal::Protection;
-use dvmm::dsm::transport::{Event, Lane, MeshConfig, TcpMesh, Transport, TransportError};
+use dvmm::dsm::transport::{Lane, MeshConfig, TcpMesh, Transport, TransportError, TransportEvent};
 use dvmm::dsm::wire::{self, Decoder, Frame, Limits, WireError};
 
 fn ring(n: usize) -> Vec<NodeKeys> {
@@ -53,7 +53,7 @@ fn mesh_with(keys: &[NodeKeys]) -> Vec<TcpMesh> {
     hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
 }
 
-fn wait_event(m: &TcpMesh, within: Duration) -> Option<Event> {
+fn wait_event(m: &TcpMesh, within: Duration) -> Option<TransportEvent> {
     let end = Instant::now() + within;
     let mut ev = Vec::new();
     while Instant::now() < end {
@@ -189,7 +189,7 @@ fn mesh_exchanges_messages() {
         .unwrap();
     ms[0].send_msg(1, &Msg::Inv { page: 7 }, None).unwrap();
     match wait_event(&ms[0], Duration::from_secs(2)) {
-        Some(Event::Frame {
+        Some(TransportEvent::Frame {
             from: 2,
             lane: Lane::Control,
             frame:
@@ -204,7 +204,7 @@ fn mesh_exchanges_messages() {
         e => panic!("{e:?}"),
     }
     match wait_event(&ms[1], Duration::from_secs(2)) {
-        Some(Event::Frame {
+        Some(TransportEvent::Frame {
             from: 0,
             frame:
                 Frame::Proto {
@@ -314,7 +314,7 @@ fn unauthenticated_and_garbage_peers_refused_mesh_still_forms() {
     .unwrap();
     assert!(matches!(
         wait_event(&m0, Duration::from_secs(2)),
-        Some(Event::Frame { from: 1, .. })
+        Some(TransportEvent::Frame { from: 1, .. })
     ));
 }
 
@@ -409,7 +409,7 @@ fn garbage_after_handshake_drops_peer_with_reason() {
         .write_all(b"this is not a dvmm frame at all, sorry!!!!!!!!!!!!!")
         .unwrap();
     match wait_event(&m0, Duration::from_secs(2)) {
-        Some(Event::PeerDown { node: 1, reason }) => {
+        Some(TransportEvent::PeerDown { node: 1, reason }) => {
             assert!(reason.contains("malformed frame"), "{reason}")
         }
         e => panic!("{e:?}"),
@@ -430,7 +430,7 @@ fn peer_death_reported_by_node() {
     drop(m2); // sockets close: EOF at the others
     for m in &ms {
         match wait_event(m, Duration::from_secs(2)) {
-            Some(Event::PeerDown { node: 2, reason }) => assert!(
+            Some(TransportEvent::PeerDown { node: 2, reason }) => assert!(
                 reason.contains("EOF") || reason.contains("reset"),
                 "{reason}"
             ),
@@ -484,7 +484,7 @@ fn bulk_transfer_does_not_delay_control() {
             .unwrap();
         for e in ev.drain(..) {
             match e {
-                Event::Frame {
+                TransportEvent::Frame {
                     lane: Lane::Bulk,
                     frame: Frame::Proto { data: Some(d), .. },
                     ..
@@ -492,7 +492,7 @@ fn bulk_transfer_does_not_delay_control() {
                     assert_eq!(d[4095], 7);
                     bulk += 1
                 }
-                Event::Frame {
+                TransportEvent::Frame {
                     lane: Lane::Control,
                     frame:
                         Frame::Proto {
@@ -562,7 +562,7 @@ fn page_grant_without_its_data_is_refused() {
             .unwrap();
     }
     match ev.first() {
-        Some(Event::Frame {
+        Some(TransportEvent::Frame {
             from: 0,
             frame:
                 Frame::Proto {
@@ -670,14 +670,14 @@ fn recv_marked_page(m0: &TcpMesh) {
             .unwrap();
         for e in ev.drain(..) {
             match e {
-                Event::Frame {
+                TransportEvent::Frame {
                     frame: Frame::Proto { data: Some(d), .. },
                     ..
                 } => {
                     assert!(d.chunks(16).all(|c| c == MARK));
                     got += 1;
                 }
-                Event::Frame {
+                TransportEvent::Frame {
                     frame: Frame::App { payload, .. },
                     ..
                 } => {
@@ -722,8 +722,8 @@ fn altered_frame_after_handshake_drops_peer() {
         let mut down = None;
         while down.is_none() && Instant::now() < end {
             match wait_event(&m0, Duration::from_millis(100)) {
-                Some(Event::PeerDown { node: 1, reason }) => down = Some(reason),
-                Some(Event::Frame { .. }) | None => {}
+                Some(TransportEvent::PeerDown { node: 1, reason }) => down = Some(reason),
+                Some(TransportEvent::Frame { .. }) | None => {}
                 e => panic!("{e:?}"),
             }
         }

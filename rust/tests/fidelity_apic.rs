@@ -10,10 +10,11 @@ use dvmm::apic::{
     Shorthand, TriggerMode, APIC_BASE_BSP, APIC_BASE_ENABLE, APIC_BASE_EXTD, APIC_DEFAULT_BASE,
 };
 use dvmm::bus::Bus;
+use dvmm::cluster::RemoteInterruptSink;
 use dvmm::vcpu::{
     handle_exit, ExitContext, InterruptSink, VcpuAction, VcpuShared, VcpuStats, LAPIC_BASE,
 };
-use dvmm::vm::{InterruptRouter, RemoteInterruptSink};
+use dvmm::vm::InterruptRouter;
 use kvm_ioctls::{MsrExitReason, ReadMsrExit, VcpuExit, WriteMsrExit};
 
 const MSR_APIC_BASE: u32 = 0x1B;

@@ -44,7 +44,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{DeviceError, IrqLine};
-use crate::bus::{lock, BusAction, BusDevice};
+use crate::bus::{BusAction, BusDevice};
+use crate::sync::lock;
 
 /// Base port of COM1.
 pub const COM1_PORT: u16 = 0x3F8;
@@ -713,7 +714,7 @@ impl ConsoleInput {
             // Hand over what is pending as the FIFO has room.
             if !pending.is_empty() {
                 let (a, _) = pending.as_slices();
-                let n = crate::bus::lock(serial).enqueue_input(a);
+                let n = lock(serial).enqueue_input(a);
                 pending.drain(..n);
             }
             // While input is pending read no more (back pressure): only wait for the

@@ -251,20 +251,7 @@ fn verify(key: &[u8], label: &[u8], tag: &[u8]) -> bool {
 
 /// Fill a buffer with random bytes from the kernel.
 pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let r = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += r as usize;
-    }
-    Ok(())
+    Ok(getrandom::fill(buf)?)
 }
 
 fn nonce() -> Result<[u8; NONCE]> {

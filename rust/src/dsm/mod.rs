@@ -28,22 +28,14 @@
 //! # API for the VM
 //!
 //! ```ignore
-//! let cfg = DsmConfig::new(node_index, node_addrs, node_keys, ram_ranges_per_node,
-//!                          memfd, guest_mapping_addr, engine_mapping_addr);
+//! let mut cfg = DsmConfig::new(node_index, node_addrs, node_keys, ram_ranges_per_node,
+//!                              memfd, guest_mapping_addr, engine_mapping_addr);
+//! cfg.app = Some(link.clone());   // application frames, peer failures, errors
 //! // Before anything touches guest memory (the memfd must be all holes):
 //! let dsm = unsafe { DsmEngine::start(cfg)? };   // forms the authenticated mesh
 //! // Guest memory is now coherent: KVM and every VMM access through the guest
 //! // mapping fault into the engine like guest accesses. Nothing else to do.
-//! dsm.send(node, APP_IPI, &ipi_bytes)?;                     // fire and forget
-//! let reply = dsm.request(node, APP_IO, &io_req, timeout)?; // synchronous
-//! match dsm.recv_app(timeout) {                             // VM-side event loop
-//!     Some(AppEvent::Message { from, kind, tag, payload }) => {
-//!         // tag != 0: answer with dsm.respond(from, kind, tag, &reply)
-//!     }
-//!     Some(AppEvent::PeerDown { node, reason }) => { /* stop the VM: error names node */ }
-//!     Some(AppEvent::Error(e)) => { /* stop the VM with e */ }
-//!     None => {}
-//! }
+//! dsm.send_app(node, kind, tag, &payload)?;   // an application frame (control lane)
 //! let s = dsm.stats();   // StatsSnapshot (serde)
 //! dsm.shutdown();        // after the vCPUs have stopped
 //! ```
@@ -56,9 +48,9 @@
 //! back to their home), so its resident guest memory stays below its share + B:
 //! this is the memory aggregation bound.
 //!
-//! Application message kinds ([`engine::APP_IPI`], [`engine::APP_IO`],
-//! [`engine::APP_STOP`], [`engine::APP_ERROR`]) travel on the control lane of
-//! the same mesh; payloads (≤ 4 KiB) are opaque to the DSM layer.
+//! Application frames travel on the control lane of the same mesh; their kinds,
+//! payloads (≤ 4 KiB) and the request/response layer belong to the cluster link
+//! ([`crate::cluster`]): the DSM layer only carries them to its [`AppSink`].
 
 pub mod auth;
 pub mod engine;
@@ -71,8 +63,5 @@ pub mod transport;
 pub mod uffd;
 pub mod wire;
 
-pub use engine::{
-    AppEvent, AppHandler, DsmConfig, DsmEngine, DsmError, DsmHandle, APP_ERROR, APP_IO, APP_IPI,
-    APP_RESPONSE, APP_STOP,
-};
+pub use engine::{AppSink, DsmConfig, DsmEngine, DsmError, DsmHandle, EngineFault};
 pub use stats::StatsSnapshot;

@@ -21,13 +21,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,13 @@ use super::auth::{self, NodeKeys, Session, FIRST_DATA_SEQ};
 use super::protocol::{Msg, NodeId, RangeMsg};
 use super::seal::Sealer;
 use super::transport::{
-    epoll_ctl, register_extra, Event, Lane, Transport, TransportError, EXTRA_TOKEN, KICK_TOKEN,
+    epoll_add, new_eventfd, register_extra, Lane, Transport, TransportError, TransportEvent,
+    EXTRA_TOKEN, KICK_TOKEN,
 };
 use super::wire::{self, Decoder, Frame, Limits, RangeFrames, WireError};
+use crate::sync::lock;
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vmm_sys_util::eventfd::EventFd;
 
 type Result<T> = std::result::Result<T, TransportError>;
 
@@ -222,10 +226,6 @@ struct Pair {
     down: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Pair {
     /// Write what fits of `tx.pending`; ring the doorbell if the reader sleeps.
     fn flush(&self, lane: usize, tx: &mut Tx) -> std::io::Result<()> {
@@ -255,8 +255,8 @@ pub struct ShmMesh {
     n: usize,
     /// `pairs[peer]`; None for self.
     pairs: Vec<Option<Pair>>,
-    epoll: OwnedFd,
-    kick: OwnedFd,
+    epoll: Epoll,
+    kick: EventFd,
     extra: Mutex<Vec<RawFd>>,
     dead_after: Duration,
     next_house: Mutex<Instant>,
@@ -272,10 +272,6 @@ fn sock_name(session: &str, node: NodeId) -> String {
 
 fn seg_path(dir: &std::path::Path, session: &str, lo: NodeId, hi: NodeId) -> PathBuf {
     dir.join(format!("dvmm-{session}-{lo}-{hi}"))
-}
-
-fn epoll_add(ep: &OwnedFd, fd: RawFd, token: u64) -> Result<()> {
-    epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
 }
 
 /// Rings of a pair as seen by one side: the lower node writes rings 0 and 1.
@@ -317,10 +313,9 @@ impl ShmMesh {
                     Ok(s) => break s,
                     Err(e) if Instant::now() >= deadline => {
                         let _ = std::fs::remove_file(&path);
-                        return Err(TransportError::Connect {
+                        return Err(TransportError::Doorbell {
                             node: peer,
-                            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                            last: format!("shared-memory doorbell: {e}"),
+                            last: e,
                         });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -382,16 +377,8 @@ impl ShmMesh {
             pairs[usize::from(peer)] = Some(Self::pair(peer, seg, sock, sessions, true, cfg)?);
             missing -= 1;
         }
-        // SAFETY: eventfd / epoll_create1 have no memory-safety preconditions;
-        // the results are fresh descriptors owned by nobody else.
-        let (kick, epoll) = unsafe {
-            let k = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
-            let e = libc::epoll_create1(libc::EPOLL_CLOEXEC);
-            if k < 0 || e < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            (OwnedFd::from_raw_fd(k), OwnedFd::from_raw_fd(e))
-        };
+        let kick = new_eventfd()?;
+        let epoll = Epoll::new()?;
         for p in pairs.iter().flatten() {
             epoll_add(&epoll, p.sock.as_raw_fd(), u64::from(p.peer))?;
         }
@@ -459,9 +446,8 @@ impl ShmMesh {
     }
 
     fn kick(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // Fails only if the counter would overflow: then a wake-up is pending anyway.
+        let _ = self.kick.write(1);
     }
 
     /// Queue `frames` encoded frames (`enc(i, seq, out)` writes frame i) on
@@ -501,14 +487,14 @@ impl ShmMesh {
         Ok(())
     }
 
-    fn report_down(&self, node: NodeId, reason: String, events: &mut Vec<Event>) {
+    fn report_down(&self, node: NodeId, reason: String, events: &mut Vec<TransportEvent>) {
         let bit = 1u64 << node;
         if self.down_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-            events.push(Event::PeerDown { node, reason });
+            events.push(TransportEvent::PeerDown { node, reason });
         }
     }
 
-    fn down(&self, p: &Pair, reason: String, events: &mut Vec<Event>) {
+    fn down(&self, p: &Pair, reason: String, events: &mut Vec<TransportEvent>) {
         if !p.down.swap(true, Ordering::Relaxed) {
             // SAFETY: removing an fd from our epoll set; a null event is allowed.
             unsafe {
@@ -524,7 +510,7 @@ impl ShmMesh {
     }
 
     /// Read every ring; returns whether anything arrived.
-    fn read_rings(&self, events: &mut Vec<Event>) -> bool {
+    fn read_rings(&self, events: &mut Vec<TransportEvent>) -> bool {
         let mut got = false;
         for p in self.pairs.iter().flatten() {
             if p.down.load(Ordering::Relaxed) {
@@ -547,7 +533,7 @@ impl ShmMesh {
                             self.down(p, r, events);
                             break;
                         }
-                        Ok(Some(frame)) => events.push(Event::Frame {
+                        Ok(Some(frame)) => events.push(TransportEvent::Frame {
                             from: p.peer,
                             lane,
                             frame,
@@ -566,7 +552,7 @@ impl ShmMesh {
     }
 
     /// Pending bytes into the rings; keep-alives and the silence check.
-    fn housekeeping(&self, events: &mut Vec<Event>) -> bool {
+    fn housekeeping(&self, events: &mut Vec<TransportEvent>) -> bool {
         let mut pending = false;
         let now = Instant::now();
         let house = {
@@ -692,7 +678,7 @@ impl Transport for ShmMesh {
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
-        events: &mut Vec<Event>,
+        events: &mut Vec<TransportEvent>,
     ) -> Result<u64> {
         register_extra(&self.epoll, &self.extra, extra)?;
         let pending = self.housekeeping(events);
@@ -723,22 +709,19 @@ impl Transport for ShmMesh {
             if !nap {
                 ms = 0;
             }
-            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
-            // SAFETY: evs is a valid, writable array of 16 epoll_event.
-            let k = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 16, ms) };
-            if k < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != ErrorKind::Interrupted {
+            let mut evs = [EpollEvent::default(); 16];
+            let k = match self.epoll.wait(ms, &mut evs) {
+                Ok(k) => k,
+                Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+                Err(e) => {
                     self.set_sleeping(false);
                     return Err(e.into());
                 }
-            }
-            for ev in evs.iter().take(k.max(0) as usize) {
-                let t = ev.u64;
+            };
+            for ev in &evs[..k] {
+                let t = ev.data();
                 if t == KICK_TOKEN {
-                    let mut b = [0u8; 8];
-                    // SAFETY: reads 8 bytes into a valid buffer from our eventfd.
-                    unsafe { libc::read(self.kick.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+                    let _ = self.kick.read();
                 } else if t >= EXTRA_TOKEN {
                     let bit = t - EXTRA_TOKEN;
                     if bit < 64 {

@@ -14,9 +14,11 @@
 //! for the engine to check in, which an idle engine may not do for a long time.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
+
+use crate::sync::lock;
 
 /// Buckets of the derived log2 histogram ([`StatsSnapshot::latency_us_log2`]):
 /// bucket i counts faults that took [2^(i-1), 2^i) microseconds (bucket 0:
@@ -47,15 +49,12 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     /// Record one fault's latency (clamped to [`LATENCY_MAX_NS`]).
     pub fn record(&self, ns: u64) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .saturating_record(ns);
+        lock(&self.0).saturating_record(ns);
     }
 
     /// The quantiles, the log2 view and the non-empty buckets of the histogram.
     fn read(&self) -> LatencyView {
-        let h = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let h = lock(&self.0);
         let mut v = LatencyView {
             log2: vec![0; LATENCY_BUCKETS],
             ..LatencyView::default()

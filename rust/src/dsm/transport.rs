@@ -29,9 +29,9 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,9 @@ use super::auth::{self, AuthError, NodeKeys, Session, FIRST_DATA_SEQ};
 use super::protocol::{Msg, NodeId, RangeMsg};
 use super::seal::{SealError, Sealer};
 use super::wire::{self, Decoder, Frame, Limits, RangeFrames, WireError};
+use crate::sync::lock;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -46,13 +49,21 @@ pub enum TransportError {
     Connect {
         node: NodeId,
         addr: SocketAddr,
-        last: String,
+        #[source]
+        last: std::io::Error,
+    },
+    #[error("node {node}: shared-memory doorbell not reachable within the deadline: {last}")]
+    Doorbell {
+        node: NodeId,
+        #[source]
+        last: std::io::Error,
     },
     #[error("node {0} did not connect within the deadline")]
     AcceptTimeout(NodeId),
     #[error("cannot listen on {addr}: {err}")]
     Listen {
         addr: SocketAddr,
+        #[source]
         err: std::io::Error,
     },
     #[error("node {0} is down")]
@@ -60,7 +71,11 @@ pub enum TransportError {
     #[error("bad node index {0}")]
     BadNode(NodeId),
     #[error("authentication with node {node}: {err}")]
-    Auth { node: NodeId, err: AuthError },
+    Auth {
+        node: NodeId,
+        #[source]
+        err: AuthError,
+    },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
@@ -92,7 +107,7 @@ impl Lane {
 
 /// Something that happened on the transport.
 #[derive(Debug)]
-pub enum Event {
+pub enum TransportEvent {
     /// A frame from a peer.
     Frame {
         from: NodeId,
@@ -132,7 +147,7 @@ pub trait Transport: Send + Sync {
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
-        events: &mut Vec<Event>,
+        events: &mut Vec<TransportEvent>,
     ) -> Result<u64>;
     /// Close every connection.
     fn shutdown(&self);
@@ -193,11 +208,6 @@ struct Conn {
     queued: AtomicBool,
     /// Registered for EPOLLOUT (the socket refused part of the queue).
     want_out: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain buffers: keep going.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Conn {
@@ -314,8 +324,8 @@ pub struct TcpMesh {
     conns: Vec<Option<[Arc<Conn>; 2]>>,
     /// Every connection; the index is its epoll token.
     flat: Vec<Arc<Conn>>,
-    kick: OwnedFd,
-    epoll: OwnedFd,
+    kick: EventFd,
+    epoll: Epoll,
     /// The extra fds registered in `epoll` (tokens `EXTRA_TOKEN + k`).
     extra: Mutex<Vec<RawFd>>,
     /// Some connection has queued bytes.
@@ -354,48 +364,68 @@ fn thread_tag() -> usize {
     TAG.with(|t| t as *const u8 as usize)
 }
 
-pub(super) fn epoll_ctl(
-    ep: &OwnedFd,
-    op: libc::c_int,
-    fd: RawFd,
-    events: u32,
-    token: u64,
-) -> Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    // SAFETY: plain syscall on our epoll fd with a valid epoll_event.
-    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+/// Watch `fd` for input in `ep`, reported with `token`.
+pub(super) fn epoll_add(ep: &Epoll, fd: RawFd, token: u64) -> Result<()> {
+    ep.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )?;
     Ok(())
+}
+
+/// A fresh non-blocking, close-on-exec eventfd (a poller's kick).
+pub(super) fn new_eventfd() -> Result<EventFd> {
+    Ok(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?)
+}
+
+/// Wait up to `timeout` for events of `ep` (`epoll_pwait2`: the engine's poll
+/// deadlines are sub-millisecond, which `Epoll::wait`'s whole milliseconds
+/// cannot express). Returns how many entries of `evs` were filled; EINTR is 0.
+pub(super) fn epoll_wait_ns(
+    ep: &Epoll,
+    evs: &mut [EpollEvent],
+    timeout: Duration,
+) -> std::io::Result<usize> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `EpollEvent` is `repr(transparent)` over `libc::epoll_event`, so
+    // `evs` is a valid, writable array of `evs.len()` epoll_events; `ts` is a
+    // valid timespec; a null sigmask means no signal mask change.
+    let r = unsafe {
+        libc::epoll_pwait2(
+            ep.as_raw_fd(),
+            evs.as_mut_ptr().cast::<libc::epoll_event>(),
+            evs.len().min(i32::MAX as usize) as libc::c_int,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(r as usize)
 }
 
 /// Register the poller's extra fds in `ep` (tokens `EXTRA_TOKEN + k`), once;
 /// again only if they change. `reg` holds what is registered now.
-pub(super) fn register_extra(ep: &OwnedFd, reg: &Mutex<Vec<RawFd>>, extra: &[RawFd]) -> Result<()> {
+pub(super) fn register_extra(ep: &Epoll, reg: &Mutex<Vec<RawFd>>, extra: &[RawFd]) -> Result<()> {
     let mut reg = lock(reg);
     if reg.as_slice() == extra {
         return Ok(());
     }
     for &fd in reg.iter() {
-        // SAFETY: removing an fd from our epoll set; a null event is allowed.
-        unsafe {
-            libc::epoll_ctl(
-                ep.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
-        };
+        let _ = ep.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
     reg.clear();
     for (k, &fd) in extra.iter().enumerate() {
-        epoll_ctl(
-            ep,
-            libc::EPOLL_CTL_ADD,
-            fd,
-            libc::EPOLLIN as u32,
-            EXTRA_TOKEN + k as u64,
-        )?;
+        epoll_add(ep, fd, EXTRA_TOKEN + k as u64)?;
         reg.push(fd);
     }
     Ok(())
@@ -438,7 +468,7 @@ fn backoff_connect(addr: SocketAddr, node: NodeId, deadline: Instant) -> Result<
             return Err(TransportError::Connect {
                 node,
                 addr,
-                last: err.to_string(),
+                last: err,
             });
         }
         thread::sleep(wait);
@@ -572,41 +602,17 @@ impl TcpMesh {
                 Arc::new(Conn::new(peer, Lane::Bulk, b.2, cfg.limits, b.3)?),
             ]);
         }
-        // SAFETY: eventfd has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: fd is a fresh descriptor owned by nobody else.
-        let kick = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: epoll_create1 has no memory-safety preconditions.
-        let efd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if efd < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: efd is a fresh descriptor owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(efd) };
+        let kick = new_eventfd()?;
+        let epoll = Epoll::new()?;
         let flat: Vec<Arc<Conn>> = conns
             .iter()
             .flatten()
             .flat_map(|p| p.iter().cloned())
             .collect();
         for (i, c) in flat.iter().enumerate() {
-            epoll_ctl(
-                &epoll,
-                libc::EPOLL_CTL_ADD,
-                c.stream.as_raw_fd(),
-                libc::EPOLLIN as u32,
-                i as u64,
-            )?;
+            epoll_add(&epoll, c.stream.as_raw_fd(), i as u64)?;
         }
-        epoll_ctl(
-            &epoll,
-            libc::EPOLL_CTL_ADD,
-            kick.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            KICK_TOKEN,
-        )?;
+        epoll_add(&epoll, kick.as_raw_fd(), KICK_TOKEN)?;
         Ok(TcpMesh {
             me,
             n,
@@ -635,25 +641,23 @@ impl TcpMesh {
             return;
         };
         let ev = if want {
-            (libc::EPOLLIN | libc::EPOLLOUT) as u32
+            EventSet::IN | EventSet::OUT
         } else {
-            libc::EPOLLIN as u32
+            EventSet::IN
         };
         // A failure here (fd already closed by shutdown) only loses a wake-up of a
         // connection that is going away.
-        let _ = epoll_ctl(
-            &self.epoll,
-            libc::EPOLL_CTL_MOD,
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
             c.stream.as_raw_fd(),
-            ev,
-            i as u64,
+            EpollEvent::new(ev, i as u64),
         );
     }
 
     /// Write what `c` has queued; false when the connection failed. The failure is
     /// reported into `events` when given, else by the poller's next housekeeping
     /// (it reports every connection that went down, once).
-    fn flush_conn(&self, c: &Conn, events: Option<&mut Vec<Event>>) -> bool {
+    fn flush_conn(&self, c: &Conn, events: Option<&mut Vec<TransportEvent>>) -> bool {
         let mut tx = lock(&c.tx);
         match c.flush(&mut tx) {
             Ok(left) => {
@@ -677,7 +681,7 @@ impl TcpMesh {
     }
 
     /// Write every connection's queue (one write each), if anything is queued.
-    fn flush_queued(&self, mut events: Option<&mut Vec<Event>>) {
+    fn flush_queued(&self, mut events: Option<&mut Vec<TransportEvent>>) {
         if !self.any_queued.swap(false, Ordering::Relaxed) {
             return;
         }
@@ -690,7 +694,7 @@ impl TcpMesh {
 
     /// Keep-alives, the silence check and reports of connections that went down
     /// on another thread; run every `ping_every / 4`, not every turn.
-    fn housekeeping(&self, now: Instant, events: &mut Vec<Event>) {
+    fn housekeeping(&self, now: Instant, events: &mut Vec<TransportEvent>) {
         let ping_every = self.dead_after / 8;
         for c in &self.flat {
             if c.down.load(Ordering::Relaxed) {
@@ -735,9 +739,8 @@ impl TcpMesh {
     }
 
     fn kick(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // Fails only if the counter would overflow: then a wake-up is pending anyway.
+        let _ = self.kick.write(1);
     }
 
     /// Queue a frame; write it now unless `defer` (the poller flushes it on its
@@ -803,34 +806,34 @@ impl TcpMesh {
 
     /// Leave the poll set (a shut-down socket is readable forever) and shut down.
     fn close_conn(&self, c: &Conn) {
-        // SAFETY: removing an fd from our epoll set; a null event is allowed.
-        unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                c.stream.as_raw_fd(),
-                std::ptr::null_mut(),
-            )
-        };
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            c.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
         let _ = c.stream.shutdown(Shutdown::Both);
     }
 
-    fn report_down(&self, node: NodeId, reason: String, events: &mut Vec<Event>) {
+    fn report_down(&self, node: NodeId, reason: String, events: &mut Vec<TransportEvent>) {
         let bit = 1u64 << node;
         if self.down_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-            events.push(Event::PeerDown { node, reason });
+            events.push(TransportEvent::PeerDown { node, reason });
         }
     }
 
     /// Read what is available on one connection (bounded); returns an error
     /// reason if the connection must be dropped.
-    fn read_conn(&self, c: &Conn, events: &mut Vec<Event>) -> std::result::Result<(), String> {
+    fn read_conn(
+        &self,
+        c: &Conn,
+        events: &mut Vec<TransportEvent>,
+    ) -> std::result::Result<(), ConnDown> {
         let mut rx = lock(&c.rx);
         let mut buf = [0u8; 64 * 1024];
         let mut budget: usize = 256 * 1024;
         while budget > 0 {
             match (&c.stream).read(&mut buf) {
-                Ok(0) => return Err("connection closed by peer (EOF)".into()),
+                Ok(0) => return Err(ConnDown::Eof),
                 Ok(k) => {
                     rx.dec.push(&buf[..k]);
                     rx.last = Instant::now();
@@ -839,27 +842,40 @@ impl TcpMesh {
                         match rx.dec.next_frame() {
                             Ok(Some(Frame::Ping)) => {}
                             Ok(Some(Frame::Auth { ty, .. })) => {
-                                return Err(WireError::Unexpected(ty).to_string())
+                                return Err(ConnDown::Unexpected(WireError::Unexpected(ty)))
                             }
                             Ok(Some(frame)) => {
-                                events.push(Event::Frame {
+                                events.push(TransportEvent::Frame {
                                     from: c.peer,
                                     lane: c.lane,
                                     frame,
                                 });
                             }
                             Ok(None) => break,
-                            Err(e) => return Err(format!("malformed frame: {e}")),
+                            Err(e) => return Err(ConnDown::Malformed(e)),
                         }
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("receive failed: {e}")),
+                Err(e) => return Err(ConnDown::Recv(e)),
             }
         }
         Ok(())
     }
+}
+
+/// Why a connection must be dropped (the reason its peer is reported down).
+#[derive(Debug, thiserror::Error)]
+enum ConnDown {
+    #[error("connection closed by peer (EOF)")]
+    Eof,
+    #[error("{0}")]
+    Unexpected(#[source] WireError),
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] WireError),
+    #[error("receive failed: {0}")]
+    Recv(#[source] std::io::Error),
 }
 
 impl Transport for TcpMesh {
@@ -922,7 +938,7 @@ impl Transport for TcpMesh {
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
-        events: &mut Vec<Event>,
+        events: &mut Vec<TransportEvent>,
     ) -> Result<u64> {
         self.poller.store(thread_tag(), Ordering::Relaxed);
         self.register_extra(extra)?;
@@ -949,37 +965,14 @@ impl Transport for TcpMesh {
             None => until_house,
             Some(t) => t.min(until_house),
         };
-        let ts = libc::timespec {
-            tv_sec: t.as_secs() as libc::time_t,
-            tv_nsec: t.subsec_nanos() as libc::c_long,
-        };
         const MAX_EVENTS: usize = 64;
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
-        // SAFETY: evs is a valid array of MAX_EVENTS epoll_events; ts is a valid
-        // timespec (epoll_pwait2: sub-millisecond timeouts); no signal mask change.
-        let r = unsafe {
-            libc::epoll_pwait2(
-                self.epoll.as_raw_fd(),
-                evs.as_mut_ptr(),
-                MAX_EVENTS as libc::c_int,
-                &ts,
-                std::ptr::null(),
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                return Ok(0);
-            }
-            return Err(e.into());
-        }
+        let mut evs = [EpollEvent::default(); MAX_EVENTS];
+        let r = epoll_wait_ns(&self.epoll, &mut evs, t)?;
         let mut ready = 0u64;
-        for ev in &evs[..r as usize] {
-            let (token, re) = (ev.u64, ev.events);
+        for ev in &evs[..r] {
+            let (token, re) = (ev.data(), ev.events());
             if token == KICK_TOKEN {
-                let mut v: u64 = 0;
-                // SAFETY: reads 8 bytes into a valid u64 from our eventfd.
-                unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                let _ = self.kick.read();
                 // A sender left bytes queued: flush them now.
                 self.flush_queued(Some(events));
                 continue;
@@ -1001,7 +994,8 @@ impl Transport for TcpMesh {
                 continue;
             }
             if re & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
-                if let Err(reason) = self.read_conn(c, events) {
+                if let Err(down) = self.read_conn(c, events) {
+                    let reason = down.to_string();
                     self.mark_down(c, &reason);
                     self.report_down(c.peer, reason, events);
                 }

@@ -1,11 +1,12 @@
 //! userfaultfd on the guest mapping, plus the memfd operations of the engine.
 //!
-//! The `userfaultfd` crate creates the descriptor and registers the range; the
-//! ioctls that install and protect pages (UFFDIO_COPY with `MODE_WP`,
-//! UFFDIO_WRITEPROTECT) and the reading of raw fault messages with the WP flag are
-//! issued directly here. The crate's enabled `linux5_13` feature has equivalents
-//! of most of them (`copy` with write-protect mode, `write_protect`); moving to
-//! them is open work (issue 14), kept apart from data-path changes.
+//! The `userfaultfd` crate creates the descriptor, registers the range (MISSING
+//! and WP), reads and parses the fault messages, write-protects
+//! (UFFDIO_WRITEPROTECT) and wakes (UFFDIO_WAKE). One ioctl is issued directly:
+//! UFFDIO_COPY with `UFFDIO_COPY_MODE_WP`, which the crate's `Uffd::copy` does
+//! not offer (it only sets `DONTWAKE`); copying and write-protecting in one
+//! ioctl is what keeps a shared copy from being writable, even briefly, between
+//! a copy and a separate UFFDIO_WRITEPROTECT.
 //!
 //! Installation choice: pages are installed with UFFDIO_COPY (one ioctl that
 //! allocates the memfd page, fills it, maps it — write-protected for a shared
@@ -19,26 +20,31 @@
 //! only for pages this node holds, so the engine never faults on the guest
 //! mapping and never allocates a hole by reading it.
 
+use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
 
-use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
 pub const PAGE: usize = 4096;
+
+/// Fault messages read per `read(2)` of the userfaultfd.
+pub const FAULT_BATCH: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     #[error("cannot create userfaultfd: {0}")]
-    Create(userfaultfd::Error),
+    Create(#[source] userfaultfd::Error),
     #[error("cannot register the guest mapping: {0}")]
-    Register(userfaultfd::Error),
+    Register(#[source] userfaultfd::Error),
     #[error("{op} at offset {offset:#x}: {err}")]
     Op {
         op: &'static str,
         offset: u64,
+        #[source]
         err: std::io::Error,
     },
     #[error("reading fault events: {0}")]
-    Read(std::io::Error),
+    Read(#[source] std::io::Error),
     /// UFFDIO_COPY found the page already present. The protocol installs only
     /// into holes, so this is a coherence bug (or something populated guest
     /// memory behind the engine's back); overwriting would silently lose
@@ -52,23 +58,10 @@ pub enum UffdError {
 
 type Result<T> = std::result::Result<T, UffdError>;
 
-// Raw uAPI (include/uapi/linux/userfaultfd.h).
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
-const UFFD_PAGEFAULT_FLAG_WP: u64 = 2;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFDIO_REGISTER_MODE_WP: u64 = 2;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+// UFFDIO_COPY with its write-protect mode (include/uapi/linux/userfaultfd.h):
+// not offered by the crate (see the module docs).
 const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const UFFDIO_COPY_MODE_WP: u64 = 2;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
 
 #[repr(C)]
 struct UffdioCopy {
@@ -78,26 +71,6 @@ struct UffdioCopy {
     mode: u64,
     copy: i64,
 }
-
-#[repr(C)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    _r1: u8,
-    _r2: u16,
-    _r3: u32,
-    flags: u64,
-    address: u64,
-    _feat: u64,
-}
-
-const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 
 /// A fault on the guest mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,16 +98,23 @@ unsafe impl Send for GuestMem {}
 // SAFETY: as above; all operations are system calls or reads of held pages.
 unsafe impl Sync for GuestMem {}
 
-fn ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> std::io::Result<()> {
-    loop {
-        // SAFETY: `arg` is a valid, properly sized uAPI struct for `req`.
-        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
-        if r == 0 {
-            return Ok(());
+/// A crate error as the `io::Error` of its errno (the crate's `Display` drops
+/// the errno).
+fn os_error(e: userfaultfd::Error) -> std::io::Error {
+    match e {
+        userfaultfd::Error::SystemError(n) | userfaultfd::Error::CopyFailed(n) => {
+            std::io::Error::from_raw_os_error(n as i32)
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        other => std::io::Error::other(other),
+    }
+}
+
+/// Run a crate ioctl, retrying when a signal interrupted it.
+fn retry(f: impl Fn() -> userfaultfd::Result<()>) -> std::io::Result<()> {
+    loop {
+        match f().map_err(os_error) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            r => return r,
         }
     }
 }
@@ -154,8 +134,7 @@ impl GuestMem {
             .user_mode_only(false)
             .create()
             .map_err(UffdError::Create)?;
-        let mode =
-            RegisterMode::from_bits_retain(UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP);
+        let mode = RegisterMode::MISSING | RegisterMode::WRITE_PROTECT;
         uffd.register_with_mode(guest.cast(), len, mode)
             .map_err(UffdError::Register)?;
         Ok(GuestMem {
@@ -180,50 +159,46 @@ impl GuestMem {
         self.uffd.as_raw_fd()
     }
 
-    /// Read pending faults (non-blocking).
-    pub fn read_faults(&self, out: &mut Vec<Fault>) -> Result<()> {
-        let mut msgs = [UffdMsg {
-            event: 0,
-            _r1: 0,
-            _r2: 0,
-            _r3: 0,
-            flags: 0,
-            address: 0,
-            _feat: 0,
-        }; 16];
+    /// A buffer for [`GuestMem::read_faults`] ([`FAULT_BATCH`] messages).
+    pub fn fault_buffer() -> EventBuffer {
+        EventBuffer::new(FAULT_BATCH)
+    }
+
+    /// Read pending faults (non-blocking) through `buf` (from
+    /// [`GuestMem::fault_buffer`]).
+    pub fn read_faults(&self, buf: &mut EventBuffer, out: &mut Vec<Fault>) -> Result<()> {
         loop {
-            // SAFETY: reads into a buffer of the given size.
-            let r = unsafe {
-                libc::read(
-                    self.fd(),
-                    msgs.as_mut_ptr().cast(),
-                    std::mem::size_of_val(&msgs),
-                )
+            let events = match self.uffd.read_events(buf) {
+                Ok(events) => events,
+                // Nothing to read (the descriptor is non-blocking: EAGAIN is an
+                // empty batch; EOF does not happen on a live userfaultfd).
+                Err(userfaultfd::Error::ReadEof) => return Ok(()),
+                Err(e) => {
+                    let e = os_error(e);
+                    if e.kind() == ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(UffdError::Read(e));
+                }
             };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::WouldBlock => return Ok(()),
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ => return Err(UffdError::Read(e)),
-                }
-            }
-            let n = r as usize / std::mem::size_of::<UffdMsg>();
-            for m in &msgs[..n] {
-                if m.event != UFFD_EVENT_PAGEFAULT {
+            let mut n = 0;
+            for ev in events {
+                n += 1;
+                // Only page faults are enabled; anything else is skipped.
+                let Ok(Event::Pagefault { kind, rw, addr, .. }) = ev else {
                     continue;
-                }
-                let a = m.address as usize;
+                };
+                let a = addr as usize;
                 if a < self.guest || a >= self.guest + self.len {
                     continue;
                 }
                 out.push(Fault {
                     page: ((a - self.guest) / PAGE) as u64,
-                    write: m.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-                    wp: m.flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+                    write: rw == ReadWrite::Write,
+                    wp: kind == FaultKind::WriteProtected,
                 });
             }
-            if n < msgs.len() {
+            if n < FAULT_BATCH {
                 return Ok(());
             }
         }
@@ -231,6 +206,10 @@ impl GuestMem {
 
     fn gaddr(&self, page: u64) -> u64 {
         (self.guest + page as usize * PAGE) as u64
+    }
+
+    fn gptr(&self, page: u64) -> *mut libc::c_void {
+        self.gaddr(page) as *mut libc::c_void
     }
 
     fn err(op: &'static str, page: u64, err: std::io::Error) -> UffdError {
@@ -253,39 +232,37 @@ impl GuestMem {
             mode: if writable { 0 } else { UFFDIO_COPY_MODE_WP },
             copy: 0,
         };
-        match ioctl(self.fd(), UFFDIO_COPY, &mut c) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                Err(UffdError::AlreadyPresent { page })
+        loop {
+            // SAFETY: `c` is a valid `struct uffdio_copy` for UFFDIO_COPY; `src`
+            // is a live 4 KiB buffer and `dst` a page of the registered range.
+            let r = unsafe { libc::ioctl(self.fd(), UFFDIO_COPY, &mut c as *mut UffdioCopy) };
+            if r == 0 {
+                return Ok(());
             }
-            Err(e) => Err(Self::err("UFFDIO_COPY", page, e)),
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EEXIST) => return Err(UffdError::AlreadyPresent { page }),
+                _ => return Err(Self::err("UFFDIO_COPY", page, e)),
+            }
         }
     }
 
     /// Write-protect (or un-protect and wake) a present page.
     pub fn write_protect(&self, page: u64, protect: bool) -> Result<()> {
-        let mut w = UffdioWriteprotect {
-            range: UffdioRange {
-                start: self.gaddr(page),
-                len: PAGE as u64,
-            },
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
+        let at = self.gptr(page);
+        let r = if protect {
+            retry(|| self.uffd.write_protect(at, PAGE))
+        } else {
+            retry(|| self.uffd.remove_write_protection(at, PAGE, true))
         };
-        ioctl(self.fd(), UFFDIO_WRITEPROTECT, &mut w)
-            .map_err(|e| Self::err("UFFDIO_WRITEPROTECT", page, e))
+        r.map_err(|e| Self::err("UFFDIO_WRITEPROTECT", page, e))
     }
 
     /// Wake threads waiting on a page.
     pub fn wake(&self, page: u64) -> Result<()> {
-        let mut r = UffdioRange {
-            start: self.gaddr(page),
-            len: PAGE as u64,
-        };
-        ioctl(self.fd(), UFFDIO_WAKE, &mut r).map_err(|e| Self::err("UFFDIO_WAKE", page, e))
+        retry(|| self.uffd.wake(self.gptr(page), PAGE))
+            .map_err(|e| Self::err("UFFDIO_WAKE", page, e))
     }
 
     /// Drop a page: punch it out of the memfd (frees it, unmaps it everywhere).

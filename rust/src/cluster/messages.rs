@@ -1,0 +1,237 @@
+//! The payloads of the cluster link's application messages (wire formats): the
+//! message kinds, forwarded I/O requests, stop reasons and APIC addressing
+//! updates. Every decoder checks every byte a peer sent.
+
+use crate::apic;
+use crate::vcpu::StopReason;
+
+/// A malformed payload from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("addressing update of {0} bytes (expected {ADDRESSING_BYTES})")]
+    AddressingLength(usize),
+    #[error("addressing update with reserved flags {0:#x}")]
+    AddressingFlags(u8),
+    #[error("I/O request of {0} bytes (< 16)")]
+    IoShort(usize),
+    #[error("malformed I/O request")]
+    IoMalformed,
+    #[error("stop message too short")]
+    StopShort,
+    #[error("stop message of unknown kind {0}")]
+    StopKind(u8),
+}
+
+/// Bit set in an application message kind for the response to a request.
+pub const APP_RESPONSE: u64 = 1 << 63;
+/// Application message: an interrupt message for the receiver's local APICs.
+pub const APP_IPI: u64 = 1;
+/// Application message: a forwarded port/MMIO access (a request).
+pub const APP_IO: u64 = 2;
+/// Application message: the VM stopped ([`encode_stop`]).
+pub const APP_STOP: u64 = 3;
+/// Application message: the sender failed (utf-8 text).
+pub const APP_ERROR: u64 = 4;
+/// Application message: "my vCPUs are joined" (see the module docs).
+pub const APP_DONE: u64 = 5;
+
+/// Application message: addressing update of one of the sender's vCPUs.
+pub const APP_ADDR: u64 = 6;
+
+/// Application message: EOI of a level-triggered vector, for the IOAPIC owner.
+pub const APP_EOI: u64 = 7;
+
+/// Size of an [`encode_addressing`] payload.
+pub const ADDRESSING_BYTES: usize = 13;
+
+/// Encode an `APP_ADDR` payload:
+/// `[vcpu u32 LE][id u32 LE][ldr u32 LE][flags u8: 1 flat model, 2 x2APIC, 4 enabled,
+/// 8 software-enabled]`.
+pub fn encode_addressing(vcpu: u32, a: &apic::ApicAddressing) -> [u8; ADDRESSING_BYTES] {
+    let mut b = [0u8; ADDRESSING_BYTES];
+    b[0..4].copy_from_slice(&vcpu.to_le_bytes());
+    b[4..8].copy_from_slice(&a.id.to_le_bytes());
+    b[8..12].copy_from_slice(&a.ldr.to_le_bytes());
+    b[12] = u8::from(a.flat_model)
+        | (u8::from(a.x2apic) << 1)
+        | (u8::from(a.enabled) << 2)
+        | (u8::from(a.software_enabled) << 3);
+    b
+}
+
+/// Decode [`encode_addressing`].
+pub fn decode_addressing(b: &[u8]) -> Result<(u32, apic::ApicAddressing), MessageError> {
+    if b.len() != ADDRESSING_BYTES {
+        return Err(MessageError::AddressingLength(b.len()));
+    }
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let flags = b[12];
+    if flags & !0xF != 0 {
+        return Err(MessageError::AddressingFlags(flags));
+    }
+    Ok((
+        word(0),
+        apic::ApicAddressing {
+            id: word(4),
+            ldr: word(8),
+            flat_model: flags & 1 != 0,
+            x2apic: flags & 2 != 0,
+            enabled: flags & 4 != 0,
+            software_enabled: flags & 8 != 0,
+        },
+    ))
+}
+
+/// A forwarded device access (wire format of `APP_IO` requests):
+/// `[is_pio u8][is_write u8][len u8][0; 5][addr u64 LE][data; len]`. The response is
+/// `[action u8 (0 none, 1 stop)][status u8][read data; len]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoRequest {
+    pub is_pio: bool,
+    pub is_write: bool,
+    pub addr: u64,
+    /// Write data, or a zeroed buffer of the read length.
+    pub data: Vec<u8>,
+}
+
+impl IoRequest {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + self.data.len());
+        v.push(self.is_pio as u8);
+        v.push(self.is_write as u8);
+        v.push(self.data.len() as u8);
+        v.extend_from_slice(&[0; 5]);
+        v.extend_from_slice(&self.addr.to_le_bytes());
+        v.extend_from_slice(&self.data);
+        v
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Self, MessageError> {
+        if b.len() < 16 {
+            return Err(MessageError::IoShort(b.len()));
+        }
+        let len = usize::from(b[2]);
+        if b[0] > 1 || b[1] > 1 || !(1..=8).contains(&len) || b.len() != 16 + len {
+            return Err(MessageError::IoMalformed);
+        }
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[8..16]);
+        Ok(IoRequest {
+            is_pio: b[0] == 1,
+            is_write: b[1] == 1,
+            addr: u64::from_le_bytes(a),
+            data: b[16..].to_vec(),
+        })
+    }
+}
+
+/// Encode a stop reason for `APP_STOP`: `[kind u8][status u8][utf-8 message]`.
+pub fn encode_stop(r: &StopReason) -> Vec<u8> {
+    let (kind, status, msg): (u8, u8, &str) = match r {
+        StopReason::DebugExit(s) => (0, *s, ""),
+        StopReason::Shutdown(m) => (1, 0, m),
+        StopReason::Crash { error, .. } => (2, 0, error),
+        StopReason::Error(m) => (3, 0, m),
+        StopReason::Timeout => (4, 0, ""),
+        StopReason::Stopped => (5, 0, ""),
+    };
+    let mut v = vec![kind, status];
+    let m = msg.as_bytes();
+    v.extend_from_slice(&m[..m.len().min(crate::dsm::wire::MAX_APP_PAYLOAD - 2)]);
+    v
+}
+
+/// Decode an `APP_STOP` payload sent by node `from` (described as `who`).
+pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, MessageError> {
+    if b.len() < 2 {
+        return Err(MessageError::StopShort);
+    }
+    let msg = String::from_utf8_lossy(&b[2..]).into_owned();
+    Ok(match b[0] {
+        0 => StopReason::DebugExit(b[1]),
+        1 => StopReason::Shutdown(format!("{who}: {msg}")),
+        2 => StopReason::Crash {
+            error: format!("{who}: {msg}"),
+            dump: None,
+        },
+        3 => StopReason::Error(format!("{who}: {msg}")),
+        4 => StopReason::Timeout,
+        5 => StopReason::Stopped,
+        k => return Err(MessageError::StopKind(k)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_request_round_trip_and_rejects_garbage() {
+        let r = IoRequest {
+            is_pio: true,
+            is_write: true,
+            addr: 0x3f8,
+            data: vec![b'x'],
+        };
+        assert_eq!(IoRequest::from_bytes(&r.to_bytes()).unwrap(), r);
+        assert!(IoRequest::from_bytes(&[1, 2, 3]).is_err());
+        let mut b = r.to_bytes();
+        b[2] = 9;
+        assert!(IoRequest::from_bytes(&b).is_err());
+    }
+
+    #[test]
+    fn stop_round_trip() {
+        for r in [
+            StopReason::DebugExit(7),
+            StopReason::Timeout,
+            StopReason::Stopped,
+        ] {
+            assert_eq!(decode_stop("node 1", &encode_stop(&r)).unwrap(), r);
+        }
+        let e = decode_stop("node 1", &encode_stop(&StopReason::Error("boom".into()))).unwrap();
+        assert_eq!(e, StopReason::Error("node 1: boom".into()));
+        assert!(decode_stop("n", &[9, 0]).is_err());
+        assert!(decode_stop("n", &[]).is_err());
+    }
+
+    #[test]
+    fn addressing_update_round_trip_and_rejects_garbage() {
+        let a = apic::ApicAddressing {
+            id: 0x1_0013,
+            ldr: 0x0001_0008,
+            flat_model: false,
+            x2apic: true,
+            enabled: true,
+            software_enabled: true,
+        };
+        let b = encode_addressing(7, &a);
+        assert_eq!(decode_addressing(&b).unwrap(), (7, a));
+        for flat in [false, true] {
+            for x2 in [false, true] {
+                for en in [false, true] {
+                    for sw in [false, true] {
+                        let a = apic::ApicAddressing {
+                            id: 3,
+                            ldr: 0x0800_0000,
+                            flat_model: flat,
+                            x2apic: x2,
+                            enabled: en,
+                            software_enabled: sw,
+                        };
+                        let d = decode_addressing(&encode_addressing(3, &a)).unwrap().1;
+                        assert_eq!(d, a);
+                    }
+                }
+            }
+        }
+        assert!(decode_addressing(&b[..12]).is_err());
+        assert!(decode_addressing(&[]).is_err());
+        let mut bad = b;
+        bad[12] |= 0x80;
+        assert_eq!(
+            decode_addressing(&bad).unwrap_err(),
+            MessageError::AddressingFlags(0x8E)
+        );
+    }
+}

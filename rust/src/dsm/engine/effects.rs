@@ -1,0 +1,256 @@
+//! Executing the protocol's effects on this node: send (a page read from the
+//! engine mapping), install (UFFDIO_COPY), write-protect, drop (punch), wake;
+//! and eviction of foreign pages over the memory budget.
+
+use super::serve::{Engine, PMsg, Payload};
+use super::{EffectError, EngineFault};
+use crate::dsm::protocol::{CacheState, Data, Effect, Msg, NodeId, PageIdx, RangeMsg};
+use crate::dsm::stats::Stats;
+use crate::dsm::uffd::PAGE;
+
+/// The name of a range message's kind (for errors).
+fn range_kind(m: &RangeMsg) -> &'static str {
+    match m {
+        RangeMsg::Req { .. } => "Req",
+        RangeMsg::Inv { .. } => "Inv",
+        RangeMsg::InvAck { .. } => "InvAck",
+        RangeMsg::Fetch { .. } => "Fetch",
+        RangeMsg::Grant { .. } => "Grant",
+        RangeMsg::Done { .. } => "Done",
+        RangeMsg::Nack { .. } => "Nack",
+    }
+}
+
+/// At most this many evictions in flight.
+const MAX_EVICTING: usize = 32;
+/// How far into the eviction queue (oldest first) a clean page is looked for.
+const VICTIM_WINDOW: usize = 32;
+
+static ZERO: [u8; PAGE] = [0u8; PAGE];
+
+impl Engine {
+    /// Execute the protocol's effects in order. The first failure stops the VM
+    /// and aborts the rest: a failed `Drop` must not be acknowledged, a failed
+    /// `Install` must not be reported `Done`, or peers would go on with a page
+    /// this node does not hold.
+    pub(super) fn exec(&mut self, effects: &[Effect], data: Payload) {
+        for e in effects {
+            if self.failed {
+                return;
+            }
+            if let Err(err) = self.exec_one(e, data) {
+                self.failed = true;
+                self.sh.fail(EngineFault::Effect(err));
+                return;
+            }
+        }
+    }
+
+    pub(super) fn exec_one(
+        &mut self,
+        e: &Effect,
+        data: Payload,
+    ) -> std::result::Result<(), EffectError> {
+        let st = &self.sh.stats;
+        let mem = &self.sh.mem;
+        match *e {
+            Effect::Send { to, msg } => {
+                let mut page_data: Option<&[u8]> = None;
+                if let Msg::Grant { page, data: d, .. } = msg {
+                    match d {
+                        Data::Page => {
+                            mem.read_page(page, &mut self.buf);
+                            // One copy here, one more if it goes to self.
+                            Stats::add(&st.page_copies, 1 + u64::from(to == self.sh.me));
+                            page_data = Some(&self.buf[..]);
+                            if to != self.sh.me {
+                                Stats::inc(&st.pages_sent);
+                                Stats::add(&st.bytes_sent, PAGE as u64);
+                            }
+                        }
+                        Data::Zero => Stats::inc(&st.zero_pages_sent),
+                        Data::None => Stats::inc(&st.transfers_skipped),
+                    }
+                }
+                if let Msg::Inv { .. } = msg {
+                    if to != self.sh.me {
+                        Stats::inc(&st.invalidations_sent);
+                    }
+                }
+                if to == self.sh.me {
+                    self.local.push_back((
+                        PMsg::One(msg),
+                        page_data.map(|d| d.to_vec().into_boxed_slice()),
+                    ));
+                    Ok(())
+                } else {
+                    self.sh
+                        .transport
+                        .send_msg(to, &msg, page_data)
+                        .map_err(|err| EffectError::Send { to, msg, err })
+                }
+            }
+            Effect::Install {
+                page,
+                zero,
+                writable,
+            } => {
+                let src: &[u8; PAGE] = if zero {
+                    &ZERO
+                } else {
+                    match data.page(page) {
+                        Some(d) => d,
+                        None => return Err(EffectError::MissingData(page)),
+                    }
+                };
+                mem.install(page, src, writable)
+                    .map_err(|err| EffectError::Memory { page, err })?;
+                if !zero {
+                    // UFFDIO_COPY from the received payload.
+                    Stats::inc(&st.page_copies);
+                }
+                st.resident(1);
+                if self.is_foreign(page) {
+                    self.foreign_resident += 1;
+                    self.foreign.push_back(page);
+                }
+                Ok(())
+            }
+            Effect::MakeWritable { page } => mem
+                .write_protect(page, false)
+                .map_err(|err| EffectError::Memory { page, err }),
+            Effect::WriteProtect { page } => mem
+                .write_protect(page, true)
+                .map_err(|err| EffectError::Memory { page, err }),
+            Effect::Drop { page } => {
+                mem.punch(page)
+                    .map_err(|err| EffectError::Memory { page, err })?;
+                st.resident(-1);
+                if self.is_foreign(page) {
+                    self.foreign_resident = self.foreign_resident.saturating_sub(1);
+                }
+                self.evicting.remove(&page);
+                if self.pf.is_tracked(page) {
+                    self.pf.lost(page);
+                    self.sync_prefetch_stats();
+                }
+                Ok(())
+            }
+            Effect::Wake { page } => mem
+                .wake(page)
+                .map_err(|err| EffectError::Memory { page, err }),
+            Effect::SendRange { to, ref msg } => self.send_range(to, msg),
+        }
+    }
+
+    /// Execute a `SendRange`: for a grant, read its pages of data from the
+    /// engine mapping now (as for a single-page grant) into one payload.
+    pub(super) fn send_range(
+        &mut self,
+        to: NodeId,
+        msg: &RangeMsg,
+    ) -> std::result::Result<(), EffectError> {
+        let st = &self.sh.stats;
+        let remote = to != self.sh.me;
+        self.rbuf.clear();
+        match msg {
+            RangeMsg::Grant { first, data, .. } => {
+                let n = msg.data_pages();
+                self.rbuf.resize(n * PAGE, 0);
+                let mut slots = self.rbuf.chunks_exact_mut(PAGE);
+                for (page, d) in (*first..).zip(data.iter()) {
+                    match d {
+                        Data::Page => {
+                            // n slots for the n `Data::Page` entries.
+                            let Some(slot) = slots
+                                .next()
+                                .and_then(|s| <&mut [u8; PAGE]>::try_from(s).ok())
+                            else {
+                                return Err(EffectError::MissingData(page));
+                            };
+                            self.sh.mem.read_page(page, slot);
+                        }
+                        Data::Zero => Stats::inc(&st.zero_pages_sent),
+                        Data::None => Stats::inc(&st.transfers_skipped),
+                    }
+                }
+                if remote {
+                    Stats::add(&st.pages_sent, n as u64);
+                    Stats::add(&st.bytes_sent, (n * PAGE) as u64);
+                }
+                // Read from the mapping; once more below if it goes to self.
+                Stats::add(&st.page_copies, (n + if remote { 0 } else { n }) as u64);
+            }
+            RangeMsg::Inv { count, .. } if remote => {
+                Stats::add(&st.invalidations_sent, u64::from(*count));
+            }
+            _ => {}
+        }
+        if !remote {
+            let data = (!self.rbuf.is_empty()).then(|| self.rbuf.clone().into_boxed_slice());
+            self.local.push_back((PMsg::Range(msg.clone()), data));
+            return Ok(());
+        }
+        self.sh
+            .transport
+            .send_range(to, msg, &self.rbuf)
+            .map_err(|err| EffectError::SendRange {
+                to,
+                what: range_kind(msg),
+                first: msg.pages().start,
+                end: msg.pages().end,
+                err,
+            })
+    }
+
+    pub(super) fn evict_over_budget(&mut self, effects: &mut Vec<Effect>) {
+        let Some(budget) = self.budget else {
+            return;
+        };
+        let mut tries = self.foreign.len();
+        // Pages being evicted still count as resident until they are dropped, so
+        // the foreign footprint stays at `budget` plus what arrives while the
+        // evictions are in flight (a few pages).
+        while self.foreign_resident > budget && self.evicting.len() < MAX_EVICTING && tries > 0 {
+            tries -= 1;
+            let Some(page) = self.pick_victim() else {
+                break;
+            };
+            if self.evicting.contains(&page) {
+                continue;
+            }
+            effects.clear();
+            match self.node.evict(page, effects) {
+                Ok(true) => {
+                    Stats::inc(&self.sh.stats.evictions);
+                    self.evicting.insert(page);
+                    let fx = std::mem::take(effects);
+                    self.exec(&fx, Payload::None);
+                    *effects = fx;
+                }
+                Ok(false) => {
+                    // Busy (request in flight): retry later; not held: forget it.
+                    if self.node.is_pending(page) {
+                        self.foreign.push_back(page);
+                    }
+                }
+                Err(source) => self.sh.fail(EngineFault::Evict { page, source }),
+            }
+        }
+    }
+
+    /// The foreign page to evict next: the least recently faulted clean one
+    /// among the oldest [`VICTIM_WINDOW`] (a clean page goes back with one small
+    /// message, a modified one with its 4 KiB), else the oldest.
+    pub(super) fn pick_victim(&mut self) -> Option<PageIdx> {
+        let clean = self
+            .foreign
+            .iter()
+            .take(VICTIM_WINDOW)
+            .position(|&p| matches!(self.node.state(p), Some((CacheState::Shared, _, _))));
+        match clean {
+            Some(i) => self.foreign.remove(i),
+            None => self.foreign.pop_front(),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Running a built VM: start the vCPU threads (and, in a distributed VM, the
+//! cluster service), wait for the stop, join everything and report the
+//! [`VmResult`]; [`VmControl`] pauses, resumes and stops it from other threads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{Vm, VmError, VmSpec};
+use crate::sync::lock;
+use crate::vcpu::{StopReason, VcpuDump, VcpuShared, VcpuStats, VmClock, VmStop, EXIT_KINDS};
+
+/// Statistics of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VmStats {
+    pub exits: std::collections::BTreeMap<String, u64>,
+    pub exits_total: u64,
+    pub pio_reads: u64,
+    pub pio_writes: u64,
+    pub mmio_reads: u64,
+    pub mmio_writes: u64,
+    pub lapic_accesses: u64,
+    pub unknown_pio: u64,
+    pub unknown_mmio: u64,
+    pub msr_gp: u64,
+    pub interrupts_injected: u64,
+    pub nmis_injected: u64,
+    pub ipis_sent: u64,
+    pub ipis_delivered: u64,
+    pub irqs_raised: u64,
+    /// Halts ended by adaptive halt polling / halts that slept.
+    pub halt_poll_hits: u64,
+    pub halt_sleeps: u64,
+    /// Emulation failures the VMM finished itself (`vcpu::complete`).
+    pub insns_completed: u64,
+    /// LAPIC timer expiries; the worst deadline-to-injection delay (µs); timer
+    /// interrupts injected more than 10 ms late (`vcpu::TIMER_LATE_NS`).
+    pub timer_fires: u64,
+    pub timer_late_max_us: u64,
+    pub timer_late: u64,
+    /// Interrupt injections put off while KVM still held the previous vector.
+    pub injections_deferred: u64,
+    pub setup_ms: f64,
+    pub run_ms: f64,
+    pub per_vcpu_exits: Vec<u64>,
+    /// The vCPUs this node ran (all of them for a single-node VM).
+    pub local_vcpus: Vec<u32>,
+    /// Coherence counters of this node (distributed VM only).
+    pub dsm: Option<crate::dsm::StatsSnapshot>,
+}
+
+/// The result of a run (docs/interfaces.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct VmResult {
+    /// The node this result is from (0 for a single-node VM).
+    pub node: usize,
+    pub reason: String,
+    pub status: Option<u8>,
+    pub error: Option<String>,
+    pub vcpu_dump: Option<VcpuDump>,
+    pub stats: VmStats,
+}
+
+impl VmResult {
+    fn from_stop(r: StopReason, stats: VmStats) -> Self {
+        let (reason, status, error, vcpu_dump) = match r {
+            StopReason::DebugExit(s) => ("debug_exit", Some(s), None, None),
+            StopReason::Shutdown(why) => ("shutdown", None, Some(why), None),
+            StopReason::Crash { error, dump } => ("crash", None, Some(error), dump.map(|d| *d)),
+            StopReason::Error(e) => ("error", None, Some(e), None),
+            StopReason::Timeout => ("timeout", None, Some("timeout_s passed".into()), None),
+            StopReason::Stopped => ("stopped", None, None, None),
+        };
+        VmResult {
+            node: 0,
+            reason: reason.into(),
+            status,
+            error,
+            vcpu_dump,
+            stats,
+        }
+    }
+}
+
+/// Pause / resume / stop a running VM from another thread.
+#[derive(Clone)]
+pub struct VmControl {
+    vcpus: Vec<Arc<VcpuShared>>,
+    stop: Arc<VmStop>,
+    clock: VmClock,
+}
+
+impl VmControl {
+    /// Ask every vCPU to pause (returns at once; see [`VmControl::states`]).
+    /// The VM clock stops now, so the APIC timers do not run while paused.
+    pub fn pause(&self) {
+        self.clock.pause();
+        self.vcpus.iter().for_each(|v| v.pause());
+    }
+    /// Resume every paused vCPU, and the VM clock with them.
+    pub fn resume(&self) {
+        let paused_ns = self.clock.resume();
+        if paused_ns > 0 {
+            // The guest TSC ran on meanwhile: keep the LAPICs' TSC model on it.
+            for v in &self.vcpus {
+                lock(&v.lapic).clock_resumed(paused_ns);
+            }
+        }
+        self.vcpus.iter().for_each(|v| v.resume());
+    }
+    /// Stop the VM: `run` returns with reason `stopped`.
+    pub fn stop(&self) {
+        self.stop.request(StopReason::Stopped);
+    }
+    /// Current state of each vCPU.
+    pub fn states(&self) -> Vec<crate::vcpu::VcpuState> {
+        self.vcpus.iter().map(|v| v.state()).collect()
+    }
+    /// Wait until every vCPU is in one of `states` (or `timeout` passes); true on success.
+    pub fn wait_states(&self, states: &[crate::vcpu::VcpuState], timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.states().iter().all(|s| states.contains(s)) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Vm {
+    /// A handle to stop the VM from another thread: `request(StopReason::Stopped)`.
+    pub fn stopper(&self) -> Arc<VmStop> {
+        self.stop.clone()
+    }
+
+    /// A handle to pause, resume, stop and observe the VM from other threads.
+    pub fn control(&self) -> VmControl {
+        VmControl {
+            vcpus: self.shared.clone(),
+            stop: self.stop.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    /// Run until the VM stops (debug exit, crash, shutdown, timeout, `stop`), join every
+    /// vCPU thread and return the result.
+    pub fn run(mut self) -> VmResult {
+        let t0 = Instant::now();
+        // Distributed VM: the thread serving the other nodes (IPIs, I/O, stop).
+        if let Some(c) = &self.cluster {
+            c.fast_path(self.router.clone(), self.pio.clone(), self.mmio.clone());
+        }
+        let server = self.cluster.clone().map(|c| {
+            let (router, pio, mmio) = (self.router.clone(), self.pio.clone(), self.mmio.clone());
+            std::thread::Builder::new()
+                .name("dvmm-cluster".into())
+                .spawn(move || c.serve(&*router, &pio, &mmio))
+        });
+        let server = match server {
+            Some(Ok(h)) => Some(h),
+            Some(Err(e)) => {
+                self.stop.request(StopReason::Error(format!(
+                    "cannot spawn the cluster thread: {e}"
+                )));
+                None
+            }
+            None => None,
+        };
+        let mut failed = None;
+        let input = match (self.console_input.take(), &self.serial) {
+            (Some(i), Some(s)) => match i.spawn(s.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    failed = Some(StopReason::Error(format!(
+                        "cannot spawn the console input thread: {e}"
+                    )));
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for v in self.vcpus.drain(..) {
+            if failed.is_some() {
+                break;
+            }
+            match v.spawn() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    failed = Some(StopReason::Error(e.to_string()));
+                    break;
+                }
+            }
+        }
+        let reason = match failed {
+            Some(r) => r,
+            None => {
+                for s in &self.shared {
+                    s.start();
+                }
+                let timeout = (self.spec.timeout_s > 0.0)
+                    .then(|| Duration::from_secs_f64(self.spec.timeout_s));
+                match self.stop.wait(timeout) {
+                    Some(r) => r,
+                    None => {
+                        self.stop.request(StopReason::Timeout);
+                        self.stop.reason().unwrap_or(StopReason::Timeout)
+                    }
+                }
+            }
+        };
+        if let Some(c) = &self.cluster {
+            c.broadcast_stop(&reason);
+        }
+        for s in &self.shared {
+            s.stop();
+        }
+        if let Some(c) = &self.cluster {
+            // A vCPU blocked on a page held by a node that vanished never comes back
+            // by itself: after a grace period give up coherence so it can leave.
+            let end = Instant::now() + Duration::from_secs(3);
+            while handles.iter().any(|h| !h.is_finished()) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if handles.iter().any(|h| !h.is_finished()) {
+                eprintln!(
+                    "dvmm: {}: vCPUs still blocked on guest memory 3 s after the stop; releasing it",
+                    c.describe(c.me)
+                );
+                c.dsm.release_memory();
+                for s in &self.shared {
+                    s.kick();
+                }
+            }
+        }
+        let mut total = VcpuStats::default();
+        let mut per_vcpu = Vec::new();
+        for h in handles {
+            match h.join() {
+                Ok(s) => {
+                    per_vcpu.push(s.total_exits());
+                    total.merge(&s);
+                }
+                Err(_) => per_vcpu.push(0),
+            }
+        }
+        if let Some(t) = input {
+            t.stop();
+        }
+        if let Some(s) = &self.serial {
+            lock(s).flush();
+        }
+        let mut dsm = None;
+        if let Some(c) = &self.cluster {
+            // Keep serving memory until every peer's vCPUs are out too.
+            c.finish(Duration::from_secs(5));
+            dsm = Some(c.dsm.stats());
+            c.dsm.shutdown();
+            c.quit();
+        }
+        if let Some(h) = server {
+            let _ = h.join();
+        }
+        let run = t0.elapsed();
+        let stats = VmStats {
+            exits: EXIT_KINDS
+                .iter()
+                .zip(total.exits.iter())
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| (k.to_string(), *n))
+                .collect(),
+            exits_total: total.total_exits(),
+            pio_reads: total.pio_reads,
+            pio_writes: total.pio_writes,
+            mmio_reads: total.mmio_reads,
+            mmio_writes: total.mmio_writes,
+            lapic_accesses: total.lapic_accesses,
+            unknown_pio: total.unknown_pio,
+            unknown_mmio: total.unknown_mmio,
+            msr_gp: total.msr_gp,
+            interrupts_injected: total.interrupts_injected,
+            nmis_injected: total.nmis_injected,
+            ipis_sent: total.ipis_sent,
+            ipis_delivered: self.router.ipis_delivered(),
+            irqs_raised: self.router.irqs_raised(),
+            halt_poll_hits: total.halt_poll_hits,
+            halt_sleeps: total.halt_sleeps,
+            insns_completed: total.insns_completed,
+            timer_fires: total.timer_fires,
+            timer_late_max_us: total.timer_late_max_us,
+            timer_late: total.timer_late,
+            injections_deferred: total.injections_deferred,
+            setup_ms: self.setup.as_secs_f64() * 1e3,
+            run_ms: run.as_secs_f64() * 1e3,
+            per_vcpu_exits: per_vcpu,
+            local_vcpus: self.shared.iter().map(|s| s.index).collect(),
+            dsm,
+        };
+        let mut r = VmResult::from_stop(reason, stats);
+        r.node = self.cluster.as_ref().map_or(0, |c| usize::from(c.me));
+        r
+    }
+}
+
+/// Parse, validate, build and run a VM; the result as JSON.
+pub fn run_vm(spec_json: &str) -> Result<String, VmError> {
+    let spec = VmSpec::from_json(spec_json)?;
+    let vm = Vm::new(spec)?;
+    let result = vm.run();
+    Ok(serde_json::to_string(&result)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_json_shape() {
+        let r = VmResult::from_stop(StopReason::DebugExit(3), VmStats::default());
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["reason"], "debug_exit");
+        assert_eq!(v["status"], 3);
+        assert!(v["error"].is_null());
+        assert!(v["vcpu_dump"].is_null());
+        assert!(v["stats"].is_object());
+        let r = VmResult::from_stop(StopReason::Timeout, VmStats::default());
+        assert_eq!(serde_json::to_value(&r).unwrap()["reason"], "timeout");
+    }
+}
