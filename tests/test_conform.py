@@ -166,7 +166,7 @@ def test_conform_under_dvmm(tmp_path: Path, nodes: int, vcpus: int) -> None:
     """dvmm on 1, 2 and 3 nodes: every check holds, no deviation is excused."""
     _require_guest_and_kvm()
     try:
-        from dvmmd import _native  # noqa: F401
+        from dvmmd import _native  # noqa: F401  # FIXME
     except ImportError as e:
         skip_or_fail(f"the native module dvmmd._native is not built: {e}")
     if nodes > 1:

@@ -19,8 +19,8 @@ import pytest
 from conftest import BOOT_TIMEOUT_S, REPO, code_exit, multiboot_kernel, requires_kvm
 from test_daemon_cluster import Cluster
 
-from dvmmd.cli import _want_console_stdin
-from dvmmd.vmspec import SpecError, validate_spec
+from dvmmd.cli.run import _want_console_stdin
+from dvmmd.vm.spec import SpecError, validate_spec
 from dvmmd.worker import ensure_console_fifo
 
 M = 1024 * 1024

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from dvmmd.cluster_cli import Client
+from dvmmd.cli.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 HB = 0.2
@@ -54,7 +54,7 @@ with open(result_path + ".stats", "w") as f:
     json.dump({"read_faults": idx}, f)
 log.write(f"fake guest on node {idx}: vcpus {cpus}, cluster={spec['cluster'] is not None}\n")
 if "--key-stdin" in sys.argv:  # multi-node: this node's private key arrives on stdin
-    from dvmmd.keys import public_of
+    from dvmmd.security.keys import public_of
     key = sys.stdin.readline().strip()
     ok = public_of(key) == spec["cluster"]["node_pubkeys_hex"][idx]
     log.write(f"data-path key on stdin matches node_pubkeys_hex[{idx}]: {ok}\n")
@@ -684,7 +684,7 @@ def test_boot_bundled_guest(cluster: Cluster) -> None:
     guest = _guest()
     if guest is None:
         pytest.skip("the bundled guest is not built (make -C guest)")
-    from dvmmd.vmmanager import multinode_supported
+    from dvmmd.worker import multinode_supported
 
     multi, why = multinode_supported("auto")
     a, b = cluster.add(2)
@@ -740,7 +740,7 @@ def test_stop_real_guest_across_two_nodes(cluster: Cluster) -> None:
     guest = _guest()
     if guest is None:
         pytest.skip("the bundled guest is not built (make -C guest)")
-    from dvmmd.vmmanager import multinode_supported
+    from dvmmd.worker import multinode_supported
 
     multi, why = multinode_supported("auto")
     if not multi:

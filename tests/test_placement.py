@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from dvmmd.placement import (
+from dvmmd.vm.placement import (
     NodeResources,
     NodeShare,
     Placement,

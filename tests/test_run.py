@@ -1,6 +1,6 @@
 """`dvmmctl run` and the VMM worker: the spec, bad inputs, and booting the bundled guest.
 
-The unit tests of dvmmd.vmspec need nothing; the boot tests need /dev/kvm, the
+The unit tests of dvmmd.vm.spec need nothing; the boot tests need /dev/kvm, the
 native module and the bundled guest (`make setup` builds both).
 """
 
@@ -29,8 +29,8 @@ from conftest import (
     requires_kvm,
 )
 
-from dvmmd import vmspec
-from dvmmd.vmspec import SpecError, build_spec, exit_code, split_numa, validate_spec
+from dvmmd.vm import spec as vmspec
+from dvmmd.vm.spec import SpecError, build_spec, exit_code, split_numa, validate_spec
 
 M = 1024 * 1024
 
@@ -405,7 +405,7 @@ def test_worker_sigterm_stops_the_vm(make_kernel: MakeKernel, tmp_path: Path) ->
 
 
 def test_worker_death_quotes_its_last_words_not_a_startup_warning(tmp_path: Path) -> None:
-    from dvmmd.localcluster import Node
+    from dvmmd.launcher.launch import Node
 
     n = Node(0, "127.0.0.1", 7100, {}, tmp_path / "s", tmp_path / "r", tmp_path / "c")
     n.returncode = -9

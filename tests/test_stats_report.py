@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dvmmd import metrics, stats_report
+from dvmmd.daemon import metrics
+from dvmmd.vm import stats_report
 
 
 def _node(buckets: list[list[int]], mean: int, **kw: Any) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from conftest import dvmmctl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dvmmd import pki, tls
-from dvmmd.auth import AuthError, Peer, dial_handshake
 from dvmmd.config import Config, parse_config
-from dvmmd.membership import Membership
-from dvmmd.peerproto import MAGIC, PROTO_VERSION, Connection, encode
-from dvmmd.peers import MAX_PENDING, MAX_PENDING_PER_HOST, PeerNetwork
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.peer_protocol import MAGIC, PROTO_VERSION, Connection, encode
+from dvmmd.daemon.peers import MAX_PENDING, MAX_PENDING_PER_HOST, PeerNetwork
+from dvmmd.security import pki, tls
+from dvmmd.security.auth import AuthError, Peer, dial_handshake
 
 SECRET = b"s" * 32
 

@@ -23,6 +23,7 @@ Kinds of host:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import errno
 import fcntl
@@ -38,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvmmd.vmspec import CPU_MODELS, default_cpu_model
+from dvmmd.host import PVM_MEANING, host_kind, loaded_modules
+from dvmmd.vm.spec import CPU_MODELS, default_cpu_model
 
 __all__ = [
     "KVM_CAPS",
@@ -107,14 +109,7 @@ UFFD_FEATURES: list[tuple[str, int, bool, str]] = [
     ("WP_UNPOPULATED", 1 << 13, False, "nice to have: write-protect unpopulated pages"),
 ]
 
-PVM_MEANING = (
-    "PVM flavour of KVM (kvm_pvm, no VMX/SVM): guest CPL3 code runs natively; "
-    "guest CPL0, real-mode and protected-mode code is emulated (~500 ns per "
-    "instruction, some instructions refused), so an unmodified Linux is "
-    "impractical here; the bundled guest runs its work at CPL3"
-)
-HW_MEANING = "hardware virtualization ({}): all guest code runs natively"
-#: Why each host kind gets its default CPU model (dvmmd.vmspec.default_cpu_model).
+#: Why each host kind gets its default CPU model (dvmmd.vm.spec.default_cpu_model).
 CPU_MODEL_WHY = {
     "vmx": "all guest code runs natively, so the guest gets every feature KVM offers",
     "svm": "all guest code runs natively, so the guest gets every feature KVM offers",
@@ -182,56 +177,6 @@ class Report:
             "rdma_devices": self.rdma_devices,
             "checks": [asdict(c) | {"status": c.status} for c in self.checks],
         }
-
-
-# ----------------------------------------------------------------- host kind
-
-
-def _cpu_flags(cpuinfo: str) -> set[str]:
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
-def host_kind(cpuinfo: str, modules: set[str], kvm_present: bool) -> tuple[str, str]:
-    """Classify the host: ``vmx``, ``svm``, ``pvm``, ``none`` or ``unknown``.
-
-    ``modules`` are the loaded module names under /sys/module that matter
-    (``kvm_intel``, ``kvm_amd``, ``kvm_pvm``).
-    """
-    flags = _cpu_flags(cpuinfo)
-    if "kvm_intel" in modules and "vmx" in flags:
-        return "vmx", HW_MEANING.format("Intel VT-x")
-    if "kvm_amd" in modules and "svm" in flags:
-        return "svm", HW_MEANING.format("AMD-V")
-    if "kvm_pvm" in modules:
-        return "pvm", PVM_MEANING
-    if not kvm_present:
-        if "vmx" in flags or "svm" in flags:
-            return "none", "the CPU has hardware virtualization but KVM is not available"
-        return "none", "no KVM and no hardware virtualization"
-    if "vmx" in flags:
-        return "vmx", HW_MEANING.format("Intel VT-x")
-    if "svm" in flags:
-        return "svm", HW_MEANING.format("AMD-V")
-    return "unknown", "/dev/kvm exists but the KVM flavour is not recognized"
-
-
-def _loaded_modules() -> set[str]:
-    return {
-        m for m in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm") if Path("/sys/module", m).exists()
-    }
-
-
-def current_host_kind(kvm_path: str = "/dev/kvm") -> str:
-    """This host's kind (:func:`host_kind`), cheaply: no KVM ioctls, only /proc and /sys."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    return host_kind(cpuinfo, _loaded_modules(), os.path.exists(kvm_path))[0]
 
 
 # ----------------------------------------------------------------- KVM
@@ -444,7 +389,7 @@ def probe_build() -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - not built yet, or a broken build
         build["native"] = None
         build["native_error"] = f"{type(e).__name__}: {e}"
-    from dvmmd.vmspec import SpecError, find_bundled_guest
+    from dvmmd.vm.spec import SpecError, find_bundled_guest
 
     try:
         build["guest"] = str(find_bundled_guest())
@@ -471,7 +416,7 @@ def probe_data_plane(path: str | None = None) -> dict[str, str]:
     """The data-plane protection in force on this node: the daemon config's
     ``cluster.data_plane`` (``$DVMMD_CONFIG`` or the default path), else the
     default that ``dvmmctl run --nodes`` and dvmmd use."""
-    from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+    from dvmmd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
     cfg_path = path or os.environ.get("DVMMD_CONFIG") or DEFAULT_CONFIG_PATH
     if not os.path.exists(cfg_path):
@@ -499,7 +444,7 @@ def run_doctor(kvm_path: str = "/dev/kvm") -> Report:
         "machine": uname.machine,
         "cpus": os.cpu_count(),
         "memory": _meminfo_total(),
-        "modules": sorted(_loaded_modules()),
+        "modules": sorted(loaded_modules()),
     }
     r.add("x86-64 host", uname.machine == "x86_64", True, uname.machine)
 
@@ -679,3 +624,19 @@ def main(as_json: bool = False) -> int:
         )
         return 1
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return main(as_json=args.json)
+
+
+def register(sub: Any) -> None:
+    """Add ``doctor`` to dvmmctl's verbs."""
+    p = sub.add_parser(
+        "doctor",
+        help="check whether this host can run dvmm and what kind of host it is",
+        description="Check /dev/kvm, the KVM capabilities dvmm needs, hardware "
+        "virtualization or PVM, userfaultfd and memfd. Exit 0 when dvmm can run.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .names import RULE, is_valid_name
+from dvmmd.vm.names import RULE, is_valid_name
 
 __all__ = [
     "CA_DAYS",

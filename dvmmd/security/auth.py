@@ -21,50 +21,18 @@ The cluster secret (secret mode) is read here; tls.py turns it into a CA.
 
 from __future__ import annotations
 
-import os
 import ssl
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 
-from .logsafe import shown
-from .peerproto import PROTO_VERSION, Connection, ProtocolError
+from dvmmd.daemon.peer_protocol import PROTO_VERSION, Connection, ProtocolError
+from dvmmd.security.logsafe import shown
 
-MIN_SECRET_BYTES = 16
 HANDSHAKE_TIMEOUT = 5.0
 
 
 class AuthError(Exception):
     """Authentication failed (no or wrong certificate, name mismatch, refused); the
     message says why."""
-
-
-class SecretError(Exception):
-    """The secret file is missing, unreadable, too short or too widely readable."""
-
-
-def load_secret(path: str | os.PathLike[str]) -> bytes:
-    """Read the cluster secret: the file's contents with surrounding whitespace removed.
-
-    Generate one with ``head -c 32 /dev/urandom | xxd -p -c 64 > /etc/dvmmd/secret``.
-    Refuses secrets shorter than 16 bytes and files readable by group or others.
-    """
-    p = Path(path)
-    try:
-        st = p.stat()
-        data = p.read_bytes().strip()
-    except OSError as e:
-        raise SecretError(f"cannot read cluster secret {p}: {e.strerror or e}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(
-            f"cluster secret {p} is accessible by group/others "
-            f"(mode {oct(st.st_mode & 0o777)}); chmod 600 it"
-        )
-    if len(data) < MIN_SECRET_BYTES:
-        raise SecretError(
-            f"cluster secret {p} is too short ({len(data)} bytes; need at least {MIN_SECRET_BYTES})"
-        )
-    return data
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
-"""dvmmd: the node daemon (one per node).
+"""dvmmd, the node daemon (one per node): start-up, signals, reload, shutdown.
 
     dvmmd [--config /etc/dvmmd/dvmmd.toml] [--check-config]
 
 Wires the parts together on one asyncio loop: the durable store (store.py), this
-node's TLS identity (tls.py: certificate files, or a certificate issued at start-up
-under the CA the cluster secret stands for), membership and failure detection
+node's TLS identity (dvmmd.security.tls: certificate files, or a certificate issued at
+start-up under the CA the cluster secret stands for), membership and failure detection
 (membership.py), the mutually authenticated peer network (peers.py), VM lifecycle
-(vmmanager.py), the local API (api.py), metrics (metrics.py) and systemd
-notification (sdnotify.py).
+(vms.py: vm_owner.py and node_share.py), the local API (api.py), metrics (metrics.py)
+and systemd notification (sdnotify.py).
 
 Signals: SIGTERM/SIGINT stop the daemon cleanly (workers stopped, peers told).
 SIGHUP re-reads the config file and applies what can change at run time, which is
@@ -32,19 +32,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .api import ApiHandler, ApiServer
-from .auth import Peer
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .membership import Membership
-from .metrics import Exposition, add_worker_stats
-from .metrics import serve as serve_metrics
-from .peers import PeerNetwork
-from .sdnotify import notify, watchdog_interval
-from .statelock import StateDirBusy, StateLock
-from .store import ACTIVE_STATES, Store, StoreError
-from .tls import IdentityError, load_identity
-from .vmmanager import VmManager
+from dvmmd import __version__
+from dvmmd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from dvmmd.daemon.api import ApiHandler, ApiServer
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.metrics import Exposition, add_worker_stats
+from dvmmd.daemon.metrics import serve as serve_metrics
+from dvmmd.daemon.peers import PeerNetwork
+from dvmmd.daemon.sdnotify import notify, watchdog_interval
+from dvmmd.daemon.statelock import StateDirBusy, StateLock
+from dvmmd.daemon.store import ACTIVE_STATES, Store, StoreError
+from dvmmd.daemon.vms import VmManager
+from dvmmd.security.auth import Peer
+from dvmmd.security.tls import IdentityError, load_identity
 
 log = logging.getLogger("dvmmd")
 
@@ -361,7 +361,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .keys import DATA_PLANE_MODES
-from .names import is_valid_name
-from .peerproto import Message, ProtocolError
+from dvmmd.daemon.peer_protocol import Message, ProtocolError
+from dvmmd.security.keys import DATA_PLANE_MODES
+from dvmmd.vm.names import is_valid_name
 
 log = logging.getLogger("dvmmd.membership")
 

@@ -1,11 +1,11 @@
 """Framed messages between daemons (the control plane; the VM data path is in Rust).
 
-Every connection is mutual TLS 1.3 (tls.py); inside it, a frame is an 8-byte header
+Every connection is mutual TLS 1.3 (dvmmd.security.tls); inside it, a frame is an 8-byte header
 ``b"DVP2"`` (magic + protocol version 2) + big-endian u32 length, then that many bytes
 of UTF-8 JSON holding one object with a ``"type"`` field. Every message is validated
 strictly against `SCHEMAS`: unknown types, missing or extra fields and wrong field
 types are protocol errors, and so are a bad magic, an oversized frame, invalid
-UTF-8/JSON, JSON nested too deeply (safejson.py) or a truncated frame. Before the
+UTF-8/JSON, JSON nested too deeply (dvmmd.security.safejson) or a truncated frame. Before the
 peer has said who it is (``hello``/``welcome``, auth.py) a frame may be at most
 `PREAUTH_MAX_FRAME` bytes; after, `MAX_FRAME`. The caller disconnects the peer with
 the logged reason and keeps serving everyone else.
@@ -19,9 +19,9 @@ import re
 import struct
 from typing import Any
 
-from . import safejson, tls
-from .logsafe import shown
-from .names import is_valid_name
+from dvmmd.security import safejson, tls
+from dvmmd.security.logsafe import shown
+from dvmmd.vm.names import is_valid_name
 
 MAGIC = b"DVP2"
 PROTO_VERSION = 2

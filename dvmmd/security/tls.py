@@ -24,7 +24,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import pki
+from dvmmd.security import pki
+from dvmmd.security.secret import SecretError, load_secret
 
 __all__ = [
     "Identity",
@@ -145,8 +146,6 @@ def load_identity(
         raise IdentityError(
             "no cluster.secret_file and no [tls] files: nothing to prove who we are"
         )
-    from .auth import SecretError, load_secret
-
     try:
         secret = load_secret(secret_file)
     except SecretError as e:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .sizes import format_size
+from dvmmd.vm.sizes import format_size
 
 MIB = 1 << 20
 PAGE = 4096

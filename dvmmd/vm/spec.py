@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dvmmd.keys import DATA_PLANE_MODES, KeyMaterialError, check_key_hex, is_session_hex
-from dvmmd.sizes import PAGE_SIZE, SizeError, check_guest_memory, format_size
+from dvmmd.host import current_host_kind
+from dvmmd.security.keys import DATA_PLANE_MODES, KeyMaterialError, check_key_hex, is_session_hex
+from dvmmd.vm.sizes import PAGE_SIZE, SizeError, check_guest_memory, format_size
 
 __all__ = [
     "CPU_MODELS",
@@ -103,8 +104,6 @@ def default_cpu_model(host_kind: str) -> str:
 
 def host_default_cpu_model() -> str:
     """The default CPU model for this host (its kind detected as ``dvmmctl doctor`` does)."""
-    from dvmmd.doctor import current_host_kind
-
     return default_cpu_model(current_host_kind())
 
 
@@ -138,7 +137,8 @@ def check_cpu_model(cpu: Any) -> str:
 
 
 def _package_root() -> Path:
-    return Path(__file__).resolve().parent
+    """The ``dvmmd`` package directory."""
+    return Path(__file__).resolve().parents[1]
 
 
 def bundled_guest_candidates() -> list[Path]:

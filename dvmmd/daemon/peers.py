@@ -2,18 +2,18 @@
 
 Each daemon listens on `node.listen` and dials every member it knows (static peers,
 the seed, members gossiped in heartbeats, nodes that dialled it). Every connection is
-mutual TLS 1.3 (tls.py) and the name a peer claims must be its certificate's
-(auth.py) before any other message. On its *outgoing* connection a daemon sends
+mutual TLS 1.3 (dvmmd.security.tls) and the name a peer claims must be its certificate's
+(dvmmd.security.auth) before any other message. On its *outgoing* connection a daemon sends
 heartbeats and RPC requests; the acceptor answers RPCs on the same connection. A peer
 that fails authentication is refused and logged; a peer that sends anything malformed
-(peerproto.py) is disconnected with the reason logged. Neither affects any other
+(peer_protocol.py) is disconnected with the reason logged. Neither affects any other
 connection.
 
 Strangers (connections not yet authenticated) are kept cheap: at most
 `MAX_PENDING` of them at once and `MAX_PENDING_PER_HOST` per source address (more
 are closed at once), `HANDSHAKE_TIMEOUT` each for TLS and again for ``hello``, frames
 of at most PREAUTH_MAX_FRAME bytes, and what they make us log is escaped, truncated
-and rate-limited (logsafe.py), at WARNING: a stranger cannot fill the log with ERRORs.
+and rate-limited (dvmmd.security.logsafe), at WARNING: a stranger cannot fill the log with ERRORs.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import HANDSHAKE_TIMEOUT, AuthError, Peer, accept_handshake, dial_handshake
-from .config import Config, parse_hostport
-from .logsafe import RateLimitedLog, shown
-from .membership import Membership
-from .peerproto import Connection, Message, ProtocolError
-from .tls import Identity
+from dvmmd.config import Config, parse_hostport
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.peer_protocol import Connection, Message, ProtocolError
+from dvmmd.security.auth import HANDSHAKE_TIMEOUT, AuthError, Peer, accept_handshake, dial_handshake
+from dvmmd.security.logsafe import RateLimitedLog, shown
+from dvmmd.security.tls import Identity
 
 log = logging.getLogger("dvmmd.peers")
 

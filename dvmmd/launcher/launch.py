@@ -9,10 +9,10 @@ the ``cluster`` field). The launcher
   splits into page-aligned shares) and lays the VM out: vCPUs in contiguous
   blocks spread evenly (the BSP, vCPU 0, on node 0, the boot node), memory
   split evenly (page-aligned; the last node takes the remainder);
-- makes the data path's key material (keys.py): a random session id and one
+- makes the data path's key material (dvmmd.security.keys): a random session id and one
   X25519 key pair per node, and one address per node: ``127.0.0.(i+1)`` (all of
   127/8 is loopback on Linux) with a free port, or with ``--netns``
-  ``198.18.0.(i+1)`` in node i's own network namespace (``dvmmd.netns``);
+  ``198.18.0.(i+1)`` in node i's own network namespace (``dvmmd.launcher.netns``);
 - writes each node's spec (public: addresses, session id, every node's public key,
   ``security`` from ``--data-plane``, default ``encrypt``) into a private temporary
   directory and starts the workers with ``--key-stdin``, writing each one's private
@@ -29,23 +29,20 @@ the ``cluster`` field). The launcher
 
 The exit status is the guest's (the boot node's result), 124 for a timeout,
 130/143 when interrupted, 1 with a message naming the node for any failure.
-``--stats`` prints a per-node table of counters (``dvmmd.stats_report``);
+``--stats`` prints a per-node table of counters (``dvmmd.vm.stats_report``);
 ``--json`` prints one summary line ``{status, reason, error, exit_code, nodes:
 [{node, addr, ...,  stats}], totals, ...}``.
 
 With ``--nodes 1`` one worker runs the VM with no ``cluster`` field, exactly as
 a single-node VM.
 
-Entry points: ``add_arguments(parser)`` adds the options beyond ``dvmmctl
-run``'s (``--netns``, ``--base-port``, ``--foreign-budget``, ``--data-plane``, ...);
-``run(args) -> int``
-does the run;
-``python -m dvmmd.localcluster`` is a standalone command with every option.
+Entry point: ``Launcher(Options(...)).run() -> int`` (``dvmmctl run --nodes``,
+dvmmd/cli/run.py, builds the options from its arguments). A request that cannot
+be run raises `UsageError` (exit 2), a failure to launch `LaunchError`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import json
@@ -66,11 +63,11 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from dvmmd import stats_report
-from dvmmd.keys import DATA_PLANE_HELP, DATA_PLANE_MODES, NodeKey, new_session_hex
-from dvmmd.netns import NetnsError, Topology
-from dvmmd.sizes import PAGE_SIZE, SizeError, format_size, parse_guest_memory, parse_size
-from dvmmd.vmspec import (
+from dvmmd.launcher.netns import NetnsError, Topology
+from dvmmd.security.keys import DATA_PLANE_HELP, DATA_PLANE_MODES, NodeKey, new_session_hex
+from dvmmd.vm import stats_report
+from dvmmd.vm.sizes import PAGE_SIZE, format_size
+from dvmmd.vm.spec import (
     DEFAULT_CMDLINE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -88,11 +85,11 @@ from dvmmd.vmspec import (
 __all__ = [
     "MAX_NODES",
     "LaunchError",
+    "Launcher",
     "Options",
-    "add_arguments",
+    "UsageError",
     "layout",
-    "main",
-    "run",
+    "validate",
 ]
 
 PROG = "dvmmctl"
@@ -152,143 +149,9 @@ class Options:
     #: Protection of the data path between nodes (keys.DATA_PLANE_MODES).
     data_plane: str = "encrypt"
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Options:
-        d = cls()
-        return cls(
-            nodes=getattr(args, "nodes", d.nodes),
-            vcpus=getattr(args, "vcpus", d.vcpus),
-            memory=getattr(args, "memory", d.memory),
-            kernel=getattr(args, "kernel", d.kernel),
-            initrd=getattr(args, "initrd", d.initrd),
-            cmdline=getattr(args, "cmdline", d.cmdline),
-            console_log=getattr(args, "console_log", d.console_log),
-            timeout=getattr(args, "timeout", d.timeout) or 0.0,
-            netns=bool(getattr(args, "netns", d.netns)),
-            base_port=getattr(args, "base_port", d.base_port),
-            stats=bool(getattr(args, "stats", d.stats)),
-            json=bool(getattr(args, "json", d.json)),
-            foreign_budget=getattr(args, "foreign_budget", d.foreign_budget),
-            hold_window_us=getattr(args, "hold_window_us", d.hold_window_us),
-            prefetch_max_pages=getattr(args, "prefetch_max_pages", d.prefetch_max_pages),
-            transport=getattr(args, "transport", d.transport),
-            cpu=getattr(args, "cpu", d.cpu),
-            data_plane=getattr(args, "data_plane", d.data_plane) or d.data_plane,
-        )
-
-
-def _hold_arg(text: str) -> int:
-    try:
-        us = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid hold window {text!r}: not an integer") from None
-    if not 0 <= us <= 100_000:
-        raise argparse.ArgumentTypeError(f"hold window {us} us: must be 0..100000")
-    return us
-
 
 #: Largest DSM prefetch batch (the engine's MAX_PREFETCH).
 MAX_PREFETCH_PAGES = 64
-
-
-def _prefetch_arg(text: str) -> int:
-    try:
-        n = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid prefetch batch {text!r}: not an integer"
-        ) from None
-    if not 0 <= n <= MAX_PREFETCH_PAGES:
-        raise argparse.ArgumentTypeError(
-            f"prefetch batch {n} pages: must be 0..{MAX_PREFETCH_PAGES}"
-        )
-    return n
-
-
-def _port_arg(text: str) -> int:
-    try:
-        n = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not an integer") from None
-    if not 1 <= n <= 65535 - MAX_NODES:
-        raise argparse.ArgumentTypeError(f"port {n} out of range 1..{65535 - MAX_NODES}")
-    return n
-
-
-def _budget_arg(text: str) -> int:
-    try:
-        n = parse_size(text)
-    except SizeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n < PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"--foreign-budget {text}: at least one 4 KiB page")
-    return n
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the multi-node options beyond ``dvmmctl run``'s own.
-
-    ``dvmmctl run`` already has ``--nodes``, ``--vcpus``, ``--memory``,
-    ``--kernel``, ``--initrd``, ``--cmdline``, ``--console-log``, ``--timeout``,
-    ``--stats`` and ``--json``; this adds ``--netns``, ``--base-port`` and
-    ``--foreign-budget``.
-    """
-    parser.add_argument(
-        "--netns",
-        action="store_true",
-        help="with --nodes: put each node in its own network namespace, joined by veth "
-        "links to a bridge, addresses 198.18.0.(i+1) (needs root and iproute2)",
-    )
-    parser.add_argument(
-        "--base-port",
-        type=_port_arg,
-        default=None,
-        metavar="PORT",
-        help="with --nodes: node i listens on PORT+i (default: a free port per node; "
-        f"{NETNS_PORT} with --netns)",
-    )
-    parser.add_argument(
-        "--foreign-budget",
-        type=_budget_arg,
-        default=None,
-        metavar="SIZE",
-        help="with --nodes: memory aggregation: each node keeps at most SIZE of other "
-        "nodes' memory resident, evicting the least recently faulted (clean first) back "
-        "home, so it holds at most its share + SIZE (default: half of its share)",
-    )
-    parser.add_argument(
-        "--hold-window-us",
-        type=_hold_arg,
-        default=None,
-        metavar="US",
-        help="with --nodes: keep a page just written here for up to US microseconds before "
-        "giving it away (against ping-pong pages); 0 = plain invalidation protocol "
-        "(default: 0, off: it did not gain in the perf suite)",
-    )
-    parser.add_argument(
-        "--prefetch-max-pages",
-        type=_prefetch_arg,
-        default=None,
-        metavar="N",
-        help="with --nodes: sequential prefetch: when a node's reads of another node's "
-        f"pages look sequential, request up to N (0..{MAX_PREFETCH_PAGES}) following pages "
-        "at once; 0 = off (default: the engine's)",
-    )
-    parser.add_argument(
-        "--transport",
-        choices=("tcp", "shm"),
-        default="tcp",
-        help="with --nodes: how the nodes' messages move: tcp (default) or shm (rings in "
-        "shared memory, for nodes on one host; each node still keeps its own copy of "
-        "guest memory; not with --netns)",
-    )
-    parser.add_argument(
-        "--data-plane",
-        choices=DATA_PLANE_MODES,
-        default="encrypt",
-        help="with --nodes: protection of the traffic between nodes: "
-        + "; ".join(f"{m} = {h}" for m, h in DATA_PLANE_HELP.items()),
-    )
 
 
 # --------------------------------------------------------------------------- layout
@@ -461,7 +324,8 @@ def _send_key(proc: subprocess.Popen[bytes], key: NodeKey) -> None:
 
 
 def _package_parent() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+    """The directory that holds the ``dvmmd`` package (for the workers' PYTHONPATH)."""
+    return str(Path(__file__).resolve().parents[2])
 
 
 class Launcher:
@@ -889,92 +753,3 @@ class Launcher:
             for signo, handler in old.items():
                 signal.signal(signo, handler)
         return code
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``dvmmctl run`` with ``args`` (``--nodes`` >= 1) and return the exit status.
-
-    Reads ``args.nodes, vcpus, memory (bytes), kernel, initrd, cmdline,
-    console_log, timeout (s), netns, base_port, foreign_budget (bytes), stats,
-    json`` (missing ones take
-    their defaults). Errors are printed as ``dvmmctl: error: ...``; a bad
-    request calls ``args.parser.error`` when there is a parser (exit 2).
-    """
-    opts = Options.from_args(args)
-    try:
-        return Launcher(opts).run()
-    except UsageError as e:
-        parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
-        if parser is not None:
-            parser.error(str(e))
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except LaunchError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def _memory_arg(text: str) -> int:
-    try:
-        return parse_guest_memory(text)
-    except SizeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _int_arg(what: str, low: int, high: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            n = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
-        if not low <= n <= high:
-            raise argparse.ArgumentTypeError(f"{what} {n} out of range {low}..{high}")
-        return n
-
-    return parse
-
-
-def _timeout_arg(text: str) -> float:
-    try:
-        t = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}") from None
-    if not math.isfinite(t) or t < 0:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: use 0 (none) or seconds")
-    return t
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The standalone parser (``python -m dvmmd.localcluster``): ``dvmmctl run``'s options."""
-    p = argparse.ArgumentParser(
-        prog="python -m dvmmd.localcluster",
-        description="Boot one VM across N local worker processes (as `dvmmctl run --nodes N`).",
-    )
-    p.add_argument("--nodes", type=_int_arg("node count", 1, MAX_NODES), default=1, metavar="N")
-    p.add_argument("--vcpus", type=_int_arg("vCPU count", 1, MAX_VCPUS), default=1, metavar="N")
-    p.add_argument("--memory", type=_memory_arg, default=256 * 1024 * 1024, metavar="SIZE")
-    p.add_argument("--kernel", metavar="PATH")
-    p.add_argument("--initrd", metavar="PATH")
-    p.add_argument("--cmdline", default=DEFAULT_CMDLINE, metavar="STR")
-    p.add_argument("--console-log", metavar="PATH")
-    p.add_argument("--timeout", type=_timeout_arg, default=0.0, metavar="SECONDS")
-    p.add_argument("--stats", action="store_true", help="print per-node counters at the end")
-    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    from dvmmd.cli import CPU_HELP, cpu_model_arg
-
-    p.add_argument("--cpu", type=cpu_model_arg, default=None, metavar="MODEL", help=CPU_HELP)
-    add_arguments(p)
-    p.set_defaults(parser=p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

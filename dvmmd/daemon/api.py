@@ -7,7 +7,7 @@ configured the daemon also lets that group traverse the socket's directory (mode
 ``/run/dvmmd`` as root:root 0750. Every local client is identified by the kernel
 (SO_PEERCRED: uid, gid, pid), and what it may make the root daemon read depends on
 it: a non-root client passes its kernel/initrd as open file descriptors (SCM_RIGHTS)
-instead of paths (images.py). Remote clients are served only when ``api.remote =
+instead of paths (dvmmd.vm.boot_files). Remote clients are served only when ``api.remote =
 true``, on the peer port, after authentication (peers.py, role "client"), without
 streaming and without paths outside ``vm.images_dir``.
 
@@ -41,14 +41,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import safejson
-from .images import MAX_FDS, Caller
-from .logsafe import RateLimitedLog
-from .membership import Membership
-from .names import check_vm_name
-from .peers import PeerError, PeerNetwork
-from .placement import PlacementError
-from .vmmanager import Emit, VmError, VmManager
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.peers import PeerError, PeerNetwork
+from dvmmd.daemon.vms import Emit, VmError, VmManager
+from dvmmd.security import safejson
+from dvmmd.security.logsafe import RateLimitedLog
+from dvmmd.vm.boot_files import MAX_FDS, Caller
+from dvmmd.vm.names import check_vm_name
+from dvmmd.vm.placement import PlacementError
 
 log = logging.getLogger("dvmmd.api")
 
@@ -382,7 +382,7 @@ class ApiServer:
         truncated = False
         try:
             # Who is calling, as the kernel saw it at connect(): decides which files the
-            # daemon may open for this client (images.py).
+            # daemon may open for this client (dvmmd.vm.boot_files).
             pid, uid, gid = _PEERCRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )

@@ -7,7 +7,7 @@ the same on every node); each pair of nodes derives its link keys from an X25519
 exchange bound to that session, so no key ever crosses the network. The *private* key
 goes only from the process that made it to the node's worker, on the worker's stdin
 (``python -m dvmmd.worker SPEC RESULT --key-stdin``), never into a file: spec files on
-disk are refused if they hold one (vmspec.py).
+disk are refused if they hold one (dvmmd.vm.spec).
 
 ``security`` (per cluster: config ``cluster.data_plane``, ``dvmmctl run --data-plane``)
 is one of `DATA_PLANE_MODES`: ``encrypt`` (default: pages and messages encrypted and

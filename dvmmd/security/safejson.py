@@ -7,7 +7,8 @@ checks, ``json.dumps`` of a reply). ``loads`` turns both into `JsonError` (a
 ValueError) with a message naming the problem, and refuses NaN/Infinity, which are
 not JSON and which other implementations reject.
 
-Used by the peer protocol (peerproto.py); the API socket (api.py) should use it too.
+Used by the peer protocol (dvmmd.daemon.peer_protocol); the API socket (dvmmd.daemon.api)
+should use it too.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeGuard
 
-from dvmmd.sizes import PAGE_SIZE
+from dvmmd.vm.sizes import PAGE_SIZE
 
 __all__ = [
     "QUANTILES",
