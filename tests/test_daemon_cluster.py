@@ -442,6 +442,26 @@ def boot(node: Node, name: str, *extra: str, cmdline: str = "sleep=60") -> dict[
     return dict(json.loads(r.stdout))
 
 
+def test_daemon_places_like_run_nodes(cluster: Cluster) -> None:
+    """The daemon lays a request out over its nodes as ``dvmmctl run --nodes`` does
+    (one placement function): 3 vCPUs and 96M over 2 nodes is 2+1 vCPUs, 64M+32M,
+    in the placement the owner records and in the spec each node's worker gets."""
+    from dvmmd.launcher.launch import layout
+
+    a, b = cluster.add(2)
+    cluster.start_all()
+    boot(a, "uneven", "--vcpus", "3", "--memory", "96M")
+    st = a.req("status", name="uneven")
+    shares = st["placement"]["shares"]
+    assert [s["node"] for s in shares] == ["n1", "n2"]
+    got = [{k: s[k] for k in ("cpus", "mem_start", "mem_size")} for s in shares]
+    assert got == layout(3, 96 << 20, 2)
+    assert [len(s["cpus"]) for s in got] == [2, 1] and got[0]["mem_size"] == 64 << 20
+    for node in (a, b):
+        spec = json.loads((node.dir / "vms" / "uneven" / "spec.json").read_text())
+        assert spec["numa"] == got
+
+
 def test_vm_lifecycle_across_two_nodes(cluster: Cluster) -> None:
     a, b = cluster.add(2)
     cluster.start_all()

@@ -347,6 +347,8 @@ def test_layout_spreads_vcpus_and_memory() -> None:
     assert [n["mem_start"] for n in numa] == [0, 128 * MIB, 256 * MIB]
     numa = layout(5, 256 * MIB, 2)
     assert [n["cpus"] for n in numa] == [[0, 1, 2], [3, 4]]
+    # memory is homed with the vCPUs (3:2 in 2M units), as the daemon places it
+    assert [n["mem_size"] for n in numa] == [154 * MIB, 102 * MIB]
     numa = layout(4, 100 * MIB + 4096, 3)
     assert all(n["mem_size"] % 4096 == 0 for n in numa)
     assert sum(n["mem_size"] for n in numa) == 100 * MIB + 4096

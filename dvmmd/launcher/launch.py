@@ -6,9 +6,9 @@ the vCPUs of ``numa[i]`` and home of ``numa[i]``'s memory (docs/interfaces.md,
 the ``cluster`` field). The launcher
 
 - checks the request (1..16 nodes, at least one vCPU per node, memory that
-  splits into page-aligned shares) and lays the VM out: vCPUs in contiguous
-  blocks spread evenly (the BSP, vCPU 0, on node 0, the boot node), memory
-  split evenly (page-aligned; the last node takes the remainder);
+  splits into page-aligned shares) and lays the VM out with the daemon's placement
+  function (dvmmd.vm.placement.layout_on): vCPUs in contiguous blocks spread evenly
+  (the BSP, vCPU 0, on node 0, the boot node), memory homed with them, in proportion;
 - makes the data path's key material (dvmmd.security.keys): a random session id and one
   X25519 key pair per node, and one address per node: ``127.0.0.(i+1)`` (all of
   127/8 is loopback on Linux) with a free port, or with ``--netns``
@@ -66,6 +66,7 @@ from typing import IO, Any
 from dvmmd.launcher.netns import NetnsError, Topology
 from dvmmd.security.keys import DATA_PLANE_HELP, DATA_PLANE_MODES, NodeKey, new_session_hex
 from dvmmd.vm import stats_report
+from dvmmd.vm.placement import PlacementError, layout_on
 from dvmmd.vm.sizes import PAGE_SIZE, format_size
 from dvmmd.vm.spec import (
     DEFAULT_CMDLINE,
@@ -79,7 +80,6 @@ from dvmmd.vm.spec import (
     exit_code,
     host_default_cpu_model,
     parse_result,
-    split_numa,
 )
 
 __all__ = [
@@ -194,12 +194,13 @@ def validate(opts: Options) -> None:
 
 
 def layout(vcpus: int, memory: int, nodes: int) -> list[dict[str, Any]]:
-    """The ``numa`` list: node i gets a contiguous block of vCPUs (the first
-    ``vcpus % nodes`` nodes one more) and an even, page-aligned share of memory
-    (the last node also takes what does not divide evenly)."""
+    """The ``numa`` list: the daemon's placement (dvmmd.vm.placement) of the VM over
+    ``nodes`` local nodes with room for it, so ``run --nodes`` and ``boot`` lay the same
+    request out the same way: node i gets a contiguous block of vCPUs (the first
+    ``vcpus % nodes`` nodes one more) and homes memory in proportion to its vCPUs."""
     try:
-        return split_numa(vcpus, memory, nodes)
-    except SpecError as e:
+        return layout_on([f"node{i}" for i in range(nodes)], vcpus, memory).numa()
+    except PlacementError as e:
         raise UsageError(str(e)) from None
 
 

@@ -7,6 +7,11 @@ a share of the memory proportional to its vCPUs (so every vCPU's memory is local
 SRAT layout the guest sees). `check_placement` verifies any policy's answer against
 the request and the nodes' free resources, so a custom policy cannot place nonsense.
 
+The daemon (dvmmd.daemon.vm_owner) places a VM over its cluster's free resources with
+`place`; ``dvmmctl run --nodes N`` (dvmmd.launcher) lays a VM out over N local nodes
+with `layout_on`, which is `place` over N nodes that all have room: the same request
+gets the same layout on both paths.
+
 Conventions (docs/interfaces.md): vCPU indices are global, contiguous per node in
 share order; share 0 is the boot node (it runs vCPU 0, the BSP, and the console);
 ``mem_start``/``mem_size`` are offsets into guest RAM and share i's range follows
@@ -283,3 +288,14 @@ def place(
     p = policy(nodes, req)
     check_placement(p, nodes, req)
     return p
+
+
+def layout_on(nodes: Sequence[str], vcpus: int, memory: int) -> Placement:
+    """The layout of a VM over exactly `nodes` (in order; the first is the boot node),
+    each with room for it: what the daemon places for the same request and node list.
+
+    Raises PlacementError when the request cannot be laid out (fewer vCPUs than nodes,
+    memory that does not split into page-aligned shares...).
+    """
+    roomy = [NodeResources(n, vcpus, memory) for n in nodes]
+    return place(roomy, PlacementRequest(vcpus=vcpus, memory=memory, nodes=tuple(nodes)))

@@ -21,7 +21,7 @@ from typing import Any
 
 from dvmmd.host import current_host_kind
 from dvmmd.security.keys import DATA_PLANE_MODES, KeyMaterialError, check_key_hex, is_session_hex
-from dvmmd.vm.sizes import PAGE_SIZE, SizeError, check_guest_memory, format_size
+from dvmmd.vm.sizes import PAGE_SIZE, SizeError, check_guest_memory
 
 __all__ = [
     "CPU_MODELS",
@@ -46,7 +46,6 @@ __all__ = [
     "parse_result",
     "sniff_kernel",
     "spec_to_json",
-    "split_numa",
     "validate_spec",
 ]
 
@@ -213,31 +212,6 @@ def sniff_kernel(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- NUMA
-
-
-def split_numa(vcpus: int, memory: int, nodes: int) -> list[dict[str, Any]]:
-    """An even NUMA layout: contiguous vCPUs and memory per node, node i after i-1.
-
-    vCPUs are dealt so that earlier nodes get the extra ones; memory is split in
-    whole pages, the last node taking the remainder.
-    """
-    if nodes < 1:
-        raise SpecError("a VM needs at least one NUMA node")
-    if nodes > vcpus:
-        raise SpecError(f"{nodes} NUMA nodes need at least {nodes} vCPUs, not {vcpus}")
-    pages = memory // PAGE_SIZE
-    if pages < nodes:
-        raise SpecError(f"{format_size(memory)} of memory cannot be split over {nodes} nodes")
-    layout: list[dict[str, Any]] = []
-    cpu = 0
-    mem = 0
-    for i in range(nodes):
-        ncpu = vcpus // nodes + (1 if i < vcpus % nodes else 0)
-        size = (pages // nodes) * PAGE_SIZE if i < nodes - 1 else memory - mem
-        layout.append({"cpus": list(range(cpu, cpu + ncpu)), "mem_start": mem, "mem_size": size})
-        cpu += ncpu
-        mem += size
-    return layout
 
 
 def _check_numa(numa: Any, vcpus: int, memory: int) -> list[dict[str, Any]]:
@@ -496,7 +470,10 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
     initrd = None if initrd is None else _check_file(initrd, "initrd")
     cmdline = _check_cmdline(spec.get("cmdline", DEFAULT_CMDLINE))
     numa_in = spec.get("numa")
-    numa = split_numa(vcpus, memory, 1) if numa_in is None else _check_numa(numa_in, vcpus, memory)
+    # No layout: one node with every vCPU and all the memory (multi-node layouts come
+    # from dvmmd.vm.placement, the daemon's and the launcher's).
+    one_node = [{"cpus": list(range(vcpus)), "mem_start": 0, "mem_size": memory}]
+    numa = one_node if numa_in is None else _check_numa(numa_in, vcpus, memory)
     console_stdout = spec.get("console_stdout", True)
     if not isinstance(console_stdout, bool):
         raise SpecError(f"console_stdout must be true or false, not {console_stdout!r}")
