@@ -29,7 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conftest import GUEST, kvm_usable, skip_or_fail
+from conftest import (
+    GUEST,
+    kvm_usable,
+    require_guest,
+    require_native,
+    skip_or_fail,
+)
 
 from dvmmd.cli.client import Client
 from dvmmd.cli.demo import LocalDaemons
@@ -40,12 +46,8 @@ CONSOLE_TIMEOUT_S = 240
 def _requirements() -> None:
     if not kvm_usable():
         skip_or_fail("/dev/kvm is missing or not read-write for this user")
-    if not GUEST.is_file():
-        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
-    try:
-        from dvmmd import _native  # noqa: F401  # FIXME
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+    require_guest()
+    require_native()
     from dvmmd.worker import multinode_supported
 
     multi, why = multinode_supported("auto")

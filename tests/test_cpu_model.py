@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from conftest import (
     BOOT_TIMEOUT_S,
-    GUEST,
     MakeKernel,
     assert_all_passed,
     dvmmctl,
     kvm_usable,
+    require_guest,
+    require_native,
     skip_or_fail,
 )
 from test_multinode import cluster_unavailable
@@ -42,12 +43,8 @@ def kvm_ready() -> None:
     """One-node runs: /dev/kvm, the native module and the bundled guest."""
     if not kvm_usable():
         skip_or_fail("/dev/kvm is missing or not read-write for this user")
-    if not GUEST.is_file():
-        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
-    try:
-        from dvmmd import _native  # noqa: F401  # FIXME
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+    require_guest()
+    require_native()
 
 
 @pytest.fixture
@@ -127,10 +124,9 @@ def test_every_node_gets_the_same_explicit_model(
 
 
 def test_native_rejects_unknown_model(tmp_path: Path) -> None:
-    try:
-        from dvmmd import _native
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+    require_native()
+    from dvmmd import _native
+
     spec = {"vcpus": 1, "memory": 16 << 20, "kernel": str(tmp_path / "none"), "cpu": "486"}
     with pytest.raises(ValueError, match=f'cpu: unknown CPU model "486" \\({KNOWN}\\)'):
         _native.run_vm(json.dumps(spec))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import REPO
 
-from dvmmd import worker  # FIXME
+from dvmmd import worker
 from dvmmd.security import keys
 from dvmmd.vm.spec import SpecError, build_spec, validate_spec
 

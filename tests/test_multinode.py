@@ -35,13 +35,14 @@ from typing import Any
 
 import pytest
 from conftest import (
-    GUEST,
     REPO,
     MakeKernel,
     assert_all_passed,
     code_exit,
     kvm_usable,
     parse_guest_output,
+    require_guest,
+    require_native,
 )
 
 from dvmmd.launcher import launch as launcher
@@ -295,12 +296,10 @@ def cluster_unavailable(tmp_dir: Path) -> str | None:
     global _cluster_support
     if not kvm_usable():
         return "/dev/kvm is missing or not read-write for this user"
-    if not GUEST.is_file():
-        return f"the bundled guest is not built ({GUEST}): run `make -C guest`"
-    try:
-        from dvmmd import _native
-    except ImportError as e:
-        return f"the native module dvmmd._native is not built: {e} (`make setup`)"
+    require_guest()  # `make test` builds both: their absence fails, never skips
+    require_native()
+    from dvmmd import _native
+
     if getattr(_native, "MULTI_NODE", None) is True:
         return None  # the build says so; older builds are probed below
     if _cluster_support is None:
