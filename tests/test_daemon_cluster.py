@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import require_guest, require_native
+from prometheus_client.parser import text_string_to_metric_families
 
 from dvmmd.cli.client import Client
 
@@ -676,13 +677,37 @@ def test_metrics_endpoint(cluster: Cluster) -> None:
 
     wait_for(lambda: "dvmm_vm_dsm_read_faults" in scrape(), 10, "the worker's live counters")
     text = scrape()
-    assert text.startswith("HTTP/1.0 200 OK")
-    assert 'dvmm_node_state{node="n1",state="alive"} 1' in text
-    assert 'dvmm_vm_info{vm="m",state="running"} 1' in text
+    head, _, body = text.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200 OK") and "Content-Type: text/plain; version=" in head
+    fams = {f.name: f for f in text_string_to_metric_families(body)}
+
+    def sample(family: str, **labels: str) -> float:
+        found = [s.value for s in fams[family].samples if s.labels == labels]
+        assert len(found) == 1, (family, labels, fams[family].samples)
+        return float(found[0])
+
+    assert fams["dvmm_node_state"].type == "gauge"
+    assert sample("dvmm_node_state", node="n1", state="alive") == 1
+    assert sample("dvmm_vm_info", vm="m", state="running") == 1
     # the worker's counters as the real worker nests them: the DSM's under "dsm"
-    assert 'dvmm_vm_dsm_read_faults{vm="m",node="n1"} 0' in text
-    assert 'dvmm_vm_exits_hlt{vm="m",node="n1"} 32' in text
-    assert "# TYPE dvmmd_auth_failures_total counter" in text
+    assert fams["dvmm_vm_dsm_read_faults"].type == "counter"
+    assert sample("dvmm_vm_dsm_read_faults", vm="m", node="n1") == 0
+    assert fams["dvmm_vm_exits_hlt"].type == "counter"
+    assert sample("dvmm_vm_exits_hlt", vm="m", node="n1") == 32
+    # the fault latency is a real histogram: le buckets, _sum and _count
+    h = fams["dvmm_vm_dsm_fault_latency_seconds"]
+    assert h.type == "histogram"
+    les = [s.labels["le"] for s in h.samples if s.name.endswith("_bucket")]
+    assert les[-1] == "+Inf" and len(les) == 24
+    [count] = [s.value for s in h.samples if s.name.endswith("_count")]
+    assert count == 2  # the fake worker's live log2 buckets: 1 + 0 + 1
+    assert {s.name for s in h.samples} == {
+        "dvmm_vm_dsm_fault_latency_seconds_bucket",
+        "dvmm_vm_dsm_fault_latency_seconds_sum",
+        "dvmm_vm_dsm_fault_latency_seconds_count",
+    }
+    assert fams["dvmmd_auth_failures"].type == "counter"
+    assert fams["dvmmd_rpcs_served"].samples[0].name == "dvmmd_rpcs_served_total"
 
 
 def test_api_socket_permissions(cluster: Cluster) -> None:

@@ -36,7 +36,7 @@ from dvmmd import __version__
 from dvmmd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from dvmmd.daemon.api import ApiHandler, ApiServer
 from dvmmd.daemon.membership import Membership
-from dvmmd.daemon.metrics import Exposition, add_worker_stats
+from dvmmd.daemon.metrics import Families, add_worker_stats, registry_of
 from dvmmd.daemon.metrics import serve as serve_metrics
 from dvmmd.daemon.peers import PeerNetwork
 from dvmmd.daemon.sdnotify import notify, watchdog_interval
@@ -127,34 +127,24 @@ class Daemon:
             cfg.api_socket, cfg.api_socket_mode, cfg.api_socket_group, self.api_handler
         )
 
-    def render_metrics(self) -> str:
-        exp = Exposition()
+    def collect_metrics(self, f: Families) -> None:
+        """Every metric family of this daemon, at scrape time (metrics.py)."""
         node = self.cfg.node_name
         for m in self.membership.view():
             labels = {"node": m["name"]}
             for st in ("alive", "suspect", "dead", "left"):
-                exp.add(
+                f.gauge(
                     "dvmm_node_state",
-                    "gauge",
                     "1 for the state the member is in",
                     1 if m["state"] == st else 0,
                     {**labels, "state": st},
                 )
-            exp.add("dvmm_node_vcpus", "gauge", "vCPUs the node offers", m["vcpus"], labels)
-            exp.add(
-                "dvmm_node_memory_bytes", "gauge", "memory the node offers", m["memory"], labels
-            )
-            exp.add("dvmm_node_used_vcpus", "gauge", "vCPUs used by VMs", m["used_vcpus"], labels)
-            exp.add(
-                "dvmm_node_used_memory_bytes",
-                "gauge",
-                "memory homed by VMs",
-                m["used_memory"],
-                labels,
-            )
-            exp.add(
+            f.gauge("dvmm_node_vcpus", "vCPUs the node offers", m["vcpus"], labels)
+            f.gauge("dvmm_node_memory_bytes", "memory the node offers", m["memory"], labels)
+            f.gauge("dvmm_node_used_vcpus", "vCPUs used by VMs", m["used_vcpus"], labels)
+            f.gauge("dvmm_node_used_memory_bytes", "memory homed by VMs", m["used_memory"], labels)
+            f.gauge(
                 "dvmm_node_last_heartbeat_age_seconds",
-                "gauge",
                 "seconds since the last heartbeat",
                 m["last_heard_s"],
                 labels,
@@ -162,53 +152,30 @@ class Daemon:
         states: dict[str, int] = {}
         for rec in self.store.list_vms():
             states[rec.state] = states.get(rec.state, 0) + 1
-            exp.add(
-                "dvmm_vm_info",
-                "gauge",
-                "VMs owned by this node",
-                1,
-                {"vm": rec.name, "state": rec.state},
+            f.gauge(
+                "dvmm_vm_info", "VMs owned by this node", 1, {"vm": rec.name, "state": rec.state}
             )
-            exp.add(
-                "dvmm_vm_vcpus",
-                "gauge",
-                "vCPUs of the VM",
-                rec.request.get("vcpus", 0),
-                {"vm": rec.name},
+            f.gauge(
+                "dvmm_vm_vcpus", "vCPUs of the VM", rec.request.get("vcpus", 0), {"vm": rec.name}
             )
         for st in ("booting", "running", "stopping", "stopped", "failed"):
-            exp.add(
-                "dvmm_vms",
-                "gauge",
-                "VMs owned by this node, by state",
-                states.get(st, 0),
-                {"state": st},
+            f.gauge(
+                "dvmm_vms", "VMs owned by this node, by state", states.get(st, 0), {"state": st}
             )
         for sh in self.vmm.shares.values():
-            add_worker_stats(exp, self.vmm.live_stats(sh), {"vm": sh.rec.vm, "node": node})
+            add_worker_stats(f, self.vmm.live_stats(sh), {"vm": sh.rec.vm, "node": node})
         c = self.network.counters
-        exp.add(
-            "dvmmd_auth_failures_total", "counter", "peer authentication failures", c.auth_failures
-        )
-        exp.add("dvmmd_protocol_errors_total", "counter", "peer protocol errors", c.protocol_errors)
-        exp.add(
-            "dvmmd_peer_connections_total",
-            "counter",
-            "accepted peer connections",
-            c.connections_accepted,
-        )
-        exp.add("dvmmd_rpcs_served_total", "counter", "peer RPCs served", c.rpcs_served)
-        exp.add(
-            "dvmmd_peer_connections_shed_total",
-            "counter",
+        f.counter("dvmmd_auth_failures", "peer authentication failures", c.auth_failures)
+        f.counter("dvmmd_protocol_errors", "peer protocol errors", c.protocol_errors)
+        f.counter("dvmmd_peer_connections", "accepted peer connections", c.connections_accepted)
+        f.counter("dvmmd_rpcs_served", "peer RPCs served", c.rpcs_served)
+        f.counter(
+            "dvmmd_peer_connections_shed",
             "peer connections closed unheard: too many unauthenticated ones pending",
             c.connections_shed,
         )
-        exp.add(
-            "dvmmd_api_requests_total", "counter", "local API requests", self.api_handler.requests
-        )
-        exp.add("dvmmd_incarnation", "gauge", "daemon incarnation", self.incarnation)
-        return exp.render()
+        f.counter("dvmmd_api_requests", "local API requests", self.api_handler.requests)
+        f.gauge("dvmmd_incarnation", "daemon incarnation", self.incarnation)
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -234,7 +201,9 @@ class Daemon:
                 raise StartupError(f"API socket {cfg.api_socket}: {e}") from None
             if cfg.metrics_listen:
                 try:
-                    metrics_server = await serve_metrics(*cfg.metrics_listen, self.render_metrics)
+                    metrics_server = await serve_metrics(
+                        *cfg.metrics_listen, registry_of(self.collect_metrics)
+                    )
                 except OSError as e:
                     raise StartupError(
                         f"cannot serve metrics on {cfg.metrics_listen}: {e.strerror or e}"
