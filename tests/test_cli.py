@@ -103,6 +103,17 @@ def test_console_script_installed() -> None:
         (["run", "--kernel", "/nonexistent/kernel"], ["/nonexistent/kernel", "does not exist"]),
         (["run", "--kernel", "/"], ["not a regular file"]),
         (["doctor", "--bogus"], ["unrecognized arguments"]),
+        # boot (and demo) check counts and sizes exactly as run does
+        (["boot", "x", "--vcpus", "0"], ["--vcpus", "at least 1 vCPU"]),
+        (["boot", "x", "--vcpus", "100000"], ["--vcpus", "more than dvmm supports"]),
+        (["boot", "x", "--memory", "1000"], ["--memory", "4 KiB"]),
+        (["boot", "x", "--memory", "8M"], ["--memory", "too small"]),
+        (["boot", "x", "--timeout", "-1"], ["--timeout"]),
+        (["boot", "x", "--timeout", "nan"], ["--timeout"]),
+        (["boot", "x", "--cpu", "486"], ["--cpu", "unknown CPU model"]),
+        (["boot", "x", "--foreign-budget", "1"], ["--foreign-budget", "at least one 4 KiB page"]),
+        (["demo", "--vcpus", "0"], ["--vcpus", "at least 1 vCPU"]),
+        (["demo", "--memory", "8M"], ["--memory", "too small"]),
     ],
 )
 def test_bad_arguments(args: list[str], needles: list[str]) -> None:
@@ -208,3 +219,35 @@ def test_cluster_stats_table_summarizes_long_histograms() -> None:
     assert max(len(line) for line in text.splitlines()) < 120, text[:300]
     assert "(1500 values, see --json)" in text
     assert "dsm.pages_sent" in text
+
+
+def test_every_verb_takes_json() -> None:
+    """--json on every verb (issue 14), the run and cluster sub-verbs included."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        if name == "cluster":
+            inner = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+            parsers = list(inner.choices.values())
+        else:
+            parsers = [p]
+        for q in parsers:
+            assert any("--json" in a.option_strings for a in q._actions), q.prog
+
+
+def test_one_default_socket() -> None:
+    """dvmmctl's default socket is the daemon's default api.socket."""
+    from dvmmd.cli.client import default_socket
+    from dvmmd.config import DEFAULT_SOCKET, parse_config
+
+    cfg = parse_config(
+        '[node]\nname = "n"\nlisten = "127.0.0.1:1"\nstate_dir = "/var/lib/dvmmd"\n'
+        '[cluster]\nsecret_file = "/s"\n'
+    )
+    assert str(cfg.api_socket) == DEFAULT_SOCKET
+    env = os.environ.pop("DVMM_SOCKET", None)
+    try:
+        assert default_socket() == DEFAULT_SOCKET
+    finally:
+        if env is not None:
+            os.environ["DVMM_SOCKET"] = env

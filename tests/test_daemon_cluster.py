@@ -143,8 +143,18 @@ class Node:
             f"peers = {json.dumps(peers)}\n"
             + (f'seed = "{seed}"\n' if seed else "")
             + f"heartbeat_interval = {HB}\nfailure_timeout = {TIMEOUT}\n"
-            f'\n[worker]\n{worker}data_ports = "{dp}-{dp + 8}"\nstop_grace = 2\n' + extra
+            f'\n[worker]\n{worker}data_ports = "{dp}-{dp + 8}"\nstop_grace = 2\n'
+            + self._with_socket(extra)
         )
+
+    def _with_socket(self, extra: str) -> str:
+        """``extra`` with ``api.socket`` = this node's socket, unless it sets one (the
+        default, /run/dvmmd/dvmmd.sock, is the system daemon's)."""
+        if "[api]" not in extra:
+            return extra + f'\n[api]\nsocket = "{self.socket}"\n'
+        if "socket =" in extra.split("[api]", 1)[1].split("\n[", 1)[0]:
+            return extra
+        return extra.replace("[api]\n", f'[api]\nsocket = "{self.socket}"\n', 1)
 
     def start(self, **env_extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None
@@ -460,6 +470,52 @@ def boot(node: Node, name: str, *extra: str, cmdline: str = "sleep=60") -> dict[
     r = node.ctl("boot", name, "--kernel", KERNEL, "--cmdline", cmdline, "--json", *extra)
     assert r.returncode == 0, r.stderr
     return dict(json.loads(r.stdout))
+
+
+def test_console_exit_status_start_and_json(cluster: Cluster) -> None:
+    """``console`` and ``boot --console`` exit with the guest's status as ``run`` does;
+    ``start NAME`` boots a stored definition again; ``rm`` and ``top`` speak ``--json``."""
+    (a,) = cluster.add(1)
+    cluster.start_all()
+    r = a.ctl("boot", "g", "--kernel", KERNEL, "--cmdline", "sleep=0.3 exit=7", "--console")
+    assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
+    assert "0 failed" in r.stdout and "[g: stopped: guest exited with status 7]" in r.stderr
+    r = a.ctl("console", "g")  # an ended VM: its log, then the guest's status
+    assert r.returncode == 7 and "0 failed" in r.stdout
+    r = a.ctl("console", "g", "--no-follow", "--json")
+    assert r.returncode == 7
+    assert json.loads(r.stdout[r.stdout.index("{\n") :])["result"]["status"] == 7
+    # start: the same definition (vCPUs, memory, kernel, command line) boots again
+    before = a.req("status", name="g")
+    r = a.ctl("start", "g", "--console")
+    assert r.returncode == 7, r.stderr
+    after = a.req("status", name="g")
+    assert after["request"]["boot_id"] != before["request"]["boot_id"]
+    for key in ("vcpus", "memory", "cmdline", "cpu", "timeout_s"):
+        assert after["request"][key] == before["request"][key], key
+    # the kernel came as a descriptor and was copied: the same file, copied again
+    old_k, new_k = (
+        before["request"]["boot_files"]["kernel"],
+        after["request"]["boot_files"]["kernel"],
+    )
+    assert new_k["sha256"] == old_k["sha256"] and new_k["source"] == old_k["source"]
+    r = a.ctl("start", "nope")
+    assert r.returncode == 1 and "no VM named 'nope'" in r.stderr
+    boot(a, "live", cmdline="sleep=60")
+    r = a.ctl("start", "live")
+    assert r.returncode == 1 and "already running" in r.stderr
+    r = a.ctl("start", "live", "--json")
+    assert r.returncode == 1
+    assert a.ctl("stop", "live").returncode == 0
+    r = a.ctl("start", "live", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] in ("booting", "running")
+    assert a.ctl("stop", "live", "--json").returncode == 0
+    # --json everywhere: rm and top too
+    r = a.ctl("rm", "g", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"name": "g", "removed": True}
+    top = json.loads(a.ctl("top", "--json").stdout)
+    assert [v["name"] for v in top["vms"]["vms"]] == ["live"]
+    assert top["nodes"]["self"] == "n1"
 
 
 def test_daemon_places_like_run_nodes(cluster: Cluster) -> None:

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dvmmd.cli.common import CliError
+from dvmmd.cli.common import CliError, print_json
 from dvmmd.security.pki import NODE_DAYS, PkiError, add_node, init_cluster
 
 DEFAULT_PKI_DIR = "/etc/dvmmd/tls"
@@ -38,13 +38,24 @@ def _pki_report(directory: Path, node: str, written: list[Path], first: bool) ->
     return "\n".join(lines)
 
 
+def _report(
+    args: argparse.Namespace, directory: Path, node: str, written: list[Path], first: bool
+) -> None:
+    if args.json:
+        print_json(
+            {"dir": str(directory.resolve()), "node": node, "written": [str(p) for p in written]}
+        )
+    else:
+        print(_pki_report(directory, node, written, first))
+
+
 def cmd_cluster_init(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     try:
         written = init_cluster(directory, args.node, days=args.days, force=args.force)
     except PkiError as e:
         raise CliError(str(e)) from None
-    print(_pki_report(directory, args.node, written, first=True))
+    _report(args, directory, args.node, written, first=True)
     return 0
 
 
@@ -54,7 +65,7 @@ def cmd_cluster_add_node(args: argparse.Namespace) -> int:
         written = add_node(directory, args.name, days=args.days, force=args.force)
     except PkiError as e:
         raise CliError(str(e)) from None
-    print(_pki_report(directory, args.name, written, first=False))
+    _report(args, directory, args.name, written, first=False)
     return 0
 
 
@@ -82,6 +93,7 @@ def register(subparsers: Any) -> None:
             help=f"validity of the node certificate in days (default {NODE_DAYS})",
         )
         q.add_argument("--force", action="store_true", help="overwrite existing files")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
 
     q = sub.add_parser(
         "init",

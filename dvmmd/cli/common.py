@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from dvmmd.vm.sizes import SizeError, parse_guest_memory, parse_size
+from dvmmd.vm.sizes import PAGE_SIZE, SizeError, parse_guest_memory, parse_size
 from dvmmd.vm.spec import CPU_MODEL_HELP, CPU_MODELS, MAX_VCPUS, SpecError, check_cpu_model
 
 PROG = "dvmmctl"
@@ -81,11 +81,15 @@ CPU_HELP = (
 )
 
 
-def size_arg(text: str) -> int:
+def foreign_budget_arg(text: str) -> int:
+    """Memory aggregation's bound: a size of at least one 4 KiB page."""
     try:
-        return parse_size(text)
+        n = parse_size(text)
     except SizeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if n < PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"--foreign-budget {text}: at least one 4 KiB page")
+    return n
 
 
 def print_json(obj: Any) -> None:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from dvmmd.cli.client import Client, call
-from dvmmd.cli.common import CliError
+from dvmmd.cli.common import CliError, memory_arg, print_json, timeout_arg, vcpus_arg
 from dvmmd.cli.vms import console, format_nodes, format_stats, format_status, progress_printer
+from dvmmd.vm.sizes import format_size
 from dvmmd.vm.spec import SpecError, find_bundled_guest
 from dvmmd.worker import multinode_supported
 
@@ -87,7 +88,8 @@ class LocalDaemons:
                 f'state_dir = "{state}"\nvcpus = 2\nmemory = "1G"\n\n'
                 f'[cluster]\nsecret_file = "{secret}"\n{plane}peers = [{peers}]\n'
                 f"heartbeat_interval = {heartbeat}\nfailure_timeout = {timeout}\n\n"
-                f'[worker]\ndata_ports = "{dp}-{dp + 16}"\n{extra}'
+                f'[worker]\ndata_ports = "{dp}-{dp + 16}"\n\n'
+                f'[api]\nsocket = "{state / "dvmmd.sock"}"\n{extra}'
             )
             self.configs.append(cfg)
             self.sockets.append(str(state / "dvmmd.sock"))
@@ -162,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         print(
             f"dvmm demo: booting the bundled guest ({kernel}) with {args.vcpus} vCPUs, "
-            f"{args.memory} {where}",
+            f"{format_size(args.memory)} {where}",
             flush=True,
         )
         ns = argparse.Namespace(socket=cluster.sockets[0])
@@ -184,12 +186,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"dvmm demo: VM demo is {res['state']}; console:", flush=True)
         console(ns, "demo", follow=True)
         st = cluster.request(0, "status", {"name": "demo"})
+        stats = cluster.request(0, "stats", {"name": "demo"})
         print(format_status(st))
-        print(format_stats(cluster.request(0, "stats", {"name": "demo"})))
+        print(format_stats(stats))
         result = st.get("result") or {}
         ok = result.get("reason") == "debug_exit" and result.get("status") == 0
         code = 0 if ok else 1
         print(f"dvmm demo: {'PASS' if ok else 'FAIL'}: {st['reason']}")
+        if args.json:
+            print_json({"ok": ok, "status": st, "stats": stats})
     finally:
         print("dvmm demo: stopping the daemons", flush=True)
         cluster.stop(keep=args.keep)
@@ -205,9 +210,16 @@ def register(subparsers: Any) -> None:
         "loopback, boot the bundled guest, stream its console, print "
         "per-node counters, tear everything down",
     )
-    p.add_argument("--vcpus", type=int, default=2, help="vCPUs (default 2)")
-    p.add_argument("--memory", default="256M", help="RAM (default 256M)")
+    p.add_argument("--vcpus", type=vcpus_arg, default=2, metavar="N", help="vCPUs (2)")
+    p.add_argument(
+        "--memory", type=memory_arg, default=256 << 20, metavar="SIZE", help="RAM (256M)"
+    )
     p.add_argument("--cmdline", default=None, help="guest command line")
-    p.add_argument("--timeout", type=float, default=600, help="VM timeout in seconds")
+    p.add_argument(
+        "--timeout", type=timeout_arg, default=600.0, metavar="SECONDS", help="VM timeout (600)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory")
+    p.add_argument(
+        "--json", action="store_true", help="print the VM's final status and counters as JSON"
+    )
     p.set_defaults(func=cmd_demo)

@@ -19,6 +19,7 @@ from dvmmd.cli.common import (
     PROG,
     CliError,
     cpu_model_arg,
+    foreign_budget_arg,
     memory_arg,
     nodes_arg,
     timeout_arg,
@@ -26,7 +27,6 @@ from dvmmd.cli.common import (
 )
 from dvmmd.launcher import launch
 from dvmmd.security.keys import DATA_PLANE_HELP, DATA_PLANE_MODES
-from dvmmd.vm.sizes import PAGE_SIZE, SizeError, parse_size
 from dvmmd.vm.spec import (
     DEFAULT_CMDLINE,
     EXIT_ERROR,
@@ -336,16 +336,6 @@ def _port_arg(text: str) -> int:
     return n
 
 
-def _budget_arg(text: str) -> int:
-    try:
-        n = parse_size(text)
-    except SizeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n < PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"--foreign-budget {text}: at least one 4 KiB page")
-    return n
-
-
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the multi-node options beyond ``dvmmctl run``'s own.
 
@@ -370,7 +360,7 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--foreign-budget",
-        type=_budget_arg,
+        type=foreign_budget_arg,
         default=None,
         metavar="SIZE",
         help="with --nodes: memory aggregation: each node keeps at most SIZE of other "

@@ -1,8 +1,10 @@
-"""The daemon-facing ``dvmmctl`` verbs on VMs and nodes: nodes, boot, list, status,
-console, stop, rm, stats, top.
+"""The daemon-facing ``dvmmctl`` verbs on VMs and nodes: nodes, boot, start, list,
+status, console, stop, rm, stats, top.
 
 They talk to the local dvmmd over its API socket (client.py). ``console`` and
-``boot --console`` stream the guest's console from its boot node; Ctrl-] detaches.
+``boot``/``start --console`` stream the guest's console from its boot node (Ctrl-]
+detaches) and, once the VM has ended, exit with its status as ``dvmmctl run`` does
+(`vm_exit_status`). Every verb takes ``--json``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ from collections.abc import Callable
 from typing import Any
 
 from dvmmd.cli.client import Client, call, default_socket
-from dvmmd.cli.common import CliError, print_json, size_arg
+from dvmmd.cli.common import (
+    CPU_HELP,
+    CliError,
+    cpu_model_arg,
+    foreign_budget_arg,
+    memory_arg,
+    print_json,
+    timeout_arg,
+    vcpus_arg,
+)
 from dvmmd.config import DEFAULT_SOCKET
 from dvmmd.vm.boot_files import BootFileError, open_boot_files
 from dvmmd.vm.sizes import format_size
+from dvmmd.vm.spec import EXIT_ERROR, MAX_VCPUS, exit_code
 
 DETACH_KEY = b"\x1d"  # Ctrl-]
 
@@ -198,13 +210,39 @@ def cmd_boot(args: argparse.Namespace) -> int:
     finally:
         for fd in fds:
             os.close(fd)
-    if args.json:
+    return _booted(args, res)
+
+
+def _booted(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    if args.json and not args.console:
         print_json(res)
-    else:
+    elif not args.json:
         print(f"VM {res['name']}: {res['state']} on {_nodes_of(res)}")
     if args.console:
         return console(args, args.name, follow=True)
     return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    progress = None if args.json else progress_printer()
+    res = call(args, "start", {"name": args.name}, progress, timeout=None)
+    return _booted(args, res)
+
+
+ACTIVE = ("booting", "running", "stopping")
+
+
+def vm_exit_status(st: dict[str, Any]) -> int:
+    """A VM's end as an exit status, as ``dvmmctl run`` gives it: the guest's debug-exit
+    status, 124 for a timeout, 1 for a failure, 0 for a shutdown or a stop by the user;
+    0 while the VM still runs."""
+    if st.get("state") in ACTIVE:
+        return 0
+    result = st.get("result")
+    code = exit_code(result) if isinstance(result, dict) else 0
+    if st.get("state") == "failed" and code == 0:
+        code = EXIT_ERROR
+    return code
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -295,7 +333,9 @@ def console(args: argparse.Namespace, name: str, follow: bool) -> int:
                     st = msg["result"]
                     if follow:
                         print(f"[{name}: {st['state']}: {st['reason']}]", file=sys.stderr)
-                    return 0
+                    if getattr(args, "json", False):
+                        print_json(st)
+                    return vm_exit_status(st)
         except KeyboardInterrupt:
             print(f"\n[detached from {name}; the VM keeps running]", file=sys.stderr)
             return 0
@@ -317,8 +357,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    call(args, "rm", {"name": args.name})
-    print(f"VM {args.name} removed")
+    res = call(args, "rm", {"name": args.name})
+    print_json(res) if args.json else print(f"VM {args.name} removed")
     return 0
 
 
@@ -340,6 +380,9 @@ def cmd_top(args: argparse.Namespace) -> int:
                 + (format_vms(vms["vms"]) if vms["vms"] else "no VMs")
                 + "\n"
             )
+            if args.json:  # one snapshot for a machine
+                print_json({"nodes": nodes, "vms": vms})
+                return 0
             if args.once:
                 print(screen, end="")
                 return 0
@@ -381,32 +424,59 @@ def register(subparsers: Any) -> None:
 
     add("nodes", "list the cluster's nodes: state, offered and used resources", cmd_nodes)
     p = add("boot", "define and boot a VM on the cluster (placed by dvmmd)", cmd_boot, vm=True)
-    p.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    p.add_argument("--memory", type=size_arg, default=256 << 20, help="RAM, e.g. 256M (default)")
+    # The same argument types, so the same checks and messages, as `dvmmctl run`.
+    p.add_argument(
+        "--vcpus", type=vcpus_arg, default=1, metavar="N", help=f"vCPUs, 1..{MAX_VCPUS} (1)"
+    )
+    p.add_argument(
+        "--memory",
+        type=memory_arg,
+        default=256 << 20,
+        metavar="SIZE",
+        help="guest memory, e.g. 256M or 1G; a multiple of 4 KiB, at least 16M (256M)",
+    )
     p.add_argument("--nodes", help="comma-separated nodes to span (first = boot node)")
     p.add_argument("--kernel", help="kernel image (default: vm.kernel or the bundled guest)")
     p.add_argument("--initrd", help="initrd image")
     p.add_argument("--cmdline", help="kernel command line")
-    p.add_argument("--timeout", type=float, default=0, help="stop the VM after S seconds")
     p.add_argument(
-        "--cpu",
-        help="CPU model: host or baseline (default: the safe one for the host kind, "
-        "see `dvmmctl doctor`); the same on every node",
+        "--timeout",
+        type=timeout_arg,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop the VM after SECONDS; 0 = no timeout (0)",
     )
+    p.add_argument("--cpu", type=cpu_model_arg, default=None, metavar="MODEL", help=CPU_HELP)
     p.add_argument(
         "--foreign-budget",
-        type=size_arg,
+        type=foreign_budget_arg,
+        metavar="SIZE",
         help="memory aggregation: at most this much of other nodes' memory per node "
         "(default: half of the node's own share)",
     )
-    p.add_argument("--console", action="store_true", help="attach to the console after boot")
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="attach to the console after boot; exit with the guest's status",
+    )
+    p = add(
+        "start",
+        "boot a defined VM again from its stored definition (after it stopped)",
+        cmd_start,
+        vm=True,
+    )
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="attach to the console after boot; exit with the guest's status",
+    )
     add("list", "list the VMs of the whole cluster", cmd_list)
     add("status", "show a VM's state, placement and result", cmd_status, vm=True)
     p = add(
         "console",
-        "attach to a VM's console (Ctrl-] detaches)",
+        "attach to a VM's console (Ctrl-] detaches); once the VM ended, exit with the "
+        "guest's status (--json: its final status at the end)",
         cmd_console,
-        json_flag=False,
         vm=True,
     )
     p.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
@@ -417,8 +487,8 @@ def register(subparsers: Any) -> None:
     )
     p = add("stop", "stop a VM (SIGTERM to its workers; --force kills them)", cmd_stop, vm=True)
     p.add_argument("--force", action="store_true", help="kill the workers immediately")
-    add("rm", "remove a stopped VM's definition", cmd_rm, json_flag=False, vm=True)
+    add("rm", "remove a stopped VM's definition", cmd_rm, vm=True)
     add("stats", "show a VM's counters per node (coherence, exits, IPIs...)", cmd_stats, vm=True)
-    p = add("top", "live view of nodes and VMs", cmd_top, json_flag=False)
+    p = add("top", "live view of nodes and VMs (--json: one snapshot)", cmd_top)
     p.add_argument("--interval", type=float, default=2.0, help="refresh every S seconds")
     p.add_argument("--once", action="store_true", help="print once and exit")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dvmmd.config.schema import (
+    DEFAULT_SOCKET,
     MAX_SECONDS,
     SCHEMA,
     TRANSPORTS,
@@ -274,7 +275,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             f"must be greater than cluster.heartbeat_interval ({hb}), got {suspect}",
         )
 
-    api_socket = Path(r.get("api", "socket", str, default=str(state_dir / "dvmmd.sock")))
+    api_socket = Path(r.get("api", "socket", str, default=DEFAULT_SOCKET))
     mode_raw = r.get("api", "socket_mode", (str, int), default="0660")
     try:
         mode = int(mode_raw, 8) if isinstance(mode_raw, str) else mode_raw

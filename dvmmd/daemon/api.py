@@ -71,6 +71,7 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "status": {"name": (str,)},
     "stats": {"name": (str,)},
     "rm": {"name": (str,)},
+    "start": {"name": (str,)},
     "stop": {"name": (str,), "force": (bool, _NONE)},
     "console": {"name": (str,), "follow": (bool, _NONE)},
     "console_input": {"name": (str,), "data": (str,), "data_b64": (str,)},
@@ -200,6 +201,8 @@ class ApiHandler:
             }
         if op == "boot":
             return await self.vmm.boot(args, progress, caller=caller, fds=fds)
+        if op == "start":
+            return await self.vmm.start(name, progress)
         if op == "list":
             return await self.vmm.list_all()
         if op in ("status", "stats", "rm"):

@@ -94,6 +94,9 @@ class VmManager:
     ) -> dict[str, Any]:
         return await self.owner.boot(args, progress, caller=caller, fds=fds)
 
+    async def start(self, name: str, progress: Progress) -> dict[str, Any]:
+        return await self.owner.start(name, progress)
+
     async def list_all(self) -> dict[str, Any]:
         return await self.owner.list_all()
 
