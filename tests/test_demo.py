@@ -21,7 +21,7 @@ from dvmmd.cli.dvmmctl import build_parser
 def test_demo_verb_is_the_two_daemon_demo() -> None:
     args = build_parser().parse_args(["demo"])
     assert args.func is demo.cmd_demo
-    assert args.vcpus == 2 and args.memory == "256M"
+    assert args.vcpus == 2 and args.memory == 256 << 20
 
 
 @requires_kvm
