@@ -38,8 +38,9 @@ export PATH := $(VENV)/bin:$(if $(CARGO_HOME_BIN),$(CARGO_HOME_BIN):)$(PATH)
 APT_PACKAGES := qemu-system-x86 libclang-dev clang gcc make iproute2 nftables util-linux tcpdump
 
 # What dvmmd needs at run time (pyproject.toml's dependencies), pinned here:
-# cryptography for certificates and the data path's X25519 keys.
-PY_DEPS := cryptography==50.0.2
+# cryptography for certificates and the data path's X25519 keys; prometheus-client
+# for the daemon's metrics endpoint (dvmmd/daemon/metrics.py).
+PY_DEPS := cryptography==50.0.2 prometheus-client==0.26.0
 
 # Python tools (pinned).
 PY_TOOLS := \

@@ -4,7 +4,7 @@
 
 With ``--key-stdin`` (every node of a multi-node VM) the worker first reads one line
 from stdin: this node's X25519 private key for the VM's data path, 64 hex digits
-(keys.py). It goes into the in-memory spec's ``cluster.private_key_hex`` and from
+(dvmmd.security.keys). It goes into the in-memory spec's ``cluster.private_key_hex`` and from
 there to the VMM, never into a file: SPEC.json must not contain it. A spec with a
 ``cluster`` and no key on stdin is an error, as is a key that is not the one
 ``cluster.node_pubkeys_hex[node_index]`` names.
@@ -13,7 +13,7 @@ Runs ``dvmmd._native.run_vm`` on the spec and writes the result JSON to
 RESULT.json atomically (a temporary file in the same directory, fsync'd, then
 renamed), so a reader sees either no result or a whole one. The exit status
 is the guest's debug-exit status, 0 for a clean shutdown or stop, 124 for a
-timeout and 1 for any error (see ``vmspec.exit_code``). SIGTERM or SIGINT
+timeout and 1 for any error (see ``dvmmd.vm.spec.exit_code``). SIGTERM or SIGINT
 stops the VM: the result then says ``stopped`` and the worker exits 0.
 
 ``run_native`` is also what ``dvmmctl run`` uses: it runs the VM on a helper
@@ -35,8 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from dvmmd.keys import KeyMaterialError, check_key_hex, public_of
-from dvmmd.vmspec import SpecError, exit_code, parse_result, spec_to_json, validate_spec
+from dvmmd.security.keys import KeyMaterialError, check_key_hex, public_of
+from dvmmd.vm.spec import SpecError, exit_code, parse_result, spec_to_json, validate_spec
 
 __all__ = [
     "Interrupted",
@@ -81,6 +81,30 @@ def load_native() -> Any:
             "build it with `make setup` (maturin develop)"
         ) from None
     return _native
+
+
+def multinode_supported(setting: str) -> tuple[bool, str]:
+    """Can workers run one VM across several nodes? ("yes"/"no"/"auto" from config).
+
+    "auto" asks the native module: a true ``MULTI_NODE`` (or ``SUPPORTS_CLUSTER``)
+    attribute, or "cluster" in ``FEATURES``.
+    """
+    if setting == "yes":
+        return True, "enabled by worker.multi_node"
+    if setting == "no":
+        return False, "disabled by worker.multi_node"
+    try:
+        native = load_native()
+    except NativeMissing as e:
+        return False, f"dvmmd._native is not available ({e})"
+    for attr in ("MULTI_NODE", "SUPPORTS_CLUSTER"):
+        v = getattr(native, attr, None)
+        if isinstance(v, bool):
+            return v, f"dvmmd._native.{attr} is {v}"
+    feats = getattr(native, "FEATURES", None)
+    if isinstance(feats, (list, tuple, set, frozenset, str)) and "cluster" in feats:
+        return True, "dvmmd._native.FEATURES has 'cluster'"
+    return False, "dvmmd._native does not advertise multi-node support (MULTI_NODE)"
 
 
 def run_native(spec: dict[str, Any]) -> dict[str, Any]:

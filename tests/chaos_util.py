@@ -28,7 +28,7 @@ from typing import Any
 
 from test_multinode import Launch, _wait_gone, start_launcher
 
-from dvmmd.netns import Topology
+from dvmmd.launcher.netns import Topology
 
 #: Seconds any one `nft`/`tc`/`ip` command may take.
 CMD_TIMEOUT_S = 20.0

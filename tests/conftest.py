@@ -85,9 +85,25 @@ def dvmmctl(
 
 @pytest.fixture
 def guest_kernel() -> Path:
-    if not GUEST.is_file():
-        pytest.fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
-    return GUEST
+    return require_guest()
+
+
+def require_guest() -> Path:
+    """The bundled guest (``$DVMM_GUEST`` if set); its absence fails the test."""
+    env = os.environ.get("DVMM_GUEST")
+    guest = Path(env) if env else GUEST
+    if not guest.is_file():
+        pytest.fail(f"the bundled guest is not built ({guest}): run `make -C guest`")
+    return guest
+
+
+def require_native() -> None:
+    """The native module must be importable: `make test` builds it, so a test that
+    needs it fails (never skips) without it."""
+    try:
+        from dvmmd import _native  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"the native module dvmmd._native is not built ({e}): run `make setup`")
 
 
 # ---------------------------------------------------------------- guest output

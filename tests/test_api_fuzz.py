@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_daemon_cluster import KERNEL, Cluster, Node
 
-from dvmmd.api import ARGS, MAX_REQUEST, ApiError, check_args, parse_request
+from dvmmd.daemon.api import ARGS, MAX_REQUEST, ApiError, check_args, parse_request
 
 LONG = os.environ.get("DVMM_FUZZ_LONG") == "1"
 SCALE = 20 if LONG else 1

@@ -14,16 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dvmmd import safejson, tls
-from dvmmd.auth import (
-    AuthError,
-    Peer,
-    SecretError,
-    accept_handshake,
-    dial_handshake,
-    load_secret,
-)
-from dvmmd.peerproto import (
+from dvmmd.daemon.peer_protocol import (
     MAGIC,
     MAX_FRAME,
     PREAUTH_MAX_FRAME,
@@ -33,6 +24,9 @@ from dvmmd.peerproto import (
     decode_body,
     encode,
 )
+from dvmmd.security import safejson, tls
+from dvmmd.security.auth import AuthError, Peer, accept_handshake, dial_handshake
+from dvmmd.security.secret import SecretError, load_secret
 
 SECRET = b"k" * 32
 
@@ -149,7 +143,7 @@ def test_client_certificate_from_another_ca_is_refused_by_the_acceptor() -> None
     """A dialer that trusts our CA but shows a certificate of another CA."""
     (acc,) = _ids("acceptor")
     (other,) = _ids("intruder", secret=b"z" * 32)
-    from dvmmd import pki
+    from dvmmd.security import pki
 
     _, ca_cert = pki.secret_ca(SECRET)
     ctx = other.client

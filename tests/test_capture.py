@@ -1,6 +1,6 @@
 """What an eavesdropper on the network sees of a 2-node boot: nothing useful.
 
-Two dvmmd daemons (cluster_cli.LocalCluster: loopback addresses, a shared secret,
+Two dvmmd daemons (dvmmd.cli.demo.LocalDaemons: loopback addresses, a shared secret,
 default settings) boot the bundled guest across both nodes while tcpdump records
 every TCP packet on ``lo``. The test reassembles each TCP stream of the capture and
 checks that none of it holds the cluster secret (as the file's text, as raw bytes,
@@ -29,9 +29,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conftest import GUEST, kvm_usable, skip_or_fail
+from conftest import (
+    GUEST,
+    kvm_usable,
+    require_guest,
+    require_native,
+    skip_or_fail,
+)
 
-from dvmmd.cluster_cli import Client, LocalCluster
+from dvmmd.cli.client import Client
+from dvmmd.cli.demo import LocalDaemons
 
 CONSOLE_TIMEOUT_S = 240
 
@@ -39,13 +46,9 @@ CONSOLE_TIMEOUT_S = 240
 def _requirements() -> None:
     if not kvm_usable():
         skip_or_fail("/dev/kvm is missing or not read-write for this user")
-    if not GUEST.is_file():
-        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
-    try:
-        from dvmmd import _native  # noqa: F401
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
-    from dvmmd.vmmanager import multinode_supported
+    require_guest()
+    require_native()
+    from dvmmd.worker import multinode_supported
 
     multi, why = multinode_supported("auto")
     if not multi:
@@ -174,7 +177,7 @@ class Capture:
     def __init__(self, tmp_path: Path, data_plane: str | None) -> None:
         base = tmp_path / "cluster"
         base.mkdir()
-        cluster = LocalCluster(2, base=base, data_plane=data_plane)
+        cluster = LocalDaemons(2, base=base, data_plane=data_plane)
         self.secret_text = cluster.secret_path.read_text().strip().encode()
         dump = Tcpdump(tmp_path / "lo.pcap")
         self.marker = b"PLAINTEXT-CONTROL-" + os.urandom(8).hex().encode()

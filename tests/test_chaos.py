@@ -45,7 +45,7 @@ from chaos_util import ChaosRun, NftDrop, NodeInfo, Shaper, freeze, netns_unavai
 from conftest import assert_all_passed, parse_guest_output, skip_or_fail
 from test_multinode import KILLED_WORKER_BOUND_S, _pid_gone, cluster_unavailable, result_lines
 
-from dvmmd import netns
+from dvmmd.launcher import netns
 
 NODES = 2
 VCPUS = 2

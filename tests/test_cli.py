@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import REPO, assert_all_passed, dvmmctl, requires_kvm
+from conftest import REPO, dvmmctl
 
-from dvmmd import cli
+from dvmmd.cli import doctor
+from dvmmd.cli import dvmmctl as cli
+from dvmmd.cli import run as run_verb
+from dvmmd.cli.common import CliError
 
 
 def assert_clean_usage_error(r: object, *needles: str) -> None:
@@ -102,6 +103,17 @@ def test_console_script_installed() -> None:
         (["run", "--kernel", "/nonexistent/kernel"], ["/nonexistent/kernel", "does not exist"]),
         (["run", "--kernel", "/"], ["not a regular file"]),
         (["doctor", "--bogus"], ["unrecognized arguments"]),
+        # boot (and demo) check counts and sizes exactly as run does
+        (["boot", "x", "--vcpus", "0"], ["--vcpus", "at least 1 vCPU"]),
+        (["boot", "x", "--vcpus", "100000"], ["--vcpus", "more than dvmm supports"]),
+        (["boot", "x", "--memory", "1000"], ["--memory", "4 KiB"]),
+        (["boot", "x", "--memory", "8M"], ["--memory", "too small"]),
+        (["boot", "x", "--timeout", "-1"], ["--timeout"]),
+        (["boot", "x", "--timeout", "nan"], ["--timeout"]),
+        (["boot", "x", "--cpu", "486"], ["--cpu", "unknown CPU model"]),
+        (["boot", "x", "--foreign-budget", "1"], ["--foreign-budget", "at least one 4 KiB page"]),
+        (["demo", "--vcpus", "0"], ["--vcpus", "at least 1 vCPU"]),
+        (["demo", "--memory", "8M"], ["--memory", "too small"]),
     ],
 )
 def test_bad_arguments(args: list[str], needles: list[str]) -> None:
@@ -145,7 +157,7 @@ def test_unexpected_exception_is_not_a_traceback(
     def boom(args: argparse.Namespace) -> int:
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(cli, "cmd_doctor", boom)
+    monkeypatch.setattr(doctor, "cmd_doctor", boom)
     monkeypatch.delenv("DVMM_DEBUG", raising=False)
     assert cli.main(["doctor"]) == 1
     err = capsys.readouterr().err
@@ -157,89 +169,44 @@ def test_cli_error_exit_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def fail(args: argparse.Namespace) -> int:
-        raise cli.CliError("no luck")
+        raise CliError("no luck")
 
-    monkeypatch.setattr(cli, "cmd_doctor", fail)
+    monkeypatch.setattr(doctor, "cmd_doctor", fail)
     assert cli.main(["doctor"]) == 1
     assert "dvmmctl: error: no luck" in capsys.readouterr().err
 
 
 def test_format_vcpu_dump_shapes() -> None:
-    text = cli.format_vcpu_dump(
+    text = run_verb.format_vcpu_dump(
         {"vcpu": 1, "exit_reason": "SHUTDOWN", "regs": {"rip": 0x100020, "rsp": 0, "rflags": 2}}
     )
     assert "exit_reason: SHUTDOWN" in text
     assert "rip=0x100020" in text
-    assert cli.format_vcpu_dump("just text").strip() == "just text"
+    assert run_verb.format_vcpu_dump("just text").strip() == "just text"
 
 
 def test_describe_result() -> None:
-    assert cli.describe_result({"reason": "debug_exit", "status": 0}) is None
-    assert "status 3" in str(cli.describe_result({"reason": "debug_exit", "status": 3}))
-    crash = cli.describe_result(
+    assert run_verb.describe_result({"reason": "debug_exit", "status": 0}) is None
+    assert "status 3" in str(run_verb.describe_result({"reason": "debug_exit", "status": 3}))
+    crash = run_verb.describe_result(
         {"reason": "crash", "error": "triple fault", "vcpu_dump": {"regs": {"rip": 16}}}
     )
     assert crash is not None and "triple fault" in crash and "rip=0x10" in crash
-    assert "30 s timeout" in str(cli.describe_result({"reason": "timeout"}, 30))
-    assert "KVM said no" in str(cli.describe_result({"reason": "error", "error": "KVM said no"}))
+    assert "30 s timeout" in str(run_verb.describe_result({"reason": "timeout"}, 30))
+    assert "KVM said no" in str(
+        run_verb.describe_result({"reason": "error", "error": "KVM said no"})
+    )
 
 
 def test_format_stats() -> None:
-    text = cli.format_stats({"exits": {"io": 3, "mmio": 4}, "runtime_ns": 10})
+    text = run_verb.format_stats({"exits": {"io": 3, "mmio": 4}, "runtime_ns": 10})
     assert "exits.io" in text and "exits.mmio" in text and "runtime_ns" in text
-
-
-def _without_cluster_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.import_module
-
-    def fake(name: str, package: str | None = None) -> Any:
-        if name == "dvmmd.cluster_cli":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, package)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
-
-
-def test_own_demo_without_cluster_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    _without_cluster_cli(monkeypatch)
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"doctor", "run", "demo"}
-    assert sub.choices["demo"].get_default("func") is cli.cmd_demo
-
-
-def test_broken_cluster_cli_does_not_break_run(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    real = importlib.import_module
-
-    def broken(name: str, package: str | None = None) -> Any:
-        if name == "dvmmd.cluster_cli":
-            raise SyntaxError("oops")
-        return real(name, package)
-
-    monkeypatch.setattr(importlib, "import_module", broken)
-    parser = cli.build_parser()
-    assert "cluster verbs unavailable" in capsys.readouterr().err
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert {"doctor", "run", "demo"} <= set(sub.choices)
-
-
-@requires_kvm
-def test_own_demo_boots_the_guest(
-    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], guest_kernel: Path
-) -> None:
-    _without_cluster_cli(monkeypatch)
-    assert cli.main(["demo"]) == 0
-    out = capfd.readouterr().out
-    assert "one node with 2 vCPUs" in out
-    assert_all_passed(out)
 
 
 def test_cluster_stats_table_summarizes_long_histograms() -> None:
     """The engine's HDR histogram (thousands of buckets) is a count in the daemon's
     stats table, not a column thousands of characters wide (``--json`` has it all)."""
-    from dvmmd import cluster_cli
+    from dvmmd.cli import vms
 
     hdr = [[1000 + i, 1] for i in range(1500)]
     res = {
@@ -248,7 +215,39 @@ def test_cluster_stats_table_summarizes_long_histograms() -> None:
         "reason": "debug_exit",
         "nodes": [{"node": "n1", "stats": {"dsm": {"latency_ns_hdr": hdr, "pages_sent": 7}}}],
     }
-    text = cluster_cli.format_stats(res)
+    text = vms.format_stats(res)
     assert max(len(line) for line in text.splitlines()) < 120, text[:300]
     assert "(1500 values, see --json)" in text
     assert "dsm.pages_sent" in text
+
+
+def test_every_verb_takes_json() -> None:
+    """--json on every verb (issue 14), the run and cluster sub-verbs included."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        if name == "cluster":
+            inner = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+            parsers = list(inner.choices.values())
+        else:
+            parsers = [p]
+        for q in parsers:
+            assert any("--json" in a.option_strings for a in q._actions), q.prog
+
+
+def test_one_default_socket() -> None:
+    """dvmmctl's default socket is the daemon's default api.socket."""
+    from dvmmd.cli.client import default_socket
+    from dvmmd.config import DEFAULT_SOCKET, parse_config
+
+    cfg = parse_config(
+        '[node]\nname = "n"\nlisten = "127.0.0.1:1"\nstate_dir = "/var/lib/dvmmd"\n'
+        '[cluster]\nsecret_file = "/s"\n'
+    )
+    assert str(cfg.api_socket) == DEFAULT_SOCKET
+    env = os.environ.pop("DVMM_SOCKET", None)
+    try:
+        assert default_socket() == DEFAULT_SOCKET
+    finally:
+        if env is not None:
+            os.environ["DVMM_SOCKET"] = env

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dvmmd.config import ConfigError, load_config, parse_config
+from dvmmd.config import DEFAULT_SOCKET, ConfigError, load_config, parse_config
 
 GOOD = """\
 [node]
@@ -42,7 +42,7 @@ def test_good_config() -> None:
     assert c.failure_timeout == 3.0 and c.heartbeat_interval == 0.5
     assert 0.5 < c.suspect_timeout <= 3.0
     assert c.metrics_listen == ("127.0.0.1", 9478)
-    assert c.api_socket == Path("/var/lib/dvmmd/dvmmd.sock") and c.api_socket_mode == 0o660
+    assert c.api_socket == Path(DEFAULT_SOCKET) and c.api_socket_mode == 0o660
     assert c.multi_node == "auto" and c.data_ports == (7500, 7599)
 
 

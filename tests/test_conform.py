@@ -34,6 +34,8 @@ from conftest import (
     assert_all_passed,
     dvmmctl,
     kvm_usable,
+    require_guest,
+    require_native,
     skip_or_fail,
 )
 from test_faultlat import line_fields, result_line
@@ -53,8 +55,7 @@ _EXIT_LINE = re.compile(r"dvmm-guest: exit cpu=(\d+) node=(-?\d+) apic=(\d+) sta
 def _require_guest_and_kvm() -> None:
     if not kvm_usable():
         skip_or_fail("/dev/kvm is missing or not read-write for this user")
-    if not GUEST.is_file():
-        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
+    require_guest()
 
 
 def _checks(output: str) -> dict[tuple[str, int], tuple[int, str, str]]:
@@ -165,10 +166,7 @@ def test_conform_under_qemu(tmp_path: Path) -> None:
 def test_conform_under_dvmm(tmp_path: Path, nodes: int, vcpus: int) -> None:
     """dvmm on 1, 2 and 3 nodes: every check holds, no deviation is excused."""
     _require_guest_and_kvm()
-    try:
-        from dvmmd import _native  # noqa: F401
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+    require_native()
     if nodes > 1:
         reason = cluster_unavailable(tmp_path)
         if reason is not None:

@@ -19,17 +19,21 @@ from pathlib import Path
 import pytest
 from conftest import (
     BOOT_TIMEOUT_S,
-    GUEST,
     MakeKernel,
     assert_all_passed,
     dvmmctl,
     kvm_usable,
+    require_guest,
+    require_native,
     skip_or_fail,
 )
 from test_multinode import cluster_unavailable
 
-from dvmmd import doctor, localcluster, vmspec
-from dvmmd.vmspec import SpecError, build_spec, validate_spec
+from dvmmd import host
+from dvmmd.cli import doctor
+from dvmmd.launcher import launch
+from dvmmd.vm import spec as vmspec
+from dvmmd.vm.spec import SpecError, build_spec, validate_spec
 
 KNOWN = "known models: host, baseline"
 
@@ -39,12 +43,8 @@ def kvm_ready() -> None:
     """One-node runs: /dev/kvm, the native module and the bundled guest."""
     if not kvm_usable():
         skip_or_fail("/dev/kvm is missing or not read-write for this user")
-    if not GUEST.is_file():
-        skip_or_fail(f"the bundled guest is not built ({GUEST}): run `make -C guest`")
-    try:
-        from dvmmd import _native  # noqa: F401
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+    require_guest()
+    require_native()
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def cluster_ready(tmp_path: Path) -> None:
 
 
 def _host_flags() -> set[str]:
-    return doctor._cpu_flags(Path("/proc/cpuinfo").read_text())
+    return host._cpu_flags(Path("/proc/cpuinfo").read_text())
 
 
 # ------------------------------------------------------------------ defaults and checks
@@ -71,7 +71,7 @@ def test_default_model_per_host_kind(kind: str, model: str) -> None:
 
 
 def test_host_default_follows_doctor() -> None:
-    kind = doctor.current_host_kind()
+    kind = host.current_host_kind()
     assert vmspec.host_default_cpu_model() == vmspec.default_cpu_model(kind)
     assert doctor.run_doctor().host_kind == kind
 
@@ -107,14 +107,14 @@ def test_every_node_gets_the_same_explicit_model(
         calls.append(1)
         return "baseline" if len(calls) == 1 else "host"  # a second call would differ
 
-    monkeypatch.setattr(localcluster, "host_default_cpu_model", fake_default)
+    monkeypatch.setattr(launch, "host_default_cpu_model", fake_default)
     monkeypatch.setattr(vmspec, "host_default_cpu_model", fake_default)
     kernel = tmp_path / "k.mb"
     from conftest import code_exit, multiboot_kernel
 
     kernel.write_bytes(multiboot_kernel(code_exit(0)))
-    launcher = localcluster.Launcher(
-        localcluster.Options(nodes=3, vcpus=3, memory=48 << 20, kernel=str(kernel))
+    launcher = launch.Launcher(
+        launch.Options(nodes=3, vcpus=3, memory=48 << 20, kernel=str(kernel))
     )
     launcher.tmpdir = tmp_path
     launcher._make_specs()
@@ -124,10 +124,9 @@ def test_every_node_gets_the_same_explicit_model(
 
 
 def test_native_rejects_unknown_model(tmp_path: Path) -> None:
-    try:
-        from dvmmd import _native
-    except ImportError as e:
-        skip_or_fail(f"the native module dvmmd._native is not built: {e}")
+    require_native()
+    from dvmmd import _native
+
     spec = {"vcpus": 1, "memory": 16 << 20, "kernel": str(tmp_path / "none"), "cpu": "486"}
     with pytest.raises(ValueError, match=f'cpu: unknown CPU model "486" \\({KNOWN}\\)'):
         _native.run_vm(json.dumps(spec))
@@ -147,9 +146,11 @@ def test_run_bad_cpu_exits_2(nodes: str) -> None:
     ], r.stderr
 
 
-def test_localcluster_standalone_bad_cpu_exits_2() -> None:
+def test_run_nodes_bad_cpu_exits_2() -> None:
+    from dvmmd.cli.dvmmctl import build_parser
+
     with pytest.raises(SystemExit) as e:
-        localcluster.build_parser().parse_args(["--cpu", "nope"])
+        build_parser().parse_args(["run", "--nodes", "2", "--cpu", "nope"])
     assert e.value.code == 2
 
 

@@ -8,7 +8,8 @@ import os
 import pytest
 from conftest import dvmmctl, kvm_usable
 
-from dvmmd import doctor
+from dvmmd import host
+from dvmmd.cli import doctor
 
 IS_PVM = os.path.exists("/sys/module/kvm_pvm")
 
@@ -82,7 +83,7 @@ CPUINFO_NONE = "processor\t: 0\nflags\t\t: fpu sse2 hypervisor\n"
     ],
 )
 def test_host_kind(cpuinfo: str, modules: set[str], kvm: bool, kind: str) -> None:
-    got, meaning = doctor.host_kind(cpuinfo, modules, kvm)
+    got, meaning = host.host_kind(cpuinfo, modules, kvm)
     assert got == kind
     assert meaning
     if kind == "pvm":

@@ -35,14 +35,14 @@ from typing import Any
 import pytest
 from test_daemon_cluster import KERNEL, ROOT, Cluster, Node, wait_for
 
-from dvmmd import images
-from dvmmd.api import open_dir_to_group
 from dvmmd.config import ConfigError, parse_config
-from dvmmd.membership import Membership
-from dvmmd.names import InvalidName, check_vm_name, is_valid_name
-from dvmmd.statelock import StateDirBusy, StateLock
-from dvmmd.store import Store
-from dvmmd.vmmanager import VmManager
+from dvmmd.daemon.api import open_dir_to_group
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.statelock import StateDirBusy, StateLock
+from dvmmd.daemon.store import Store
+from dvmmd.daemon.vms import VmManager
+from dvmmd.vm import boot_files
+from dvmmd.vm.names import InvalidName, check_vm_name, is_valid_name
 
 NOBODY = 65534
 NOGROUP = "nogroup"
@@ -88,7 +88,7 @@ def api_call(
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(30)
         s.connect(path)
-        images.send_request(s, json.dumps({"op": op, "args": args}).encode() + b"\n", fds or [])
+        boot_files.send_request(s, json.dumps({"op": op, "args": args}).encode() + b"\n", fds or [])
         f = s.makefile("rb")
         while True:
             line = f.readline()
@@ -192,7 +192,7 @@ def test_share_forget_traversal_keeps_victim(tmp_path: Path) -> None:
     victim.mkdir()
     (victim / "precious").write_text("keep me")
     for call in (
-        lambda: vmm.share_forget({"name": "../../victim"}),
+        lambda: vmm.node_shares.share_forget({"name": "../../victim"}),
         lambda: vmm.handle_rpc("share_forget", {"name": "../../victim"}),
     ):
         with pytest.raises(InvalidName) as ei:
@@ -231,10 +231,10 @@ def test_every_peer_rpc_checks_the_vm_name(tmp_path: Path, method: str) -> None:
     with pytest.raises(InvalidName, match=r"invalid VM name '\.\./x'"):
         asyncio.run(vmm.handle_rpc(method, params))
     handler = {
-        "share_exited": vmm.on_share_exited,
-        "vm_op": vmm._rpc_vm_op,
-        "vm_find": vmm._rpc_vm_find,
-    }.get(method) or getattr(vmm, method)
+        "share_exited": vmm.owner.on_share_exited,
+        "vm_op": vmm.owner._rpc_vm_op,
+        "vm_find": vmm.owner._rpc_vm_find,
+    }.get(method) or getattr(vmm.node_shares, method)
     with pytest.raises(InvalidName):  # the handler itself checks too
         asyncio.run(handler(params))
     assert not (tmp_path / "x").exists()
@@ -264,7 +264,7 @@ def test_group_member_cannot_make_the_daemon_read_a_file(cluster: Cluster, pubdi
 
     def attack() -> Any:
         params: dict[str, Any] = {"name": "steal", "kernel": str(kernel), "initrd": str(secret)}
-        fds = images.open_boot_files({"kernel": str(kernel)})  # the kernel it may read
+        fds = boot_files.open_boot_files({"kernel": str(kernel)})  # the kernel it may read
         params["kernel_fd"] = 0
         return api_call(a.socket, "boot", params, fds)
 
@@ -277,7 +277,7 @@ def test_group_member_cannot_make_the_daemon_read_a_file(cluster: Cluster, pubdi
         "): pass the file itself (dvmmctl boot sends it; API: initrd_fd with SCM_RIGHTS)"
     )
     # The client side (what dvmmctl does) cannot open it either:
-    r = as_nobody(lambda: images.open_boot_files({"initrd": str(secret)}))
+    r = as_nobody(lambda: boot_files.open_boot_files({"initrd": str(secret)}))
     assert r == {"raised": f"BootFileError: initrd {secret} is not readable: Permission denied"}
 
     # An O_PATH descriptor can be had without read permission: the daemon must not
@@ -304,7 +304,7 @@ def test_fd_passing_boot_runs_the_callers_file(cluster: Cluster, pubdir: Path) -
 
     def boot() -> Any:
         params: dict[str, Any] = {"name": "mine", "kernel": str(kernel), "cmdline": "sleep=0"}
-        fds = images.open_boot_files(params)
+        fds = boot_files.open_boot_files(params)
         try:
             return api_call(a.socket, "boot", params, fds)
         finally:
@@ -369,7 +369,7 @@ def test_multinode_fd_boot_sends_the_copy_to_the_other_node(cluster: Cluster) ->
         "nodes": ["n1", "n2"],
         "cmdline": "sleep=0",
     }
-    fds = images.open_boot_files(params)
+    fds = boot_files.open_boot_files(params)
     try:
         reply = api_call(a.socket, "boot", params, fds)
     finally:
@@ -390,16 +390,16 @@ def test_copy_fd_refuses_what_is_not_a_readable_regular_file(tmp_path: Path) -> 
     dest = tmp_path / "out.img"
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        with pytest.raises(images.BootFileError, match="kernel k: not a regular file"):
-            images.copy_fd("kernel", "k", fd, dest)
+        with pytest.raises(boot_files.BootFileError, match="kernel k: not a regular file"):
+            boot_files.copy_fd("kernel", "k", fd, dest)
     finally:
         os.close(fd)
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     fd = os.open(empty, os.O_RDONLY)
     try:
-        with pytest.raises(images.BootFileError, match="initrd e: the file is empty"):
-            images.copy_fd("initrd", "e", fd, dest)
+        with pytest.raises(boot_files.BootFileError, match="initrd e: the file is empty"):
+            boot_files.copy_fd("initrd", "e", fd, dest)
     finally:
         os.close(fd)
     assert list(tmp_path.iterdir()) == [empty]  # no partial copy left behind
@@ -407,30 +407,32 @@ def test_copy_fd_refuses_what_is_not_a_readable_regular_file(tmp_path: Path) -> 
 
 def test_vmdir_references_stay_in_the_vm_directory(tmp_path: Path) -> None:
     ok = "kernel-" + "a" * 32 + ".img"
-    assert images.resolve_vmdir({"kernel": "vmdir:" + ok, "initrd": None}, tmp_path) == {
+    assert boot_files.resolve_vmdir({"kernel": "vmdir:" + ok, "initrd": None}, tmp_path) == {
         "kernel": str(tmp_path / ok),
         "initrd": None,
     }
     for bad in ("vmdir:../../etc/shadow", "vmdir:kernel-x.img", "vmdir:/etc/shadow"):
-        with pytest.raises(images.BootFileError, match="malformed boot file reference"):
-            images.resolve_vmdir({"kernel": bad}, tmp_path)
-    assert images.resolve_vmdir({"kernel": "/boot/vmlinuz"}, tmp_path)["kernel"] == "/boot/vmlinuz"
+        with pytest.raises(boot_files.BootFileError, match="malformed boot file reference"):
+            boot_files.resolve_vmdir({"kernel": bad}, tmp_path)
+    assert (
+        boot_files.resolve_vmdir({"kernel": "/boot/vmlinuz"}, tmp_path)["kernel"] == "/boot/vmlinuz"
+    )
 
 
 def test_boot_file_put_chunks_checked(tmp_path: Path) -> None:
     data = os.urandom(3000)
     digest = hashlib.sha256(data).hexdigest()
     boot_id = "b" * 32
-    put = images.PartialFile.put
+    put = boot_files.PartialFile.put
     assert put(tmp_path, "initrd", boot_id, 0, data[:1000], len(data), digest) is False
-    with pytest.raises(images.BootFileError, match="chunk at offset 2000, expected 1000"):
+    with pytest.raises(boot_files.BootFileError, match="chunk at offset 2000, expected 1000"):
         put(tmp_path, "initrd", boot_id, 2000, data[2000:], len(data), digest)
     assert put(tmp_path, "initrd", boot_id, 1000, data[1000:], len(data), digest) is True
     assert (tmp_path / f"initrd-{boot_id}.img").read_bytes() == data
-    with pytest.raises(images.BootFileError, match="does not match its sha256"):
+    with pytest.raises(boot_files.BootFileError, match="does not match its sha256"):
         put(tmp_path, "kernel", boot_id, 0, b"evil", 4, digest)
     assert not (tmp_path / f"kernel-{boot_id}.img").exists()
-    with pytest.raises(images.BootFileError, match="bad boot file"):
+    with pytest.raises(boot_files.BootFileError, match="bad boot file"):
         put(tmp_path, "../k", boot_id, 0, b"x", 1, digest)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from conftest import REPO
 
-from dvmmd import keys, worker
-from dvmmd.vmspec import SpecError, build_spec, validate_spec
+from dvmmd import worker
+from dvmmd.security import keys
+from dvmmd.vm.spec import SpecError, build_spec, validate_spec
 
 M = 1 << 20
 

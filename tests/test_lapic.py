@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import BOOT_TIMEOUT_S, assert_all_passed, dvmmctl, requires_kvm
 
-from dvmmd.vmspec import LAPIC_KINDS, SpecError, build_spec, check_lapic, validate_spec
+from dvmmd.vm.spec import LAPIC_KINDS, SpecError, build_spec, check_lapic, validate_spec
 
 
 def test_kinds() -> None:

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from dvmmd.membership import MAX_RETIRED, MemberEvent, Membership, new_boot_id
-from dvmmd.peerproto import ProtocolError
+from dvmmd.daemon.membership import MAX_RETIRED, MemberEvent, Membership, new_boot_id
+from dvmmd.daemon.peer_protocol import ProtocolError
 
 INFO = {"vcpus": 2, "memory": 1 << 30, "used_vcpus": 0, "used_memory": 0, "vms": 0}
 

@@ -2,11 +2,11 @@
 
 Two groups of tests:
 
-- The launcher itself (``dvmmd.localcluster``) with a fake worker, so its
+- The launcher itself (``dvmmd.launcher``) with a fake worker, so its
   lay-out, failure handling, signal forwarding and clean-up are tested on any
   host: a dead node is named, the others are stopped within a bound, no worker
   outlives the launcher (PR_SET_PDEATHSIG), SIGINT stops everything.
-- Real distributed runs of the bundled guest (``python -m dvmmd.localcluster``,
+- Real distributed runs of the bundled guest (``python -m dvmmd.cli run``,
   which is what ``dvmmctl run --nodes N`` calls). They skip, with the reason,
   when /dev/kvm, the native module or the guest is missing, or while the native
   module still rejects a ``cluster`` spec ("not supported").
@@ -35,17 +35,19 @@ from typing import Any
 
 import pytest
 from conftest import (
-    GUEST,
     REPO,
     MakeKernel,
     assert_all_passed,
     code_exit,
     kvm_usable,
     parse_guest_output,
+    require_guest,
+    require_native,
 )
 
-from dvmmd import localcluster, stats_report
-from dvmmd.localcluster import Launcher, Options, UsageError, layout, validate
+from dvmmd.launcher import launch as launcher
+from dvmmd.launcher.launch import Launcher, Options, UsageError, layout, validate
+from dvmmd.vm import stats_report
 
 MIB = 1024 * 1024
 
@@ -156,11 +158,11 @@ def _launcher_tmpdir() -> str:
 
 
 def start_launcher(*args: str, argv: list[str] | None = None) -> Launch:
-    """Start ``python -m dvmmd.localcluster ARGS`` (or ``argv``) in the background."""
+    """Start ``python -m dvmmd.cli run ARGS`` (or ``argv``) in the background."""
     env = dict(os.environ)
     env.pop("DVMM_DEBUG", None)
     env["TMPDIR"] = _launcher_tmpdir()
-    cmd = argv if argv is not None else [sys.executable, "-m", "dvmmd.localcluster", *args]
+    cmd = argv if argv is not None else [sys.executable, "-m", "dvmmd.cli", "run", *args]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -294,12 +296,10 @@ def cluster_unavailable(tmp_dir: Path) -> str | None:
     global _cluster_support
     if not kvm_usable():
         return "/dev/kvm is missing or not read-write for this user"
-    if not GUEST.is_file():
-        return f"the bundled guest is not built ({GUEST}): run `make -C guest`"
-    try:
-        from dvmmd import _native
-    except ImportError as e:
-        return f"the native module dvmmd._native is not built: {e} (`make setup`)"
+    require_guest()  # `make test` builds both: their absence fails, never skips
+    require_native()
+    from dvmmd import _native
+
     if getattr(_native, "MULTI_NODE", None) is True:
         return None  # the build says so; older builds are probed below
     if _cluster_support is None:
@@ -346,6 +346,8 @@ def test_layout_spreads_vcpus_and_memory() -> None:
     assert [n["mem_start"] for n in numa] == [0, 128 * MIB, 256 * MIB]
     numa = layout(5, 256 * MIB, 2)
     assert [n["cpus"] for n in numa] == [[0, 1, 2], [3, 4]]
+    # memory is homed with the vCPUs (3:2 in 2M units), as the daemon places it
+    assert [n["mem_size"] for n in numa] == [154 * MIB, 102 * MIB]
     numa = layout(4, 100 * MIB + 4096, 3)
     assert all(n["mem_size"] % 4096 == 0 for n in numa)
     assert sum(n["mem_size"] for n in numa) == 100 * MIB + 4096
@@ -368,7 +370,7 @@ def test_validate_rejects(opts: Options, message: str) -> None:
 
 def test_cli_usage_errors_exit_2() -> None:
     cp = subprocess.run(
-        [sys.executable, "-m", "dvmmd.localcluster", "--nodes", "3", "--vcpus", "2"],
+        [sys.executable, "-m", "dvmmd.cli", "run", "--nodes", "3", "--vcpus", "2"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -378,7 +380,7 @@ def test_cli_usage_errors_exit_2() -> None:
     assert cp.returncode == 2, cp.stderr
     assert "at least 3 vCPUs" in cp.stderr
     cp = subprocess.run(
-        [sys.executable, "-m", "dvmmd.localcluster", "--nodes", "17"],
+        [sys.executable, "-m", "dvmmd.cli", "run", "--nodes", "17"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -389,14 +391,15 @@ def test_cli_usage_errors_exit_2() -> None:
 
 
 def test_cli_data_plane_option() -> None:
-    from dvmmd.cli import build_parser
+    from dvmmd.cli.dvmmctl import build_parser
+    from dvmmd.cli.run import launcher_options
 
     args = build_parser().parse_args(["run", "--nodes", "2", "--data-plane", "none"])
-    assert Options.from_args(args).data_plane == "none"
+    assert launcher_options(args).data_plane == "none"
     args = build_parser().parse_args(["run", "--nodes", "2"])
-    assert Options.from_args(args).data_plane == "encrypt"
+    assert launcher_options(args).data_plane == "encrypt"
     cp = subprocess.run(
-        [sys.executable, "-m", "dvmmd.localcluster", "--nodes", "2", "--data-plane", "rot13"],
+        [sys.executable, "-m", "dvmmd.cli", "run", "--nodes", "2", "--data-plane", "rot13"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -409,7 +412,7 @@ def test_cli_data_plane_option() -> None:
 @pytest.mark.parametrize("value", ["65", "-1", "many"])
 def test_cli_prefetch_max_pages_rejects(value: str) -> None:
     cp = subprocess.run(
-        [sys.executable, "-m", "dvmmd.localcluster", "--nodes", "2", "--prefetch-max-pages", value],
+        [sys.executable, "-m", "dvmmd.cli", "run", "--nodes", "2", "--prefetch-max-pages", value],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -485,7 +488,7 @@ FAKE_WORKER = textwrap.dedent(
     signal.signal(signal.SIGTERM, stopped)
     if spec.get("cluster"):  # multi-node: the private key comes on stdin, never in the spec
         assert "private_key_hex" not in spec["cluster"] and sys.argv[3:] == ["--key-stdin"]
-        from dvmmd.keys import public_of
+        from dvmmd.security.keys import public_of
         key = sys.stdin.readline().strip()
         if public_of(key) != spec["cluster"]["node_pubkeys_hex"][me]:
             print("fake worker: wrong key on stdin", file=sys.stderr, flush=True)
@@ -524,7 +527,7 @@ FAKE_WORKER = textwrap.dedent(
 LAUNCH_FAKE = textwrap.dedent(
     """
     import sys
-    from dvmmd.localcluster import Launcher, Options
+    from dvmmd.launcher.launch import Launcher, Options
     kernel, nodes, cmdline, fake = sys.argv[1:5]
     flags = sys.argv[5:]
     opts = Options(nodes=int(nodes), vcpus=int(nodes), memory=64 << 20, kernel=kernel,
@@ -821,4 +824,4 @@ def test_stats_table_and_json(cluster_ready: None, launches: list[Launch]) -> No
     for n in summary["nodes"]:
         assert "dsm" in n["stats"], n
     assert summary["totals"]["write_faults"] > 0
-    assert localcluster.MAX_NODES == 16
+    assert launcher.MAX_NODES == 16

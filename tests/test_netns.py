@@ -30,8 +30,8 @@ from test_multinode import (
     start_launcher,
 )
 
-from dvmmd import netns
-from dvmmd.netns import NetnsError, Topology
+from dvmmd.launcher import netns
+from dvmmd.launcher.netns import NetnsError, Topology
 
 requires_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -144,12 +144,13 @@ def test_needs_root_message(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_launcher_reports_netns_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dvmmd import localcluster
+    from dvmmd.cli.dvmmctl import build_parser
+    from dvmmd.cli.run import run_nodes
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    args = localcluster.build_parser().parse_args(["--nodes", "2", "--vcpus", "2", "--netns"])
+    args = build_parser().parse_args(["run", "--nodes", "2", "--vcpus", "2", "--netns"])
     args.parser = None
-    assert localcluster.run(args) == 1
+    assert run_nodes(args) == 1
 
 
 @requires_netns

@@ -1,10 +1,10 @@
 """Structure-aware fuzzing (hypothesis) of everything a peer can make the daemon parse.
 
-Targets: the frame body decoder and schema validation (peerproto.decode_body), the
+Targets: the frame body decoder and schema validation (peer_protocol.decode_body), the
 frame reader (Connection.recv: headers, lengths, truncation, the pre-authentication
 limit), the name handshake (auth.accept_handshake), heartbeats as membership applies
 them, and the JSON loader itself (safejson.loads). Inputs start from *valid* messages
-built from peerproto.SCHEMAS and are then mutated: fields dropped, added or retyped,
+built from peer_protocol.SCHEMAS and are then mutated: fields dropped, added or retyped,
 values replaced by random JSON or by deep nesting, the encoded bytes flipped,
 truncated or spliced. The property everywhere: a result that satisfies the schema,
 or ProtocolError / AuthError / ConnectionError / JsonError; never anything else.
@@ -26,10 +26,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dvmmd import safejson
-from dvmmd.auth import AuthError, Peer, accept_handshake
-from dvmmd.membership import Membership
-from dvmmd.peerproto import (
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.peer_protocol import (
     HEADER,
     MAGIC,
     PROTO_VERSION,
@@ -41,6 +39,8 @@ from dvmmd.peerproto import (
     encode,
     validate,
 )
+from dvmmd.security import safejson
+from dvmmd.security.auth import AuthError, Peer, accept_handshake
 
 _LONG_ENV = os.environ.get("DVMM_FUZZ_LONG", "")
 LONG = _LONG_ENV not in ("", "0")

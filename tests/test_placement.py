@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from dvmmd.placement import (
+from dvmmd.vm.placement import (
     NodeResources,
     NodeShare,
     Placement,
@@ -110,3 +110,40 @@ def test_check_rejects_gaps_and_overcommit() -> None:
 def test_json_roundtrip() -> None:
     p = default_policy(THREE, PlacementRequest(vcpus=3, memory=384 * M))
     assert Placement.from_json(p.to_json()) == p
+
+
+# ------------------------------------------------------------ one layout for both paths
+
+#: Requests where an even memory split and a split that follows the vCPUs differ.
+SAME_LAYOUT_CASES = [
+    (2, 256 * M, 2),
+    (3, 96 * M, 2),
+    (5, 256 * M, 2),
+    (3, 384 * M, 3),
+    (4, 100 * M + 4096, 3),
+    (7, 1 * G, 3),
+    (16, 64 * M, 5),
+]
+
+
+@pytest.mark.parametrize(("vcpus", "memory", "n"), SAME_LAYOUT_CASES)
+def test_launcher_and_daemon_lay_a_request_out_the_same(vcpus: int, memory: int, n: int) -> None:
+    """``dvmmctl run --nodes N`` (launcher.layout) and a daemon placing the same request
+    over N nodes with room (vm_owner: ``place`` with this node preferred, no node list,
+    or ``boot --nodes`` with the list) give the same vCPUs and memory to every node."""
+    from dvmmd.launcher.launch import layout
+
+    names = [f"node{i}" for i in range(n)]
+    cluster = [NodeResources(name, 64, 64 * G) for name in names]
+    launcher = layout(vcpus, memory, n)
+    chosen = place(cluster, PlacementRequest(vcpus=vcpus, memory=memory, prefer="node0"))
+    listed = place(cluster, PlacementRequest(vcpus=vcpus, memory=memory, nodes=tuple(names)))
+    assert chosen.nodes == names and listed.nodes == names
+    assert launcher == chosen.numa() == listed.numa()
+    sizes = [s["mem_size"] for s in launcher]
+    cpus = [len(s["cpus"]) for s in launcher]
+    # memory follows the vCPUs: a node with more vCPUs never homes less memory
+    assert all(sizes[i] >= sizes[j] for i in range(n) for j in range(n) if cpus[i] > cpus[j]), (
+        cpus,
+        sizes,
+    )

@@ -1,6 +1,6 @@
 """`dvmmctl run` and the VMM worker: the spec, bad inputs, and booting the bundled guest.
 
-The unit tests of dvmmd.vmspec need nothing; the boot tests need /dev/kvm, the
+The unit tests of dvmmd.vm.spec need nothing; the boot tests need /dev/kvm, the
 native module and the bundled guest (`make setup` builds both).
 """
 
@@ -29,8 +29,9 @@ from conftest import (
     requires_kvm,
 )
 
-from dvmmd import vmspec
-from dvmmd.vmspec import SpecError, build_spec, exit_code, split_numa, validate_spec
+from dvmmd.vm import spec as vmspec
+from dvmmd.vm.placement import PlacementError, layout_on
+from dvmmd.vm.spec import SpecError, build_spec, exit_code, validate_spec
 
 M = 1024 * 1024
 
@@ -74,7 +75,7 @@ def test_build_spec_all_fields(elf_kernel: Path, tmp_path: Path) -> None:
         console_log=tmp_path / "console.log",
         console_stdout=False,
         timeout_s=2.5,
-        numa=split_numa(4, 64 * M, 2),
+        numa=layout_on(["a", "b"], 4, 64 * M).numa(),
         cluster={"node_index": 1, "nodes": [{"addr": "127.0.0.1:7100"},
                  {"addr": "127.0.0.1:7101"}], "boot_node": 0, "session_hex": "ab" * 16,
                  "node_pubkeys_hex": ["11" * 32, "22" * 32]},
@@ -187,17 +188,17 @@ def test_sniff_kernel_formats(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("vcpus", "nodes"), [(1, 1), (2, 2), (5, 2), (4, 3), (254, 7)])
-def test_split_numa(vcpus: int, nodes: int) -> None:
+def test_layout_on(vcpus: int, nodes: int) -> None:
     memory = 1000 * 4096
-    layout = split_numa(vcpus, memory, nodes)
+    layout = layout_on([f"n{i}" for i in range(nodes)], vcpus, memory).numa()
     assert len(layout) == nodes
     assert sorted(c for n in layout for c in n["cpus"]) == list(range(vcpus))
     assert sum(n["mem_size"] for n in layout) == memory
     for i, n in enumerate(layout):
         assert n["mem_size"] % 4096 == 0 and n["mem_size"] > 0
         assert n["mem_start"] == sum(x["mem_size"] for x in layout[:i])
-    with pytest.raises(SpecError):
-        split_numa(1, memory, 2)
+    with pytest.raises(PlacementError):
+        layout_on(["a", "b"], 1, memory)
 
 
 @pytest.mark.parametrize(
@@ -405,7 +406,7 @@ def test_worker_sigterm_stops_the_vm(make_kernel: MakeKernel, tmp_path: Path) ->
 
 
 def test_worker_death_quotes_its_last_words_not_a_startup_warning(tmp_path: Path) -> None:
-    from dvmmd.localcluster import Node
+    from dvmmd.launcher.launch import Node
 
     n = Node(0, "127.0.0.1", 7100, {}, tmp_path / "s", tmp_path / "r", tmp_path / "c")
     n.returncode = -9

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dvmmd.sizes import (
+from dvmmd.vm.sizes import (
     MAX_GUEST_MEMORY,
     MIN_GUEST_MEMORY,
     SizeError,

@@ -6,7 +6,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dvmmd import metrics, stats_report
+from prometheus_client.parser import text_string_to_metric_families
+
+from dvmmd.daemon import metrics
+from dvmmd.vm import stats_report
 
 
 def _node(buckets: list[list[int]], mean: int, **kw: Any) -> dict[str, Any]:
@@ -73,25 +76,57 @@ def test_table_shows_exact_quantiles() -> None:
     assert "fault latency p99.9" not in table
 
 
-def test_metrics_export_a_summary() -> None:
-    exp = metrics.Exposition()
+def _scrape(stats: dict[str, Any]) -> dict[str, Any]:
+    """The families a daemon serves for one worker's ``stats``, parsed back."""
+    registry = metrics.registry_of(
+        lambda f: metrics.add_worker_stats(f, stats, {"vm": "m", "node": "n1"})
+    )
+    text = metrics.render(registry).decode()
+    return {fam.name: fam for fam in text_string_to_metric_families(text)}
+
+
+def test_metrics_export_the_fault_latency_histogram() -> None:
     stats = {"exits_total": 3, **_node([[40_000, 90], [400_000, 10]], 76_000)}
     stats["dsm"].update(fault_p90_ns=40_000, fault_p99_ns=400_000, fault_p999_ns=400_000)
-    metrics.add_worker_stats(exp, stats, {"vm": "m", "node": "n1"})
-    text = exp.render()
-    print(text)
-    name = "dvmm_vm_dsm_fault_latency_seconds"
-    assert f"# TYPE {name} summary" in text
-    assert f'{name}{{vm="m",node="n1",quantile="0.5"}} 4e-05' in text
-    assert f'{name}{{vm="m",node="n1",quantile="0.99"}} 0.0004' in text
-    assert f'{name}{{vm="m",node="n1",quantile="0.999"}} 0.0004' in text
-    assert f'{name}_count{{vm="m",node="n1"}} 100.0' in text
-    assert f'{name}_sum{{vm="m",node="n1"}} 0.0076' in text
-    assert 'dvmm_vm_dsm_fault_latency_max_seconds{vm="m",node="n1"} 0.0004' in text
-    assert 'dvmm_vm_dsm_fault_p50_ns{vm="m",node="n1"} 40000' in text  # the gauges stay
-    assert "latency_ns_hdr" not in text
-    assert 'dvmm_vm_dsm_latency_us_log2{vm="m",node="n1",index="0"} 0' in text
-    # a snapshot without quantiles (older worker): no summary
-    exp2 = metrics.Exposition()
-    metrics.add_worker_stats(exp2, {"dsm": {"remote_faults": 1, "fault_mean_ns": 5}}, {})
-    assert "summary" not in exp2.render()
+    log2 = [0] * 24
+    log2[6], log2[9] = 90, 10  # 32-64 us and 256-512 us
+    stats["dsm"]["latency_us_log2"] = log2
+    fams = _scrape(stats)
+    h = fams["dvmm_vm_dsm_fault_latency_seconds"]
+    assert h.type == "histogram"
+    buckets = [(s.labels["le"], s.value) for s in h.samples if s.name.endswith("_bucket")]
+    assert len(buckets) == 24 and buckets[-1] == ("+Inf", 100.0)
+    les = [float(le) for le, _ in buckets]
+    assert les == sorted(les) and les[0] == 1e-6 and les[6] == 64e-6
+    counts = [c for _, c in buckets]
+    assert counts == sorted(counts)  # cumulative
+    assert dict(buckets)[repr(32e-6)] == 0 and dict(buckets)[repr(64e-6)] == 90
+    [count] = [s.value for s in h.samples if s.name.endswith("_count")]
+    [total] = [s.value for s in h.samples if s.name.endswith("_sum")]
+    assert count == 100 and abs(total - 0.0076) < 1e-12
+    assert all(s.labels["vm"] == "m" and s.labels["node"] == "n1" for s in h.samples)
+    q = fams["dvmm_vm_dsm_fault_latency_quantile_seconds"]
+    assert q.type == "gauge"
+    assert {s.labels["quantile"]: s.value for s in q.samples} == {
+        "0.5": 4e-05, "0.9": 4e-05, "0.99": 0.0004, "0.999": 0.0004,
+    }  # fmt: skip
+    assert fams["dvmm_vm_dsm_fault_latency_max_seconds"].samples[0].value == 0.0004
+    # cumulative counts are counters, values that go up and down gauges
+    assert fams["dvmm_vm_dsm_read_faults"].type == "counter"
+    assert fams["dvmm_vm_dsm_read_faults"].samples[0].name == "dvmm_vm_dsm_read_faults_total"
+    assert fams["dvmm_vm_exits"].type == "counter"  # exits_total
+    assert fams["dvmm_vm_dsm_fault_p50_ns"].type == "gauge"
+    assert not any("latency_ns_hdr" in n or "latency_us_log2" in n for n in fams)
+
+
+def test_metrics_per_vcpu_counters_and_resident_gauges() -> None:
+    fams = _scrape({"local_vcpus": [2, 3], "per_vcpu_exits": [5, 7], "dsm": {"resident_pages": 9}})
+    exits = fams["dvmm_vm_per_vcpu_exits"]
+    assert exits.type == "counter"
+    assert {s.labels["vcpu"]: s.value for s in exits.samples} == {"2": 5, "3": 7}
+    assert fams["dvmm_vm_dsm_resident_pages"].type == "gauge"
+    assert "dvmm_vm_local_vcpus" not in fams
+    # a snapshot without the log2 buckets (older worker): no histogram
+    assert "dvmm_vm_dsm_fault_latency_seconds" not in _scrape(
+        {"dsm": {"remote_faults": 1, "fault_mean_ns": 5}}
+    )

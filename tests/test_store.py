@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dvmmd.store import ShareRecord, Store, StoreError, VmRecord
+from dvmmd.daemon.store import ShareRecord, Store, StoreError, VmRecord
 
 
 def vm(name: str, state: str = "running") -> VmRecord:
@@ -79,7 +79,7 @@ def test_fail_active_after_restart(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from dvmmd.store import Store, VmRecord
+from dvmmd.daemon.store import Store, VmRecord
 s = Store(sys.argv[1])
 i = 0
 print("ready", flush=True)

@@ -23,12 +23,12 @@ from conftest import dvmmctl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dvmmd import pki, tls
-from dvmmd.auth import AuthError, Peer, dial_handshake
 from dvmmd.config import Config, parse_config
-from dvmmd.membership import Membership
-from dvmmd.peerproto import MAGIC, PROTO_VERSION, Connection, encode
-from dvmmd.peers import MAX_PENDING, MAX_PENDING_PER_HOST, PeerNetwork
+from dvmmd.daemon.membership import Membership
+from dvmmd.daemon.peer_protocol import MAGIC, PROTO_VERSION, Connection, encode
+from dvmmd.daemon.peers import MAX_PENDING, MAX_PENDING_PER_HOST, PeerNetwork
+from dvmmd.security import pki, tls
+from dvmmd.security.auth import AuthError, Peer, dial_handshake
 
 SECRET = b"s" * 32
 
@@ -201,6 +201,33 @@ def test_authenticated_peer_rpc_works(tmp_path: Path) -> None:
         assert reply == {"type": "rpc_reply", "id": 7, "ok": True, "result": {"ok": "ping"},
                          "error": None}  # fmt: skip
         await conn.aclose()
+
+    n = run_net(tmp_path, body)
+    assert n.calls == [("friend", "ping")]
+
+
+def test_reflected_connection_is_never_served(tmp_path: Path) -> None:
+    """No reflection: a connection whose other end is this node itself (a relay that
+    turns a node's own dial back at it, or a stranger holding a certificate for this
+    node's name) is never served as a peer: its RPCs are not run and it is closed,
+    while the same RPC from another node is."""
+
+    async def body(n: Net) -> None:
+        conn = await _dial(n.port, "acc")  # a valid certificate for the acceptor's name
+        peer = await dial_handshake(conn, "acc", "127.0.0.1:9")
+        assert peer.node == "acc"
+        try:
+            await conn.send({"type": "rpc", "id": 1, "method": "share_forget", "params": {}})
+        except ConnectionError:
+            pass  # already closed by the acceptor
+        else:
+            assert await _closed_soon(conn.reader, 5), "the node served a connection from itself"
+        await conn.aclose()
+        other = await _dial(n.port, "friend")
+        await dial_handshake(other, "friend", "127.0.0.1:9")
+        await other.send({"type": "rpc", "id": 2, "method": "ping", "params": {}})
+        assert (await other.recv(5))["ok"] is True
+        await other.aclose()
 
     n = run_net(tmp_path, body)
     assert n.calls == [("friend", "ping")]

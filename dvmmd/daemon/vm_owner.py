@@ -1,0 +1,795 @@
+"""The VMs this daemon owns: definition, placement, boot, stop, state, failures.
+
+The daemon that is asked to boot a VM *owns* it: it stores the definition and state
+(store.vms), runs the placement policy (dvmmd.vm.placement), and drives the boot over
+the nodes' shares (node_share.py), itself included. Any daemon answers the
+cluster-wide user operations (list, status, console, stop, rm, stats) by finding the
+VM's owner.
+
+Boot of a VM over nodes n0..nk (n0 = boot node: BSP and console): ``share_prepare``
+on every node, then ``share_start`` on n1..nk, then n0.
+
+Exit. The boot node's worker result is the VM's result. A worker that fails on any
+node fails the VM, naming the node; the owner then stops the other workers. A member
+that dies, leaves or restarts (membership.py) fails every VM with a share there. A
+restarted daemon marks whatever was running as failed (store.fail_active).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from dvmmd.config import Config, parse_memory
+from dvmmd.daemon.membership import MemberEvent, Membership
+from dvmmd.daemon.node_share import NodeShares, read_chunk
+from dvmmd.daemon.store import ACTIVE_STATES, SHARE_ACTIVE_STATES, Store, VmRecord
+from dvmmd.daemon.vm_common import BackgroundTasks, CallFn, Emit, Progress, VmError, log
+from dvmmd.security.keys import KeyMaterialError, check_key_hex, new_session_hex
+from dvmmd.vm import boot_files
+from dvmmd.vm.boot_files import BootFileError, BootSource, Caller
+from dvmmd.vm.names import check_node_name, check_vm_name
+from dvmmd.vm.placement import (
+    NodeResources,
+    Placement,
+    PlacementError,
+    PlacementPolicy,
+    PlacementRequest,
+    default_policy,
+    place,
+)
+from dvmmd.vm.sizes import check_guest_memory, format_size
+from dvmmd.vm.spec import (
+    DEFAULT_CMDLINE,
+    MAX_VCPUS,
+    SpecError,
+    check_cpu_model,
+    find_bundled_guest,
+    host_default_cpu_model,
+)
+from dvmmd.worker import multinode_supported
+
+
+class VmOwner:
+    """The VMs this node owns, and the cluster-wide user operations on any VM."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        membership: Membership,
+        call: CallFn,
+        tasks: BackgroundTasks,
+        local_shares: NodeShares,
+        policy: PlacementPolicy = default_policy,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.node_name
+        self.store = store
+        self.membership = membership
+        self.call = call
+        self.spawn = tasks.spawn
+        self.local_shares = local_shares
+        self.policy = policy
+        self.vm_dir = cfg.state_dir / "vms"
+        self.stop_reasons: dict[str, str] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self.locks.setdefault(name, asyncio.Lock())
+
+    def startup(self) -> None:
+        """Called once at daemon start: whatever was running lost its workers."""
+        vms, shares = self.store.fail_active("dvmmd restarted; the VM's worker(s) were lost")
+        for v in vms:
+            log.warning("VM %s was active when dvmmd stopped; marked failed", v)
+        for s in shares:
+            log.warning("worker of VM %s on this node was lost with the previous dvmmd", s)
+
+    async def shutdown(self, reason: str, stop_local: Any) -> None:
+        """Daemon stop: every VM owned here that is active ends as stopped."""
+        for rec in self.store.list_vms():
+            if rec.state in ACTIVE_STATES:
+                self.stop_reasons[rec.name] = reason
+        await stop_local(reason)
+        await asyncio.sleep(0)
+        for rec in self.store.list_vms():
+            if rec.state in ACTIVE_STATES:
+                self.store.update_vm(rec.name, state="stopped", reason=reason)
+
+    def rpc_handlers(self) -> dict[str, Any]:
+        return {
+            "vm_list": self._rpc_vm_list,
+            "vm_find": self._rpc_vm_find,
+            "vm_op": self._rpc_vm_op,
+            "share_exited": self.on_share_exited,
+        }
+
+    # --- cluster-wide user operations (any node) -----------------------------------
+
+    def _peers(self) -> list[str]:
+        return [m.name for m in self.membership.alive() if m.name != self.name]
+
+    async def list_all(self) -> dict[str, Any]:
+        vms = [dict(r.to_json(), owner=self.name) for r in self.store.list_vms()]
+        unreachable = []
+        results = await asyncio.gather(
+            *(self.call(p, "vm_list", {}) for p in self._peers()), return_exceptions=True
+        )
+        for peer, res in zip(self._peers(), results):
+            if isinstance(res, BaseException):
+                unreachable.append(f"{peer}: {res}")
+            else:
+                vms.extend(res)
+        vms.sort(key=lambda v: v["name"])
+        return {"vms": vms, "unreachable": unreachable}
+
+    async def locate(self, name: str) -> str:
+        """The node that owns VM `name`; VmError naming the known VMs if none does."""
+        if self.store.get_vm(name) is not None:
+            return self.name
+        peers = self._peers()
+        results = await asyncio.gather(
+            *(self.call(p, "vm_find", {"name": name}) for p in peers), return_exceptions=True
+        )
+        for peer, res in zip(peers, results):
+            if isinstance(res, dict):
+                return peer
+        known = sorted(v["name"] for v in (await self.list_all())["vms"])
+        raise VmError(
+            f"no VM named {name!r}"
+            + (f" (known: {', '.join(known)})" if known else " (no VMs are defined)")
+        )
+
+    async def op(self, op: str, name: str, args: dict[str, Any]) -> Any:
+        owner = await self.locate(name)
+        return await self.call(
+            owner, "vm_op", {"op": op, "name": name, "args": args}, self.cfg.stop_grace + 15.0
+        )
+
+    async def console(self, name: str, follow: bool, emit: Emit) -> dict[str, Any]:
+        """Stream the console of VM `name` from its boot node; returns the final status."""
+        rec = await self.op("status", name, {})
+        boot = rec["placement"]["shares"][0]["node"]
+        offset = 0
+        idle = 0
+        while True:
+            r = await self.call(boot, "console_read", {"name": name, "offset": offset})
+            if r["data"]:
+                await emit({"event": "console", "data": r["data"]})
+                offset = r["offset"]
+                idle = 0
+                continue
+            if not follow:
+                break
+            idle += 1
+            if idle % 5 == 0 or not r["active"]:
+                rec = await self.op("status", name, {})
+                if rec["state"] not in ACTIVE_STATES and not r["active"]:
+                    r = await self.call(boot, "console_read", {"name": name, "offset": offset})
+                    if r["data"]:
+                        await emit({"event": "console", "data": r["data"]})
+                    break
+            await asyncio.sleep(0.2)
+        return await self.op("status", name, {})  # type: ignore[no-any-return]
+
+    async def console_input(self, name: str, data: bytes) -> dict[str, Any]:
+        """Send `data` to the serial console of VM `name` (on its boot node)."""
+        rec = await self.op("status", name, {})
+        boot = rec["placement"]["shares"][0]["node"]
+        params = {"name": name, "data": base64.b64encode(data).decode("ascii")}
+        return await self.call(boot, "console_write", params)  # type: ignore[no-any-return]
+
+    # --- boot (this node becomes the owner) ----------------------------------------
+
+    def resources(self) -> list[NodeResources]:
+        out = []
+        for m in self.membership.alive():
+            i = m.info
+            out.append(
+                NodeResources(
+                    m.name,
+                    max(0, i.get("vcpus", 0) - i.get("used_vcpus", 0)),
+                    max(0, i.get("memory", 0) - i.get("used_memory", 0)),
+                )
+            )
+        return out
+
+    async def start(self, name: str, progress: Progress) -> dict[str, Any]:
+        """Boot VM `name` again from its stored definition (``dvmmctl start NAME``), on
+        the node that owns it: the same request (vCPUs, memory, kernel, initrd, command
+        line, nodes, timeout, CPU model), placed afresh."""
+        owner = await self.locate(name)
+        if owner != self.name:
+            await progress(f"VM {name} is owned by {owner}: starting it there")
+            return await self.call(  # type: ignore[no-any-return]
+                owner, "vm_op", {"op": "start", "name": name, "args": {}}, 300.0
+            )
+        return await self.start_owned(name, progress)
+
+    async def start_owned(self, name: str, progress: Progress) -> dict[str, Any]:
+        rec = self.store.get_vm(name)
+        if rec is None:
+            raise VmError(f"no VM named {name!r} on node {self.name}")
+        if rec.state in ACTIVE_STATES:
+            raise VmError(f"VM {name} is already {rec.state}")
+        req = rec.request
+        args: dict[str, Any] = {
+            "name": name,
+            **{k: req.get(k) for k in ("vcpus", "memory", "cmdline", "timeout_s", "cpu")},
+            "nodes": req.get("nodes"),
+            "foreign_budget": req.get("foreign_budget"),
+        }
+        # The boot files were vetted when the VM was defined: a path is used in place,
+        # a copy (vmdir:) in the owner's VM directory is copied again for this boot.
+        sources: dict[str, BootSource | None] = {}
+        copies = req.get("boot_files") or {}
+        try:
+            for kind in boot_files.KINDS:
+                value = req.get(kind)
+                copy = boot_files.vmdir_file(value)
+                if not value:
+                    sources[kind] = None
+                elif copy is None:
+                    sources[kind] = BootSource(kind, str(value), path=str(value))
+                else:
+                    label = str((copies.get(kind) or {}).get("source") or value)
+                    try:
+                        fd = os.open(self.vm_dir / name / copy, os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError as e:
+                        raise VmError(
+                            f"VM {name}: its {kind} copy {copy} is gone ({e.strerror}); "
+                            f"boot it again with --{kind}"
+                        ) from None
+                    sources[kind] = BootSource(kind, label, fd=fd, owned_fd=True)
+            by = Caller(uid=0, pid=os.getpid())  # the copy is the daemon's own file
+            return await self._boot(args, progress, by, sources)
+        except BootFileError as e:
+            raise VmError(str(e)) from None
+        finally:
+            for src in sources.values():
+                if src is not None and src.owned_fd and src.fd is not None:
+                    os.close(src.fd)
+
+    async def boot(
+        self,
+        args: dict[str, Any],
+        progress: Progress,
+        *,
+        caller: Caller,
+        fds: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        """Boot VM ``args["name"]`` with this node as its owner (the API's ``boot``).
+
+        `caller` decides which kernel/initrd paths the daemon may open, and `fds` are
+        the descriptors passed with the request (``kernel_fd``/``initrd_fd`` index
+        them): see boot_files.py. The caller closes `fds`; descriptors opened here are
+        closed here.
+        """
+        sources: dict[str, BootSource | None] = {}
+        try:
+            for kind in boot_files.KINDS:
+                sources[kind] = boot_files.resolve(kind, args, fds, caller, self.cfg.images_dir)
+            return await self._boot(args, progress, caller, sources)
+        except BootFileError as e:
+            raise VmError(str(e)) from None
+        finally:
+            for src in sources.values():
+                if src is not None and src.owned_fd and src.fd is not None:
+                    os.close(src.fd)
+
+    async def _boot(
+        self,
+        args: dict[str, Any],
+        progress: Progress,
+        caller: Caller,
+        sources: dict[str, BootSource | None],
+    ) -> dict[str, Any]:
+        name = check_vm_name(args.get("name"))
+        try:
+            v, m = args.get("vcpus"), args.get("memory")
+            vcpus = 1 if v is None else int(v)
+            memory = check_guest_memory(parse_memory("256M" if m is None else m))
+        except (TypeError, ValueError) as e:  # SizeError is a ValueError
+            raise VmError(f"bad vCPU count or memory size: {e}") from None
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise VmError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {vcpus}")
+        # Memory aggregation bound per node (bytes of other nodes' memory it may
+        # hold); None: the VMM's default, half of the node's own share.
+        fb = args.get("foreign_budget")
+        try:
+            foreign_budget = None if fb is None else parse_memory(fb)
+        except (TypeError, ValueError) as e:
+            raise VmError(f"bad foreign budget {fb!r}: {e}") from None
+        if foreign_budget is not None and foreign_budget < 4096:
+            raise VmError(f"foreign budget {fb!r}: at least one 4 KiB page")
+        nodes = args.get("nodes")
+        if nodes is not None:
+            if not isinstance(nodes, list):
+                raise VmError("nodes must be a list of node names")
+            for n in nodes:
+                check_node_name(n)
+        t = args.get("timeout_s")
+        try:
+            timeout_s = float(t or 0)
+        except (TypeError, ValueError):
+            raise VmError(f"timeout_s must be a number of seconds, got {t!r}") from None
+        if not math.isfinite(timeout_s) or timeout_s < 0:
+            raise VmError(f"timeout_s must be a finite number of seconds >= 0, got {t!r}")
+        cmdline = args.get("cmdline") or DEFAULT_CMDLINE
+        if not isinstance(cmdline, str):
+            raise VmError(f"cmdline must be a string, got {type(cmdline).__name__}")
+        if sources["kernel"] is None:  # the admin's choice: anyone may boot it
+            kernel = self.cfg.default_kernel
+            if not kernel:
+                try:
+                    kernel = str(find_bundled_guest())
+                except SpecError as e:
+                    raise VmError(
+                        f"no kernel given (--kernel), no vm.kernel in {self.cfg.path}, and {e}"
+                    ) from None
+            sources["kernel"] = BootSource("kernel", kernel, path=kernel)
+        # The CPU model is fixed here, on the owner, so every node's share gets the same.
+        cpu_in = args.get("cpu")
+        try:
+            cpu = host_default_cpu_model() if cpu_in is None else check_cpu_model(cpu_in)
+        except SpecError as e:
+            raise VmError(str(e)) from None
+        async with self._lock(name):
+            old = self.store.get_vm(name)
+            if old is not None and old.state in ACTIVE_STATES:
+                raise VmError(f"VM {name} already exists and is {old.state}")
+            peers = self._peers()
+            found = await asyncio.gather(
+                *(self.call(p, "vm_find", {"name": name}) for p in peers), return_exceptions=True
+            )
+            for peer, res in zip(peers, found):
+                if isinstance(res, dict):
+                    raise VmError(
+                        f"a VM named {name} is defined on node {peer} "
+                        f"({res['state']}); use another name or `dvmmctl rm {name}`"
+                    )
+            multi, why = multinode_supported(self.cfg.multi_node)
+            req = PlacementRequest(
+                vcpus=vcpus,
+                memory=memory,
+                nodes=tuple(nodes) if nodes else None,
+                max_nodes=None if multi else 1,
+                prefer=self.name,
+            )
+            try:
+                placement = place(self.resources(), req, self.policy)
+            except PlacementError as e:
+                hint = f" [multi-node VMs unavailable: {why}]" if not multi else ""
+                raise VmError(f"impossible request: {e}{hint}") from None
+            boot_id = uuid.uuid4().hex
+            paths, copied = await self._take_boot_files(name, boot_id, sources, caller, progress)
+            request: dict[str, Any] = {
+                "vcpus": vcpus,
+                "memory": memory,
+                "kernel": paths["kernel"],
+                "initrd": paths["initrd"],
+                "cmdline": cmdline,
+                "nodes": nodes,
+                "timeout_s": timeout_s,
+                "boot_id": boot_id,
+                "cpu": cpu,
+            }
+            if foreign_budget is not None:
+                request["foreign_budget"] = foreign_budget
+            if copied:
+                request["boot_files"] = copied
+            pj = placement.to_json()
+            for s in pj["shares"]:
+                s.update(state="prepared", reason="", stats=None)
+            rec = VmRecord(
+                name=name,
+                request=request,
+                placement=pj,
+                state="booting",
+                reason="booting",
+                created_at=old.created_at if old else time.time(),
+            )
+            self.store.put_vm(rec)
+            self.stop_reasons.pop(name, None)
+            desc = ", ".join(
+                f"{s.node} (vCPUs {_ranges(s.cpus)}, {format_size(s.mem_size)})"
+                for s in placement.shares
+            )
+            note = "" if multi else f" [single node: {why}]"
+            await progress(f"placement: {vcpus} vCPU(s), {format_size(memory)} on {desc}{note}")
+            try:
+                if copied:
+                    await self._push_boot_files(name, boot_id, copied, placement, progress)
+                await self._boot_shares(name, boot_id, request, placement, progress)
+            except Exception as e:
+                reason = f"boot failed: {e}"
+                log.warning("VM %s: %s", name, reason)
+                await self._stop_shares(name, placement.nodes, "boot failed", force=True)
+                cur = self.store.get_vm(name)
+                if cur is not None and cur.request.get("boot_id") == boot_id:
+                    for s in cur.placement["shares"]:
+                        if s.get("state") in SHARE_ACTIVE_STATES:
+                            s["state"] = "stopped"
+                    self.store.update_vm(
+                        name, state="failed", reason=reason, placement=cur.placement
+                    )
+                if isinstance(e, VmError):
+                    raise VmError(reason) from None
+                raise
+            cur = self.store.get_vm(name)
+            assert cur is not None
+            if cur.state == "booting":  # the guest may already have finished
+                cur = self.store.update_vm(
+                    name, state="running", reason="running on " + ", ".join(placement.nodes)
+                )
+            await progress(f"{cur.state}: {cur.reason}")
+            return dict(cur.to_json(), owner=self.name)
+
+    async def _take_boot_files(
+        self,
+        name: str,
+        boot_id: str,
+        sources: dict[str, BootSource | None],
+        caller: Caller,
+        progress: Progress,
+    ) -> tuple[dict[str, str | None], dict[str, Any]]:
+        """Boot file paths for the request, copying what came as a descriptor.
+
+        Returns ({kind: path or vmdir: reference or None}, {kind: copy details}).
+        """
+        paths: dict[str, str | None] = {}
+        copied: dict[str, Any] = {}
+        vm_dir = self.vm_dir / name
+        for kind, src in sources.items():
+            if src is None or src.fd is None:
+                paths[kind] = None if src is None else src.path
+                continue
+            if not copied:
+                vm_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+                if not self.local_shares.is_active(name):
+                    boot_files.remove_stale(vm_dir, None)  # copies of earlier boots
+            file = boot_files.vmdir_name(kind, boot_id)
+            try:
+                size, digest = await asyncio.to_thread(
+                    boot_files.copy_fd, kind, src.label, src.fd, vm_dir / file
+                )
+            except BaseException:
+                for done in copied:  # no record will name them: do not leave them behind
+                    (vm_dir / boot_files.vmdir_name(done, boot_id)).unlink(missing_ok=True)
+                raise
+            paths[kind] = boot_files.VMDIR_PREFIX + file
+            copied[kind] = {
+                "source": src.label,
+                "by": caller.describe(),
+                "size": size,
+                "sha256": digest,
+            }
+            await progress(f"{kind}: {src.label} ({format_size(size)}) copied")
+        return paths, copied
+
+    async def _push_boot_files(
+        self,
+        name: str,
+        boot_id: str,
+        copied: dict[str, Any],
+        placement: Placement,
+        progress: Progress,
+    ) -> None:
+        """Send the VM's copied kernel/initrd to its other nodes (``boot_file_put``)."""
+        vm_dir = self.vm_dir / name
+        for node in dict.fromkeys(s.node for s in placement.shares):
+            if node == self.name:
+                continue
+            for kind, meta in copied.items():
+                await progress(f"sending the {kind} ({format_size(meta['size'])}) to {node}")
+                path = vm_dir / boot_files.vmdir_name(kind, boot_id)
+                offset = 0
+                while offset < meta["size"]:
+                    _, chunk, _ = await asyncio.to_thread(
+                        read_chunk, path, offset, boot_files.PUSH_CHUNK
+                    )
+                    if not chunk:
+                        raise VmError(f"{path} shrank while it was sent to {node}")
+                    params = {
+                        "name": name,
+                        "boot_id": boot_id,
+                        "kind": kind,
+                        "offset": offset,
+                        "size": meta["size"],
+                        "sha256": meta["sha256"],
+                        "data": base64.b64encode(chunk).decode("ascii"),
+                    }
+                    await self.call(node, "boot_file_put", params, 30.0)
+                    offset += len(chunk)
+
+    async def _boot_shares(
+        self,
+        name: str,
+        boot_id: str,
+        request: dict[str, Any],
+        placement: Placement,
+        progress: Progress,
+    ) -> None:
+        multi = len(placement.shares) > 1
+        addrs = []
+        pubkeys = []
+        for i, s in enumerate(placement.shares):
+            await progress(f"preparing node {s.node}")
+            r = await self.call(
+                s.node,
+                "share_prepare",
+                {
+                    "name": name,
+                    "boot_id": boot_id,
+                    "owner": self.name,
+                    "node_index": i,
+                    "vcpus": len(s.cpus),
+                    "memory": s.mem_size,
+                    "kernel": request["kernel"],
+                    "initrd": request["initrd"],
+                    "multi": multi,
+                },
+                15.0,
+            )
+            addrs.append(r["addr"])
+            if multi:
+                try:
+                    pubkeys.append(check_key_hex(r.get("pubkey_hex"), "pubkey_hex"))
+                except KeyMaterialError as e:
+                    raise VmError(
+                        f"node {s.node} answered share_prepare with a bad key: {e}"
+                    ) from None
+        spec = {
+            "vcpus": request["vcpus"],
+            "memory": request["memory"],
+            "kernel": request["kernel"],
+            "initrd": request["initrd"],
+            "cmdline": request["cmdline"],
+            "numa": placement.numa(),
+            "console_stdout": False,
+            "timeout_s": request["timeout_s"],
+            # Explicit even for records from before CPU models: one model on every node.
+            "cpu": request.get("cpu") or host_default_cpu_model(),
+        }
+        cluster = None
+        if multi:
+            # Public: each node derives its link keys from its own private key, the
+            # others' public keys and this boot's session id (dvmmd.security.keys).
+            cluster = {
+                "nodes": [{"addr": a} for a in addrs],
+                "boot_node": 0,
+                "security": self.cfg.data_plane,
+                "session_hex": new_session_hex(),
+                "node_pubkeys_hex": pubkeys,
+            }
+            if self.cfg.transport != "tcp":
+                cluster["transport"] = self.cfg.transport
+            if request.get("foreign_budget") is not None:
+                cluster["foreign_budget_pages"] = max(1, int(request["foreign_budget"]) // 4096)
+            await progress(f"data plane: {self.cfg.data_plane} over {self.cfg.transport}")
+            cur = self.store.get_vm(name)
+            if cur is not None:  # shown by `dvmmctl status`
+                placed = {**cur.placement, "data_plane": self.cfg.data_plane}
+                self.store.update_vm(name, placement=placed)
+        order = list(range(1, len(placement.shares))) + [0]
+        for i in order:
+            node = placement.shares[i].node
+            await progress(
+                f"starting worker on {node}" + (" (boot node)" if multi and i == 0 else "")
+            )
+            await self.call(
+                node,
+                "share_start",
+                {
+                    "name": name,
+                    "boot_id": boot_id,
+                    "node_index": i,
+                    "spec": spec,
+                    "cluster": cluster,
+                },
+                30.0,
+            )
+
+    async def _stop_shares(
+        self, name: str, nodes: list[str], reason: str, force: bool
+    ) -> list[str]:
+        """Stop VM `name` on `nodes`; returns the nodes that could not be reached."""
+        results = await asyncio.gather(
+            *(
+                self.call(
+                    n,
+                    "share_stop",
+                    {"name": name, "force": force, "reason": reason},
+                    self.cfg.stop_grace + 10.0,
+                )
+                for n in nodes
+            ),
+            return_exceptions=True,
+        )
+        failed = []
+        for n, r in zip(nodes, results):
+            if isinstance(r, BaseException):
+                log.warning("VM %s: cannot stop worker on %s: %s", name, n, r)
+                failed.append(n)
+        return failed
+
+    # --- owner-side operations -----------------------------------------------------
+
+    async def _rpc_vm_list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return [dict(r.to_json(), owner=self.name) for r in self.store.list_vms()]
+
+    async def _rpc_vm_find(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        rec = self.store.get_vm(check_vm_name(params["name"]))
+        return None if rec is None else dict(rec.to_json(), owner=self.name)
+
+    async def _rpc_vm_op(self, params: dict[str, Any]) -> Any:
+        name = check_vm_name(params["name"])
+        rec = self.store.get_vm(name)
+        if rec is None:
+            raise VmError(f"no VM named {name!r} on node {self.name}")
+        op = params["op"]
+        args = params.get("args") or {}
+        if op == "status":
+            return dict(rec.to_json(), owner=self.name)
+        if op == "stop":
+            return await self.stop_owned(name, bool(args.get("force")))
+        if op == "stats":
+            return await self.stats_owned(name)
+        if op == "rm":
+            return await self.remove_owned(name)
+        if op == "start":
+            return await self.start_owned(name, _no_progress)
+        raise VmError(f"unknown VM operation {op!r}")
+
+    async def stop_owned(self, name: str, force: bool) -> dict[str, Any]:
+        async with self._lock(name):
+            rec = self.store.get_vm(name)
+            assert rec is not None
+            if rec.state not in ACTIVE_STATES:
+                raise VmError(f"VM {name} is not running ({rec.state}: {rec.reason})")
+            reason = "stopped by user" + (" (forced)" if force else "")
+            self.stop_reasons[name] = reason
+            self.store.update_vm(name, state="stopping", reason="stopping")
+            nodes = [s["node"] for s in rec.placement["shares"]]
+            unreachable = await self._stop_shares(name, nodes, reason, force)
+            for _ in range(50):
+                rec = self.store.get_vm(name)
+                assert rec is not None
+                if rec.state not in ACTIVE_STATES:
+                    break
+                await asyncio.sleep(0.1)
+            if rec.state in ACTIVE_STATES:
+                extra = (
+                    (
+                        f"; node(s) {', '.join(unreachable)} unreachable (their daemons stop "
+                        "orphaned workers)"
+                    )
+                    if unreachable
+                    else ""
+                )
+                rec = self.store.update_vm(name, state="stopped", reason=reason + extra)
+            self.stop_reasons.pop(name, None)
+            return dict(rec.to_json(), owner=self.name)
+
+    async def stats_owned(self, name: str) -> dict[str, Any]:
+        rec = self.store.get_vm(name)
+        assert rec is not None
+        shares = rec.placement["shares"]
+        res = await asyncio.gather(
+            *(self.call(s["node"], "share_stats", {"name": name}) for s in shares),
+            return_exceptions=True,
+        )
+        nodes = []
+        for s, r in zip(shares, res):
+            if isinstance(r, dict):
+                nodes.append(r)
+            else:
+                nodes.append(
+                    {
+                        "node": s["node"],
+                        "state": s.get("state"),
+                        "stats": s.get("stats") or {},
+                        "error": str(r),
+                    }
+                )
+        return {"name": name, "state": rec.state, "reason": rec.reason, "nodes": nodes}
+
+    async def remove_owned(self, name: str) -> dict[str, Any]:
+        async with self._lock(name):
+            rec = self.store.get_vm(name)
+            assert rec is not None
+            if rec.state in ACTIVE_STATES:
+                raise VmError(f"VM {name} is {rec.state}; stop it first")
+            nodes = [s["node"] for s in rec.placement["shares"]]
+            if self.name not in nodes and (self.vm_dir / name).exists():
+                nodes.append(self.name)  # the owner's copies of the kernel/initrd
+            for node in nodes:
+                try:
+                    await self.call(node, "share_forget", {"name": name})
+                except Exception as e:  # noqa: BLE001 -- best effort: the record goes anyway
+                    log.info("VM %s: could not clean up on %s: %s", name, node, e)
+            self.store.delete_vm(name)
+            return {"name": name, "removed": True}
+
+    async def on_share_exited(self, params: dict[str, Any]) -> dict[str, Any]:
+        name, node = check_vm_name(params["name"]), check_node_name(params["node"])
+        idx = int(params["node_index"])
+        rec = self.store.get_vm(name)
+        if rec is None or rec.request.get("boot_id") != params["boot_id"]:
+            return {}
+        shares = rec.placement["shares"]
+        if not 0 <= idx < len(shares) or shares[idx]["node"] != node:
+            raise VmError(f"share {idx} of VM {name} is not on {node}")
+        result = params.get("result") or {}
+        shares[idx].update(
+            state=params["state"], reason=params["reason"], stats=result.get("stats")
+        )
+        if rec.state not in ACTIVE_STATES:
+            self.store.update_vm(name, placement=rec.placement)
+            return {}
+        if idx != 0 and params["state"] != "failed" and name not in self.stop_reasons:
+            self.store.update_vm(name, placement=rec.placement)
+            return {}  # a non-boot node finished cleanly: the boot node decides
+        stop_reason = self.stop_reasons.get(name)
+        if stop_reason is not None:
+            state, reason = "stopped", stop_reason
+        elif idx == 0:
+            state, reason = params["state"], params["reason"]
+            if len(shares) > 1:
+                reason += f" (boot node {node})"
+        else:
+            state, reason = "failed", f"worker on node {node}: {params['reason']}"
+        log.info("VM %s: %s", name, reason)
+        self.store.update_vm(
+            name, state=state, reason=reason, result=result, placement=rec.placement
+        )
+        others = [
+            s["node"]
+            for i, s in enumerate(shares)
+            if i != idx and s.get("state") in SHARE_ACTIVE_STATES
+        ]
+        if others and stop_reason is None:
+            self.spawn(
+                self._stop_shares(
+                    name, others, f"VM {name} ended: {reason}", force=state == "failed"
+                )
+            )
+        return {}
+
+    # --- membership events ----------------------------------------------------------
+
+    def on_member_event(self, ev: MemberEvent) -> None:
+        if ev.name == self.name or not (ev.new in ("dead", "left") or ev.restarted):
+            return
+        why = ev.reason or f"node {ev.name} is {ev.new}"
+        for rec in self.store.list_vms():
+            nodes = [s["node"] for s in rec.placement["shares"]]
+            if rec.state in ACTIVE_STATES and ev.name in nodes:
+                reason = f"node {ev.name} failed: {why}"
+                log.warning("VM %s: %s; stopping it", rec.name, reason)
+                for s in rec.placement["shares"]:
+                    if s["node"] == ev.name and s.get("state") in SHARE_ACTIVE_STATES:
+                        s.update(state="lost", reason=why)
+                self.store.update_vm(
+                    rec.name, state="failed", reason=reason, placement=rec.placement
+                )
+                others = [n for n in nodes if n != ev.name]
+                self.spawn(self._stop_shares(rec.name, others, reason, force=True))
+
+
+def _ranges(cpus: tuple[int, ...]) -> str:
+    if not cpus:
+        return "-"
+    return f"{cpus[0]}" if len(cpus) == 1 else f"{cpus[0]}-{cpus[-1]}"
+
+
+async def _no_progress(message: str) -> None:
+    """Progress of a start asked for by another node: not streamed (only logged)."""
+    log.info("%s", message)
