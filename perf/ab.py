@@ -11,7 +11,7 @@ share one CARGO_TARGET_DIR), then *this* checkout's suite runs against it.
 Configurations (no revisions given): both sides are this checkout as built, and
 differ only by the environment variables ``--env-a`` / ``--env-b`` (repeatable,
 ``NAME=VALUE``) set for the suite and everything it starts: ``dvmmctl run`` and its
-VMM worker processes inherit them (dvmmd/localcluster.py passes its environment
+VMM worker processes inherit them (dvmmd/launcher/launch.py passes its environment
 on), which is how runtime switches of the Rust engine are selected. Both can be
 combined (two revisions, each with its own environment).
 

@@ -369,7 +369,7 @@ def find_dsm_snapshots(summary: Any) -> list[dict[str, Any]]:
     """Every per-node DSM counter snapshot of a ``dvmmctl run --json`` summary.
 
     The summary is ``{status, reason, error, nodes: [{node, addr, stats: {..., dsm:
-    {...}}}], totals}`` (dvmmd/localcluster.py); ``totals`` already sums the nodes, so
+    {...}}}], totals}`` (dvmmd/launcher/launch.py); ``totals`` already sums the nodes, so
     it is used only when no node carries its own ``stats.dsm``. Anything else (a bare
     ``stats`` dict or list) is searched for dicts with ``latency_ns_hdr`` or
     ``latency_us_log2``, never descending into a ``totals`` entry (that would count
