@@ -76,6 +76,18 @@ def test_table_shows_exact_quantiles() -> None:
     assert "fault latency p99.9" not in table
 
 
+def test_table_timer_rows_sum_counts_and_take_the_worst_lateness() -> None:
+    a = {"timer_fires": 100, "timer_late": 2, "timer_late_max_us": 15_000}
+    b = {"timer_fires": 50, "timer_late": 1, "timer_late_max_us": 40_000}
+    table = stats_report.format_table(
+        [{"node": 0, "addr": "a", "stats": a}, {"node": 1, "addr": "b", "stats": b}]
+    )
+    assert re.search(r"LAPIC timer expiries\s+100\s+50\s+150", table), table
+    assert re.search(r"timer interrupts >10 ms late\s+2\s+1\s+3", table), table
+    # the total of a maximum is the maximum, not the sum
+    assert re.search(r"timer lateness \(max\)\s+15000 us\s+40000 us\s+40000 us", table), table
+
+
 def _scrape(stats: dict[str, Any]) -> dict[str, Any]:
     """The families a daemon serves for one worker's ``stats``, parsed back."""
     registry = metrics.registry_of(

@@ -85,6 +85,11 @@ _VM_ROWS: tuple[tuple[str, str, str], ...] = (
     ("exits_total", "VM exits", "n"),
     ("interrupts_injected", "interrupts injected", "n"),
     ("ipis_sent", "IPIs sent", "n"),
+    ("insns_completed", "refused instructions completed", "n"),
+    ("timer_fires", "LAPIC timer expiries", "n"),
+    ("timer_late", "timer interrupts >10 ms late", "n"),
+    ("timer_late_max_us", "timer lateness (max)", "us"),
+    ("injections_deferred", "injections deferred", "n"),
     ("run_ms", "run time", "ms"),
 )
 _HIST = "latency_us_log2"
@@ -281,8 +286,8 @@ def format_table(nodes: Sequence[Mapping[str, Any]], *, title: str = "dvmm stats
             continue
         cells = [_fmt(v, kind) for v in vals]
         if multi:
-            if key == "run_ms":
-                nums: list[float] = [float(v) for v in vals if _is_num(v)]
+            if key in ("run_ms", "timer_late_max_us"):  # a maximum, not a sum
+                nums = [v for v in vals if _is_num(v)]
                 cells.append(_fmt(max(nums), kind) if nums else "-")
             else:
                 cells.append(_fmt(sum(v for v in vals if _is_num(v)), kind))
