@@ -7,7 +7,8 @@
 #   make fuzz    longer fuzzing runs of the wire, handshake, peer and API parsers
 #   make setup   apt packages (only the missing ones), the .venv, Python tools,
 #                the native extension (maturin develop --release), the guest
-#   make perf    set up, then the performance suite (perf/README.md); QUICK=1: short
+#   make perf    set up, then the performance suite (perf/README.md); QUICK=1: short;
+#                LINUX=1: also the Linux boot milestones (~35-50 min more)
 #   make test-linux  set up, then boot Debian's cloud kernel (fetched with apt into
 #                build/linux/) with a tiny initramfs and check the console's
 #                milestones; NODES="1 2" boots on 1 then 2 nodes (default 1)
@@ -65,7 +66,7 @@ CARGO_ENV = PYO3_PYTHON=$(PY) \
 .PHONY: help setup apt venv guest demo test test-rust test-python test-linux lint fuzz perf install-systemd clean distclean FORCE
 
 help:
-	@sed -n '2,19p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,20p' $(ROOT)/Makefile | sed 's/^# \{0,1\}//'
 
 # ------------------------------------------------------------------ setup
 
@@ -164,8 +165,10 @@ $(STAMPS)/perfdeps: $(STAMPS)/pydeps $(ROOT)/Makefile
 	  || echo "perf: linux-perf not installed; the native worker profile will be skipped"; }
 	@touch $@
 
+# LINUX=1 adds the opt-in `linux` stage (Debian's kernel booted under QEMU, dvmm 1 and
+# 2 nodes; perf/README.md "Linux boot milestones").
 perf: setup $(STAMPS)/perfdeps
-	cd $(ROOT) && $(PY) -m perf.run $(if $(QUICK),--quick)
+	cd $(ROOT) && $(PY) -m perf.run $(if $(QUICK),--quick) $(if $(LINUX),--with linux)
 
 # ------------------------------------------------------------------ install
 

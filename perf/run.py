@@ -19,6 +19,9 @@ Stages (``--only`` picks some; ``--list-stages`` prints them with their keys):
 4. ``npb``: the guest's NAS Parallel Benchmark kernels on 1 node (QEMU/KVM and dvmm) and on
    2 and 3 nodes (dvmm, numa=local and numa=ignore) -> npb_* keys, npb.md and npb.png
    (perf/npb.py; class W, ``--quick`` S, ``--npb-class`` to choose);
+   ``linux`` (not in the default set, ~35-50 min: ``--only linux`` or ``--with linux``):
+   Debian's kernel booted under QEMU/KVM, dvmm 1 node and dvmm 2 nodes, the time to
+   each boot milestone -> linux_* keys and linux.md (perf/linux.py);
 5. ``profiles``: under a 2-node load, py-spy flame graphs of the workers and of the
    daemons (``dvmmctl demo``), ``perf record -g`` of the workers' native threads;
 6. perf/results/latest.json and report.md with PNG plots (perf.report).
@@ -38,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perf import measure, npb, report
+from perf import linux, measure, npb, report
 from perf.common import (
     ISSUE_KEYS,
     PERF,
@@ -146,9 +149,12 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "security": ("remote scan and read miss under each --data-plane mode", measure.SECURITY_KEYS),
     "scaling": ("fault throughput against nodes and vCPUs (extra.fault_scaling)", ()),
     "npb": ("NPB EP/IS/CG/MG/FT: QEMU and dvmm 1 node, dvmm 2 and 3 nodes (npb.md)", ()),
+    "linux": ("Debian kernel boot milestones: QEMU, dvmm 1 node, dvmm 2 nodes (linux.md)", ()),
     "profiles": ("py-spy and perf profiles under a 2-node load", ()),
 }  # fmt: skip
-DEFAULT_STAGES = tuple(k for k in STAGES if k != "ipi")
+#: Not in the default set: ``ipi`` (ep's boots give it), ``linux`` (~35-50 min here).
+OPT_IN = ("ipi", "linux")
+DEFAULT_STAGES = tuple(k for k in STAGES if k not in OPT_IN)
 #: Stages that need ``dvmmctl run --nodes 2`` (ep and ipi run their 1-node part without).
 DISTRIBUTED = ("remote", "contended", "numa", "security", "scaling")
 #: The 2-node keys of ep / ipi.
@@ -156,19 +162,24 @@ TWO_NODE_EP_KEYS = ("dvmm_2node_2vcpu_s", "ep_efficiency_2node", "ipi_roundtrip_
                     "ipi_roundtrip_p99_us")  # fmt: skip
 
 
-def parse_stages(only: str | None, no_profile: bool) -> list[str]:
-    """The stages to run, in run order, from ``--only a,b`` (None: the default set)."""
-    if only is None:
-        chosen = list(DEFAULT_STAGES)
-    else:
-        want = [x.strip() for x in only.split(",") if x.strip()]
-        bad = [x for x in want if x not in STAGES]
-        if bad or not want:
-            raise ValueError(
-                f"--only: unknown stage(s) {', '.join(bad) or '(none given)'}; "
-                f"stages: {', '.join(STAGES)}"
-            )
-        chosen = [k for k in STAGES if k in want]
+def _stage_names(opt: str, names: str) -> list[str]:
+    want = [x.strip() for x in names.split(",") if x.strip()]
+    bad = [x for x in want if x not in STAGES]
+    if bad or not want:
+        raise ValueError(
+            f"{opt}: unknown stage(s) {', '.join(bad) or '(none given)'}; "
+            f"stages: {', '.join(STAGES)}"
+        )
+    return want
+
+
+def parse_stages(only: str | None, no_profile: bool, with_: str | None = None) -> list[str]:
+    """The stages to run, in run order, from ``--only a,b`` (None: the default set)
+    plus ``--with c,d`` (stages added to that set, e.g. the opt-in ``linux``)."""
+    want = list(DEFAULT_STAGES) if only is None else _stage_names("--only", only)
+    if with_ is not None:
+        want += _stage_names("--with", with_)
+    chosen = [k for k in STAGES if k in want]
     if "ep" in chosen and "ipi" in chosen:
         chosen.remove("ipi")  # ep's boots give the ipi keys
     if no_profile and "profiles" in chosen:
@@ -368,7 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="only latest.json, no Markdown/PNG")
     ap.add_argument(
         "--only", metavar="STAGE[,STAGE...]",
-        help="run only these stages (default: all but ipi), e.g. --only micro,remote,ipi",
+        help="run only these stages (default: all but ipi and linux), e.g. --only micro,ipi",
+    )  # fmt: skip
+    ap.add_argument(
+        "--with", dest="with_", metavar="STAGE[,STAGE...]",
+        help="add these stages to the chosen set, e.g. --with linux (not in the default set)",
     )  # fmt: skip
     ap.add_argument("--list-stages", action="store_true", help="print the stages and exit")
     ap.add_argument(
@@ -380,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_stage_list())
         return 0
     try:
-        stages = parse_stages(args.only, args.no_profile)
+        stages = parse_stages(args.only, args.no_profile, args.with_)
     except ValueError as e:
         ap.error(str(e))
     p = Params(quick=args.quick)
@@ -408,6 +423,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_distributed(c, p, stages)
     if "npb" in stages:
         c.stage("npb", [], lambda: c.partial(npb.stage(p, out, args.npb_class)))
+    if "linux" in stages:
+
+        def linux_stage() -> None:
+            part, c.extra["linux"] = linux.stage(p, out)
+            c.partial(part)
+
+        c.stage("linux", [], linux_stage)
     if "profiles" in stages:
         c.stage("profiles", [], lambda: run_profiles(c, p, out))
     doc = assemble(c, p, started, host, stages)

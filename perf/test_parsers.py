@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from perf import measure, npb
+from perf import linux, measure, npb
 from perf.ab import Side, compare, parse_env, permutation_p, render
 from perf.common import (
     ISSUE_KEYS,
@@ -22,6 +26,7 @@ from perf.common import (
     parse_results,
     sum_counters,
 )
+from perf.linux import linux_boot
 from perf.measure import Missing, Params
 from perf.run import DEFAULT_STAGES, STAGES, Collector, assemble, parse_stages
 from perf.vm import VmError, VmRun
@@ -416,3 +421,163 @@ def test_npb_configs_and_class() -> None:
         npb.cmdline("W", "ignore") == "run=npb.ep,npb.is,npb.cg,npb.mg,npb.ft class=W numa=ignore"
     )
     assert "npb" in STAGES and parse_stages("npb", False) == ["npb"]
+
+
+# ---------------------------------------------------------------- linux stage
+
+#: A console as dvmmctl prints it: printk stamps, dvmm's own lines between them.
+LINUX_CONSOLE = """\
+KASLR disabled: 'nokaslr' on cmdline.
+[    0.000000] Linux version 6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP
+[    0.000000] Command line: console=ttyS0
+dvmm: vCPU 1: timer interrupt injected 12555 us after its deadline
+[    3.817719] ACPI: XSDT 0x00000000000E0030 000044 (v01 DVMM   DVMMXSDT 00000001 RVAT 01000000)
+[    4.009381] ACPI: APIC 0x00000000000E0200 000058 (v01 DVMM   DVMMAPIC 00000001 RVAT 01000000)
+[    4.104504] ACPI: SRAT 0x00000000000E0260 000078 (v03 DVMM   DVMMSRAT 00000001 RVAT 01000000)
+[  199.276477] smp: Brought up 1 node, 2 CPUs
+[  612.345000] Run /init as init process
+[  612.400000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b
+"""
+#: QEMU on a PVM host: the kernel starts, then KVM refuses xrstor (QEMU stays alive).
+QEMU_DEATH = """\
+KASLR disabled: 'nokaslr' on cmdline.
+[    0.000000] Linux version 6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\r
+[    0.000000] Command line: console=ttyS0\r
+[    0.012345] x86/fpu: x87 FPU will use FXSAVE\r
+KVM internal error. Suberror: 1
+emulation failure
+RAX=0000000000000000 RBX=ffffffff82a03e58
+"""
+
+
+def _feed(text: str, marks: list[tuple[str, str, bool]]) -> linux_boot.Timeline:
+    tl = linux_boot.Timeline(marks)
+    for i, line in enumerate(text.splitlines(keepends=True)):
+        tl.feed(line, 10.0 * (i + 1))  # wall: 10 s a line
+    return tl
+
+
+def test_linux_timeline_reads_milestones_and_stamps() -> None:
+    tl = _feed(LINUX_CONSOLE, linux_boot.milestones(1, 2))
+    assert tl.wall == {
+        "kernel started": 20.0, "ACPI tables": 50.0, "MADT": 60.0, "SRAT": 70.0,
+        "smp brought up": 80.0, "run /init": 90.0,
+    }  # fmt: skip
+    assert tl.guest["kernel started"] == 0.0 and tl.guest["ACPI tables"] == 3.817719
+    assert tl.guest["run /init"] == 612.345 and tl.last_guest_s == 612.4
+    assert tl.required_seen and tl.reached == "run /init"
+    assert tl.death is not None and "Attempted to kill init" in tl.death
+    # 2 nodes: "Brought up 1 node" is not the milestone, and SRAT becomes required
+    tl2 = _feed(LINUX_CONSOLE, linux_boot.milestones(2, 2))
+    assert "smp brought up" not in tl2.wall and not tl2.required_seen
+    assert tl2.reached == "run /init"  # the furthest seen, in MILESTONES order
+
+
+def test_linux_timeline_qemu_death() -> None:
+    tl = _feed(QEMU_DEATH, linux_boot.milestones(1, 2))
+    assert tl.wall == {"kernel started": 20.0} and tl.guest == {"kernel started": 0.0}
+    assert tl.reached == "kernel started" and not tl.required_seen
+    assert tl.death == "KVM internal error. Suberror: 1" and tl.last_guest_s == 0.012345
+    assert _feed("no kernel at all\n", linux_boot.milestones(1, 2)).reached is None
+
+
+def _times(text: str, stopped: str, detail: str) -> linux_boot.BootTimes:
+    tl = _feed(text, linux_boot.milestones(1, 2))
+    return linux_boot.BootTimes(
+        wall=tl.wall, guest=tl.guest, reached=tl.reached, stopped=stopped, detail=detail,
+        wall_s=123.0, last_guest_s=tl.last_guest_s, rc=0, death=tl.death,
+    )  # fmt: skip
+
+
+def test_linux_keys_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert linux_boot.slug("run /init") == "run_init" and linux.ORDER[:2] == (
+        "kernel_started", "acpi_tables",
+    )  # fmt: skip
+    boots = {
+        "qemu": _times(QEMU_DEATH, "died", "KVM internal error. Suberror: 1"),
+        "dvmm_1n": _times(LINUX_CONSOLE, "milestones", "every required milestone seen"),
+    }
+
+    def fake(cfg: linux.Config, cmdline: str) -> linux_boot.BootTimes:
+        if cfg.name not in boots:
+            raise OSError("no such VMM")
+        return boots[cfg.name]
+
+    monkeypatch.setattr(linux_boot, "prepare", lambda: (tmp_path, tmp_path))
+    part, extra = linux.stage(Params(), tmp_path, run=fake)
+    figs = {f.key: f for f in part.figures}
+    assert figs["linux_kernel_started_qemu_s"].value == 20.0
+    assert "linux_acpi_tables_qemu_s" not in figs  # not reached: omitted
+    assert figs["linux_reached_qemu"].value == 1.0
+    assert figs["linux_reached_qemu"].extra["milestone"] == "kernel_started"
+    assert figs["linux_reached_qemu"].extra["stopped"] == "died"
+    assert figs["linux_run_init_dvmm_1n_s"].value == 90.0
+    assert figs["linux_run_init_dvmm_1n_s"].extra["guest_s"] == 612.345
+    assert figs["linux_reached_dvmm_1n"].value == 6.0  # run_init: 6th of ORDER
+    assert "linux_reached_dvmm_2n" in part.missing and extra["errors"]["dvmm_2n"] == "no such VMM"
+    assert extra["boots"]["qemu"]["milestone"] == "kernel_started"
+    md = (tmp_path / "linux.md").read_text()
+    assert "| kernel started | 20 (0.0) | 20 (0.0) |" in md
+    assert "| run /init | — | 90 (612.3) |" in md
+    assert "`dvmm_2n`: not run: no such VMM" in md
+
+
+def test_linux_stage_is_opt_in() -> None:
+    assert "linux" not in DEFAULT_STAGES and "linux" in STAGES
+    assert parse_stages("linux", False) == ["linux"]
+    assert parse_stages(None, True, "linux") == [*[s for s in DEFAULT_STAGES if s != "profiles"],
+                                                 "linux"]  # fmt: skip
+    assert parse_stages("micro", False, "linux") == ["micro", "linux"]
+    with pytest.raises(ValueError, match="--with"):
+        parse_stages(None, False, "linx")
+
+
+def _fake_vmm(tmp_path: Path, body: str) -> list[str]:
+    script = tmp_path / "vmm.py"
+    script.write_text(body)
+    return [sys.executable, str(script)]
+
+
+def test_linux_run_console_stops_a_dead_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VMM that reports the emulation failure and then stays (as QEMU does) is
+    stopped after DEATH_GRACE_S; one that ignores SIGTERM is SIGKILLed."""
+    monkeypatch.setattr(linux_boot, "DEATH_GRACE_S", 0.2)
+    monkeypatch.setattr(linux_boot, "KILL_GRACE_S", 0.5)
+    body = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"sys.stdout.write({QEMU_DEATH!r})\n"
+        "sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    t = time.monotonic()
+    res = linux_boot.run_console(
+        _fake_vmm(tmp_path, body), linux_boot.milestones(1, 2), timeout=30,
+        log_path=tmp_path / "out.log", grace_s=5, stop=linux_boot._stop_qemu, drain_s=1,
+    )  # fmt: skip
+    assert time.monotonic() - t < 10
+    assert res.stopped == "died" and res.reached == "kernel started"
+    assert res.rc == -signal.SIGKILL
+    assert "emulation failure" in (tmp_path / "out.log").read_text()
+
+
+def test_linux_run_console_timeout_and_exit(tmp_path: Path) -> None:
+    quiet = _fake_vmm(
+        tmp_path, "import time\nprint('[    1.000000] booting', flush=True)\ntime.sleep(60)\n"
+    )
+    res = linux_boot.run_console(
+        quiet, linux_boot.milestones(1, 2), timeout=0.5, log_path=tmp_path / "q.log",
+        grace_s=5, stop=linux_boot._stop_qemu, drain_s=1,
+    )  # fmt: skip
+    assert res.stopped == "timeout" and res.reached is None and res.last_guest_s == 1.0
+    assert res.rc == -signal.SIGTERM
+    (tmp_path / "vmm.py").write_text(f"import sys\nsys.stdout.write({LINUX_CONSOLE!r})\n")
+    res = linux_boot.run_console(
+        [sys.executable, str(tmp_path / "vmm.py")], linux_boot.milestones(1, 2), timeout=30,
+        log_path=tmp_path / "e.log", grace_s=5, stop=linux_boot._stop_qemu, drain_s=1,
+    )  # fmt: skip
+    # every required milestone came before the panic: stopped for that (it exits in the grace)
+    assert res.stopped == "milestones" and res.reached == "run /init"
+    assert res.rc == 0 and set(res.wall) >= {"kernel started", "run /init"}

@@ -2,6 +2,7 @@
 
     python tests/linux/linux_boot.py prepare          # kernel + initramfs, cached
     python tests/linux/linux_boot.py boot --nodes 1   # boot, check the milestones
+    python tests/linux/linux_boot.py boot --qemu      # the same kernel under QEMU/KVM
 
 `prepare` downloads the distribution's kernel package with apt (`apt-get download`
 of the package `linux-image-cloud-amd64` depends on), extracts its vmlinuz with
@@ -13,7 +14,16 @@ committed). A second run reuses what is there.
 and checks the console for the milestones below, in order; it prints each one with
 the time it was seen and the console's last lines, and fails when a required one is
 missing. Run by `make test-linux` (not part of `make test`: a boot takes minutes
-on a PVM host, where the kernel's CPL0 code is emulated).
+on a PVM host, where the kernel's CPL0 code is emulated). `boot --qemu` runs the
+same kernel, initramfs and command line under `qemu-system-x86_64 -enable-kvm -cpu
+host` for comparison (on a PVM host QEMU stops early: KVM's emulator refuses an
+instruction that dvmm finishes, `lock cmpxchg16b` in SLUB with `-cpu host`).
+
+The timing is reusable: `run_console` starts a VMM, reads its console and returns a
+`BootTimes` (the wall and guest seconds of each milestone, and what ended the boot:
+every required milestone, the kernel's death, the VMM's exit or a timeout);
+`Timeline` is its pure parser. The perf suite's `linux` stage (perf/linux.py)
+uses both.
 
 It is not a pytest module on purpose (tests/ is pytest's test path): nothing here
 runs in `make test`.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shutil
 import signal
@@ -31,6 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,17 +190,206 @@ def prepare() -> tuple[Path, Path]:
     return fetch_kernel(), build_initramfs()
 
 
-def check(console: str, nodes: int, vcpus: int) -> list[tuple[str, bool, bool]]:
-    """(milestone, seen, required) for each milestone. SMP must have brought up all
-    `vcpus` CPUs on `nodes` NUMA nodes (Linux counts the nodes its CPUs are on)."""
+def milestones(nodes: int, vcpus: int) -> list[tuple[str, str, bool]]:
+    """MILESTONES for a boot of `vcpus` vCPUs on `nodes` nodes: SRAT is required on
+    several nodes, and SMP must have brought up all `vcpus` CPUs on `nodes` NUMA nodes
+    (Linux counts the nodes its CPUs are on)."""
     res = []
     for name, rx, required in MILESTONES:
         if name == "SRAT" and nodes > 1:
             required = True
         if name == "smp brought up":
             rx = rf"smp: Brought up {nodes} nodes?, {vcpus} CPUs?\b"
-        res.append((name, re.search(rx, console) is not None, required))
+        res.append((name, rx, required))
     return res
+
+
+def check(console: str, nodes: int, vcpus: int) -> list[tuple[str, bool, bool]]:
+    """(milestone, seen, required) for each milestone (see `milestones`)."""
+    return [
+        (name, re.search(rx, console) is not None, required)
+        for name, rx, required in milestones(nodes, vcpus)
+    ]
+
+
+def slug(name: str) -> str:
+    """A milestone's name as a key: "run /init" -> "run_init"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+#: The kernel's printk time stamp at the start of a console line: `[  199.276477] `.
+STAMP = re.compile(r"^\[\s*(\d+\.\d+)\]")
+#: A console (or VMM) line after which the kernel will not go on: a panic, or KVM's
+#: emulation failure as QEMU reports it (QEMU then stops the vCPUs but stays alive;
+#: dvmm exits by itself and says "the guest crashed").
+DEATH = re.compile(r"Kernel panic|KVM internal error|emulation failure|the guest crashed")
+
+
+class Timeline:
+    """Reads a boot's console line by line: the wall time (seconds since the VMM
+    started, given by the caller) and the kernel's own time stamp of each milestone's
+    first appearance, the last stamp seen, and the first line saying the kernel died.
+    Pure (no clock, no process): fed by `run_console` and by unit tests."""
+
+    def __init__(self, marks: list[tuple[str, str, bool]]) -> None:
+        self.marks = [(name, re.compile(rx), required) for name, rx, required in marks]
+        self.wall: dict[str, float] = {}
+        self.guest: dict[str, float] = {}
+        self.last_guest_s: float | None = None
+        self.death: str | None = None
+
+    def feed(self, line: str, wall_s: float) -> list[str]:
+        """One console line seen `wall_s` seconds after the start; returns the
+        milestones it is the first sighting of."""
+        line = line.rstrip("\r\n")
+        m = STAMP.match(line)
+        if m:
+            self.last_guest_s = float(m.group(1))
+        new = []
+        for name, rx, _ in self.marks:
+            if name not in self.wall and rx.search(line):
+                self.wall[name] = wall_s
+                if self.last_guest_s is not None:
+                    # the line's own stamp, else the last one before it
+                    self.guest[name] = self.last_guest_s
+                new.append(name)
+        if self.death is None and DEATH.search(line):
+            self.death = line.strip()
+        return new
+
+    @property
+    def required_seen(self) -> bool:
+        return all(name in self.wall for name, _, req in self.marks if req)
+
+    @property
+    def reached(self) -> str | None:
+        """The furthest milestone seen (in MILESTONES order), None before the first."""
+        seen = [name for name, _, _ in self.marks if name in self.wall]
+        return seen[-1] if seen else None
+
+
+@dataclass
+class BootTimes:
+    """What one boot showed. `stopped`: "milestones" (every required one seen, then
+    `grace_s` more), "died" (a DEATH line, `death`), "exited" (the VMM exited on its
+    own, exit status `rc`) or "timeout"."""
+
+    wall: dict[str, float]
+    guest: dict[str, float]
+    reached: str | None
+    stopped: str
+    detail: str
+    wall_s: float
+    last_guest_s: float | None
+    rc: int | None
+    death: str | None = None
+    output: str = field(default="", repr=False)
+
+
+# Seconds the VMM runs on after a DEATH line (the panic's or KVM's register dump).
+DEATH_GRACE_S = 3.0
+
+
+def run_console(
+    cmd: list[str],
+    marks: list[tuple[str, str, bool]],
+    *,
+    timeout: float,
+    log_path: Path,
+    grace_s: float,
+    stop: Callable[[subprocess.Popen[str]], None],
+    on_milestone: Callable[[str, float], None] | None = None,
+    drain_s: float = 60.0,
+) -> BootTimes:
+    """Runs `cmd` (a VMM whose stdout and stderr carry the guest's console), times
+    `marks` as their lines appear and ends the boot at the first of: every required
+    milestone seen (then `grace_s` more seconds), a DEATH line (then DEATH_GRACE_S),
+    the VMM's exit, `timeout` seconds. `stop` ends a VMM that is still running; the
+    process is SIGKILLed on every other way out (an exception included). Everything
+    the VMM printed goes to `log_path` (and `BootTimes.output`), up to `drain_s`
+    seconds after the stop (dvmmctl prints its stats then)."""
+    tl = Timeline(marks)
+    lines: queue.Queue[str | None] = queue.Queue()
+    out: list[str] = []
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    stop_at: float | None = None
+    stopped, detail = "", ""
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace",
+    )  # fmt: skip
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    eof = False
+    try:
+        with log_path.open("w") as logf:
+
+            def take(line: str) -> None:
+                out.append(line)
+                logf.write(line)
+                logf.flush()
+
+            while True:
+                now = time.monotonic()
+                end = deadline if stop_at is None else min(deadline, stop_at)
+                if now >= end:
+                    if stop_at is None or deadline < stop_at:
+                        stopped, detail = "timeout", f"no end after {timeout:.0f} s"
+                    break
+                try:
+                    line = lines.get(timeout=end - now)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    eof = True
+                    break
+                take(line)
+                for name in tl.feed(line, time.monotonic() - t0):
+                    if on_milestone is not None:
+                        on_milestone(name, tl.wall[name])
+                if stop_at is None and tl.death is not None:
+                    stopped, detail = "died", tl.death
+                    stop_at = time.monotonic() + DEATH_GRACE_S
+                elif stop_at is None and tl.required_seen:
+                    stopped, detail = "milestones", "every required milestone seen"
+                    stop_at = time.monotonic() + grace_s
+            wall_s = time.monotonic() - t0
+            if proc.poll() is None:
+                stop(proc)
+            # The rest of the output (dvmmctl's stats after the stop).
+            drain_end = time.monotonic() + drain_s
+            while not eof and time.monotonic() < drain_end:
+                try:
+                    line = lines.get(timeout=max(0.1, drain_end - time.monotonic()))
+                except queue.Empty:
+                    break
+                if line is None:
+                    break
+                take(line)
+    finally:
+        try:
+            if proc.poll() is None:  # an exception (Ctrl-C) left it running
+                stop(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            rc = proc.wait()
+    if not stopped:
+        stopped, detail = "exited", f"the VMM exited with {rc}"
+        if tl.death is not None:
+            stopped, detail = "died", tl.death
+    return BootTimes(
+        wall=dict(tl.wall), guest=dict(tl.guest), reached=tl.reached, stopped=stopped,
+        detail=detail, wall_s=wall_s, last_guest_s=tl.last_guest_s, rc=rc, death=tl.death,
+        output="".join(out),
+    )  # fmt: skip
 
 
 # Seconds the VM runs on after the last required milestone (for "/init prints").
@@ -201,64 +403,105 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
-def boot(nodes: int, vcpus: int, memory: str, cmdline: str, timeout: int, extra: list[str]) -> int:
-    kernel, initrd = prepare()
+# Seconds QEMU gets to exit after SIGTERM before SIGKILL.
+KILL_GRACE_S = 5.0
+
+
+def _stop_qemu(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after KILL_GRACE_S (a QEMU once ignored SIGTERM and kept
+    a core busy)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def dvmm_cmd(
+    kernel: Path, initrd: Path, cmdline: str, nodes: int, vcpus: int, memory: str,
+    timeout: int, console_log: Path, extra: Sequence[str] = (),
+) -> list[str]:  # fmt: skip
     dvmmctl = REPO / ".venv" / "bin" / "dvmmctl"
-    console_log = CACHE / f"console-{nodes}n.log"
-    output_log = CACHE / f"dvmmctl-{nodes}n.log"
-    console_log.unlink(missing_ok=True)  # dvmmctl appends
-    cmd = [
+    return [
         str(dvmmctl), "run", "--nodes", str(nodes), "--vcpus", str(vcpus), "--memory", memory,
         "--kernel", str(kernel), "--initrd", str(initrd), "--cmdline", cmdline,
         "--console-log", str(console_log), "--no-console-stdin", "--timeout", str(timeout), "--stats",
         *extra,
     ]  # fmt: skip
+
+
+def qemu_cmd(kernel: Path, initrd: Path, cmdline: str, vcpus: int, memory: str) -> list[str]:
+    """QEMU/KVM with the host's CPU, the console on stdio (-nographic), no NIC, and
+    -no-reboot so that `panic=-1` ends it."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise SystemExit(
+            "linux-boot: qemu-system-x86_64 is not installed (Debian: qemu-system-x86)"
+        )
+    return [
+        qemu, "-enable-kvm", "-cpu", "host", "-smp", str(vcpus), "-m", memory,
+        "-nographic", "-no-reboot", "-nic", "none",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+    ]  # fmt: skip
+
+
+def time_boot(
+    vmm: str, nodes: int, vcpus: int, memory: str, cmdline: str, timeout: int,
+    extra: Sequence[str] = (), tag: str = "", grace_s: float = STOP_GRACE_S,
+) -> BootTimes:  # fmt: skip
+    """One boot under `vmm` ("dvmm" or "qemu"; QEMU runs one node), timed: its
+    output in build/linux/{dvmmctl,qemu}-<tag>.log (dvmm: the console alone in
+    console-<tag>.log); `tag` defaults to "<nodes>n"."""
+    kernel, initrd = prepare()
+    tag = tag or f"{nodes}n"
+    if vmm == "qemu":
+        cmd = qemu_cmd(kernel, initrd, cmdline, vcpus, memory)
+        output_log, stop = CACHE / f"qemu-{tag}.log", _stop_qemu
+    else:
+        console_log = CACHE / f"console-{tag}.log"
+        console_log.unlink(missing_ok=True)  # dvmmctl appends
+        cmd = dvmm_cmd(kernel, initrd, cmdline, nodes, vcpus, memory, timeout, console_log, extra)
+        output_log, stop = CACHE / f"dvmmctl-{tag}.log", _stop
     log(" ".join(cmd))
-    t0 = time.monotonic()
-    seen: dict[str, float] = {}
-    text = ""
-    required = {name for name, _, req in check("", nodes, vcpus) if req}
-    stopper: threading.Timer | None = None
-    with (
-        output_log.open("w") as out,
-        subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        ) as proc,
-    ):
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            text += line
-            out.write(line)
-            out.flush()
-            for name, rx, _ in MILESTONES:
-                if name not in seen and re.search(rx, line):
-                    seen[name] = time.monotonic() - t0
-                    log(f"milestone {name!r} after {seen[name]:.0f} s")
-            if stopper is None and required <= seen.keys():
-                # Everything required is there: give /init a little time to print
-                # (VT-x hosts), then stop the VM rather than wait for the timeout.
-                log(f"all required milestones seen; stopping the VM in {STOP_GRACE_S} s")
-                stopper = threading.Timer(STOP_GRACE_S, _stop, (proc,))
-                stopper.daemon = True
-                stopper.start()
-        rc = proc.wait()
-        if stopper is not None:
-            stopper.cancel()
-    log(f"dvmmctl exited with {rc} after {time.monotonic() - t0:.0f} s")
-    log(f"console: {console_log}; dvmmctl's output: {output_log}")
-    body, _, stats = text.partition("\nstats:\n")
+
+    def seen(name: str, wall_s: float) -> None:
+        log(f"milestone {name!r} after {wall_s:.0f} s")
+
+    # dvmmctl has its own --timeout; ours is the backstop.
+    backstop = timeout if vmm == "qemu" else timeout + 90
+    res = run_console(
+        cmd, milestones(nodes, vcpus), timeout=backstop, log_path=output_log,
+        grace_s=grace_s, stop=stop, on_milestone=seen,
+    )  # fmt: skip
+    log(
+        f"{vmm} stopped ({res.stopped}: {res.detail[:200]}) after {res.wall_s:.0f} s, exit {res.rc}"
+    )
+    log(f"output: {output_log}")
+    return res
+
+
+def boot(
+    nodes: int, vcpus: int, memory: str, cmdline: str, timeout: int, extra: list[str],
+    vmm: str = "dvmm",
+) -> int:  # fmt: skip
+    res = time_boot(vmm, nodes, vcpus, memory, cmdline, timeout, extra)
+    body, _, stats = res.output.partition("\nstats:\n")
     tail = [ln for ln in body.splitlines() if ln.strip()][-25:]
     print("\n".join("    " + ln for ln in tail))
     for ln in stats.splitlines():
         if "insns_completed" in ln or "exits_total" in ln:
             log(ln.strip())
     failed = False
-    for name, ok, needed in check(text, nodes, vcpus):
+    for name, ok, needed in check(res.output, nodes, vcpus):
         state = "ok" if ok else ("MISSING" if needed else "not reached")
-        when = f" ({seen[name]:.0f} s)" if name in seen else ""
-        log(f"{name:16} {state}{when}")
+        when = f" ({res.wall[name]:.0f} s" if name in res.wall else ""
+        if name in res.guest:
+            when += f", guest {res.guest[name]:.1f} s"
+        log(f"{name:16} {state}{when}{')' if when else ''}")
         failed |= needed and not ok
     return 1 if failed else 0
 
@@ -273,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--memory", default="512M")
     b.add_argument("--cmdline", default=os.environ.get("DVMM_LINUX_CMDLINE", DEFAULT_CMDLINE))
     b.add_argument("--timeout", type=int, default=1500)
+    b.add_argument("--qemu", action="store_true", help="under QEMU/KVM (-cpu host), one node")
     b.add_argument("extra", nargs="*", help="more dvmmctl run options (after --)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
@@ -280,8 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         print(k)
         print(i)
         return 0
+    if a.qemu and a.nodes != 1:
+        ap.error("--qemu boots one node")
     vcpus = a.vcpus or max(2, a.nodes)
-    return boot(a.nodes, vcpus, a.memory, a.cmdline, a.timeout, a.extra)
+    return boot(
+        a.nodes, vcpus, a.memory, a.cmdline, a.timeout, a.extra, "qemu" if a.qemu else "dvmm"
+    )
 
 
 if __name__ == "__main__":
