@@ -3,9 +3,11 @@
  * and FT, written from the NPB specification (NASA reports RNR-94-007 and
  * NAS-95-020, NPB 3 problem classes S, W, A) with its official verification
  * values. Every kernel runs at CPL3 on every CPU, splits its work in static
- * blocks by CPU index, synchronises with the runtime's barrier and places each
- * CPU's share of the data on that CPU's NUMA node (numa=local) or everything on
- * node 0 (numa=ignore).
+ * blocks by CPU index, synchronises through per-CPU sync pages (each CPU
+ * writes only its own; see "Shared run state") and places each CPU's share of
+ * the data on that CPU's NUMA node (numa=local) or everything on node 0
+ * (numa=ignore), laid out so that what crosses CPUs is only what the
+ * algorithm exchanges, in pages of its own (dvmm's DSM moves whole pages).
  *
  * This is the only guest file built with SSE2 (double precision needs it). The
  * kernel part of the guest is general-registers only, so traps and system
@@ -111,7 +113,11 @@ static void fmt_e(char *out, u64 n, f64 x)
 }
 
 /* ---------------------------------------------------------------- */
-/* Shared run state                                                  */
+/* Shared run state. The DSM under dvmm keeps memory coherent page by  */
+/* page, so whatever one CPU writes while another reads it lives in a  */
+/* page of its own: the variables CPU 0 writes in a timed section, the */
+/* pointer tables the CPUs publish at setup (read-only afterwards),    */
+/* and each CPU's synchronisation page (on its own node).             */
 
 struct ctx {
     const struct npb_rt *rt;
@@ -119,24 +125,121 @@ struct ctx {
     s64 node;      /* where this CPU's share of the data goes */
     char cls;
     u64 corrupt;
-    u32 red_seq;   /* next reduction slot (the same sequence on every CPU) */
+    u64 seq;       /* syncs passed (the same sequence on every CPU) */
+    u64 spin;      /* TSC cycles a wait spins before it sleeps */
 };
 
-static volatile u64 t_start, t_end;    /* TSC around the timed section (CPU 0) */
-static volatile u32 oom;               /* some CPU could not allocate: everyone stops */
-static volatile u32 bad_setup;         /* an internal consistency check failed */
+/* written by CPU 0 only (TSC around the timed section, the results) */
 static struct {
-    int verified;
-    f64 got[2], want[2];
-    u64 igot, iwant;
-} res;
+    volatile u64 t_start, t_end;
+    struct {
+        int verified;
+        f64 got[2], want[2];
+        u64 igot, iwant;
+    } res;
+} ALIGNED(4096) cpu0w;
+#define t_start cpu0w.t_start
+#define t_end cpu0w.t_end
+#define res cpu0w.res
 
-/* One page per CPU on its node: reduction slots, written by that CPU only. */
-#define RED_SLOTS 8
+/* written only at setup or on failure, read by every CPU */
+static volatile u32 oom ALIGNED(4096); /* some CPU could not allocate: everyone stops */
+static volatile u32 bad_setup;         /* an internal consistency check failed */
+
+/* Each CPU's synchronisation page, on its node, written by that CPU only:
+ * its sequence number (the last sync it reached), whom it sleeps waiting
+ * for (so only that CPU wakes it) and the values it contributes to a reduction. Sync s uses
+ * slot s % SYNC_SLOTS: a CPU at sync s has seen every CPU reach s - 1, so
+ * every CPU has read the slots of s - 2 and older. */
+#define SYNC_SLOTS 4
 #define RED_W 16
-static volatile f64 *volatile red[MAX_CPUS];
+struct syncpage {
+    volatile u64 seq;
+    volatile u64 sleeping;   /* 1 + the CPU this one sleeps waiting for, 0 if awake */
+    volatile f64 slot[SYNC_SLOTS][RED_W];
+} ALIGNED(4096);
+static struct syncpage *volatile sp[MAX_CPUS];
 
-static void bar(struct ctx *c) { c->rt->barrier(c->me); }
+/* the guest's system call (int3 through a DPL-3 gate; common.h numbers) */
+static inline u64 npb_sys(u64 n, u64 a, u64 b)
+{
+    __asm__ volatile("int3" : "+a"(n) : "D"(a), "S"(b), "d"(0UL) : "memory");
+    return n;
+}
+enum { NPB_SYS_PRINT = 0, NPB_SYS_EXIT = 1, NPB_SYS_YIELD = 12, NPB_SYS_WAKE = 17 };
+static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
+static inline u64 xchg64(volatile u64 *p, u64 v)
+{
+    __asm__ volatile("xchgq %0, %1" : "+r"(v), "+m"(*p) : : "memory");
+    return v;
+}
+
+#ifndef NPB_SPIN_US
+#define NPB_SPIN_US 10000
+#endif
+#define NPB_WAIT_S 120 /* a sync that takes this long means a lost CPU */
+
+static void __attribute__((noinline, noreturn)) sync_timeout(struct ctx *c, u32 cpu)
+{
+    char line[160];
+    int n = snfmt(line, sizeof line, "dvmm-guest: npb FAIL timeout (%us) waiting for cpu %u at sync %lu on cpu %u\n",
+                  NPB_WAIT_S, cpu, c->seq, c->me);
+    npb_sys(NPB_SYS_PRINT, (u64)line, n < (int)sizeof line ? (u64)n : sizeof line - 1);
+    for (;;)
+        npb_sys(NPB_SYS_EXIT, 1, 0);
+}
+
+/* until CPU `cpu` has reached sync s: spin natively, then halt in the
+ * kernel (a wake-up from that CPU, or a timer with backoff), so vCPUs
+ * that outnumber the host's cores give theirs away */
+static void sync_wait(struct ctx *c, u32 cpu, u64 s)
+{
+    volatile struct syncpage *o = sp[cpu], *mine = sp[c->me];
+    if (o->seq >= s)
+        return;
+    u64 t0 = rdtsc(), sleep_us = 20;
+    while (o->seq < s) {
+        u64 now = rdtsc();
+        if (now - t0 < c->spin) {
+            cpu_relax();
+            continue;
+        }
+        if (now - t0 > (u64)NPB_WAIT_S * 1000 * c->rt->tsc_khz)
+            sync_timeout(c, cpu);
+        xchg64(&mine->sleeping, 1 + cpu); /* announce, then look once more (Dekker) */
+        if (o->seq < s)
+            npb_sys(NPB_SYS_YIELD, sleep_us, 0);
+        mine->sleeping = 0;
+        if (sleep_us < 1000)
+            sleep_us *= 2;
+    }
+}
+
+/* Reach the next sync, publishing v[0..k) with it: every CPU's stores
+ * before it are visible to every CPU after it (x86 TSO; the DSM is
+ * sequentially consistent). Returns the slot index. */
+static u32 sync_arrive(struct ctx *c, const f64 *v, u32 k)
+{
+    u64 s = ++c->seq;
+    u32 slot = (u32)(s % SYNC_SLOTS);
+    volatile struct syncpage *mine = sp[c->me];
+    for (u32 i = 0; i < k; i++)
+        mine->slot[slot][i] = v[i];
+    barrier();
+    mine->seq = s;
+    mfence(); /* the store above before the sleeping flags below */
+    for (u32 cpu = 0; cpu < c->n; cpu++) /* only those waiting for me: no wake-up storms */
+        if (cpu != c->me && sp[cpu]->sleeping == 1 + (u64)c->me)
+            npb_sys(NPB_SYS_WAKE, cpu, 0);
+    for (u32 cpu = 0; cpu < c->n; cpu++)
+        if (cpu != c->me)
+            sync_wait(c, cpu, s);
+    barrier();
+    return slot;
+}
+
+/* a barrier: each CPU writes only its own page and reads the others' */
+static void bar(struct ctx *c) { sync_arrive(c, 0, 0); }
 
 static void *nalloc(struct ctx *c, s64 node, u64 size)
 {
@@ -146,20 +249,26 @@ static void *nalloc(struct ctx *c, s64 node, u64 size)
     return p;
 }
 
-/* v[0..k) <- their sums over all CPUs, added in CPU order, so every CPU gets
- * the same bits. Slots rotate: a slot is rewritten two reductions later, and
- * every CPU has read it before it passes the next reduction's barrier. */
+/* Memory other CPUs read: followed by PUB_GUARD bytes nobody touches. The
+ * DSM's sequential prefetch (dvmm: up to 64 pages ahead of a reader's
+ * stream) would otherwise pull in the pages after it, which the owner
+ * writes next (its private data): a wasted transfer and an invalidation
+ * each time. */
+#define PUB_GUARD (68UL * 4096)
+static void *nalloc_pub(struct ctx *c, s64 node, u64 size)
+{
+    return nalloc(c, node, ((size + 4095) & ~4095UL) + PUB_GUARD);
+}
+
+/* v[0..k) <- their sums over all CPUs, added in CPU order, so every CPU
+ * gets the same bits; one sync */
 static void allsum(struct ctx *c, f64 *v, u32 k)
 {
-    u32 slot = (c->red_seq++ % RED_SLOTS) * RED_W;
-    volatile f64 *mine = red[c->me] + slot;
-    for (u32 i = 0; i < k; i++)
-        mine[i] = v[i];
-    bar(c);
+    u32 slot = sync_arrive(c, v, k);
     for (u32 i = 0; i < k; i++) {
         f64 s = 0;
         for (u32 cpu = 0; cpu < c->n; cpu++)
-            s += red[cpu][slot + i];
+            s += sp[cpu]->slot[slot][i];
         v[i] = s;
     }
 }
@@ -167,14 +276,12 @@ static void allsum(struct ctx *c, f64 *v, u32 k)
 /* the sum of v over the CPUs before this one (and the total in *tot) */
 static f64 exscan(struct ctx *c, f64 v, f64 *tot)
 {
-    u32 slot = (c->red_seq++ % RED_SLOTS) * RED_W;
-    red[c->me][slot] = v;
-    bar(c);
+    u32 slot = sync_arrive(c, &v, 1);
     f64 s = 0, t = 0;
     for (u32 cpu = 0; cpu < c->n; cpu++) {
         if (cpu < c->me)
-            s += red[cpu][slot];
-        t += red[cpu][slot];
+            s += sp[cpu]->slot[slot][0];
+        t += sp[cpu]->slot[slot][0];
     }
     *tot = t;
     return s;
@@ -291,7 +398,6 @@ static const struct {
 static u32 *volatile is_keys[MAX_CPUS]; /* CPU c's block of the key array */
 static u32 *volatile is_cnt[MAX_CPUS];  /* CPU c's key histogram, all keys values */
 static u32 *volatile is_rnk[MAX_CPUS];  /* CPU c's block of key values: keys <= value */
-static u32 is_passed;                   /* CPU 0 */
 
 static u32 is_class(char cls)
 {
@@ -329,7 +435,13 @@ static volatile u32 *is_rank_at(u64 k, u64 mk, u32 n)
     return &is_rnk[c][off];
 }
 
-static void is_rank(struct ctx *c, u32 ci, u64 it, int count)
+/* One ranking. Two syncs: after the histograms (each CPU then sums its
+ * block of key values over every CPU's histogram), and the exclusive scan
+ * of the block totals, which also tells every CPU that all the others are
+ * done reading its histogram, so the next ranking may overwrite it. The
+ * partial verification is done by the CPU whose block holds the rank
+ * tested; it returns how many of those passed. */
+static u32 is_rank(struct ctx *c, u32 ci, u64 it)
 {
     u64 nk = 1UL << is_classes[ci].keys_log2, mk = 1UL << is_classes[ci].max_key_log2, lo, hi, klo, khi;
     span(nk, c->me, c->n, &lo, &hi);
@@ -355,15 +467,15 @@ static void is_rank(struct ctx *c, u32 ci, u64 it, int count)
     u32 off = (u32)exscan(c, (f64)run, &tot);
     for (u64 k = klo; k < khi; k++)
         rnk[k - klo] += off;
-    bar(c);
-    if (c->me != 0 || !count)
-        return;
-    /* partial verification, as the specification shifts each class's ranks */
+    /* partial verification, as the specification shifts each class's
+     * ranks; the test keys sit where no ranking rewrites keys (index >
+     * 2 * IS_ITERS), so their pages stay read-shared */
+    u32 passed = 0;
     for (u32 i = 0; i < IS_TESTS; i++) {
         u64 k = is_key_at(is_classes[ci].index[i], nk, c->n);
-        if (k == 0 || k > nk - 1)
+        if (k == 0 || k > nk - 1 || k - 1 < klo || k - 1 >= khi)
             continue;
-        u64 r = *is_rank_at(k - 1, mk, c->n), want = is_classes[ci].rank[i];
+        u64 r = rnk[k - 1 - klo], want = is_classes[ci].rank[i];
         char cl = is_classes[ci].cls;
         if (cl == 'S')
             want = i <= 2 ? want + it : want - it;
@@ -371,8 +483,9 @@ static void is_rank(struct ctx *c, u32 ci, u64 it, int count)
             want = i < 2 ? want + (it - 2) : want - it;
         else
             want = i <= 2 ? want + (it - 1) : want - (it - 1);
-        is_passed += r == want;
+        passed += r == want;
     }
+    return passed;
 }
 
 static void is_run(struct ctx *c)
@@ -382,7 +495,7 @@ static void is_run(struct ctx *c)
     span(nk, c->me, c->n, &lo, &hi);
     span(mk, c->me, c->n, &klo, &khi);
     is_keys[c->me] = nalloc(c, c->node, (hi - lo) * 4);
-    is_cnt[c->me] = nalloc(c, c->node, mk * 4);
+    is_cnt[c->me] = nalloc_pub(c, c->node, mk * 4); /* read by every CPU */
     is_rnk[c->me] = nalloc(c, c->node, (khi - klo) * 4);
     bar(c);
     if (oom)
@@ -400,15 +513,16 @@ static void is_run(struct ctx *c)
      * the range, across the test keys of one end: their ranks change */
     if (c->corrupt && lo == 0 && hi > 0)
         keys[0] = keys[0] < mk / 2 ? (u32)(mk - 1) : 0;
-    if (c->me == 0)
-        is_passed = 0;
-    is_rank(c, ci, 1, 0); /* untimed, as the specification does */
+    is_rank(c, ci, 1); /* untimed, as the specification does */
+    f64 passed[1] = { 0 };
     timer_start(c);
     for (u64 it = 1; it <= IS_ITERS; it++)
-        is_rank(c, ci, it, 1);
+        passed[0] += is_rank(c, ci, it);
     timer_stop(c);
+    allsum(c, passed, 1); /* the partial verifications of every CPU */
     if (c->me != 0)
         return;
+    u64 is_passed = (u64)passed[0];
     /* full verification (untimed): sort by the final ranks, count keys out of order */
     u32 *sorted = c->rt->alloc(c->node, nk * 4);
     u64 unsorted = 0;
@@ -439,8 +553,12 @@ static void is_run(struct ctx *c)
 /* iteration; zeta = shift + 1/(x.z) verified. Rows are split over    */
 /* the CPUs; each CPU builds its own rows from the generator's list  */
 /* of outer products (summing duplicates in the specification's       */
-/* order, so each row's values are bit for bit the serial ones) and   */
-/* keeps a full copy of p (and z), gathered after every update.       */
+/* order, so each row's values are bit for bit the serial ones).      */
+/* Only the residual crosses CPUs: each CPU updates r on its rows and  */
+/* publishes that block with the r.r reduction; every CPU then gathers */
+/* the whole r and computes the whole p, z and x itself (O(n) work, the */
+/* same bits on every CPU), so p, z and x are never exchanged and a    */
+/* conjugate-gradient step has two syncs.                              */
 
 #define CG_NITER 15
 #define CG_CGITMAX 25
@@ -458,13 +576,13 @@ static u32 *volatile cg_arow;
 static u32 *volatile cg_acol;
 static f64 *volatile cg_aelt;
 /* per CPU: its rows (local row pointers, global columns) and vector blocks */
-static f64 *volatile cg_pf[MAX_CPUS], *volatile cg_zf[MAX_CPUS]; /* full-length copies */
+static f64 *volatile cg_rb[MAX_CPUS]; /* CPU c's block of r, published */
 
 struct cg_local {
     u64 lo, hi;               /* my rows */
     u32 *rowstr, *colidx;
-    f64 *a, *x, *r, *q;       /* x, r, q: my block only, index j - lo */
-    f64 *p, *z;               /* full length: cg_pf[me], cg_zf[me] */
+    f64 *a, *q, *rb;          /* my block only, index j - lo; rb = cg_rb[me] */
+    f64 *x, *r, *p, *z;       /* full length, private */
 };
 
 static u32 cg_class(char cls)
@@ -595,91 +713,78 @@ static int cg_build(struct ctx *c, u32 ci, struct cg_local *L)
     return 1;
 }
 
-/* copy the other CPUs' blocks of their full-length vectors into mine */
-static void cg_gather(struct ctx *c, f64 *volatile *full, u32 na)
+/* r <- every CPU's published block of the residual */
+static void cg_gather_r(struct ctx *c, u32 na, f64 *r)
 {
-    f64 *mine = full[c->me];
     for (u32 cpu = 0; cpu < c->n; cpu++) {
         u64 lo, hi;
-        if (cpu == c->me)
-            continue;
         span(na, cpu, c->n, &lo, &hi);
-        memcpy(mine + lo, full[cpu] + lo, (hi - lo) * 8);
+        memcpy(r + lo, cg_rb[cpu], (hi - lo) * 8);
     }
 }
 
 static f64 cg_solve(struct ctx *c, u32 na, struct cg_local *L)
 {
     u64 lo = L->lo, nr = L->hi - L->lo;
-    f64 *p = L->p, *z = L->z, rho, v[2];
-    v[0] = 0;
-    for (u64 j = 0; j < nr; j++) {
-        L->q[j] = 0;
-        z[lo + j] = 0;
-        L->r[j] = L->x[j];
-        p[lo + j] = L->r[j];
-        v[0] += L->r[j] * L->r[j];
+    f64 *p = L->p, *z = L->z, *r = L->r, *x = L->x, *q = L->q, *rb = L->rb, rho = 0, v[1];
+    for (u64 j = 0; j < na; j++) {
+        z[j] = 0;
+        r[j] = x[j];
+        p[j] = r[j];
+        rho += r[j] * r[j];
     }
-    allsum(c, v, 1); /* also publishes p's blocks */
-    rho = v[0];
-    cg_gather(c, cg_pf, na);
     for (u32 it = 1; it <= CG_CGITMAX; it++) {
         v[0] = 0;
         for (u64 j = 0; j < nr; j++) {
             f64 sum = 0.0;
             for (u32 k = L->rowstr[j]; k < L->rowstr[j + 1]; k++)
                 sum = sum + L->a[k] * p[L->colidx[k]];
-            L->q[j] = sum;
+            q[j] = sum;
             v[0] += p[lo + j] * sum;
         }
         allsum(c, v, 1);
         f64 alpha = rho / v[0], rho0 = rho;
         v[0] = 0;
         for (u64 j = 0; j < nr; j++) {
-            z[lo + j] = z[lo + j] + alpha * p[lo + j];
-            L->r[j] = L->r[j] - alpha * L->q[j];
-            v[0] += L->r[j] * L->r[j];
+            rb[j] = r[lo + j] - alpha * q[j];
+            v[0] += rb[j] * rb[j];
         }
-        allsum(c, v, 1);
+        allsum(c, v, 1); /* also publishes every block of r */
+        for (u64 j = 0; j < na; j++)
+            z[j] = z[j] + alpha * p[j];
         rho = v[0];
         f64 beta = rho / rho0;
-        for (u64 j = 0; j < nr; j++)
-            p[lo + j] = L->r[j] + beta * p[lo + j];
-        bar(c); /* every block of p written; they are read before the next update */
-        cg_gather(c, cg_pf, na);
+        cg_gather_r(c, na, r); /* read before the next step's first sync */
+        for (u64 j = 0; j < na; j++)
+            p[j] = r[j] + beta * p[j];
     }
-    cg_gather(c, cg_zf, na); /* z's blocks were final at the last reduction */
     /* ||x - A z|| */
     v[0] = 0;
     for (u64 j = 0; j < nr; j++) {
         f64 d = 0.0;
         for (u32 k = L->rowstr[j]; k < L->rowstr[j + 1]; k++)
             d = d + L->a[k] * z[L->colidx[k]];
-        L->r[j] = d;
-        d = L->x[j] - d;
+        d = x[lo + j] - d;
         v[0] += d * d;
     }
     allsum(c, v, 1);
     return f_sqrt(v[0]);
 }
 
-/* one outer iteration: returns zeta */
+/* one outer iteration: returns zeta (x and z are whole on every CPU) */
 static f64 cg_outer(struct ctx *c, u32 ci, struct cg_local *L)
 {
     u32 na = cg_classes[ci].na;
-    u64 nr = L->hi - L->lo;
     cg_solve(c, na, L);
-    f64 v[2] = { 0, 0 };
-    for (u64 j = 0; j < nr; j++) {
-        f64 zj = L->z[L->lo + j];
-        v[0] += L->x[j] * zj;
-        v[1] += zj * zj;
+    f64 xz = 0, zz = 0;
+    for (u64 j = 0; j < na; j++) {
+        xz += L->x[j] * L->z[j];
+        zz += L->z[j] * L->z[j];
     }
-    allsum(c, v, 2);
-    f64 n2 = 1.0 / f_sqrt(v[1]);
-    for (u64 j = 0; j < nr; j++)
-        L->x[j] = n2 * L->z[L->lo + j];
-    return cg_classes[ci].shift + 1.0 / v[0];
+    f64 n2 = 1.0 / f_sqrt(zz);
+    for (u64 j = 0; j < na; j++)
+        L->x[j] = n2 * L->z[j];
+    return cg_classes[ci].shift + 1.0 / xz;
 }
 
 static void cg_run(struct ctx *c)
@@ -696,11 +801,12 @@ static void cg_run(struct ctx *c)
             cg_generate(ci);
     }
     L.rowstr = nalloc(c, c->node, (2 * nr + 1) * 4); /* row pointers, then nzloc */
-    L.x = nalloc(c, c->node, nr * 8);
-    L.r = nalloc(c, c->node, nr * 8);
     L.q = nalloc(c, c->node, nr * 8);
-    L.p = cg_pf[c->me] = nalloc(c, c->node, (u64)na * 8);
-    L.z = cg_zf[c->me] = nalloc(c, c->node, (u64)na * 8);
+    L.rb = cg_rb[c->me] = nalloc_pub(c, c->node, nr * 8); /* read by every CPU */
+    L.x = nalloc(c, c->node, (u64)na * 8);
+    L.r = nalloc(c, c->node, (u64)na * 8);
+    L.p = nalloc(c, c->node, (u64)na * 8);
+    L.z = nalloc(c, c->node, (u64)na * 8);
     bar(c);
     if (oom)
         return;
@@ -722,13 +828,13 @@ static void cg_run(struct ctx *c)
         return;
     if (!cg_build(c, ci, &L))
         bad_setup = 1;
-    for (u64 j = 0; j < nr; j++)
+    for (u64 j = 0; j < na; j++)
         L.x[j] = 1.0;
     bar(c);
     if (bad_setup)
         return;
     cg_outer(c, ci, &L); /* one untimed iteration, as the specification does */
-    for (u64 j = 0; j < nr; j++)
+    for (u64 j = 0; j < na; j++)
         L.x[j] = 1.0;
     f64 zeta = 0;
     timer_start(c);
@@ -793,7 +899,11 @@ static int mg_owns(struct ctx *c, u32 m, u64 p)
     return (p >= lo && p < hi) || (p == 0 && c->me == 0) || (p == m - 1 && c->me == c->n - 1);
 }
 
-/* my planes of one grid, in one block on my node */
+/* my planes of one grid, in one block on my node. (Guards after the
+ * planes the neighbours read, as IS and CG have, made MG worse here: its
+ * restriction reads two planes deep into the neighbour's block, and one
+ * prefetch stream over both beats two shorter ones; class W, 2 nodes: 10.0k
+ * remote faults with guards, 7.3k without.) */
 static void mg_alloc(struct ctx *c, f64 **tbl, u32 m)
 {
     u64 np = 0, plane = (u64)m * m;
@@ -1234,6 +1344,20 @@ static void ft_cfftz(int is, u32 m, u32 n, const cplx *u, cplx *x, cplx *y)
     }
 }
 
+/* Claim [p, p + bytes) for writing, a page at a time, with an atomic no-op
+ * write: on a DSM a page that another node took is then fetched once,
+ * with ownership (one write fault), instead of by a read fault followed
+ * by an upgrade fault when the first store comes. Elsewhere it costs a
+ * locked instruction per 4 KiB. */
+static void claim_w(void *p, u64 bytes)
+{
+    u64 a = (u64)p & ~4095UL, e = (u64)p + bytes;
+    for (; a < e; a += 4096) {
+        volatile u64 *w = (volatile u64 *)(a < (u64)p ? (u64)p : a);
+        __asm__ volatile("lock orq $0, %0" : "+m"(*w) : : "memory");
+    }
+}
+
 /* FFTs along x (dir 1) or y (dir 2) of my planes of X, in place */
 static void ft_xy(struct ctx *c, u32 ci, int is, int dir, cplx **X, const cplx *u, cplx *y1, cplx *y2)
 {
@@ -1243,6 +1367,7 @@ static void ft_xy(struct ctx *c, u32 ci, int is, int dir, cplx **X, const cplx *
     span(nz, c->me, c->n, &lo, &hi);
     for (u64 k = lo; k < hi; k++) {
         cplx *P = X[k];
+        claim_w(P, (u64)nx * ny * sizeof(cplx)); /* parts were with the CPUs doing ft_z */
         for (u32 b = 0; b < other; b += FT_FB) {
             for (u32 t = 0; t < n; t++)
                 for (u32 j = 0; j < FT_FB; j++)
@@ -1265,6 +1390,8 @@ static void ft_z(struct ctx *c, u32 ci, int is, cplx **X, cplx **Y, const cplx *
     u32 nx = ft_classes[ci].nx, ny = ft_classes[ci].ny, nz = ft_classes[ci].nz, m = ilog2u(nz);
     u64 lo, hi;
     span(ny, c->me, c->n, &lo, &hi);
+    for (u32 k = 0; k < nz && hi > lo; k++) /* my rows of every plane: written below */
+        claim_w(&Y[k][lo * nx], (hi - lo) * nx * sizeof(cplx));
     for (u64 j = lo; j < hi; j++)
         for (u32 b = 0; b < nx; b += FT_FB) {
             for (u32 k = 0; k < nz; k++)
@@ -1388,11 +1515,19 @@ static void ft_run(struct ctx *c)
 
 ENTRY void npb_par(const struct npb_rt *rt, const struct npb_args *a, u32 me)
 {
-    struct ctx c = { rt, me, rt->ncpu, a->numa_local ? rt->node[me] : 0, a->cls, a->corrupt, 0 };
+    struct ctx c = { rt, me, rt->ncpu, a->numa_local ? rt->node[me] : 0, a->cls, a->corrupt, 0,
+                     NPB_SPIN_US * rt->tsc_khz / 1000 };
     if (c.node < 0)
         c.node = 0;
-    red[me] = nalloc(&c, c.node, 4096);
-    bar(&c);
+    /* the sync page is on this CPU's node whatever numa= says: it is
+     * the runtime's, not the benchmark's data */
+    struct syncpage *mine = nalloc_pub(&c, rt->node[me] < 0 ? 0 : rt->node[me], sizeof *mine);
+    if (mine) {
+        mine->seq = 0;
+        mine->sleeping = 0;
+    }
+    sp[me] = mine;
+    rt->barrier(me);
     if (oom)
         return;
     if (a->kernel == NPB_EP)
