@@ -86,7 +86,7 @@ pub use halt::DEFAULT_HALT_POLL_US;
 pub use kick::{kick_signal, register_kick_signal, KickAttachment, KickTarget};
 pub use run::{MessageServer, Vcpu, VcpuEnv};
 pub use stats::{VcpuDump, VcpuStats, EXIT_KINDS, TIMER_LATE_NS};
-pub use stop::{StopReason, VmStop};
+pub use stop::{StopReason, VmFailure, VmStop};
 
 // Shared between the submodules (each does `use super::*`).
 use halt::HaltPoll;

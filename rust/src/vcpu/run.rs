@@ -151,7 +151,7 @@ impl Vcpu {
             Err(e) => Err(e),
         };
         if let Err(e) = r {
-            self.env.stop.request(StopReason::Error(e.to_string()));
+            self.env.stop.request(StopReason::Error(e.into()));
         }
         if let Some(s) = &server {
             s.attach(None);

@@ -15,12 +15,61 @@ pub enum StopReason {
         dump: Option<Box<VcpuDump>>,
     },
     /// The VMM failed.
-    Error(String),
+    Error(VmFailure),
     /// `timeout_s` passed.
     Timeout,
     /// `stop()` was called.
     Stopped,
 }
+
+/// Why the VMM (not the guest) failed, with the error that caused it as the
+/// source. Clonable, because every waiter on [`VmStop`] gets a copy: the sources
+/// are shared behind an `Arc`. Turned into text only at the edge (the VM result).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VmFailure {
+    /// A vCPU thread failed (KVM_RUN, its LAPIC timer, KVM_INTERRUPT, spawning).
+    #[error(transparent)]
+    Vcpu(Arc<VcpuError>),
+    /// A VMM thread could not be started.
+    #[error("cannot spawn the {what} thread: {source}")]
+    Spawn {
+        /// Which thread (`cluster`, `console input`).
+        what: &'static str,
+        /// Why.
+        source: Arc<std::io::Error>,
+    },
+    /// Another part of the VMM failed (e.g. KVM's interrupt controller in
+    /// `crate::kirq`): its own error, kept as the source.
+    #[error(transparent)]
+    Component(Arc<dyn std::error::Error + Send + Sync>),
+    /// A failure of or reported by another node of the cluster. The text is all
+    /// that crosses the wire, so this one is a message.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl VmFailure {
+    /// Wraps another module's error as [`VmFailure::Component`].
+    pub fn component(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        VmFailure::Component(Arc::new(e))
+    }
+}
+
+impl From<VcpuError> for VmFailure {
+    fn from(e: VcpuError) -> Self {
+        VmFailure::Vcpu(Arc::new(e))
+    }
+}
+
+/// Two failures are the same when they read the same (the sources, e.g.
+/// `std::io::Error`, have no equality of their own).
+impl PartialEq for VmFailure {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for VmFailure {}
 
 /// Where vCPUs (and others) report that the VM must stop; the first report wins.
 #[derive(Debug, Default)]
