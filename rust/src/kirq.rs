@@ -25,7 +25,7 @@ use kvm_ioctls::VmFd;
 
 use crate::apic::{DeliveryMode, DestinationMode, InterruptMessage, TriggerMode};
 use crate::ioapic::IoApic;
-use crate::vcpu::{StopReason, VmStop};
+use crate::vcpu::{StopReason, VmFailure, VmStop};
 
 /// Pins of our IOAPIC (KVM reserves that many GSIs for it).
 pub const IOAPIC_PINS: usize = 24;
@@ -162,13 +162,11 @@ impl KernelIrq {
         match self.vm.signal_msi(msi) {
             Ok(n) => u64::try_from(n).unwrap_or(0),
             Err(err) => {
-                self.stop.request(StopReason::Error(
-                    KirqError::Kvm {
+                self.stop
+                    .request(StopReason::Error(VmFailure::component(KirqError::Kvm {
                         what: "KVM_SIGNAL_MSI",
                         err,
-                    }
-                    .to_string(),
-                ));
+                    })));
                 0
             }
         }
@@ -177,7 +175,8 @@ impl KernelIrq {
     /// [`KernelIrq::update_routes`], stopping the VM if KVM refuses.
     pub fn routes_changed(&self, ioapic: &IoApic) {
         if let Err(e) = self.update_routes(ioapic) {
-            self.stop.request(StopReason::Error(e.to_string()));
+            self.stop
+                .request(StopReason::Error(VmFailure::component(e)));
         }
     }
 

@@ -3,7 +3,7 @@
 //! updates. Every decoder checks every byte a peer sent.
 
 use crate::apic;
-use crate::vcpu::StopReason;
+use crate::vcpu::{StopReason, VmFailure};
 
 /// A malformed payload from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,11 +127,15 @@ impl IoRequest {
 
 /// Encode a stop reason for `APP_STOP`: `[kind u8][status u8][utf-8 message]`.
 pub fn encode_stop(r: &StopReason) -> Vec<u8> {
+    let owned;
     let (kind, status, msg): (u8, u8, &str) = match r {
         StopReason::DebugExit(s) => (0, *s, ""),
         StopReason::Shutdown(m) => (1, 0, m),
         StopReason::Crash { error, .. } => (2, 0, error),
-        StopReason::Error(m) => (3, 0, m),
+        StopReason::Error(e) => {
+            owned = e.to_string();
+            (3, 0, &owned)
+        }
         StopReason::Timeout => (4, 0, ""),
         StopReason::Stopped => (5, 0, ""),
     };
@@ -154,7 +158,7 @@ pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, MessageError> {
             error: format!("{who}: {msg}"),
             dump: None,
         },
-        3 => StopReason::Error(format!("{who}: {msg}")),
+        3 => StopReason::Error(VmFailure::Remote(format!("{who}: {msg}"))),
         4 => StopReason::Timeout,
         5 => StopReason::Stopped,
         k => return Err(MessageError::StopKind(k)),
@@ -189,8 +193,15 @@ mod tests {
         ] {
             assert_eq!(decode_stop("node 1", &encode_stop(&r)).unwrap(), r);
         }
-        let e = decode_stop("node 1", &encode_stop(&StopReason::Error("boom".into()))).unwrap();
-        assert_eq!(e, StopReason::Error("node 1: boom".into()));
+        let e = decode_stop(
+            "node 1",
+            &encode_stop(&StopReason::Error(VmFailure::Remote("boom".into()))),
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            StopReason::Error(VmFailure::Remote("node 1: boom".into()))
+        );
         assert!(decode_stop("n", &[9, 0]).is_err());
         assert!(decode_stop("n", &[]).is_err());
     }

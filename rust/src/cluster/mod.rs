@@ -70,7 +70,7 @@ use crate::dsm::{DsmConfig, DsmEngine, DsmHandle};
 use crate::memory::GuestRam;
 use crate::numa::NumaNode;
 use crate::sync::lock;
-use crate::vcpu::{StopReason, VmStop};
+use crate::vcpu::{StopReason, VmFailure, VmStop};
 use messages::{encode_stop, IoRequest, APP_DONE, APP_IO, APP_STOP};
 use spec::default_foreign_budget;
 
@@ -255,18 +255,20 @@ impl Cluster {
         {
             Ok(r) if r.len() >= 2 => Some(r),
             Ok(_) => {
-                self.stop.request(StopReason::Error(format!(
-                    "{} answered a forwarded I/O access with a malformed reply",
-                    self.describe(self.boot)
-                )));
+                self.stop
+                    .request(StopReason::Error(VmFailure::Remote(format!(
+                        "{} answered a forwarded I/O access with a malformed reply",
+                        self.describe(self.boot)
+                    ))));
                 None
             }
             Err(e) => {
-                self.stop.request(StopReason::Error(format!(
-                    "I/O access at {:#x} forwarded to {} failed: {e}",
-                    req.addr,
-                    self.describe(self.boot)
-                )));
+                self.stop
+                    .request(StopReason::Error(VmFailure::Remote(format!(
+                        "I/O access at {:#x} forwarded to {} failed: {e}",
+                        req.addr,
+                        self.describe(self.boot)
+                    ))));
                 None
             }
         }

@@ -16,7 +16,7 @@ use super::{AppEvent, Cluster};
 use crate::apic::{self, InterruptMessage};
 use crate::bus::{Bus, BusAction};
 use crate::dsm::protocol::NodeId;
-use crate::vcpu::{StopReason, VmStop};
+use crate::vcpu::{StopReason, VmFailure, VmStop};
 
 /// Hook for a distributed VM: the link from a node's [`InterruptRouter`](crate::vm::InterruptRouter) to the
 /// other nodes (implemented by [`Cluster`]).
@@ -94,13 +94,14 @@ impl Cluster {
                     if self.stop.reason().is_none() {
                         eprintln!("dvmm: node {}: {msg}", self.me);
                     }
-                    self.stop.request(StopReason::Error(msg));
+                    self.stop.request(StopReason::Error(VmFailure::Remote(msg)));
                 }
                 AppEvent::Error(e) => {
-                    self.stop.request(StopReason::Error(format!(
-                        "{}: coherence engine failed: {e}",
-                        self.describe(self.me)
-                    )));
+                    self.stop
+                        .request(StopReason::Error(VmFailure::Remote(format!(
+                            "{}: coherence engine failed: {e}",
+                            self.describe(self.me)
+                        ))));
                 }
             }
         }
@@ -120,7 +121,7 @@ impl Cluster {
         let bad = |what: String| {
             let msg = format!("{} sent {what}", self.describe(from));
             eprintln!("dvmm: node {}: {msg}", self.me);
-            self.stop.request(StopReason::Error(msg));
+            self.stop.request(StopReason::Error(VmFailure::Remote(msg)));
         };
         match kind {
             APP_IPI => match InterruptMessage::from_bytes(payload) {
@@ -169,11 +170,13 @@ impl Cluster {
                 Ok(r) => self.stop.request(r),
                 Err(e) => bad(format!("a malformed stop message: {e}")),
             },
-            APP_ERROR => self.stop.request(StopReason::Error(format!(
-                "{}: {}",
-                self.describe(from),
-                String::from_utf8_lossy(payload)
-            ))),
+            APP_ERROR => self
+                .stop
+                .request(StopReason::Error(VmFailure::Remote(format!(
+                    "{}: {}",
+                    self.describe(from),
+                    String::from_utf8_lossy(payload)
+                )))),
             APP_DONE => self.mark_done(from),
             k => bad(format!("an unknown message kind {k}")),
         }
@@ -220,10 +223,11 @@ impl RemoteInterruptSink for Cluster {
             return;
         }
         if let Err(e) = self.send(self.boot, APP_EOI, &[vector]) {
-            self.stop.request(StopReason::Error(format!(
-                "EOI of vector {vector:#x} forwarded to {} failed: {e}",
-                self.describe(self.boot)
-            )));
+            self.stop
+                .request(StopReason::Error(VmFailure::Remote(format!(
+                    "EOI of vector {vector:#x} forwarded to {} failed: {e}",
+                    self.describe(self.boot)
+                ))));
         }
     }
 }

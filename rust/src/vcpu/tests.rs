@@ -1,5 +1,6 @@
 //! Unit tests of the exit dispatch and the state machine (no KVM needed).
 
+use super::refused::kvm_insn_bytes;
 use super::*;
 use crate::apic::{DeliveryMode, InterruptMessage};
 use crate::bus::BusDevice;
@@ -285,27 +286,33 @@ fn crash_and_control_exits() {
 #[test]
 fn state_machine_transitions() {
     use VcpuState::*;
-    assert_eq!(next_state(Created, Event::Start { is_bsp: true }), Running);
     assert_eq!(
-        next_state(Created, Event::Start { is_bsp: false }),
+        next_state(Created, VcpuEvent::Start { is_bsp: true }),
+        Running
+    );
+    assert_eq!(
+        next_state(Created, VcpuEvent::Start { is_bsp: false }),
         WaitForSipi
     );
-    assert_eq!(next_state(Created, Event::Hlt), Created);
-    assert_eq!(next_state(Running, Event::Hlt), Halted);
-    assert_eq!(next_state(Halted, Event::Wake), Running);
-    assert_eq!(next_state(Halted, Event::Init), WaitForSipi);
-    assert_eq!(next_state(Running, Event::Init), WaitForSipi);
-    assert_eq!(next_state(WaitForSipi, Event::Sipi), Running);
-    assert_eq!(next_state(WaitForSipi, Event::Wake), WaitForSipi);
-    assert_eq!(next_state(Running, Event::Sipi), Running);
-    assert_eq!(next_state(Running, Event::Pause), Paused);
-    assert_eq!(next_state(Paused, Event::Hlt), Paused);
-    assert_eq!(next_state(Paused, Event::Resume(Halted)), Halted);
+    assert_eq!(next_state(Created, VcpuEvent::Hlt), Created);
+    assert_eq!(next_state(Running, VcpuEvent::Hlt), Halted);
+    assert_eq!(next_state(Halted, VcpuEvent::Wake), Running);
+    assert_eq!(next_state(Halted, VcpuEvent::Init), WaitForSipi);
+    assert_eq!(next_state(Running, VcpuEvent::Init), WaitForSipi);
+    assert_eq!(next_state(WaitForSipi, VcpuEvent::Sipi), Running);
+    assert_eq!(next_state(WaitForSipi, VcpuEvent::Wake), WaitForSipi);
+    assert_eq!(next_state(Running, VcpuEvent::Sipi), Running);
+    assert_eq!(next_state(Running, VcpuEvent::Pause), Paused);
+    assert_eq!(next_state(Paused, VcpuEvent::Hlt), Paused);
+    assert_eq!(next_state(Paused, VcpuEvent::Resume(Halted)), Halted);
     for s in [Created, Running, Halted, WaitForSipi, Paused] {
-        assert_eq!(next_state(s, Event::Stop), Stopped);
+        assert_eq!(next_state(s, VcpuEvent::Stop), Stopped);
     }
-    assert_eq!(next_state(Stopped, Event::Resume(Running)), Stopped);
-    assert_eq!(next_state(Stopped, Event::Start { is_bsp: true }), Stopped);
+    assert_eq!(next_state(Stopped, VcpuEvent::Resume(Running)), Stopped);
+    assert_eq!(
+        next_state(Stopped, VcpuEvent::Start { is_bsp: true }),
+        Stopped
+    );
 }
 
 #[test]

@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use super::{Vm, VmError, VmSpec};
 use crate::sync::lock;
-use crate::vcpu::{StopReason, VcpuDump, VcpuShared, VcpuStats, VmClock, VmStop, EXIT_KINDS};
+use crate::vcpu::{
+    StopReason, VcpuDump, VcpuShared, VcpuStats, VmClock, VmFailure, VmStop, EXIT_KINDS,
+};
 
 /// Statistics of a run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -68,7 +70,7 @@ impl VmResult {
             StopReason::DebugExit(s) => ("debug_exit", Some(s), None, None),
             StopReason::Shutdown(why) => ("shutdown", None, Some(why), None),
             StopReason::Crash { error, dump } => ("crash", None, Some(error), dump.map(|d| *d)),
-            StopReason::Error(e) => ("error", None, Some(e), None),
+            StopReason::Error(e) => ("error", None, Some(e.to_string()), None),
             StopReason::Timeout => ("timeout", None, Some("timeout_s passed".into()), None),
             StopReason::Stopped => ("stopped", None, None, None),
         };
@@ -164,9 +166,10 @@ impl Vm {
         let server = match server {
             Some(Ok(h)) => Some(h),
             Some(Err(e)) => {
-                self.stop.request(StopReason::Error(format!(
-                    "cannot spawn the cluster thread: {e}"
-                )));
+                self.stop.request(StopReason::Error(VmFailure::Spawn {
+                    what: "cluster",
+                    source: Arc::new(e),
+                }));
                 None
             }
             None => None,
@@ -176,9 +179,10 @@ impl Vm {
             (Some(i), Some(s)) => match i.spawn(s.clone()) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    failed = Some(StopReason::Error(format!(
-                        "cannot spawn the console input thread: {e}"
-                    )));
+                    failed = Some(StopReason::Error(VmFailure::Spawn {
+                        what: "console input",
+                        source: Arc::new(e),
+                    }));
                     None
                 }
             },
@@ -192,7 +196,7 @@ impl Vm {
             match v.spawn() {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    failed = Some(StopReason::Error(e.to_string()));
+                    failed = Some(StopReason::Error(e.into()));
                     break;
                 }
             }
