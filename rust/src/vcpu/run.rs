@@ -306,6 +306,7 @@ impl Vcpu {
             }
         }
     }
+
     /// The timer vector whose deadline was `due` is being injected at `now`.
     pub(super) fn timer_injected(&mut self, now: u64, due: u64) {
         let late = now.saturating_sub(due);
