@@ -1,7 +1,9 @@
 //! Two real DSM engines in one process, joined by an in-process fake
-//! transport (no sockets): every message is encoded with `wire` and decoded by
-//! a real `Decoder` per lane, so range messages travel as the trains of
-//! frames a real transport carries. Host threads play the vCPUs, touching the
+//! transport (no sockets): every message is encoded with `wire` (pages copied
+//! straight from the sender's mapping) and decoded by a real `Decoder` per
+//! lane in the receiver's poll, with the receiving engine's `Landing`, so
+//! range messages travel as the trains of frames a real transport carries and
+//! pages land in place as they do over TCP. Host threads play the vCPUs, touching the
 //! nodes' guest mappings (userfaultfd, no KVM).
 //!
 //! Covers: prefetch bookkeeping (prefetched / used / wasted counters) with
@@ -14,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,7 @@ use dvmm::dsm::engine::ServiceMode;
 use dvmm::dsm::protocol::{Msg, NodeId, RangeMsg};
 use dvmm::dsm::seal::Protection;
 use dvmm::dsm::transport::{Lane, Transport, TransportError, TransportEvent};
-use dvmm::dsm::wire::{self, Decoder, Frame, Limits, RangeFrames};
+use dvmm::dsm::wire::{self, Decoder, Frame, Landing, Limits, PageSource, RangeFrames};
 use dvmm::dsm::{DsmConfig, DsmEngine, DsmHandle, StatsSnapshot};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,8 +43,10 @@ enum Sent {
 struct FakeNode {
     me: NodeId,
     peers: OnceLock<Vec<Weak<FakeNode>>>,
-    /// Decoded frames waiting for this node's `poll`.
-    inbox: Mutex<VecDeque<TransportEvent>>,
+    /// Bytes (sender, lane, bytes) waiting for this node's `poll`.
+    inbox: Mutex<VecDeque<(NodeId, Lane, Vec<u8>)>>,
+    /// Pages copied into send buffers (one per page sent).
+    tx_copies: AtomicU64,
     /// Rung (eventfd) when the inbox gets something: `poll` sleeps on it.
     bell: EventFd,
     /// Receive side per (sender, lane): a real decoder.
@@ -65,6 +69,7 @@ impl FakeNode {
                     me,
                     peers: OnceLock::new(),
                     inbox: Mutex::new(VecDeque::new()),
+                    tx_copies: AtomicU64::new(0),
                     bell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
                     rx: Mutex::new(HashMap::new()),
                     tx: Mutex::new(HashMap::new()),
@@ -116,33 +121,57 @@ impl FakeNode {
     }
 
     fn receive(&self, from: NodeId, lane: Lane, bytes: &[u8]) {
+        self.inbox
+            .lock()
+            .unwrap()
+            .push_back((from, lane, bytes.to_vec()));
+        let _ = self.bell.write(1);
+    }
+
+    /// Decode what arrived (as a socket would be read: straight into each
+    /// lane's decoder), landing pages with `land`.
+    fn deliver(&self, events: &mut Vec<TransportEvent>, land: Option<&dyn Landing>) {
+        let arrived: Vec<_> = self.inbox.lock().unwrap().drain(..).collect();
         let mut rx = self.rx.lock().unwrap();
-        let dec = rx.entry((from, lane as u8)).or_insert_with(|| {
-            Decoder::new(
-                Limits {
-                    pages: self.pages,
-                    nodes: NODES,
-                },
-                0,
-            )
-        });
-        dec.push(bytes);
-        let mut inbox = self.inbox.lock().unwrap();
-        loop {
-            match dec.next_frame() {
-                Ok(Some(frame)) => inbox.push_back(TransportEvent::Frame { from, lane, frame }),
-                Ok(None) => break,
-                Err(e) => {
-                    inbox.push_back(TransportEvent::PeerDown {
-                        node: from,
-                        reason: format!("malformed frame: {e}"),
-                    });
+        for (from, lane, bytes) in arrived {
+            let dec = rx.entry((from, lane as u8)).or_insert_with(|| {
+                Decoder::new(
+                    Limits {
+                        pages: self.pages,
+                        nodes: NODES,
+                    },
+                    0,
+                )
+            });
+            let mut src = &bytes[..];
+            'read: while !src.is_empty() {
+                if dec.read_from(&mut src).is_err() {
                     break;
+                }
+                loop {
+                    let next = match land {
+                        Some(l) => dec.next_landed(l),
+                        None => dec.next_frame().map(|f| f.map(|f| (f, false))),
+                    };
+                    match next {
+                        Ok(Some((frame, true))) => {
+                            events.push(TransportEvent::Landed { from, frame })
+                        }
+                        Ok(Some((frame, false))) => {
+                            events.push(TransportEvent::Frame { from, lane, frame })
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            events.push(TransportEvent::PeerDown {
+                                node: from,
+                                reason: format!("malformed frame: {e}"),
+                            });
+                            break 'read;
+                        }
+                    }
                 }
             }
         }
-        drop(inbox);
-        let _ = self.bell.write(1);
     }
 }
 
@@ -160,7 +189,15 @@ impl Transport for FakeNode {
         self.transmit(to, lane, 1, &|_, seq, out| wire::encode(frame, seq, out))
     }
     fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<(), TransportError> {
-        wire::check_msg(msg, data)?;
+        self.send_msg_from(to, msg, data.as_ref().map(|d| d as &dyn PageSource))
+    }
+    fn send_msg_from(
+        &self,
+        to: NodeId,
+        msg: &Msg,
+        data: Option<&dyn PageSource>,
+    ) -> Result<(), TransportError> {
+        wire::check_msg_from(msg, data)?;
         self.sent.lock().unwrap().push(Sent::One(*msg));
         let lane = if msg.is_bulk() {
             Lane::Bulk
@@ -168,11 +205,22 @@ impl Transport for FakeNode {
             Lane::Control
         };
         self.transmit(to, lane, 1, &|_, seq, out| {
-            wire::encode_msg(msg, data, seq, out)
-        })
+            wire::encode_msg_from(msg, data, seq, out)
+        })?;
+        let pages = data.map_or(0, |d| d.bytes() / PAGE) as u64;
+        self.tx_copies.fetch_add(pages, Ordering::Relaxed);
+        Ok(())
     }
     fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<(), TransportError> {
-        let train = RangeFrames::new(msg, pages)?;
+        self.send_range_from(to, msg, &pages)
+    }
+    fn send_range_from(
+        &self,
+        to: NodeId,
+        msg: &RangeMsg,
+        pages: &dyn PageSource,
+    ) -> Result<(), TransportError> {
+        let train = RangeFrames::from_source(msg, pages)?;
         self.sent.lock().unwrap().push(Sent::Range(msg.clone()));
         if matches!(msg, RangeMsg::Grant { .. }) && self.fail_range_grants.load(Ordering::Relaxed) {
             return Err(TransportError::PeerDown(to));
@@ -184,7 +232,29 @@ impl Transport for FakeNode {
         };
         self.transmit(to, lane, train.len(), &|i, seq, out| {
             train.encode(i, seq, out)
-        })
+        })?;
+        self.tx_copies
+            .fetch_add((pages.bytes() / PAGE) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    fn page_copies(&self) -> u64 {
+        let rx: u64 = self
+            .rx
+            .lock()
+            .unwrap()
+            .values()
+            .map(|d| d.page_copies())
+            .sum();
+        rx + self.tx_copies.load(Ordering::Relaxed)
+    }
+    fn poll_landing(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+        land: &dyn Landing,
+    ) -> Result<u64, TransportError> {
+        self.wait(timeout, extra, events, Some(land))
     }
     fn poll(
         &self,
@@ -192,7 +262,23 @@ impl Transport for FakeNode {
         extra: &[RawFd],
         events: &mut Vec<TransportEvent>,
     ) -> Result<u64, TransportError> {
-        events.extend(self.inbox.lock().unwrap().drain(..));
+        self.wait(timeout, extra, events, None)
+    }
+    fn shutdown(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl FakeNode {
+    /// `poll`: deliver what arrived, or sleep on the bell and the extra fds.
+    fn wait(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+        land: Option<&dyn Landing>,
+    ) -> Result<u64, TransportError> {
+        self.deliver(events, land);
         let ms = if !events.is_empty() || self.closed.load(Ordering::Relaxed) {
             0
         } else {
@@ -219,11 +305,8 @@ impl Transport for FakeNode {
         }
         // Non-blocking: nothing to read is not an error here.
         let _ = self.bell.read();
-        events.extend(self.inbox.lock().unwrap().drain(..));
+        self.deliver(events, land);
         Ok(ready)
-    }
-    fn shutdown(&self) {
-        self.closed.store(true, Ordering::Relaxed);
     }
 }
 
@@ -419,9 +502,10 @@ fn prefetch_bookkeeping(ranges: bool) {
         "node 0 sends every page once: {s0:?}"
     );
     assert_eq!(s.pages_received, N as u64, "{s:?}");
-    // Copies of page contents the engines make (this fake transport adds
-    // none of its own): the sender reads each page from its mapping once,
-    // the receiver installs it once.
+    // Copies of page contents: the sender's transport copies each page
+    // from its mapping into the send buffer once, the receiver's decoder
+    // writes it into its guest memory once (it lands in place; the fake's
+    // "socket" read is the kernel's copy over TCP); nothing else copies.
     assert_eq!(s.pages_moved, N as u64, "{s:?}");
     assert_eq!(s0.page_copies, N as u64, "{s0:?}");
     assert_eq!(s.page_copies, N as u64, "{s:?}");

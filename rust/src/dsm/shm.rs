@@ -38,7 +38,7 @@ use super::transport::{
     epoll_add, new_eventfd, register_extra, Lane, Transport, TransportError, TransportEvent,
     EXTRA_TOKEN, KICK_TOKEN,
 };
-use super::wire::{self, Decoder, Frame, Limits, RangeFrames, WireError};
+use super::wire::{self, Decoder, Frame, Landing, Limits, PageSource, RangeFrames, WireError};
 use crate::sync::lock;
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
@@ -510,7 +510,7 @@ impl ShmMesh {
     }
 
     /// Read every ring; returns whether anything arrived.
-    fn read_rings(&self, events: &mut Vec<TransportEvent>) -> bool {
+    fn read_rings(&self, events: &mut Vec<TransportEvent>, land: Option<&dyn Landing>) -> bool {
         let mut got = false;
         for p in self.pairs.iter().flatten() {
             if p.down.load(Ordering::Relaxed) {
@@ -525,15 +525,23 @@ impl ShmMesh {
                 got = true;
                 *lock(&p.last_rx) = Instant::now();
                 loop {
-                    match rx.dec.next_frame() {
-                        Ok(Some(Frame::Ping)) => {}
-                        Ok(Some(Frame::Auth { ty, .. })) => {
+                    let next = match land {
+                        Some(l) => rx.dec.next_landed(l),
+                        None => rx.dec.next_frame().map(|f| f.map(|f| (f, false))),
+                    };
+                    match next {
+                        Ok(Some((Frame::Ping, _))) => {}
+                        Ok(Some((Frame::Auth { ty, .. }, _))) => {
                             let r = WireError::Unexpected(ty).to_string();
                             drop(rx);
                             self.down(p, r, events);
                             break;
                         }
-                        Ok(Some(frame)) => events.push(TransportEvent::Frame {
+                        Ok(Some((frame, true))) => events.push(TransportEvent::Landed {
+                            from: p.peer,
+                            frame,
+                        }),
+                        Ok(Some((frame, false))) => events.push(TransportEvent::Frame {
                             from: p.peer,
                             lane,
                             frame,
@@ -616,73 +624,18 @@ impl ShmMesh {
     }
 }
 
-impl Transport for ShmMesh {
-    fn me(&self) -> NodeId {
-        self.me
-    }
-
-    fn nodes(&self) -> usize {
-        self.n
-    }
-
-    fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
-        if let Frame::Range { msg, data } = frame {
-            return self.send_range(to, msg, data.as_deref().unwrap_or(&[]));
-        }
-        self.send_encoded(to, lane, 1, &|_, seq, out| wire::encode(frame, seq, out))
-    }
-
-    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
-        let train = RangeFrames::new(msg, pages)?;
-        let lane = if train.is_bulk() {
-            Lane::Bulk
-        } else {
-            Lane::Control
-        };
-        self.send_encoded(to, lane, train.len(), &|i, seq, out| {
-            train.encode(i, seq, out)
-        })?;
-        let pages = (pages.len() / wire::PAGE_SIZE) as u64;
-        self.tx_page_copies.fetch_add(2 * pages, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn page_copies(&self) -> u64 {
-        let rx: u64 = self
-            .pairs
-            .iter()
-            .flatten()
-            .flat_map(|p| p.rx.iter())
-            .map(|r| lock(r).dec.page_copies())
-            .sum();
-        rx + self.tx_page_copies.load(Ordering::Relaxed)
-    }
-
-    fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
-        let lane = if msg.is_bulk() {
-            Lane::Bulk
-        } else {
-            Lane::Control
-        };
-        wire::check_msg(msg, data)?;
-        self.send_encoded(to, lane, 1, &|_, seq, out| {
-            wire::encode_msg(msg, data, seq, out)
-        })?;
-        if data.is_some() {
-            self.tx_page_copies.fetch_add(2, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn poll(
+impl ShmMesh {
+    /// `poll`, landing pages with `land` if given.
+    fn poll_inner(
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
         events: &mut Vec<TransportEvent>,
+        land: Option<&dyn Landing>,
     ) -> Result<u64> {
         register_extra(&self.epoll, &self.extra, extra)?;
         let pending = self.housekeeping(events);
-        if self.read_rings(events) || !events.is_empty() {
+        if self.read_rings(events, land) || !events.is_empty() {
             return Ok(0);
         }
         // Sleep only with the flags up and the rings still empty (a writer that
@@ -743,8 +696,95 @@ impl Transport for ShmMesh {
         if nap {
             self.set_sleeping(false);
         }
-        self.read_rings(events);
+        self.read_rings(events, land);
         Ok(ready)
+    }
+}
+
+impl Transport for ShmMesh {
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn nodes(&self) -> usize {
+        self.n
+    }
+
+    fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
+        if let Frame::Range { msg, data } = frame {
+            return self.send_range(to, msg, data.as_deref().unwrap_or(&[]));
+        }
+        self.send_encoded(to, lane, 1, &|_, seq, out| wire::encode(frame, seq, out))
+    }
+
+    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
+        self.send_range_from(to, msg, &pages)
+    }
+
+    fn send_range_from(&self, to: NodeId, msg: &RangeMsg, pages: &dyn PageSource) -> Result<()> {
+        let train = RangeFrames::from_source(msg, pages)?;
+        let lane = if train.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        self.send_encoded(to, lane, train.len(), &|i, seq, out| {
+            train.encode(i, seq, out)
+        })?;
+        // Into the pending buffer (encoding), then into the ring.
+        let pages = (pages.bytes() / wire::PAGE_SIZE) as u64;
+        self.tx_page_copies.fetch_add(2 * pages, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn page_copies(&self) -> u64 {
+        let rx: u64 = self
+            .pairs
+            .iter()
+            .flatten()
+            .flat_map(|p| p.rx.iter())
+            .map(|r| lock(r).dec.page_copies())
+            .sum();
+        rx + self.tx_page_copies.load(Ordering::Relaxed)
+    }
+
+    fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
+        self.send_msg_from(to, msg, data.as_ref().map(|d| d as &dyn PageSource))
+    }
+
+    fn send_msg_from(&self, to: NodeId, msg: &Msg, data: Option<&dyn PageSource>) -> Result<()> {
+        let lane = if msg.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        wire::check_msg_from(msg, data)?;
+        self.send_encoded(to, lane, 1, &|_, seq, out| {
+            wire::encode_msg_from(msg, data, seq, out)
+        })?;
+        if data.is_some() {
+            self.tx_page_copies.fetch_add(2, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn poll(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+    ) -> Result<u64> {
+        self.poll_inner(timeout, extra, events, None)
+    }
+
+    fn poll_landing(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+        land: &dyn Landing,
+    ) -> Result<u64> {
+        self.poll_inner(timeout, extra, events, Some(land))
     }
 
     fn shutdown(&self) {

@@ -27,7 +27,7 @@
 //! after `dead_after` without any traffic (keep-alives are sent every
 //! `dead_after / 8` on idle connections).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use super::auth::{self, AuthError, NodeKeys, Session, FIRST_DATA_SEQ};
 use super::protocol::{Msg, NodeId, RangeMsg};
 use super::seal::{SealError, Sealer};
-use super::wire::{self, Decoder, Frame, Limits, RangeFrames, WireError};
+use super::wire::{self, Decoder, Frame, Landing, Limits, PageSource, RangeFrames, WireError};
 use crate::sync::lock;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -114,6 +114,9 @@ pub enum TransportEvent {
         lane: Lane,
         frame: Frame,
     },
+    /// A frame whose pages of data landed in place (see [`Landing`]): a
+    /// grant's "pages arrived at" completion; its `data` is `None`.
+    Landed { from: NodeId, frame: Frame },
     /// The peer is gone (EOF, reset, malformed traffic, silence); the reason
     /// names what happened. Reported once per node.
     PeerDown { node: NodeId, reason: String },
@@ -140,6 +143,24 @@ pub trait Transport: Send + Sync {
             "this transport carries no range messages",
         ))
     }
+    /// Send a coherence message whose page (a grant's `Data::Page`) the
+    /// transport copies straight from `data` (guest memory) into its buffer.
+    /// The default copies it out first (transports of tests).
+    fn send_msg_from(&self, to: NodeId, msg: &Msg, data: Option<&dyn PageSource>) -> Result<()> {
+        let bytes = data.map(|d| {
+            let mut v = Vec::with_capacity(d.bytes());
+            (0..d.bytes() / wire::PAGE_SIZE).for_each(|i| d.append_page(i, &mut v));
+            v
+        });
+        self.send_msg(to, msg, bytes.as_deref())
+    }
+    /// Send a range message whose pages of data the transport copies straight
+    /// from `pages` (guest memory). The default copies them out first.
+    fn send_range_from(&self, to: NodeId, msg: &RangeMsg, pages: &dyn PageSource) -> Result<()> {
+        let mut v = Vec::with_capacity(pages.bytes());
+        (0..pages.bytes() / wire::PAGE_SIZE).for_each(|i| pages.append_page(i, &mut v));
+        self.send_range(to, msg, &v)
+    }
     /// Wait up to `timeout` (None: forever) for traffic or for one of the
     /// `extra` fds to become readable; appends events. Returns a bitmask of the
     /// readable `extra` fds. Only one thread may poll.
@@ -149,6 +170,19 @@ pub trait Transport: Send + Sync {
         extra: &[RawFd],
         events: &mut Vec<TransportEvent>,
     ) -> Result<u64>;
+    /// [`Transport::poll`], writing the contents of pages `land` awaits
+    /// straight into guest memory (reported as [`TransportEvent::Landed`]).
+    /// The default does not land anything.
+    fn poll_landing(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+        land: &dyn Landing,
+    ) -> Result<u64> {
+        let _ = land;
+        self.poll(timeout, extra, events)
+    }
     /// Close every connection.
     fn shutdown(&self);
     /// Signal thread `tid` with signal `sig` whenever traffic arrives (`Some((tid,
@@ -827,24 +861,34 @@ impl TcpMesh {
         &self,
         c: &Conn,
         events: &mut Vec<TransportEvent>,
+        land: Option<&dyn Landing>,
     ) -> std::result::Result<(), ConnDown> {
         let mut rx = lock(&c.rx);
-        let mut buf = [0u8; 64 * 1024];
         let mut budget: usize = 256 * 1024;
         while budget > 0 {
-            match (&c.stream).read(&mut buf) {
+            // Straight into the decoder's buffer (see `Decoder::read_from`).
+            match rx.dec.read_from(&mut &c.stream) {
                 Ok(0) => return Err(ConnDown::Eof),
                 Ok(k) => {
-                    rx.dec.push(&buf[..k]);
                     rx.last = Instant::now();
                     budget = budget.saturating_sub(k);
                     loop {
-                        match rx.dec.next_frame() {
-                            Ok(Some(Frame::Ping)) => {}
-                            Ok(Some(Frame::Auth { ty, .. })) => {
+                        let next = match land {
+                            Some(l) => rx.dec.next_landed(l),
+                            None => rx.dec.next_frame().map(|f| f.map(|f| (f, false))),
+                        };
+                        match next {
+                            Ok(Some((Frame::Ping, _))) => {}
+                            Ok(Some((Frame::Auth { ty, .. }, _))) => {
                                 return Err(ConnDown::Unexpected(WireError::Unexpected(ty)))
                             }
-                            Ok(Some(frame)) => {
+                            Ok(Some((frame, true))) => {
+                                events.push(TransportEvent::Landed {
+                                    from: c.peer,
+                                    frame,
+                                });
+                            }
+                            Ok(Some((frame, false))) => {
                                 events.push(TransportEvent::Frame {
                                     from: c.peer,
                                     lane: c.lane,
@@ -878,67 +922,14 @@ enum ConnDown {
     Recv(#[source] std::io::Error),
 }
 
-impl Transport for TcpMesh {
-    fn me(&self) -> NodeId {
-        self.me
-    }
-
-    fn nodes(&self) -> usize {
-        self.n
-    }
-
-    fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
-        if let Frame::Range { msg, data } = frame {
-            return self.send_range(to, msg, data.as_deref().unwrap_or(&[]));
-        }
-        let enc = |seq, out: &mut Vec<u8>| wire::encode(frame, seq, out);
-        self.send_encoded(to, lane, false, Frames::One(&enc))
-    }
-
-    fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
-        let lane = if msg.is_bulk() {
-            Lane::Bulk
-        } else {
-            Lane::Control
-        };
-        wire::check_msg(msg, data)?;
-        let defer = self.is_poller();
-        let enc = |seq, out: &mut Vec<u8>| wire::encode_msg(msg, data, seq, out);
-        self.send_encoded(to, lane, defer, Frames::One(&enc))?;
-        if data.is_some() {
-            self.tx_page_copies.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn page_copies(&self) -> u64 {
-        let rx: u64 = self
-            .flat
-            .iter()
-            .map(|c| lock(&c.rx).dec.page_copies())
-            .sum();
-        rx + self.tx_page_copies.load(Ordering::Relaxed)
-    }
-
-    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
-        let train = RangeFrames::new(msg, pages)?;
-        let lane = if train.is_bulk() {
-            Lane::Bulk
-        } else {
-            Lane::Control
-        };
-        let defer = self.is_poller();
-        self.send_encoded(to, lane, defer, Frames::Train(&train))?;
-        let pages = (pages.len() / wire::PAGE_SIZE) as u64;
-        self.tx_page_copies.fetch_add(pages, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn poll(
+impl TcpMesh {
+    /// `poll`, landing pages with `land` if given.
+    fn poll_inner(
         &self,
         timeout: Option<Duration>,
         extra: &[RawFd],
         events: &mut Vec<TransportEvent>,
+        land: Option<&dyn Landing>,
     ) -> Result<u64> {
         self.poller.store(thread_tag(), Ordering::Relaxed);
         self.register_extra(extra)?;
@@ -994,7 +985,7 @@ impl Transport for TcpMesh {
                 continue;
             }
             if re & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
-                if let Err(down) = self.read_conn(c, events) {
+                if let Err(down) = self.read_conn(c, events, land) {
                     let reason = down.to_string();
                     self.mark_down(c, &reason);
                     self.report_down(c.peer, reason, events);
@@ -1002,6 +993,90 @@ impl Transport for TcpMesh {
             }
         }
         Ok(ready)
+    }
+}
+
+impl Transport for TcpMesh {
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn nodes(&self) -> usize {
+        self.n
+    }
+
+    fn send(&self, to: NodeId, lane: Lane, frame: &Frame) -> Result<()> {
+        if let Frame::Range { msg, data } = frame {
+            return self.send_range(to, msg, data.as_deref().unwrap_or(&[]));
+        }
+        let enc = |seq, out: &mut Vec<u8>| wire::encode(frame, seq, out);
+        self.send_encoded(to, lane, false, Frames::One(&enc))
+    }
+
+    fn send_msg(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>) -> Result<()> {
+        self.send_msg_from(to, msg, data.as_ref().map(|d| d as &dyn PageSource))
+    }
+
+    fn send_msg_from(&self, to: NodeId, msg: &Msg, data: Option<&dyn PageSource>) -> Result<()> {
+        let lane = if msg.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        wire::check_msg_from(msg, data)?;
+        let defer = self.is_poller();
+        let enc = |seq, out: &mut Vec<u8>| wire::encode_msg_from(msg, data, seq, out);
+        self.send_encoded(to, lane, defer, Frames::One(&enc))?;
+        if data.is_some() {
+            self.tx_page_copies.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn page_copies(&self) -> u64 {
+        let rx: u64 = self
+            .flat
+            .iter()
+            .map(|c| lock(&c.rx).dec.page_copies())
+            .sum();
+        rx + self.tx_page_copies.load(Ordering::Relaxed)
+    }
+
+    fn send_range(&self, to: NodeId, msg: &RangeMsg, pages: &[u8]) -> Result<()> {
+        self.send_range_from(to, msg, &pages)
+    }
+
+    fn send_range_from(&self, to: NodeId, msg: &RangeMsg, pages: &dyn PageSource) -> Result<()> {
+        let train = RangeFrames::from_source(msg, pages)?;
+        let lane = if train.is_bulk() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        };
+        let defer = self.is_poller();
+        self.send_encoded(to, lane, defer, Frames::Train(&train))?;
+        let pages = (pages.bytes() / wire::PAGE_SIZE) as u64;
+        self.tx_page_copies.fetch_add(pages, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn poll(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+    ) -> Result<u64> {
+        self.poll_inner(timeout, extra, events, None)
+    }
+
+    fn poll_landing(
+        &self,
+        timeout: Option<Duration>,
+        extra: &[RawFd],
+        events: &mut Vec<TransportEvent>,
+        land: &dyn Landing,
+    ) -> Result<u64> {
+        self.poll_inner(timeout, extra, events, Some(land))
     }
 
     fn flush(&self) {

@@ -1,21 +1,26 @@
 //! userfaultfd on the guest mapping, plus the memfd operations of the engine.
 //!
-//! The `userfaultfd` crate creates the descriptor, registers the range (MISSING
-//! and WP), reads and parses the fault messages, write-protects
-//! (UFFDIO_WRITEPROTECT) and wakes (UFFDIO_WAKE). One ioctl is issued directly:
-//! UFFDIO_COPY with `UFFDIO_COPY_MODE_WP`, which the crate's `Uffd::copy` does
-//! not offer (it only sets `DONTWAKE`); copying and write-protecting in one
-//! ioctl is what keeps a shared copy from being writable, even briefly, between
-//! a copy and a separate UFFDIO_WRITEPROTECT.
+//! The `userfaultfd` crate creates the descriptor, registers the range
+//! (MISSING, MINOR and WP), reads and parses the fault messages,
+//! write-protects (UFFDIO_WRITEPROTECT) and wakes (UFFDIO_WAKE). Two ioctls are
+//! issued directly because the crate offers them without their write-protect
+//! mode: UFFDIO_COPY with `UFFDIO_COPY_MODE_WP` and UFFDIO_CONTINUE with
+//! `UFFDIO_CONTINUE_MODE_WP` (Linux 6.3); mapping and write-protecting in one
+//! ioctl is what keeps a shared copy from being writable, even briefly.
 //!
-//! Installation choice: pages are installed with UFFDIO_COPY (one ioctl that
-//! allocates the memfd page, fills it, maps it — write-protected for a shared
-//! copy — and wakes the faulting threads). A page is only ever installed into a
-//! hole (the protocol's `Invalid` state is "punched out of the memfd"), so the
-//! engine never needs MINOR faults; finding the page already there (EEXIST) is
-//! an error naming the page, never papered over by replacing it. Invalidation
-//! is `fallocate(PUNCH_HOLE)` (frees the memory and zaps every mapping);
-//! downgrade is UFFDIO_WRITEPROTECT.
+//! How a page arrives: its contents *land in place* — the transport writes
+//! them into the memfd through the engine's mapping ([`GuestMem::land`]) while
+//! the guest mapping still has no entry for the page — and then one
+//! UFFDIO_CONTINUE per run of pages maps them for the guest
+//! ([`GuestMem::map_landed`]) and wakes the faulting threads. A page is only
+//! written while it is a hole that this node awaits (the engine's `Landing`
+//! says which), so nothing the guest can see is ever overwritten. A guest
+//! access in between is a MINOR fault (registered for that reason) and waits
+//! like a MISSING one. Zero pages and pages a node sends itself are installed
+//! with UFFDIO_COPY as before ([`GuestMem::install`]); finding the page
+//! already there (EEXIST) is an error naming the page, never papered over by
+//! replacing it. Invalidation is `fallocate(PUNCH_HOLE)` (frees the memory and
+//! zaps every mapping); downgrade is UFFDIO_WRITEPROTECT.
 //! Page contents are read through the engine's second mapping of the memfd,
 //! only for pages this node holds, so the engine never faults on the guest
 //! mapping and never allocates a hole by reading it.
@@ -23,6 +28,7 @@
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
 
+use super::wire::PageSource;
 use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
 pub const PAGE: usize = 4096;
@@ -62,6 +68,18 @@ type Result<T> = std::result::Result<T, UffdError>;
 // not offered by the crate (see the module docs).
 const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
 const UFFDIO_COPY_MODE_WP: u64 = 2;
+// UFFDIO_CONTINUE with its write-protect mode (Linux 6.3; the installed
+// headers may predate it).
+const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
+const UFFDIO_CONTINUE_MODE_WP: u64 = 2;
+
+#[repr(C)]
+struct UffdioContinue {
+    start: u64,
+    len: u64,
+    mode: u64,
+    mapped: i64,
+}
 
 #[repr(C)]
 struct UffdioCopy {
@@ -80,6 +98,9 @@ pub struct Fault {
     pub write: bool,
     /// Write to a write-protected page.
     pub wp: bool,
+    /// The page is in the memfd but not mapped for the guest (landed, not yet
+    /// mapped; or unmapped by the kernel).
+    pub minor: bool,
 }
 
 /// Guest memory as the engine sees it: the userfaultfd on the guest mapping,
@@ -121,7 +142,7 @@ fn retry(f: impl Fn() -> userfaultfd::Result<()>) -> std::io::Result<()> {
 
 impl GuestMem {
     /// Register `guest..guest+len` (a MAP_SHARED mapping of `memfd` from offset
-    /// 0) for MISSING and WP faults.
+    /// 0) for MISSING, MINOR and WP faults.
     ///
     /// # Safety
     /// `guest` and `engine` must be page-aligned MAP_SHARED mappings of the whole
@@ -134,7 +155,7 @@ impl GuestMem {
             .user_mode_only(false)
             .create()
             .map_err(UffdError::Create)?;
-        let mode = RegisterMode::MISSING | RegisterMode::WRITE_PROTECT;
+        let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WRITE_PROTECT;
         uffd.register_with_mode(guest.cast(), len, mode)
             .map_err(UffdError::Register)?;
         Ok(GuestMem {
@@ -196,6 +217,7 @@ impl GuestMem {
                     page: ((a - self.guest) / PAGE) as u64,
                     write: rw == ReadWrite::Write,
                     wp: kind == FaultKind::WriteProtected,
+                    minor: kind == FaultKind::Minor,
                 });
             }
             if n < FAULT_BATCH {
@@ -244,6 +266,66 @@ impl GuestMem {
                 Some(libc::EINTR) => continue,
                 Some(libc::EEXIST) => return Err(UffdError::AlreadyPresent { page }),
                 _ => return Err(Self::err("UFFDIO_COPY", page, e)),
+            }
+        }
+    }
+
+    /// Write one page of received contents into the memfd through the
+    /// engine mapping, for a page that is a hole this node awaits (the
+    /// engine's `Landing` checks that): the guest mapping has no entry for it,
+    /// so nothing can see it before [`GuestMem::map_landed`].
+    pub fn land(&self, page: u64, data: &[u8]) {
+        if data.len() != PAGE || (page as usize + 1) * PAGE > self.len {
+            return;
+        }
+        // SAFETY: the engine mapping covers the whole memfd (checked bound);
+        // the page is a hole no one maps for the guest, and only the engine
+        // thread (holding the engine) writes it, so the destination is
+        // exclusively ours; `data` is 4 KiB and does not overlap guest RAM.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.engine + page as usize * PAGE) as *mut u8,
+                PAGE,
+            );
+        }
+    }
+
+    /// Map `count` landed pages from `first` for the guest (one
+    /// UFFDIO_CONTINUE), write-protected unless `writable`, and wake the
+    /// faulting threads. A page already mapped is an error
+    /// ([`UffdError::AlreadyPresent`]).
+    pub fn map_landed(&self, first: u64, count: u64, writable: bool) -> Result<()> {
+        let mut c = UffdioContinue {
+            start: self.gaddr(first),
+            len: count * PAGE as u64,
+            mode: if writable { 0 } else { UFFDIO_CONTINUE_MODE_WP },
+            mapped: 0,
+        };
+        loop {
+            // SAFETY: `c` is a valid `struct uffdio_continue`; the range lies in
+            // the registered guest mapping.
+            let r =
+                unsafe { libc::ioctl(self.fd(), UFFDIO_CONTINUE, &mut c as *mut UffdioContinue) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) if c.mapped > 0 => {
+                    // Partly done: go on after what was mapped.
+                    let done = c.mapped as u64;
+                    c.start += done;
+                    c.len -= done;
+                    c.mapped = 0;
+                }
+                Some(libc::EEXIST) => {
+                    return Err(UffdError::AlreadyPresent {
+                        page: first + (c.start - self.gaddr(first)) / PAGE as u64,
+                    })
+                }
+                _ => return Err(Self::err("UFFDIO_CONTINUE", first, e)),
             }
         }
     }
@@ -310,6 +392,12 @@ impl GuestMem {
         }
     }
 
+    /// Pages this node holds, as a [`PageSource`] a transport copies straight
+    /// into its send buffer.
+    pub fn held<'a>(&'a self, pages: &'a [u64]) -> HeldPages<'a> {
+        HeldPages { mem: self, pages }
+    }
+
     /// Number of pages of the memfd resident in memory (mincore on the engine
     /// mapping).
     pub fn resident_pages(&self) -> usize {
@@ -324,6 +412,29 @@ impl GuestMem {
         v.iter().filter(|b| **b & 1 != 0).count()
     }
 
+    /// Whether every page of `pages` (ascending) is a hole in the memfd (one
+    /// mincore over their span): contents may only land where nothing is.
+    pub fn are_holes(&self, pages: &[u64]) -> bool {
+        let (Some(&first), Some(&last)) = (pages.first(), pages.last()) else {
+            return true;
+        };
+        if last < first || (last as usize + 1) * PAGE > self.len {
+            return false;
+        }
+        let n = (last - first + 1) as usize;
+        let mut v = vec![0u8; n];
+        // SAFETY: the span lies inside the engine mapping (checked above), which
+        // is page aligned; `v` has one byte per page of the span.
+        let r = unsafe {
+            libc::mincore(
+                (self.engine + first as usize * PAGE) as *mut libc::c_void,
+                n * PAGE,
+                v.as_mut_ptr(),
+            )
+        };
+        r == 0 && pages.iter().all(|&p| v[(p - first) as usize] & 1 == 0)
+    }
+
     /// Guest RAM size in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -332,6 +443,30 @@ impl GuestMem {
     /// Whether the region is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// Pages this node holds, read from the engine mapping when the transport
+/// encodes them (see [`GuestMem::held`]).
+pub struct HeldPages<'a> {
+    mem: &'a GuestMem,
+    pages: &'a [u64],
+}
+
+impl PageSource for HeldPages<'_> {
+    fn bytes(&self) -> usize {
+        self.pages.len() * PAGE
+    }
+
+    fn append_page(&self, i: usize, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.resize(at + PAGE, 0);
+        if let (Some(&page), Ok(dst)) = (
+            self.pages.get(i),
+            <&mut [u8; PAGE]>::try_from(&mut out[at..]),
+        ) {
+            self.mem.read_page(page, dst);
+        }
     }
 }
 
@@ -490,6 +625,77 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
         assert!(changed > 1, "the writer never ran");
+        mem.release();
+    }
+
+    /// Wait (bounded) for the next fault on the userfaultfd.
+    fn next_fault(mem: &GuestMem) -> Fault {
+        let mut buf = GuestMem::fault_buffer();
+        let mut out = Vec::new();
+        for _ in 0..2000 {
+            mem.read_faults(&mut buf, &mut out).unwrap();
+            if let Some(f) = out.first() {
+                return *f;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("no fault within 2 s");
+    }
+
+    #[test]
+    fn landed_pages_wait_as_minor_faults_until_one_continue_maps_them() {
+        let ram = Arc::new(Ram::new(4));
+        let mem = ram.mem();
+        let pattern = |k: u64| -> [u8; PAGE] {
+            let mut d = [0u8; PAGE];
+            for (i, w) in d.chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&(k << 32 | i as u64).to_ne_bytes());
+            }
+            d
+        };
+        mem.land(1, &pattern(1));
+        mem.land(2, &pattern(2));
+        // Landed but not mapped: a guest read is a MINOR fault and waits.
+        let reader = {
+            let ram = ram.clone();
+            std::thread::spawn(move || ram.guest_word(1, 5).load(Ordering::Relaxed))
+        };
+        let f = next_fault(&mem);
+        assert_eq!((f.page, f.minor, f.write, f.wp), (1, true, false, false));
+        // One UFFDIO_CONTINUE maps both, write-protected, and wakes the reader.
+        mem.map_landed(1, 2, false).unwrap();
+        assert_eq!(reader.join().unwrap(), 1 << 32 | 5);
+        assert_eq!(
+            ram.guest_word(2, 511).load(Ordering::Relaxed),
+            2 << 32 | 511
+        );
+        // Exactly the landed contents, through the engine view too.
+        let mut out = [0u8; PAGE];
+        mem.read_page(2, &mut out);
+        assert!(out == pattern(2));
+        // Mapped write-protected: a write is a WP fault until un-protected.
+        let writer = {
+            let ram = ram.clone();
+            std::thread::spawn(move || ram.guest_word(2, 0).store(7, Ordering::Relaxed))
+        };
+        let f = next_fault(&mem);
+        assert_eq!((f.page, f.wp, f.minor), (2, true, false));
+        mem.write_protect(2, false).unwrap();
+        writer.join().unwrap();
+        assert_eq!(ram.guest_word(2, 0).load(Ordering::Relaxed), 7);
+        // Mapping a page twice is refused, naming it; a hole still faults MISSING.
+        match mem.map_landed(1, 1, true) {
+            Err(UffdError::AlreadyPresent { page: 1 }) => {}
+            r => panic!("second map: {r:?}"),
+        }
+        mem.install(3, &pattern(3), true).unwrap();
+        // Sending reads held pages straight from the engine mapping.
+        let mut buf = Vec::new();
+        let src = mem.held(&[3, 1]);
+        assert_eq!(src.bytes(), 2 * PAGE);
+        src.append_page(0, &mut buf);
+        src.append_page(1, &mut buf);
+        assert!(buf[..PAGE] == pattern(3) && buf[PAGE..] == pattern(1));
         mem.release();
     }
 }

@@ -43,7 +43,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use super::protocol::{
     Access, Data, Keep, Msg, NodeId, OnBusy, PageIdx, RangeMsg, MAX_NODES, MAX_PREFETCH, MAX_RANGE,
 };
-use super::seal::{Opener, SealError};
+use super::seal::{Opener, SealError, LEN_SIZE, TAG_SIZE};
 
 /// "DVMS" (dvmm shared memory).
 pub const MAGIC: u32 = 0x534d_5644;
@@ -104,16 +104,57 @@ pub enum WireError {
 /// carries at most.
 pub const RANGE_CHUNK: usize = PAGE_SIZE;
 
+/// Page contents a sender copies straight into its send buffer: the engine's
+/// mapping of guest memory ([`crate::dsm::uffd::HeldPages`]), or plain bytes.
+/// This is the send side of the transport API in terms of guest memory: a
+/// transport is told which pages to send, not handed a copy of them.
+pub trait PageSource {
+    /// Number of bytes (4 KiB per page; anything else is refused).
+    fn bytes(&self) -> usize;
+    /// Append page `i` (0-based, 4 KiB) to `out`: the one user-space copy on
+    /// the sending side.
+    fn append_page(&self, i: usize, out: &mut Vec<u8>);
+}
+
+impl PageSource for &[u8] {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+
+    fn append_page(&self, i: usize, out: &mut Vec<u8>) {
+        let lo = i * PAGE_SIZE;
+        out.extend_from_slice(self.get(lo..lo + PAGE_SIZE).unwrap_or(&[0u8; PAGE_SIZE]));
+    }
+}
+
+/// The receive side of the transport API in terms of guest memory: the
+/// engine says which pages it awaits, and the transport writes their
+/// contents straight into guest memory (the engine's mapping of the memfd)
+/// instead of handing over a buffer. A transport with a memory region of its
+/// own (RDMA) would post these pages as its receive targets.
+pub trait Landing {
+    /// Whether all of `pages` (ascending) may land in place now. Accepted
+    /// pages are reserved for this message until the engine has handled it.
+    fn accept(&self, pages: &[PageIdx]) -> bool;
+    /// Write one accepted page's contents (4 KiB).
+    fn land(&self, page: PageIdx, data: &[u8]);
+}
+
 /// Check that a coherence message can be encoded with `data`: a page grant
 /// needs exactly one page of data (a grant must never carry made-up contents).
 pub fn check_msg(msg: &Msg, data: Option<&[u8]>) -> Result<(), WireError> {
+    check_msg_from(msg, data.as_ref().map(|d| d as &dyn PageSource))
+}
+
+/// [`check_msg`] for a page read from a [`PageSource`].
+pub fn check_msg_from(msg: &Msg, data: Option<&dyn PageSource>) -> Result<(), WireError> {
     if let Msg::Grant {
         page,
         data: Data::Page,
         ..
     } = *msg
     {
-        if data.map(<[u8]>::len) != Some(PAGE_SIZE) {
+        if data.map(|d| d.bytes()) != Some(PAGE_SIZE) {
             return Err(WireError::MissingData { page });
         }
     }
@@ -262,6 +303,11 @@ pub fn encode(frame: &Frame, seq: u64, out: &mut Vec<u8>) {
 
 /// Encode a protocol message (with its page for a data grant).
 pub fn encode_msg(msg: &Msg, data: Option<&[u8]>, seq: u64, out: &mut Vec<u8>) {
+    encode_msg_from(msg, data.as_ref().map(|d| d as &dyn PageSource), seq, out)
+}
+
+/// [`encode_msg`] with the page copied straight from a [`PageSource`].
+pub fn encode_msg_from(msg: &Msg, data: Option<&dyn PageSource>, seq: u64, out: &mut Vec<u8>) {
     let w = |a: Access| if a == Access::Write { F_WRITE } else { 0 };
     let h = match *msg {
         Msg::Req { page, access, have } => header(ty::REQ, 0, w(access), page, seq, have, 0),
@@ -304,7 +350,7 @@ pub fn encode_msg(msg: &Msg, data: Option<&[u8]>, seq: u64, out: &mut Vec<u8>) {
     } = msg
     {
         match data {
-            Some(d) if d.len() == PAGE_SIZE => out.extend_from_slice(d),
+            Some(d) if d.bytes() == PAGE_SIZE => d.append_page(0, out),
             // Senders call `check_msg` first (TcpMesh::send_msg does); a frame of
             // the right length keeps the stream in sync if one does not.
             _ => out.resize(out.len() + PAGE_SIZE, 0),
@@ -347,7 +393,36 @@ pub struct RangeFrames<'a> {
     chunks: usize,
     /// The pages of data, in slot order.
     page_idx: Vec<PageIdx>,
-    pages: &'a [u8],
+    pages: Pages<'a>,
+}
+
+/// Where a train's pages of data come from.
+#[derive(Debug, Clone, Copy)]
+enum Pages<'a> {
+    Bytes(&'a [u8]),
+    Source(&'a dyn PageSource),
+}
+
+impl Pages<'_> {
+    fn bytes(&self) -> usize {
+        match self {
+            Pages::Bytes(b) => b.len(),
+            Pages::Source(s) => s.bytes(),
+        }
+    }
+
+    fn append_page(&self, i: usize, out: &mut Vec<u8>) {
+        match self {
+            Pages::Bytes(b) => b.append_page(i, out),
+            Pages::Source(s) => s.append_page(i, out),
+        }
+    }
+}
+
+impl std::fmt::Debug for dyn PageSource + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageSource({} bytes)", self.bytes())
+    }
 }
 
 impl<'a> RangeFrames<'a> {
@@ -356,6 +431,16 @@ impl<'a> RangeFrames<'a> {
     /// `count` entries, exactly the data the grant announces (a grant must
     /// never carry made-up contents).
     pub fn new(msg: &'a RangeMsg, pages: &'a [u8]) -> Result<Self, WireError> {
+        Self::with_pages(msg, Pages::Bytes(pages))
+    }
+
+    /// [`RangeFrames::new`] with the pages copied straight from a
+    /// [`PageSource`] as each frame is encoded.
+    pub fn from_source(msg: &'a RangeMsg, pages: &'a dyn PageSource) -> Result<Self, WireError> {
+        Self::with_pages(msg, Pages::Source(pages))
+    }
+
+    fn with_pages(msg: &'a RangeMsg, pages: Pages<'a>) -> Result<Self, WireError> {
         let (first, count) = msg.span();
         let bad = |why| WireError::Range {
             first,
@@ -426,7 +511,7 @@ impl<'a> RangeFrames<'a> {
                 (ty::R_GRANT, w(*access), 0)
             }
         };
-        if pages.len() != page_idx.len() * PAGE_SIZE {
+        if pages.bytes() != page_idx.len() * PAGE_SIZE {
             return Err(bad("the data does not match the grant's pages"));
         }
         Ok(RangeFrames {
@@ -481,7 +566,7 @@ impl<'a> RangeFrames<'a> {
             return;
         };
         out.extend_from_slice(header(ty::R_PAGE, PAGE_SIZE, 0, page, seq, 0, 0).as_bytes());
-        out.extend_from_slice(&self.pages[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]);
+        self.pages.append_page(j, out);
     }
 }
 
@@ -683,6 +768,9 @@ struct Partial {
     want: Vec<PageIdx>,
     next: usize,
     data: Vec<u8>,
+    /// The pages of data land in place (accepted by the engine's [`Landing`]
+    /// when the arrays were complete): `data` stays empty.
+    landing: bool,
 }
 
 impl Partial {
@@ -695,7 +783,7 @@ impl Partial {
     }
 
     /// The arrays are complete: find the pages of data that must follow.
-    fn body_done(&mut self) -> Result<(), WireError> {
+    fn body_done(&mut self, land: Option<&dyn Landing>) -> Result<(), WireError> {
         if self.head.ty.get() == ty::R_GRANT {
             let n = self.head.arg0.get() as usize;
             let first = self.head.page.get();
@@ -706,7 +794,10 @@ impl Partial {
                     _ => return Err(self.bad("unknown data kind")),
                 }
             }
-            self.data = Vec::with_capacity(self.want.len() * PAGE_SIZE);
+            self.landing = !self.want.is_empty() && land.is_some_and(|l| l.accept(&self.want));
+            if !self.landing {
+                self.data = Vec::with_capacity(self.want.len() * PAGE_SIZE);
+            }
         }
         Ok(())
     }
@@ -776,19 +867,30 @@ impl Partial {
             },
             t => return Err(WireError::Unexpected(t)),
         };
-        let data = (!self.want.is_empty()).then(|| self.data.into_boxed_slice());
+        let data = (!self.want.is_empty() && !self.landing).then(|| self.data.into_boxed_slice());
         Ok(Frame::Range { msg, data })
     }
 }
 
+/// A decoded frame, and whether its page contents landed in place.
+type Decoded = (Frame, bool);
+
 /// Take one validated frame into the range message being assembled (or
 /// decode it as a frame of its own). Returns a frame when one is complete.
+/// With `land`, the contents of pages the engine awaits are written in place
+/// (a single-page grant, or every page of a range grant's train) instead of
+/// being copied into the frame.
 fn assemble(
     partial: &mut Option<Partial>,
     h: &Header,
     payload: &[u8],
-) -> Result<Option<Frame>, WireError> {
+    land: Option<&dyn Landing>,
+) -> Result<Option<Decoded>, WireError> {
     let t = h.ty.get();
+    let done = |p: Partial| {
+        let landed = p.landing;
+        p.finish().map(|f| Some((f, landed)))
+    };
     match t {
         ty::R_REQ..=ty::R_NACK => {
             if partial.is_some() {
@@ -802,12 +904,13 @@ fn assemble(
                 want: Vec::new(),
                 next: 0,
                 data: Vec::new(),
+                landing: false,
             };
             if p.body.len() == p.body_len {
-                p.body_done()?;
+                p.body_done(land)?;
             }
             if p.complete() {
-                return p.finish().map(Some);
+                return done(p);
             }
             *partial = Some(p);
             Ok(None)
@@ -825,10 +928,10 @@ fn assemble(
             }
             p.body.extend_from_slice(payload);
             if p.body.len() == p.body_len {
-                p.body_done()?;
+                p.body_done(land)?;
             }
             if p.complete() {
-                return partial.take().map_or(Ok(None), |p| p.finish().map(Some));
+                return partial.take().map_or(Ok(None), done);
             }
             Ok(None)
         }
@@ -839,13 +942,23 @@ fn assemble(
             if p.body.len() != p.body_len {
                 return Err(p.bad("page before the end of the per-page arrays"));
             }
-            if p.want.get(p.next) != Some(&h.page.get()) {
+            let page = h.page.get();
+            if p.want.get(p.next) != Some(&page) {
                 return Err(p.bad("page of data out of order or not announced"));
             }
-            p.data.extend_from_slice(payload);
+            if p.landing {
+                // The pages were accepted when the train's arrays were complete;
+                // every later turn polls with the same engine.
+                let Some(l) = land else {
+                    return Err(p.bad("page of a landing train received without landing"));
+                };
+                l.land(page, payload);
+            } else {
+                p.data.extend_from_slice(payload);
+            }
             p.next += 1;
             if p.complete() {
-                return partial.take().map_or(Ok(None), |p| p.finish().map(Some));
+                return partial.take().map_or(Ok(None), done);
             }
             Ok(None)
         }
@@ -853,25 +966,55 @@ fn assemble(
             if partial.is_some() {
                 return Err(WireError::RangeInterrupted(t));
             }
-            decode(h, payload.to_vec()).map(Some)
+            let page = h.page.get();
+            if t == ty::GRANT
+                && h.flags.get() & F_PAGE != 0
+                && land.is_some_and(|l| l.accept(&[page]))
+            {
+                if let Some(l) = land {
+                    l.land(page, payload);
+                }
+                let f = match decode(h, Vec::new())? {
+                    Frame::Proto { msg, .. } => Frame::Proto { msg, data: None },
+                    f => f,
+                };
+                return Ok(Some((f, true)));
+            }
+            decode(h, payload.to_vec()).map(|f| Some((f, false)))
         }
     }
 }
 
+/// Receive buffer of a decoder fed by [`Decoder::read_from`].
+const RX_BUF: usize = 256 * 1024;
+/// Largest record on the wire: a sealed frame (length prefix, frame, tag).
+const MAX_RECORD: usize = LEN_SIZE + MAX_FRAME + TAG_SIZE;
+
 /// Incremental decoder for one byte stream (sealed records after the
 /// handshake, see `seal`).
+///
+/// Bytes come in either by [`Decoder::push`] (a copy: shared-memory rings,
+/// tests) or by [`Decoder::read_from`], which reads the socket straight into
+/// the buffer, where records are opened in place; near the end of the buffer
+/// it reads exactly up to the end of the record in progress, so the buffer
+/// empties on a record boundary and is reused from its start without moving
+/// bytes. A page's contents are then copied once: out of the buffer, into
+/// guest memory ([`Landing`]) or into the frame's payload.
 #[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
     next_seq: u64,
     limits: Limits,
     opener: Opener,
     /// The range message being assembled (at most one per connection).
     partial: Option<Partial>,
-    /// Frames with a page of contents decoded (each copied twice here: into
-    /// `buf`, then out of it into its own payload).
-    page_frames: u64,
+    /// The bytes in `buf` were copied in by `push`.
+    pushed: bool,
+    /// Copies of page contents made here, in pages: into `buf` by `push`, out
+    /// of it into a frame's payload (landing in place is the engine's copy).
+    page_copies: u64,
     /// Bytes moved inside `buf` to reclaim its consumed front.
     moved_bytes: u64,
 }
@@ -879,13 +1022,15 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(limits: Limits, first_seq: u64) -> Self {
         Decoder {
-            buf: Vec::with_capacity(64 * 1024),
+            buf: Vec::new(),
             pos: 0,
+            end: 0,
             next_seq: first_seq,
             limits,
             opener: Opener::plain(),
             partial: None,
-            page_frames: 0,
+            pushed: false,
+            page_copies: 0,
             moved_bytes: 0,
         }
     }
@@ -903,34 +1048,102 @@ impl Decoder {
         self.limits = limits;
     }
 
-    /// User-space copies of page contents this decoder made, in pages: two
-    /// per page received (into its buffer, out into the frame's payload),
-    /// plus what it moved inside its buffer.
+    /// User-space copies of page contents this decoder made, in pages (see
+    /// the type's doc), plus what it moved inside its buffer.
     pub fn page_copies(&self) -> u64 {
-        2 * self.page_frames + self.moved_bytes / PAGE_SIZE as u64
+        self.page_copies + self.moved_bytes / PAGE_SIZE as u64
     }
 
-    /// Append received bytes.
+    /// Append received bytes (a copy).
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.pos > 0 && self.pos == self.buf.len() {
-            self.buf.clear();
+        self.pushed = true;
+        if self.pos == self.end {
             self.pos = 0;
-        } else if self.pos > 256 * 1024 {
-            self.moved_bytes += (self.buf.len() - self.pos) as u64;
-            self.buf.drain(..self.pos);
-            self.pos = 0;
+            self.end = 0;
+        } else if self.pos > RX_BUF {
+            self.compact();
         }
-        self.buf.extend_from_slice(bytes);
+        let at = self.end;
+        if self.buf.len() < at + bytes.len() {
+            self.buf.resize(at + bytes.len(), 0);
+        }
+        self.buf[at..at + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Move the unconsumed bytes to the front of the buffer (counted).
+    fn compact(&mut self) {
+        self.moved_bytes += (self.end - self.pos) as u64;
+        self.buf.copy_within(self.pos..self.end, 0);
+        self.end -= self.pos;
+        self.pos = 0;
+    }
+
+    /// Bytes still missing from the record (or bare frame) at `pos`; 0 when
+    /// it is complete (or malformed: decoding says why).
+    fn missing(&self) -> usize {
+        let avail = &self.buf[self.pos..self.end];
+        let total = if self.opener.is_sealed() {
+            match avail.get(..LEN_SIZE) {
+                None => LEN_SIZE,
+                Some(p) => {
+                    LEN_SIZE + u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize + TAG_SIZE
+                }
+            }
+        } else {
+            match Header::read_from_prefix(avail) {
+                Err(_) => HEADER_SIZE,
+                Ok((h, _)) => HEADER_SIZE + h.len.get() as usize,
+            }
+        };
+        total.min(MAX_RECORD).saturating_sub(avail.len())
+    }
+
+    /// Read once from `src` straight into the buffer (see the type's doc);
+    /// returns what `read` returned (0: end of stream).
+    pub fn read_from(&mut self, src: &mut dyn std::io::Read) -> std::io::Result<usize> {
+        if self.pos == self.end {
+            self.pos = 0;
+            self.end = 0;
+        }
+        if self.buf.len() < RX_BUF {
+            self.buf.resize(RX_BUF, 0);
+        }
+        let mut spare = self.buf.len() - self.end;
+        let mut want = spare.saturating_sub(MAX_RECORD);
+        if spare <= 2 * MAX_RECORD {
+            // Near the end: complete the record in progress and stop there.
+            let need = self.missing();
+            if need > spare {
+                self.compact();
+                spare = self.buf.len() - self.end;
+            }
+            want = if need == 0 { spare } else { need.min(spare) };
+        }
+        let n = src.read(&mut self.buf[self.end..self.end + want])?;
+        self.end += n;
+        Ok(n)
     }
 
     /// Next complete frame, if any (a range message once all of its train is
     /// in).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        Ok(self.next_decoded(None)?.map(|(f, _)| f))
+    }
+
+    /// Like [`Decoder::next_frame`], with the contents of pages `land` awaits
+    /// written in place; the flag says whether the frame's pages landed (its
+    /// `data` is then `None`).
+    pub fn next_landed(&mut self, land: &dyn Landing) -> Result<Option<(Frame, bool)>, WireError> {
+        self.next_decoded(Some(land))
+    }
+
+    fn next_decoded(&mut self, land: Option<&dyn Landing>) -> Result<Option<Decoded>, WireError> {
         loop {
             let got = if self.opener.is_sealed() {
-                self.next_sealed()?
+                self.next_sealed(land)?
             } else {
-                self.next_bare()?
+                self.next_bare(land)?
             };
             match got {
                 None => return Ok(None),
@@ -941,9 +1154,23 @@ impl Decoder {
         }
     }
 
+    /// Count the copies of a frame's page contents (see `page_copies`).
+    fn count(&mut self, h: &Header, len: usize, got: &Option<Decoded>) {
+        if len == PAGE_SIZE && matches!(h.ty.get(), ty::GRANT | ty::R_PAGE) {
+            let landed = match got {
+                Some((_, landed)) => *landed,
+                None => self.partial.as_ref().is_some_and(|p| p.landing),
+            };
+            self.page_copies += u64::from(self.pushed) + u64::from(!landed);
+        }
+    }
+
     /// Take the next frame, if it is all there.
-    fn next_bare(&mut self) -> Result<Option<Option<Frame>>, WireError> {
-        let avail = &self.buf[self.pos..];
+    fn next_bare(
+        &mut self,
+        land: Option<&dyn Landing>,
+    ) -> Result<Option<Option<Decoded>>, WireError> {
+        let avail = &self.buf[self.pos..self.end];
         let Ok((h, _)) = Header::read_from_prefix(avail) else {
             return Ok(None);
         };
@@ -951,22 +1178,24 @@ impl Decoder {
         if avail.len() < HEADER_SIZE + len {
             return Ok(None);
         }
-        if len == PAGE_SIZE && matches!(h.ty.get(), ty::GRANT | ty::R_PAGE) {
-            self.page_frames += 1;
-        }
         let f = assemble(
             &mut self.partial,
             &h,
             &avail[HEADER_SIZE..HEADER_SIZE + len],
+            land,
         )?;
+        self.count(&h, len, &f);
         self.pos += HEADER_SIZE + len;
         self.next_seq += 1;
         Ok(Some(f))
     }
 
     /// Open the next record in place, then validate its frame as usual.
-    fn next_sealed(&mut self) -> Result<Option<Option<Frame>>, WireError> {
-        let avail = &mut self.buf[self.pos..];
+    fn next_sealed(
+        &mut self,
+        land: Option<&dyn Landing>,
+    ) -> Result<Option<Option<Decoded>>, WireError> {
+        let avail = &mut self.buf[self.pos..self.end];
         let Some(r) = self.opener.open(self.next_seq, avail, MAX_FRAME)? else {
             return Ok(None);
         };
@@ -984,10 +1213,8 @@ impl Decoder {
                 frame: HEADER_SIZE + len,
             });
         }
-        if len == PAGE_SIZE && matches!(h.ty.get(), ty::GRANT | ty::R_PAGE) {
-            self.page_frames += 1;
-        }
-        let f = assemble(&mut self.partial, &h, &body[HEADER_SIZE..])?;
+        let f = assemble(&mut self.partial, &h, &body[HEADER_SIZE..], land)?;
+        self.count(&h, len, &f);
         self.pos += r.consumed;
         self.next_seq += 1;
         Ok(Some(f))

@@ -1,12 +1,14 @@
-//! Executing the protocol's effects on this node: send (a page read from the
-//! engine mapping), install (UFFDIO_COPY), write-protect, drop (punch), wake;
-//! and eviction of foreign pages over the memory budget.
+//! Executing the protocol's effects on this node: send (pages the transport
+//! reads straight from the engine mapping), install (a landed run mapped with
+//! one UFFDIO_CONTINUE, or UFFDIO_COPY of zeros or of bytes), write-protect,
+//! drop (punch), wake; and eviction of foreign pages over the memory budget.
 
 use super::serve::{Engine, PMsg, Payload};
 use super::{EffectError, EngineFault};
 use crate::dsm::protocol::{CacheState, Data, Effect, Msg, NodeId, PageIdx, RangeMsg};
 use crate::dsm::stats::Stats;
-use crate::dsm::uffd::PAGE;
+use crate::dsm::uffd::{UffdError, PAGE};
+use crate::dsm::wire::PageSource;
 
 /// The name of a range message's kind (for errors).
 fn range_kind(m: &RangeMsg) -> &'static str {
@@ -34,15 +36,53 @@ impl Engine {
     /// `Install` must not be reported `Done`, or peers would go on with a page
     /// this node does not hold.
     pub(super) fn exec(&mut self, effects: &[Effect], data: Payload) {
-        for e in effects {
+        let mut i = 0;
+        while i < effects.len() {
             if self.failed {
                 return;
             }
-            if let Err(err) = self.exec_one(e, data) {
+            let run = match data {
+                Payload::Landed => Self::landed_run(effects, i),
+                _ => 0,
+            };
+            let r = if run > 0 {
+                self.install_landed(&effects[i..i + run])
+            } else {
+                self.exec_one(&effects[i], data)
+            };
+            if let Err(err) = r {
                 self.failed = true;
                 self.sh.fail(EngineFault::Effect(err));
                 return;
             }
+            i += run.max(1);
+        }
+    }
+
+    /// Install a run of landed pages (consecutive `Install` effects, see
+    /// `landed_run`): one UFFDIO_CONTINUE, then the bookkeeping of each.
+    fn install_landed(&mut self, run: &[Effect]) -> std::result::Result<(), EffectError> {
+        let Some(&Effect::Install {
+            page: first,
+            writable,
+            ..
+        }) = run.first()
+        else {
+            return Ok(());
+        };
+        self.map_landed(first, run.len() as u64, writable)?;
+        for page in first..first + run.len() as u64 {
+            self.installed(page);
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping of a page now mapped for the guest.
+    fn installed(&mut self, page: PageIdx) {
+        self.sh.stats.resident(1);
+        if self.is_foreign(page) {
+            self.foreign_resident += 1;
+            self.foreign.push_back(page);
         }
     }
 
@@ -55,14 +95,11 @@ impl Engine {
         let mem = &self.sh.mem;
         match *e {
             Effect::Send { to, msg } => {
-                let mut page_data: Option<&[u8]> = None;
+                let mut page_data: Option<u64> = None;
                 if let Msg::Grant { page, data: d, .. } = msg {
                     match d {
                         Data::Page => {
-                            mem.read_page(page, &mut self.buf);
-                            // One copy here, one more if it goes to self.
-                            Stats::add(&st.page_copies, 1 + u64::from(to == self.sh.me));
-                            page_data = Some(&self.buf[..]);
+                            page_data = Some(page);
                             if to != self.sh.me {
                                 Stats::inc(&st.pages_sent);
                                 Stats::add(&st.bytes_sent, PAGE as u64);
@@ -78,15 +115,22 @@ impl Engine {
                     }
                 }
                 if to == self.sh.me {
-                    self.local.push_back((
-                        PMsg::One(msg),
-                        page_data.map(|d| d.to_vec().into_boxed_slice()),
-                    ));
+                    // To itself: read the page out (one copy; installing it is
+                    // the second).
+                    let data = page_data.map(|p| {
+                        mem.read_page(p, &mut self.buf);
+                        Stats::inc(&st.page_copies);
+                        self.buf.to_vec().into_boxed_slice()
+                    });
+                    self.local.push_back((PMsg::One(msg), data));
                     Ok(())
                 } else {
+                    // The transport copies the page straight from the mapping.
+                    let pages = page_data.map(|p| [p]);
+                    let held = pages.as_ref().map(|p| mem.held(p));
                     self.sh
                         .transport
-                        .send_msg(to, &msg, page_data)
+                        .send_msg_from(to, &msg, held.as_ref().map(|h| h as &dyn PageSource))
                         .map_err(|err| EffectError::Send { to, msg, err })
                 }
             }
@@ -95,6 +139,14 @@ impl Engine {
                 zero,
                 writable,
             } => {
+                if self.landed.contains(&page) {
+                    // Its contents landed for another message: never install
+                    // other bytes over them.
+                    return Err(EffectError::Memory {
+                        page,
+                        err: UffdError::AlreadyPresent { page },
+                    });
+                }
                 let src: &[u8; PAGE] = if zero {
                     &ZERO
                 } else {
@@ -109,11 +161,7 @@ impl Engine {
                     // UFFDIO_COPY from the received payload.
                     Stats::inc(&st.page_copies);
                 }
-                st.resident(1);
-                if self.is_foreign(page) {
-                    self.foreign_resident += 1;
-                    self.foreign.push_back(page);
-                }
+                self.installed(page);
                 Ok(())
             }
             Effect::MakeWritable { page } => mem
@@ -153,23 +201,13 @@ impl Engine {
         let st = &self.sh.stats;
         let remote = to != self.sh.me;
         self.rbuf.clear();
+        self.rpages.clear();
         match msg {
             RangeMsg::Grant { first, data, .. } => {
                 let n = msg.data_pages();
-                self.rbuf.resize(n * PAGE, 0);
-                let mut slots = self.rbuf.chunks_exact_mut(PAGE);
                 for (page, d) in (*first..).zip(data.iter()) {
                     match d {
-                        Data::Page => {
-                            // n slots for the n `Data::Page` entries.
-                            let Some(slot) = slots
-                                .next()
-                                .and_then(|s| <&mut [u8; PAGE]>::try_from(s).ok())
-                            else {
-                                return Err(EffectError::MissingData(page));
-                            };
-                            self.sh.mem.read_page(page, slot);
-                        }
+                        Data::Page => self.rpages.push(page),
                         Data::Zero => Stats::inc(&st.zero_pages_sent),
                         Data::None => Stats::inc(&st.transfers_skipped),
                     }
@@ -177,9 +215,18 @@ impl Engine {
                 if remote {
                     Stats::add(&st.pages_sent, n as u64);
                     Stats::add(&st.bytes_sent, (n * PAGE) as u64);
+                } else {
+                    // To itself: read the pages out (one copy; installing them
+                    // is the second). Another node's transport copies them
+                    // straight from the mapping.
+                    self.rbuf.resize(n * PAGE, 0);
+                    for (slot, &page) in self.rbuf.chunks_exact_mut(PAGE).zip(&self.rpages) {
+                        if let Ok(slot) = <&mut [u8; PAGE]>::try_from(slot) {
+                            self.sh.mem.read_page(page, slot);
+                        }
+                    }
+                    Stats::add(&st.page_copies, n as u64);
                 }
-                // Read from the mapping; once more below if it goes to self.
-                Stats::add(&st.page_copies, (n + if remote { 0 } else { n }) as u64);
             }
             RangeMsg::Inv { count, .. } if remote => {
                 Stats::add(&st.invalidations_sent, u64::from(*count));
@@ -193,7 +240,7 @@ impl Engine {
         }
         self.sh
             .transport
-            .send_range(to, msg, &self.rbuf)
+            .send_range_from(to, msg, &self.sh.mem.held(&self.rpages))
             .map_err(|err| EffectError::SendRange {
                 to,
                 what: range_kind(msg),

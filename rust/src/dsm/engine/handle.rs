@@ -218,6 +218,8 @@ impl DsmEngine {
                 .map(|r| r.start / PAGE as u64..r.end / PAGE as u64)
                 .collect(),
             rbuf: Vec::new(),
+            rpages: Vec::new(),
+            landed: HashSet::new(),
         };
         let realtime = cfg.realtime || cfg.service != ServiceMode::Legacy;
         let me = cfg.node_index;

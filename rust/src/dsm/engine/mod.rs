@@ -43,6 +43,7 @@
 
 mod effects;
 mod handle;
+mod landing;
 mod serve;
 
 pub use handle::{DsmEngine, DsmHandle};

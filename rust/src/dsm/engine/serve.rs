@@ -2,6 +2,7 @@
 //! faults and frames, run them through the protocol (with the hold window and
 //! prefetch), and hand the effects to `effects`.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
@@ -10,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::handle::{set_normal, set_realtime, Shared};
-use super::{EngineFault, ServiceMode};
+use super::landing::Lander;
+use super::{EffectError, EngineFault, ServiceMode};
 use crate::dsm::prefetch::Prefetcher;
 use crate::dsm::protocol::{
     self, Access, CacheState, Data, Effect, FaultOutcome, Msg, NodeId, OnBusy, PageIdx, RangeMsg,
 };
 use crate::dsm::stats::Stats;
 use crate::dsm::transport::TransportEvent;
-use crate::dsm::uffd::{Fault, PAGE};
+use crate::dsm::uffd::{Fault, UffdError, PAGE};
 use crate::dsm::wire::Frame;
 use crate::sync::lock;
 use userfaultfd::EventBuffer;
@@ -56,13 +58,15 @@ pub(super) enum Payload<'a> {
     None,
     One(&'a [u8]),
     Range(&'a RangeMsg, &'a [u8]),
+    /// The message's pages of data landed in place (see `landing`).
+    Landed,
 }
 
 impl<'a> Payload<'a> {
     /// The contents of `page`, if the message carries them.
     pub(super) fn page(&self, page: PageIdx) -> Option<&'a [u8; PAGE]> {
         let d = match *self {
-            Payload::None => return None,
+            Payload::None | Payload::Landed => return None,
             Payload::One(d) => d,
             Payload::Range(m, d) => {
                 let at = m.slot_of(page)?.checked_mul(PAGE)?;
@@ -70,6 +74,18 @@ impl<'a> Payload<'a> {
             }
         };
         <&[u8; PAGE]>::try_from(d).ok()
+    }
+}
+
+/// A message's page contents: bytes (or none), or landed in place.
+pub(super) enum Body {
+    Bytes(Option<Box<[u8]>>),
+    Landed,
+}
+
+impl From<Option<Box<[u8]>>> for Body {
+    fn from(d: Option<Box<[u8]>>) -> Body {
+        Body::Bytes(d)
     }
 }
 
@@ -126,8 +142,14 @@ pub(super) struct Engine {
     pub(super) ranges: bool,
     /// Pages each node is home of.
     pub(super) homes: Vec<Range<PageIdx>>,
-    /// The pages of a range grant being sent (read from the engine mapping).
+    /// The pages of a range grant being sent to this node itself (read from
+    /// the engine mapping).
     pub(super) rbuf: Vec<u8>,
+    /// The pages of data of a range grant being sent to another node.
+    pub(super) rpages: Vec<PageIdx>,
+    /// Pages whose contents landed in place (or are reserved to) and are not
+    /// mapped for the guest yet (see `landing`).
+    pub(super) landed: HashSet<PageIdx>,
 }
 
 impl Engine {
@@ -233,7 +255,19 @@ impl Engine {
         let mut events = std::mem::take(&mut self.events);
         let mut faults = std::mem::take(&mut self.faults);
         let mut effects = std::mem::take(&mut self.effects);
-        let ready = match self.sh.transport.poll(timeout, &extra, &mut events) {
+        let lander = Lander {
+            node: &self.node,
+            mem: &self.sh.mem,
+            deferred: &self.deferred_pages,
+            stats: &self.sh.stats,
+            landed: RefCell::new(std::mem::take(&mut self.landed)),
+        };
+        let polled = self
+            .sh
+            .transport
+            .poll_landing(timeout, &extra, &mut events, &lander);
+        self.landed = lander.landed.into_inner();
+        let ready = match polled {
             Ok(r) => r,
             Err(e) => {
                 self.sh.fail(EngineFault::Poll(e));
@@ -286,6 +320,11 @@ impl Engine {
         } else {
             Access::Read
         };
+        if f.minor && self.remap(f.page) {
+            Stats::inc(&self.sh.stats.local_faults);
+            return;
+        }
+        let st = &self.sh.stats;
         effects.clear();
         match self.node.fault(f.page, access, effects) {
             Ok(FaultOutcome::Resolved) => Stats::inc(&st.local_faults),
@@ -309,6 +348,35 @@ impl Engine {
             self.prefetch(f.page, effects);
         }
         self.drain_local(effects);
+    }
+
+    /// A MINOR fault: the page is in the memfd but not mapped for the guest.
+    /// A page this node holds (the kernel dropped its mapping, e.g. after
+    /// swapping it) is mapped again as its state allows; returns whether that
+    /// settled the fault. A landed page not mapped yet, or anything else, goes
+    /// through the protocol like a MISSING fault (and waits for its grant).
+    fn remap(&mut self, page: PageIdx) -> bool {
+        let Some((state, true, _)) = self.node.state(page) else {
+            return false;
+        };
+        if state == CacheState::Invalid || self.landed.contains(&page) {
+            return false;
+        }
+        let r = match self
+            .sh
+            .mem
+            .map_landed(page, 1, state == CacheState::Modified)
+        {
+            // Mapped since the fault was queued: only wake.
+            Err(UffdError::AlreadyPresent { .. }) => self.sh.mem.wake(page),
+            r => r,
+        };
+        if let Err(err) = r {
+            self.failed = true;
+            self.sh
+                .fail(EngineFault::Effect(EffectError::Memory { page, err }));
+        }
+        true
     }
 
     /// Sequential read detection and prefetch after a read fault on `page`
@@ -416,13 +484,23 @@ impl Engine {
                 eprintln!("dvmm-dsm: node {}: {fault}", self.sh.me);
                 self.sh.record(Arc::new(fault));
             }
+            TransportEvent::Landed { from, frame } => {
+                let msg = match frame {
+                    Frame::Proto { msg, .. } => PMsg::One(msg),
+                    Frame::Range { msg, .. } => PMsg::Range(msg),
+                    // The decoder lands grants only.
+                    _ => return,
+                };
+                self.on_msg(from, msg, Body::Landed, effects);
+                self.drain_local(effects);
+            }
             TransportEvent::Frame { from, frame, .. } => match frame {
                 Frame::Proto { msg, data } => {
-                    self.on_msg(from, PMsg::One(msg), data, effects);
+                    self.on_msg(from, PMsg::One(msg), data.into(), effects);
                     self.drain_local(effects);
                 }
                 Frame::Range { msg, data } => {
-                    self.on_msg(from, PMsg::Range(msg), data, effects);
+                    self.on_msg(from, PMsg::Range(msg), data.into(), effects);
                     self.drain_local(effects);
                 }
                 Frame::App { kind, tag, payload } => {
@@ -441,7 +519,7 @@ impl Engine {
         &mut self,
         from: NodeId,
         msg: PMsg,
-        data: Option<Box<[u8]>>,
+        data: Body,
         effects: &mut Vec<Effect>,
     ) {
         if !self.hold.is_zero() {
@@ -467,6 +545,11 @@ impl Engine {
                 for page in pages {
                     *self.deferred_pages.entry(page).or_insert(0) += 1;
                 }
+                // Nothing stays landed while its message waits.
+                let data = match data {
+                    Body::Landed => self.unland(&msg),
+                    Body::Bytes(d) => d,
+                };
                 self.deferred.push_back(Deferred {
                     until,
                     from,
@@ -510,7 +593,7 @@ impl Engine {
                 self.hold_until.remove(&page);
             }
             any = true;
-            self.handle_msg(d.from, d.msg, d.data, effects);
+            self.handle_msg(d.from, d.msg, d.data.into(), effects);
             self.drain_local(effects);
         }
         any
@@ -520,13 +603,27 @@ impl Engine {
         &mut self,
         from: NodeId,
         msg: PMsg,
-        data: Option<Box<[u8]>>,
+        data: Body,
         effects: &mut Vec<Effect>,
     ) {
-        let msg = match msg {
-            PMsg::One(m) => m,
-            PMsg::Range(m) => return self.handle_range(from, m, data, effects),
+        let landed = matches!(data, Body::Landed);
+        let one = match &msg {
+            PMsg::One(m) => *m,
+            PMsg::Range(m) => {
+                self.handle_range(from, m.clone(), data, effects);
+                if landed {
+                    self.drop_unmapped(&msg);
+                }
+                return;
+            }
         };
+        self.handle_one(from, one, data, effects);
+        if landed {
+            self.drop_unmapped(&msg);
+        }
+    }
+
+    fn handle_one(&mut self, from: NodeId, msg: Msg, data: Body, effects: &mut Vec<Effect>) {
         let st = &self.sh.stats;
         match msg {
             Msg::Inv { page } => {
@@ -557,7 +654,11 @@ impl Engine {
             return;
         }
         let fx = std::mem::take(effects);
-        self.exec(&fx, data.as_deref().map_or(Payload::None, Payload::One));
+        let payload = match &data {
+            Body::Landed => Payload::Landed,
+            Body::Bytes(d) => d.as_deref().map_or(Payload::None, Payload::One),
+        };
+        self.exec(&fx, payload);
         *effects = fx;
         if let Msg::Grant { page, access, .. } = msg {
             self.granted(page, access);
@@ -587,7 +688,7 @@ impl Engine {
         &mut self,
         from: NodeId,
         msg: RangeMsg,
-        data: Option<Box<[u8]>>,
+        data: Body,
         effects: &mut Vec<Effect>,
     ) {
         let st = &self.sh.stats;
@@ -627,7 +728,11 @@ impl Engine {
             return;
         }
         let fx = std::mem::take(effects);
-        self.exec(&fx, Payload::Range(&msg, data.as_deref().unwrap_or(&[])));
+        let payload = match &data {
+            Body::Landed => Payload::Landed,
+            Body::Bytes(d) => Payload::Range(&msg, d.as_deref().unwrap_or(&[])),
+        };
+        self.exec(&fx, payload);
         *effects = fx;
         if let RangeMsg::Grant { access, .. } = msg {
             for page in msg.pages() {
@@ -639,7 +744,7 @@ impl Engine {
     pub(super) fn drain_local(&mut self, effects: &mut Vec<Effect>) {
         while let Some((msg, data)) = self.local.pop_front() {
             let me = self.sh.me;
-            self.on_msg(me, msg, data, effects);
+            self.on_msg(me, msg, data.into(), effects);
         }
     }
 
