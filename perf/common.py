@@ -44,6 +44,7 @@ ISSUE_KEYS: dict[str, str] = {
     "remote_write_fault_p50_us": "us",
     "local_fault_guest_p50_us": "us",
     "remote_scan_gbps": "Gbit/s",
+    "guest_touch_floor_gbps": "Gbit/s",
     "ipi_roundtrip_p50_us": "us",
     "ipi_roundtrip_p99_us": "us",
     "dvmm_ipi_roundtrip_1node_us": "us",
@@ -73,6 +74,7 @@ HIGHER_IS_BETTER = {
     "remote_scan_gbps_integrity",
     "remote_scan_gbps_none",
     "remote_scan_shm_gbps",
+    "guest_touch_floor_gbps",
     "prefetch_hit_ratio",
 }
 
@@ -184,6 +186,7 @@ TARGETS: tuple[Target, ...] = (
         ">=",
         0.5,
     ),
+    Target("copies_per_page", "copies_per_page", ("copies_per_page",), "<=", 2.0),
     Target(
         "encryption_cost",
         "remote_scan_gbps_encrypt / remote_scan_gbps_none",

@@ -131,8 +131,8 @@ MICRO_KEYS = (
     "local_fault_floor_busy_p50_us",
 )  # fmt: skip
 SCAN_KEYS = (
-    "remote_scan_gbps", "remote_scan_shm_gbps", "prefetch_hit_ratio", "copies_per_page",
-    *ENGINE_KEYS,
+    "remote_scan_gbps", "remote_scan_shm_gbps", "guest_touch_floor_gbps", "prefetch_hit_ratio",
+    "copies_per_page", *ENGINE_KEYS,
 )  # fmt: skip
 CONTENDED_KEYS = ("counter_2node_ops_per_s", "falseshare_2node_ops_per_s")
 PLAIN_KEYS = ("falseshare_2node_plain_ops_per_s", "counter_2node_plain_ops_per_s")
