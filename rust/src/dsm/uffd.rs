@@ -9,7 +9,7 @@
 //! ioctl is what keeps a shared copy from being writable, even briefly.
 //!
 //! How a page arrives: its contents *land in place* — the transport writes
-//! them into the memfd through the engine's mapping ([`GuestMem::land`]) while
+//! them into the memfd with `pwrite` ([`GuestMem::land`]) while
 //! the guest mapping still has no entry for the page — and then one
 //! UFFDIO_CONTINUE per run of pages maps them for the guest
 //! ([`GuestMem::map_landed`]) and wakes the faulting threads. A page is only
@@ -270,25 +270,46 @@ impl GuestMem {
         }
     }
 
-    /// Write one page of received contents into the memfd through the
-    /// engine mapping, for a page that is a hole this node awaits (the
-    /// engine's `Landing` checks that): the guest mapping has no entry for it,
-    /// so nothing can see it before [`GuestMem::map_landed`].
-    pub fn land(&self, page: u64, data: &[u8]) {
+    /// Write one page of received contents into the memfd (`pwrite`: the page
+    /// cache page is allocated and filled in one step, without zeroing it
+    /// first and without a page fault on a mapping), for a page that is a hole
+    /// this node awaits (the engine's `Landing` checks that): the guest
+    /// mapping has no entry for it, so nothing can see it before
+    /// [`GuestMem::map_landed`].
+    pub fn land(&self, page: u64, data: &[u8]) -> Result<()> {
         if data.len() != PAGE || (page as usize + 1) * PAGE > self.len {
-            return;
+            return Err(Self::err(
+                "pwrite",
+                page,
+                std::io::Error::from(ErrorKind::InvalidInput),
+            ));
         }
-        // SAFETY: the engine mapping covers the whole memfd (checked bound);
-        // the page is a hole no one maps for the guest, and only the engine
-        // thread (holding the engine) writes it, so the destination is
-        // exclusively ours; `data` is 4 KiB and does not overlap guest RAM.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                (self.engine + page as usize * PAGE) as *mut u8,
-                PAGE,
-            );
+        let mut done = 0;
+        while done < PAGE {
+            // SAFETY: writes from a live buffer of PAGE - done bytes into our
+            // memfd at an offset inside it (checked above); no memory of ours
+            // is written.
+            let r = unsafe {
+                libc::pwrite(
+                    self.memfd,
+                    data[done..].as_ptr().cast(),
+                    PAGE - done,
+                    (page as usize * PAGE + done) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Self::err("pwrite", page, e));
+            }
+            if r == 0 {
+                return Err(Self::err("pwrite", page, ErrorKind::WriteZero.into()));
+            }
+            done += r as usize;
         }
+        Ok(())
     }
 
     /// Map `count` landed pages from `first` for the guest (one
@@ -653,8 +674,8 @@ mod tests {
             }
             d
         };
-        mem.land(1, &pattern(1));
-        mem.land(2, &pattern(2));
+        mem.land(1, &pattern(1)).unwrap();
+        mem.land(2, &pattern(2)).unwrap();
         // Landed but not mapped: a guest read is a MINOR fault and waits.
         let reader = {
             let ram = ram.clone();

@@ -10,7 +10,7 @@ use super::serve::{Engine, PMsg};
 use super::{EffectError, EngineFault};
 use crate::dsm::protocol::{self, Effect, PageIdx};
 use crate::dsm::stats::Stats;
-use crate::dsm::uffd::{GuestMem, PAGE};
+use crate::dsm::uffd::{GuestMem, UffdError, PAGE};
 use crate::dsm::wire::Landing;
 
 /// The engine's answer to "may this page land in place?", for one poll.
@@ -21,6 +21,8 @@ pub(super) struct Lander<'a> {
     pub(super) stats: &'a Stats,
     /// The engine's landed set, lent for the poll.
     pub(super) landed: RefCell<HashSet<PageIdx>>,
+    /// The first page that could not be written (the VM stops with it).
+    pub(super) failed: RefCell<Option<(PageIdx, UffdError)>>,
 }
 
 impl Landing for Lander<'_> {
@@ -46,9 +48,13 @@ impl Landing for Lander<'_> {
     }
 
     fn land(&self, page: PageIdx, data: &[u8]) {
-        self.mem.land(page, data);
-        // The one user-space copy on the receiving side.
-        Stats::inc(&self.stats.page_copies);
+        match self.mem.land(page, data) {
+            // The one copy on the receiving side.
+            Ok(()) => Stats::inc(&self.stats.page_copies),
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert((page, e));
+            }
+        }
     }
 }
 

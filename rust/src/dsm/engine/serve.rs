@@ -261,12 +261,18 @@ impl Engine {
             deferred: &self.deferred_pages,
             stats: &self.sh.stats,
             landed: RefCell::new(std::mem::take(&mut self.landed)),
+            failed: RefCell::new(None),
         };
         let polled = self
             .sh
             .transport
             .poll_landing(timeout, &extra, &mut events, &lander);
         self.landed = lander.landed.into_inner();
+        if let Some((page, err)) = lander.failed.into_inner() {
+            self.failed = true;
+            self.sh
+                .fail(EngineFault::Effect(EffectError::Memory { page, err }));
+        }
         let ready = match polled {
             Ok(r) => r,
             Err(e) => {
