@@ -220,6 +220,7 @@ impl DsmEngine {
             rbuf: Vec::new(),
             rpages: Vec::new(),
             landed: HashSet::new(),
+            land: super::land_from_env(),
         };
         let realtime = cfg.realtime || cfg.service != ServiceMode::Legacy;
         let me = cfg.node_index;

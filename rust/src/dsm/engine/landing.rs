@@ -15,6 +15,8 @@ use crate::dsm::wire::Landing;
 
 /// The engine's answer to "may this page land in place?", for one poll.
 pub(super) struct Lander<'a> {
+    /// Landing in place is on (`DVMM_DSM_LAND`).
+    pub(super) enabled: bool,
     pub(super) node: &'a protocol::Node,
     pub(super) mem: &'a GuestMem,
     pub(super) deferred: &'a HashMap<PageIdx, u32>,
@@ -31,6 +33,9 @@ impl Landing for Lander<'_> {
     /// guest until its grant is handled, and no other message can install it
     /// meanwhile (the grant handling refuses bytes for a landed page).
     fn accept(&self, pages: &[PageIdx]) -> bool {
+        if !self.enabled {
+            return false;
+        }
         let mut landed = self.landed.borrow_mut();
         let ok = pages.iter().all(|&p| {
             self.node.is_pending(p)

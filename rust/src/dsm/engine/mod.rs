@@ -266,6 +266,16 @@ pub fn ranges_from_env() -> bool {
         .unwrap_or(false)
 }
 
+/// `DVMM_DSM_LAND` from the environment: `0`, `false`, `off` or `no` turn
+/// landing in place off (every received page is then installed from a
+/// payload with UFFDIO_COPY, as before); anything else leaves it on. For A/B
+/// runs.
+pub fn land_from_env() -> bool {
+    !std::env::var("DVMM_DSM_LAND")
+        .map(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
+        .unwrap_or(false)
+}
+
 /// The transport [`DsmEngine::start`] builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportKind {

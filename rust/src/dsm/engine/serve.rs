@@ -150,6 +150,8 @@ pub(super) struct Engine {
     /// Pages whose contents landed in place (or are reserved to) and are not
     /// mapped for the guest yet (see `landing`).
     pub(super) landed: HashSet<PageIdx>,
+    /// Received pages land in place ([`super::land_from_env`]).
+    pub(super) land: bool,
 }
 
 impl Engine {
@@ -256,6 +258,7 @@ impl Engine {
         let mut faults = std::mem::take(&mut self.faults);
         let mut effects = std::mem::take(&mut self.effects);
         let lander = Lander {
+            enabled: self.land,
             node: &self.node,
             mem: &self.sh.mem,
             deferred: &self.deferred_pages,
