@@ -105,8 +105,9 @@ pub struct ClusterSpec {
     /// engine's default, see [`crate::dsm::engine::DEFAULT_PREFETCH_MAX_PAGES`]).
     #[serde(default)]
     pub prefetch_max_pages: Option<u32>,
-    /// DSM range transactions for prefetch (absent: off, or `DVMM_DSM_RANGES`
-    /// in the worker's environment; see [`crate::dsm::DsmConfig::ranges`]).
+    /// DSM range transactions for prefetch (absent: on, unless
+    /// `DVMM_DSM_RANGES=0` is in the worker's environment; see
+    /// [`crate::dsm::DsmConfig::ranges`]).
     #[serde(default)]
     pub dsm_ranges: Option<bool>,
     /// How messages move between the nodes: "tcp" (default; any nodes) or

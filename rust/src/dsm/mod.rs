@@ -17,12 +17,13 @@
 //!   control lane and a bulk lane per pair of nodes.
 //! - [`shm`]: a shared-memory transport for nodes on one host (rings in a
 //!   shared segment, a unix-socket doorbell, the same sealed records).
-//! - [`uffd`]: userfaultfd on the guest mapping; install (UFFDIO_COPY),
-//!   downgrade (UFFDIO_WRITEPROTECT), drop (fallocate PUNCH_HOLE).
+//! - [`uffd`]: userfaultfd on the guest mapping; pages landed in place mapped
+//!   with UFFDIO_CONTINUE, install (UFFDIO_COPY), downgrade
+//!   (UFFDIO_WRITEPROTECT), drop (fallocate PUNCH_HOLE).
 //! - [`engine`]: the per-node engine thread tying them together; it takes a
 //!   transport ([`DsmEngine::start_with`]) or builds one ([`DsmEngine::start`]);
-//!   with [`DsmConfig::ranges`] (`DVMM_DSM_RANGES=1`, off by default) it
-//!   prefetches with range transactions.
+//!   with [`DsmConfig::ranges`] (on by default, `DVMM_DSM_RANGES=0` turns it
+//!   off) it prefetches with range transactions.
 //! - [`stats`](mod@stats): counters.
 //!
 //! # API for the VM

@@ -104,7 +104,7 @@
 //! find a request). Single-page requests behave the same way.
 //!
 //! The engine issues range requests for prefetch windows when its `ranges`
-//! switch is on (`DVMM_DSM_RANGES=1`; off by default, `Prefetch` otherwise); on
+//! switch is on (the default; `DVMM_DSM_RANGES=0`: `Prefetch` messages); on
 //! the wire a range message is a train of ordinary frames on one lane
 //! (crate::dsm::wire).
 //!

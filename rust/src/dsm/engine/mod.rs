@@ -26,12 +26,15 @@
 //! message is deferred as a whole (if any of its pages is held), and later
 //! messages overlapping a deferred one queue behind it.
 //!
-//! **Range transactions** ([`DsmConfig::ranges`], off by default,
-//! `DVMM_DSM_RANGES=1`): a prefetch window is requested with one
-//! [`protocol::RangeMsg::Req`] (`OnBusy::Decline`) instead of a `Prefetch`
-//! message, so the home answers a run of pages with one grant (pages as one
-//! train of frames, see `wire`) and one `Done`, and the window may grow to
-//! [`protocol::MAX_RANGE`] pages. The engine executes every range effect
+//! **Range transactions** ([`DsmConfig::ranges`], on by default since pages
+//! land in place, A/B in perf/README.md; `DVMM_DSM_RANGES=0` turns them off):
+//! a prefetch window is requested with one [`protocol::RangeMsg::Req`]
+//! (`OnBusy::Decline`) instead of a `Prefetch` message, so the home answers a
+//! run of pages with one grant (pages as one train of frames, see `wire`,
+//! landing in place and mapped with one UFFDIO_CONTINUE) and one `Done`. The
+//! window grows to [`DEFAULT_PREFETCH_MAX_PAGES`]; `DVMM_DSM_PREFETCH` may
+//! raise it to [`protocol::MAX_RANGE`] pages (it measured worse: see
+//! perf/README.md). The engine executes every range effect
 //! whether or not it asked for ranges itself (a peer's home may answer with
 //! range messages only to range requests, but every node handles them).
 //!
@@ -243,26 +246,25 @@ pub struct DsmConfig {
     /// stream stays sequential and halves when its prefetched pages are
     /// wasted: see `prefetch`). 0 turns it off; at most
     /// [`protocol::MAX_PREFETCH`], or [`protocol::MAX_RANGE`] with
-    /// [`DsmConfig::ranges`] (then also the default when `DVMM_DSM_PREFETCH`
-    /// is unset). Bounded by `foreign_budget`.
+    /// [`DsmConfig::ranges`]. Bounded by `foreign_budget`.
     pub prefetch_max_pages: u32,
     /// How messages move between the nodes.
     pub transport: TransportKind,
     /// Prefetch with range transactions (one request, grant and `Done` per
     /// window, windows up to [`protocol::MAX_RANGE`] pages) instead of
-    /// `Prefetch` messages. Off by default until the A/B says otherwise;
-    /// `DVMM_DSM_RANGES=1` turns it on.
+    /// `Prefetch` messages. On by default (A/B in perf/README.md);
+    /// `DVMM_DSM_RANGES=0` turns it off.
     pub ranges: bool,
     /// Where application frames, peer failures and fatal errors go (the
     /// cluster link, [`crate::cluster::link`]); None: they are only logged.
     pub app: Option<Arc<dyn AppSink>>,
 }
 
-/// `DVMM_DSM_RANGES` from the environment: `1`, `true`, `on` or `yes` turn
-/// range transactions on; anything else (or nothing) leaves them off.
+/// `DVMM_DSM_RANGES` from the environment: `0`, `false`, `off` or `no` turn
+/// range transactions off; anything else (or nothing) leaves them on.
 pub fn ranges_from_env() -> bool {
-    std::env::var("DVMM_DSM_RANGES")
-        .map(|v| matches!(v.trim(), "1" | "true" | "on" | "yes"))
+    !std::env::var("DVMM_DSM_RANGES")
+        .map(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
         .unwrap_or(false)
 }
 
@@ -321,11 +323,7 @@ impl DsmConfig {
             prefetch_max_pages: std::env::var("DVMM_DSM_PREFETCH")
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(if ranges_from_env() {
-                    protocol::MAX_RANGE
-                } else {
-                    DEFAULT_PREFETCH_MAX_PAGES
-                }),
+                .unwrap_or(DEFAULT_PREFETCH_MAX_PAGES),
             transport: TransportKind::Tcp,
             ranges: ranges_from_env(),
             app: None,
