@@ -688,3 +688,45 @@ fn failed_range_install_is_not_reported_done() {
     );
     c.shutdown();
 }
+
+#[test]
+fn home_reads_back_its_own_pages_with_range_prefetch() {
+    const N: usize = 256;
+    let c = cluster(&Opts {
+        per_node: N,
+        ranges: true,
+        prefetch: 64,
+        budget: None,
+    });
+    // Node 1 writes every page homed at node 0 (taking them modified), then
+    // node 0 reads them back in order: its own pages, held elsewhere.
+    c.on(1, |vm| (0..N).for_each(|p| vm.write(p, 0xfeed ^ p as u64)));
+    let bad = c.on(0, |vm| {
+        (0..N)
+            .filter(|&p| vm.read(p) != 0xfeed ^ p as u64)
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        bad.is_empty(),
+        "node 0 read wrong contents on pages {bad:?}"
+    );
+    c.no_errors();
+    let s = c.stats(0);
+    assert_eq!(s.pages_received, N as u64, "{s:?}");
+    // The read-back was prefetched: most pages arrived before a fault asked.
+    assert!(s.prefetch_requests > 0, "{s:?}");
+    assert!(s.prefetched_pages + s.prefetch_late > N as u64 / 2, "{s:?}");
+    assert!(s.read_faults - s.prefetch_late < N as u64 / 4, "{s:?}");
+    // As range requests to its own directory (none as `Prefetch` messages).
+    let prefetches = c.links[0]
+        .sent()
+        .into_iter()
+        .filter(|m| matches!(m, Sent::One(Msg::Prefetch { .. })))
+        .count();
+    assert_eq!(prefetches, 0);
+    // Node 1 keeps read-shared copies, still readable without a fault.
+    let r1 = c.stats(1).read_faults;
+    assert_eq!(c.on(1, |vm| vm.read(7)), 0xfeed ^ 7);
+    assert_eq!(c.stats(1).read_faults, r1);
+    c.shutdown();
+}

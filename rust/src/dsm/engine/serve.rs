@@ -424,10 +424,9 @@ impl Engine {
         let Ok(home) = self.node.home_of(page) else {
             return;
         };
-        // As `Node::prefetch`: pages a home reads back are not prefetched yet.
-        if home == self.sh.me {
-            return;
-        }
+        // A home reading back its own pages (held elsewhere) prefetches them
+        // too: the range request goes to its own directory, which fetches them
+        // from their holders (single-page `Prefetch` messages cannot do that).
         let Some(end) = self.homes.get(usize::from(home)).map(|r| r.end) else {
             return;
         };
