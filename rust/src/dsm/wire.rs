@@ -128,9 +128,9 @@ impl PageSource for &[u8] {
 }
 
 /// The receive side of the transport API in terms of guest memory: the
-/// engine says which pages it awaits, and the transport writes their
-/// contents straight into guest memory (the engine's mapping of the memfd)
-/// instead of handing over a buffer. A transport with a memory region of its
+/// engine says which pages it awaits, and the transport has their contents
+/// written straight into guest memory (the memfd) instead of handing over a
+/// buffer. A transport with a memory region of its
 /// own (RDMA) would post these pages as its receive targets.
 pub trait Landing {
     /// Whether all of `pages` (ascending) may land in place now. Accepted
