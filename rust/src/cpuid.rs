@@ -566,6 +566,12 @@ pub struct CpuidConfig {
     pub tsc_deadline: bool,
     /// The CPU model (which host features the guest is offered).
     pub model: CpuModel,
+    /// All vCPUs share the last-level cache (a one-NUMA-node VM). With
+    /// several NUMA nodes each vCPU reports its own L3: an L3 shared across
+    /// nodes contradicts the SRAT (Linux warns "llc-sibling ... is not on the
+    /// same node" and ignores it), and vCPUs of one node need not form the
+    /// aligned APIC-ID block that leaf 4's sharing count describes.
+    pub l3_shared: bool,
 }
 
 /// Number of bits needed for `n` distinct IDs (x2APIC topology shift).
@@ -633,7 +639,11 @@ pub fn vcpu_cpuid(supported: &CpuId, apic_id: u32, cfg: &CpuidConfig) -> Result<
                 // one thread per cache-sharing group... except shared L3 (level 3).
                 let cores = (n - 1).min(63);
                 let level = (e.eax >> 5) & 7;
-                let sharing = if level >= 3 { (n - 1).min(4095) } else { 0 };
+                let sharing = if level >= 3 && cfg.l3_shared {
+                    (n - 1).min(4095)
+                } else {
+                    0
+                };
                 e.eax = (e.eax & 0x3fff) | (sharing << 14) | (cores << 26);
             }
             0x5 => {
@@ -793,6 +803,7 @@ mod tests {
             total_vcpus: 4,
             tsc_deadline: false,
             model: CpuModel::Host,
+            l3_shared: true,
         };
         let c = vcpu_cpuid(&fake_supported(), 3, &cfg).unwrap();
         let s = c.as_slice();
@@ -819,11 +830,43 @@ mod tests {
     }
 
     #[test]
+    fn l3_is_shared_only_within_one_numa_node() {
+        let e = |index: u32, level: u32| kvm_cpuid_entry2 {
+            function: 4,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            // Type 1/3 (data/unified) at `level`, host sharing bits set.
+            eax: (level << 5) | 1 | (7 << 14),
+            ..Default::default()
+        };
+        let supported = CpuId::from_entries(&[e(0, 1), e(1, 2), e(2, 3)]).unwrap();
+        let sharing = |l3_shared: bool| -> Vec<u32> {
+            let cfg = CpuidConfig {
+                total_vcpus: 4,
+                tsc_deadline: false,
+                model: CpuModel::Host,
+                l3_shared,
+            };
+            let c = vcpu_cpuid(&supported, 1, &cfg).unwrap();
+            c.as_slice()
+                .iter()
+                .filter(|x| x.function == 4)
+                .map(|x| (x.eax >> 14) & 0xfff)
+                .collect()
+        };
+        // One node: L1/L2 private, L3 shared by all 4 vCPUs (4 - 1).
+        assert_eq!(sharing(true), vec![0, 0, 3]);
+        // Several nodes: every cache private, so no LLC spans two nodes.
+        assert_eq!(sharing(false), vec![0, 0, 0]);
+    }
+
+    #[test]
     fn tsc_deadline_when_offered() {
         let cfg = CpuidConfig {
             total_vcpus: 1,
             tsc_deadline: true,
             model: CpuModel::Host,
+            l3_shared: true,
         };
         let c = vcpu_cpuid(&fake_supported(), 0, &cfg).unwrap();
         let l1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
@@ -873,6 +916,7 @@ mod tests {
             total_vcpus: n,
             tsc_deadline: true,
             model,
+            l3_shared: true,
         };
         vcpu_cpuid(&full_supported(), apic_id, &cfg)
             .unwrap()

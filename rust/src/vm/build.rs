@@ -327,6 +327,7 @@ impl Vm {
             total_vcpus: n,
             tsc_deadline: true,
             model: spec.cpu_model()?,
+            l3_shared: spec.numa_nodes().len() <= 1,
         };
         let mut vcpus = Vec::with_capacity(local.len());
         for (k, fd) in fds.into_iter().enumerate() {
