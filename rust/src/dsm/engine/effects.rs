@@ -191,8 +191,9 @@ impl Engine {
         }
     }
 
-    /// Execute a `SendRange`: for a grant, read its pages of data from the
-    /// engine mapping now (as for a single-page grant) into one payload.
+    /// Execute a `SendRange`: for a grant to another node, hand the transport
+    /// the list of its pages of data (it copies them from the engine mapping
+    /// as it encodes them); to this node itself, read them into one payload.
     pub(super) fn send_range(
         &mut self,
         to: NodeId,
