@@ -570,7 +570,9 @@ pub struct CpuidConfig {
     /// several NUMA nodes each vCPU reports its own L3: an L3 shared across
     /// nodes contradicts the SRAT (Linux warns "llc-sibling ... is not on the
     /// same node" and ignores it), and vCPUs of one node need not form the
-    /// aligned APIC-ID block that leaf 4's sharing count describes.
+    /// aligned APIC-ID block that leaf 4's sharing count describes. (Intel's
+    /// leaf 4 only: on AMD family 17h+ without topoext, which dvmm hides, Linux
+    /// takes the LLC from ApicId[3] and still puts vCPUs 0-7 in one LLC.)
     pub l3_shared: bool,
 }
 
