@@ -149,16 +149,9 @@ impl FakeNode {
                     break;
                 }
                 loop {
-                    let next = match land {
-                        Some(l) => dec.next_landed(l),
-                        None => dec.next_frame().map(|f| f.map(|f| (f, false))),
-                    };
-                    match next {
-                        Ok(Some((frame, true))) => {
-                            events.push(TransportEvent::Landed { from, frame })
-                        }
-                        Ok(Some((frame, false))) => {
-                            events.push(TransportEvent::Frame { from, lane, frame })
+                    match dec.next_landed(land) {
+                        Ok(Some((frame, landed))) => {
+                            events.push(TransportEvent::received(from, lane, frame, landed))
                         }
                         Ok(None) => break,
                         Err(e) => {

@@ -525,11 +525,7 @@ impl ShmMesh {
                 got = true;
                 *lock(&p.last_rx) = Instant::now();
                 loop {
-                    let next = match land {
-                        Some(l) => rx.dec.next_landed(l),
-                        None => rx.dec.next_frame().map(|f| f.map(|f| (f, false))),
-                    };
-                    match next {
+                    match rx.dec.next_landed(land) {
                         Ok(Some((Frame::Ping, _))) => {}
                         Ok(Some((Frame::Auth { ty, .. }, _))) => {
                             let r = WireError::Unexpected(ty).to_string();
@@ -537,15 +533,9 @@ impl ShmMesh {
                             self.down(p, r, events);
                             break;
                         }
-                        Ok(Some((frame, true))) => events.push(TransportEvent::Landed {
-                            from: p.peer,
-                            frame,
-                        }),
-                        Ok(Some((frame, false))) => events.push(TransportEvent::Frame {
-                            from: p.peer,
-                            lane,
-                            frame,
-                        }),
+                        Ok(Some((frame, landed))) => {
+                            events.push(TransportEvent::received(p.peer, lane, frame, landed))
+                        }
                         Ok(None) => break,
                         Err(e) => {
                             drop(rx);

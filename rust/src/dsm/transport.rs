@@ -122,6 +122,18 @@ pub enum TransportEvent {
     PeerDown { node: NodeId, reason: String },
 }
 
+impl TransportEvent {
+    /// The event for a frame decoded from `from` on `lane`: `Landed` if its
+    /// pages landed in place (see `Decoder::next_landed`), else `Frame`.
+    pub fn received(from: NodeId, lane: Lane, frame: Frame, landed: bool) -> TransportEvent {
+        if landed {
+            TransportEvent::Landed { from, frame }
+        } else {
+            TransportEvent::Frame { from, lane, frame }
+        }
+    }
+}
+
 /// A message transport between the nodes of one VM. Implementations: the TCP
 /// mesh here; a shared-memory ring (co-located nodes) or RDMA could be added.
 pub trait Transport: Send + Sync {
@@ -147,19 +159,13 @@ pub trait Transport: Send + Sync {
     /// transport copies straight from `data` (guest memory) into its buffer.
     /// The default copies it out first (transports of tests).
     fn send_msg_from(&self, to: NodeId, msg: &Msg, data: Option<&dyn PageSource>) -> Result<()> {
-        let bytes = data.map(|d| {
-            let mut v = Vec::with_capacity(d.bytes());
-            (0..d.bytes() / wire::PAGE_SIZE).for_each(|i| d.append_page(i, &mut v));
-            v
-        });
+        let bytes = data.map(wire::copy_out);
         self.send_msg(to, msg, bytes.as_deref())
     }
     /// Send a range message whose pages of data the transport copies straight
     /// from `pages` (guest memory). The default copies them out first.
     fn send_range_from(&self, to: NodeId, msg: &RangeMsg, pages: &dyn PageSource) -> Result<()> {
-        let mut v = Vec::with_capacity(pages.bytes());
-        (0..pages.bytes() / wire::PAGE_SIZE).for_each(|i| pages.append_page(i, &mut v));
-        self.send_range(to, msg, &v)
+        self.send_range(to, msg, &wire::copy_out(pages))
     }
     /// Wait up to `timeout` (None: forever) for traffic or for one of the
     /// `extra` fds to become readable; appends events. Returns a bitmask of the
@@ -873,27 +879,13 @@ impl TcpMesh {
                     rx.last = Instant::now();
                     budget = budget.saturating_sub(k);
                     loop {
-                        let next = match land {
-                            Some(l) => rx.dec.next_landed(l),
-                            None => rx.dec.next_frame().map(|f| f.map(|f| (f, false))),
-                        };
-                        match next {
+                        match rx.dec.next_landed(land) {
                             Ok(Some((Frame::Ping, _))) => {}
                             Ok(Some((Frame::Auth { ty, .. }, _))) => {
                                 return Err(ConnDown::Unexpected(WireError::Unexpected(ty)))
                             }
-                            Ok(Some((frame, true))) => {
-                                events.push(TransportEvent::Landed {
-                                    from: c.peer,
-                                    frame,
-                                });
-                            }
-                            Ok(Some((frame, false))) => {
-                                events.push(TransportEvent::Frame {
-                                    from: c.peer,
-                                    lane: c.lane,
-                                    frame,
-                                });
+                            Ok(Some((frame, landed))) => {
+                                events.push(TransportEvent::received(c.peer, c.lane, frame, landed))
                             }
                             Ok(None) => break,
                             Err(e) => return Err(ConnDown::Malformed(e)),

@@ -443,7 +443,16 @@ impl GuestMem {
             return false;
         }
         let n = (last - first + 1) as usize;
-        let mut v = vec![0u8; n];
+        // One message spans at most a range (512 pages): no allocation per
+        // landed message on the receive path.
+        let mut stack = [0u8; 512];
+        let mut heap = Vec::new();
+        let v: &mut [u8] = if n <= stack.len() {
+            &mut stack[..n]
+        } else {
+            heap.resize(n, 0);
+            &mut heap
+        };
         // SAFETY: the span lies inside the engine mapping (checked above), which
         // is page aligned; `v` has one byte per page of the span.
         let r = unsafe {

@@ -116,6 +116,13 @@ pub trait PageSource {
     fn append_page(&self, i: usize, out: &mut Vec<u8>);
 }
 
+/// All of `src`'s pages copied out into one buffer (one copy per page).
+pub fn copy_out(src: &dyn PageSource) -> Vec<u8> {
+    let mut v = Vec::with_capacity(src.bytes());
+    (0..src.bytes() / PAGE_SIZE).for_each(|i| src.append_page(i, &mut v));
+    v
+}
+
 impl PageSource for &[u8] {
     fn bytes(&self) -> usize {
         self.len()
@@ -1128,17 +1135,16 @@ impl Decoder {
     /// Next complete frame, if any (a range message once all of its train is
     /// in).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        Ok(self.next_decoded(None)?.map(|(f, _)| f))
+        Ok(self.next_landed(None)?.map(|(f, _)| f))
     }
 
-    /// Like [`Decoder::next_frame`], with the contents of pages `land` awaits
-    /// written in place; the flag says whether the frame's pages landed (its
-    /// `data` is then `None`).
-    pub fn next_landed(&mut self, land: &dyn Landing) -> Result<Option<(Frame, bool)>, WireError> {
-        self.next_decoded(Some(land))
-    }
-
-    fn next_decoded(&mut self, land: Option<&dyn Landing>) -> Result<Option<Decoded>, WireError> {
+    /// Like [`Decoder::next_frame`], with the contents of pages `land` (if
+    /// given) awaits written in place; the flag says whether the frame's pages
+    /// landed (its `data` is then `None`).
+    pub fn next_landed(
+        &mut self,
+        land: Option<&dyn Landing>,
+    ) -> Result<Option<(Frame, bool)>, WireError> {
         loop {
             let got = if self.opener.is_sealed() {
                 self.next_sealed(land)?

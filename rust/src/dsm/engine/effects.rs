@@ -8,7 +8,7 @@ use super::{EffectError, EngineFault};
 use crate::dsm::protocol::{CacheState, Data, Effect, Msg, NodeId, PageIdx, RangeMsg};
 use crate::dsm::stats::Stats;
 use crate::dsm::uffd::{UffdError, PAGE};
-use crate::dsm::wire::PageSource;
+use crate::dsm::wire::{self, PageSource};
 
 /// The name of a range message's kind (for errors).
 fn range_kind(m: &RangeMsg) -> &'static str {
@@ -118,9 +118,8 @@ impl Engine {
                     // To itself: read the page out (one copy; installing it is
                     // the second).
                     let data = page_data.map(|p| {
-                        mem.read_page(p, &mut self.buf);
                         Stats::inc(&st.page_copies);
-                        self.buf.to_vec().into_boxed_slice()
+                        wire::copy_out(&mem.held(&[p])).into_boxed_slice()
                     });
                     self.local.push_back((PMsg::One(msg), data));
                     Ok(())
@@ -201,7 +200,7 @@ impl Engine {
     ) -> std::result::Result<(), EffectError> {
         let st = &self.sh.stats;
         let remote = to != self.sh.me;
-        self.rbuf.clear();
+        let mut payload = None;
         self.rpages.clear();
         match msg {
             RangeMsg::Grant { first, data, .. } => {
@@ -220,12 +219,8 @@ impl Engine {
                     // To itself: read the pages out (one copy; installing them
                     // is the second). Another node's transport copies them
                     // straight from the mapping.
-                    self.rbuf.resize(n * PAGE, 0);
-                    for (slot, &page) in self.rbuf.chunks_exact_mut(PAGE).zip(&self.rpages) {
-                        if let Ok(slot) = <&mut [u8; PAGE]>::try_from(slot) {
-                            self.sh.mem.read_page(page, slot);
-                        }
-                    }
+                    let pages = wire::copy_out(&self.sh.mem.held(&self.rpages));
+                    payload = (!pages.is_empty()).then(|| pages.into_boxed_slice());
                     Stats::add(&st.page_copies, n as u64);
                 }
             }
@@ -235,8 +230,7 @@ impl Engine {
             _ => {}
         }
         if !remote {
-            let data = (!self.rbuf.is_empty()).then(|| self.rbuf.clone().into_boxed_slice());
-            self.local.push_back((PMsg::Range(msg.clone()), data));
+            self.local.push_back((PMsg::Range(msg.clone()), payload));
             return Ok(());
         }
         self.sh

@@ -200,7 +200,6 @@ impl DsmEngine {
             fault_buf: GuestMem::fault_buffer(),
             events: Vec::with_capacity(64),
             effects: Vec::with_capacity(16),
-            buf: Box::new([0u8; PAGE]),
             hold: cfg.hold_window,
             hold_until: HashMap::new(),
             deferred: VecDeque::new(),
@@ -217,7 +216,6 @@ impl DsmEngine {
                 .iter()
                 .map(|r| r.start / PAGE as u64..r.end / PAGE as u64)
                 .collect(),
-            rbuf: Vec::new(),
             rpages: Vec::new(),
             landed: HashSet::new(),
             land: super::land_from_env(),

@@ -5,13 +5,14 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use super::serve::{Engine, PMsg};
 use super::{EffectError, EngineFault};
 use crate::dsm::protocol::{self, Effect, PageIdx};
 use crate::dsm::stats::Stats;
-use crate::dsm::uffd::{GuestMem, UffdError, PAGE};
-use crate::dsm::wire::Landing;
+use crate::dsm::uffd::{GuestMem, UffdError};
+use crate::dsm::wire::{self, Landing};
 
 /// The engine's answer to "may this page land in place?", for one poll.
 pub(super) struct Lander<'a> {
@@ -108,8 +109,8 @@ impl Engine {
     /// After a landed message was handled: drop (punch) its pages that are
     /// still landed but were not installed (a grant the protocol refused), so
     /// an `Invalid` page is a hole again.
-    pub(super) fn drop_unmapped(&mut self, msg: &PMsg) {
-        for page in msg.pages() {
+    pub(super) fn drop_unmapped(&mut self, pages: Range<PageIdx>) {
+        for page in pages {
             if self.landed.remove(&page) {
                 if let Err(err) = self.sh.mem.punch(page) {
                     self.failed = true;
@@ -128,13 +129,8 @@ impl Engine {
         if pages.is_empty() {
             return None;
         }
-        let mut data = vec![0u8; pages.len() * PAGE];
-        for (slot, &p) in data.chunks_exact_mut(PAGE).zip(&pages) {
-            if let Ok(slot) = <&mut [u8; PAGE]>::try_from(slot) {
-                self.sh.mem.read_page(p, slot);
-            }
-        }
-        self.drop_unmapped(msg);
+        let data = wire::copy_out(&self.sh.mem.held(&pages));
+        self.drop_unmapped(msg.pages());
         Some(data.into_boxed_slice())
     }
 }

@@ -126,7 +126,6 @@ pub(super) struct Engine {
     pub(super) fault_buf: EventBuffer,
     pub(super) events: Vec<TransportEvent>,
     pub(super) effects: Vec<Effect>,
-    pub(super) buf: Box<[u8; PAGE]>,
     /// Hold window (zero: off).
     pub(super) hold: Duration,
     /// Pages granted for writing recently: end of their hold window.
@@ -142,10 +141,7 @@ pub(super) struct Engine {
     pub(super) ranges: bool,
     /// Pages each node is home of.
     pub(super) homes: Vec<Range<PageIdx>>,
-    /// The pages of a range grant being sent to this node itself (read from
-    /// the engine mapping).
-    pub(super) rbuf: Vec<u8>,
-    /// The pages of data of a range grant being sent to another node.
+    /// The pages of data of a range grant being sent.
     pub(super) rpages: Vec<PageIdx>,
     /// Pages whose contents landed in place (or are reserved to) and are not
     /// mapped for the guest yet (see `landing`).
@@ -614,20 +610,13 @@ impl Engine {
         data: Body,
         effects: &mut Vec<Effect>,
     ) {
-        let landed = matches!(data, Body::Landed);
-        let one = match &msg {
-            PMsg::One(m) => *m,
-            PMsg::Range(m) => {
-                self.handle_range(from, m.clone(), data, effects);
-                if landed {
-                    self.drop_unmapped(&msg);
-                }
-                return;
-            }
-        };
-        self.handle_one(from, one, data, effects);
-        if landed {
-            self.drop_unmapped(&msg);
+        let landed = matches!(data, Body::Landed).then(|| msg.pages());
+        match msg {
+            PMsg::One(m) => self.handle_one(from, m, data, effects),
+            PMsg::Range(m) => self.handle_range(from, m, data, effects),
+        }
+        if let Some(pages) = landed {
+            self.drop_unmapped(pages);
         }
     }
 
