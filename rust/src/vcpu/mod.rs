@@ -73,6 +73,7 @@ pub mod complete;
 mod exits;
 mod halt;
 mod kick;
+mod profile;
 mod refused;
 mod run;
 mod stats;

@@ -67,6 +67,8 @@ pub struct Vcpu {
     /// (Tracing) when the current halt began, and when it was last reported.
     pub(super) halt_since: Option<u64>,
     pub(super) halt_reported: u64,
+    /// `DVMM_PROFILE`: sample the guest's RIP at each timer interrupt.
+    pub(super) profile: Option<super::profile::Profile>,
 }
 
 pub(super) const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86; // _IOW(KVMIO, 0x86, struct kvm_interrupt)
@@ -106,6 +108,7 @@ impl Vcpu {
             injected_unconfirmed: false,
             halt_since: None,
             halt_reported: 0,
+            profile: super::profile::Profile::from_env(),
         }
     }
     /// Spawn the vCPU thread; it waits in `Created` for `VcpuShared::start`.
@@ -398,6 +401,11 @@ impl Vcpu {
         };
         if let Some(due) = timer_injected {
             self.timer_injected(now, due);
+            if let Some(p) = self.profile.as_mut() {
+                if let Ok(regs) = self.fd.get_regs() {
+                    p.sample(index, now, regs.rip);
+                }
+            }
         }
         if init {
             timer.set(None);
