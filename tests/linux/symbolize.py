@@ -49,7 +49,9 @@ def main() -> None:
             rip_s, n_s = item.split("=")
             rip = int(rip_s, 16) - slide
             i = bisect.bisect_right(addrs, rip) - 1
-            name = names[i] if i >= 0 and rip < (1 << 64) and rip >= 0xFFFF_8000_0000_0000 else "user"
+            name = (
+                names[i] if i >= 0 and rip < (1 << 64) and rip >= 0xFFFF_8000_0000_0000 else "user"
+            )
             per[name] += int(n_s)
         total.update(per)
         top = ", ".join(f"{k} {v}" for k, v in per.most_common(6))
