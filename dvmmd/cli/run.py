@@ -25,6 +25,7 @@ from dvmmd.cli.common import (
     timeout_arg,
     vcpus_arg,
 )
+from dvmmd.cli.snapshot_args import add_snapshot_arguments, apply_restore, snapshot_plan
 from dvmmd.launcher import launch
 from dvmmd.security.keys import DATA_PLANE_HELP, DATA_PLANE_MODES
 from dvmmd.vm.spec import (
@@ -98,6 +99,8 @@ def describe_result(result: dict[str, Any], timeout_s: int = 0) -> str | None:
         return f"the guest exited with status {status}" + (f" ({error})" if error else "")
     if reason in ("shutdown", "stopped"):
         return None if not error else f"the VM {reason}: {error}"
+    if reason == "snapshot":
+        return None
     if reason == "timeout":
         return f"the VM did not finish within its {timeout_s} s timeout" + (
             f": {error}" if error else ""
@@ -155,6 +158,9 @@ def _want_console_stdin(args: argparse.Namespace) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
+    args.snapshot = snapshot_plan(args, parser)
+    info = apply_restore(args, parser)
+    args.restore_numa = info.numa if info is not None else None
     if (args.nodes > 1 or args.netns) and args.lapic == "kernel":
         parser.error("--lapic kernel: one node only (a distributed VM routes IPIs in userspace)")
     if args.nodes > 1 or args.netns:
@@ -173,6 +179,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             console_stdin=_want_console_stdin(args),
             cpu=args.cpu,
             lapic=args.lapic,
+            numa=args.restore_numa,
+            snapshot=args.snapshot,
+            restore=args.restore,
         )
     except SpecError as e:
         parser.error(str(e))
@@ -248,6 +257,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result JSON at the end")
     p.add_argument("--stats", action="store_true", help="print the VM's counters at the end")
     add_launcher_arguments(p)
+    add_snapshot_arguments(p)
     p.set_defaults(func=cmd_run, parser=p)
 
 
@@ -276,6 +286,9 @@ def launcher_options(args: argparse.Namespace) -> launch.Options:
         transport=getattr(args, "transport", d.transport),
         cpu=getattr(args, "cpu", d.cpu),
         data_plane=getattr(args, "data_plane", d.data_plane) or d.data_plane,
+        snapshot=getattr(args, "snapshot", d.snapshot),
+        restore=getattr(args, "restore", d.restore),
+        restore_numa=getattr(args, "restore_numa", d.restore_numa),
     )
 
 

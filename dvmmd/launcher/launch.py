@@ -148,6 +148,11 @@ class Options:
     cpu: str | None = None
     #: Protection of the data path between nodes (keys.DATA_PLANE_MODES).
     data_plane: str = "encrypt"
+    #: The spec's ``snapshot`` plan (dvmmd.vm.snapshots), for every node.
+    snapshot: dict[str, Any] | None = None
+    #: Restore from this snapshot directory, with the snapshot's NUMA layout.
+    restore: str | None = None
+    restore_numa: list[dict[str, Any]] | None = None
 
 
 #: Largest DSM prefetch batch (the engine's MAX_PREFETCH).
@@ -377,7 +382,7 @@ class Launcher:
     def _make_specs(self) -> None:
         opts = self.opts
         assert self.tmpdir is not None
-        numa = layout(opts.vcpus, opts.memory, opts.nodes)
+        numa = opts.restore_numa or layout(opts.vcpus, opts.memory, opts.nodes)
         addrs = self._addresses()
         # Public key material in the specs; each private key only to its own worker.
         session = new_session_hex()
@@ -419,6 +424,8 @@ class Launcher:
                     numa=numa if self.multi else None,
                     cluster=cluster,
                     cpu=cpu,
+                    snapshot=opts.snapshot,
+                    restore=opts.restore,
                 )
             except SpecError as e:
                 raise UsageError(str(e)) from None

@@ -21,6 +21,7 @@ from typing import Any
 
 from dvmmd.host import current_host_kind
 from dvmmd.security.keys import DATA_PLANE_MODES, KeyMaterialError, check_key_hex, is_session_hex
+from dvmmd.vm import snapshots
 from dvmmd.vm.sizes import PAGE_SIZE, SizeError, check_guest_memory
 
 __all__ = [
@@ -60,7 +61,7 @@ DEFAULT_CMDLINE = "run=all"
 #: Environment variable naming the guest kernel to boot by default.
 GUEST_ENV = "DVMM_GUEST"
 
-RESULT_REASONS = ("debug_exit", "shutdown", "crash", "error", "timeout", "stopped")
+RESULT_REASONS = ("debug_exit", "shutdown", "crash", "error", "timeout", "stopped", "snapshot")
 
 #: Exit statuses for results that carry no guest status. A guest's own
 #: debug-exit status (0-255) is passed through unchanged, so these can
@@ -409,6 +410,8 @@ def build_spec(
     console_stdin: bool = False,
     cpu: str | None = None,
     lapic: str | None = None,
+    snapshot: Mapping[str, Any] | None = None,
+    restore: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Build and check a VM spec. ``kernel=None`` means the bundled guest;
     ``cpu=None`` this host's default CPU model (:func:`host_default_cpu_model`);
@@ -421,6 +424,10 @@ def build_spec(
         extra["console_input"] = str(console_input)
     if console_stdin:
         extra["console_stdin"] = True
+    if snapshot is not None:
+        extra["snapshot"] = dict(snapshot)
+    if restore is not None:
+        extra["restore"] = str(restore)
     return validate_spec(
         {
             **extra,
@@ -451,7 +458,7 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
     known = {
         "vcpus", "memory", "kernel", "initrd", "cmdline", "numa",
         "console_log", "console_stdout", "timeout_s", "cluster",
-        "console_input", "console_stdin", "cpu", "lapic",
+        "console_input", "console_stdin", "cpu", "lapic", "snapshot", "restore",
     }  # fmt: skip
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -494,6 +501,13 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
     lapic = spec.get("lapic")
     if lapic is not None:
         extra["lapic"] = check_lapic(lapic, distributed=cluster is not None)
+    try:
+        if spec.get("snapshot") is not None:
+            extra["snapshot"] = snapshots.check_plan(spec["snapshot"])
+        if spec.get("restore") is not None:
+            extra["restore"] = snapshots.check_restore(spec["restore"])
+    except snapshots.SnapshotSpecError as e:
+        raise SpecError(str(e)) from None
     return {
         **extra,
         "vcpus": vcpus,
@@ -544,7 +558,7 @@ def exit_code(result: Mapping[str, Any]) -> int:
         if isinstance(status, int) and not isinstance(status, bool) and 0 <= status <= 255:
             return status
         return EXIT_ERROR
-    if reason in ("shutdown", "stopped"):
+    if reason in ("shutdown", "stopped", "snapshot"):
         return 0
     if reason == "timeout":
         return EXIT_TIMEOUT

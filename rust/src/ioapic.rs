@@ -92,7 +92,7 @@ pub enum IoApicError {
 }
 
 /// The IOAPIC.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IoApic {
     id: u8,
     ioregsel: u32,

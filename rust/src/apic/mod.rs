@@ -167,7 +167,8 @@ pub enum ApicMode {
 }
 
 /// One local APIC.
-#[derive(Debug, Clone)]
+/// Serializable (snapshots, `crate::vcpu::snapshot`): every field is state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LocalApic {
     initial_id: u32,
     base: u64,

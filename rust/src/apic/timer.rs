@@ -16,7 +16,7 @@ pub enum TimerMode {
     TscDeadline,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct Timer {
     pub(super) initial: u32,
     pub(super) divide_reg: u32,
@@ -44,6 +44,15 @@ impl LocalApic {
     pub fn set_tsc_reference(&mut self, now_ns: u64, tsc: u64) {
         self.tsc_ref_ns = now_ns;
         self.tsc_ref = tsc;
+    }
+    /// This LAPIC's times were on a VM clock that read `from_ns` and now
+    /// continue on one that reads `to_ns` at the same instant (restore of a
+    /// snapshot, maybe on another node): move every time with it.
+    pub fn shift_clock(&mut self, from_ns: u64, to_ns: u64) {
+        let mv = |t: u64| t.wrapping_add(to_ns).wrapping_sub(from_ns);
+        self.timer.start_ns = mv(self.timer.start_ns);
+        self.timer.deadline_ns = self.timer.deadline_ns.map(mv);
+        self.tsc_ref_ns = mv(self.tsc_ref_ns);
     }
     /// The VM clock (the `now_ns` of every method) stood still for `paused_ns`
     /// of real time (VM pause) while the guest TSC ran on: KVM keeps it running

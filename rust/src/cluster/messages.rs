@@ -41,6 +41,10 @@ pub const APP_ADDR: u64 = 6;
 /// Application message: EOI of a level-triggered vector, for the IOAPIC owner.
 pub const APP_EOI: u64 = 7;
 
+/// Application message: a snapshot request of the boot node (JSON,
+/// `vm::checkpoint`), answered by the node's [`super::SnapshotAgent`].
+pub const APP_SNAP: u64 = 8;
+
 /// Size of an [`encode_addressing`] payload.
 pub const ADDRESSING_BYTES: usize = 13;
 
@@ -138,6 +142,7 @@ pub fn encode_stop(r: &StopReason) -> Vec<u8> {
         }
         StopReason::Timeout => (4, 0, ""),
         StopReason::Stopped => (5, 0, ""),
+        StopReason::Snapshotted(dir) => (6, 0, dir),
     };
     let mut v = vec![kind, status];
     let m = msg.as_bytes();
@@ -161,6 +166,7 @@ pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, MessageError> {
         3 => StopReason::Error(VmFailure::Remote(format!("{who}: {msg}"))),
         4 => StopReason::Timeout,
         5 => StopReason::Stopped,
+        6 => StopReason::Snapshotted(msg),
         k => return Err(MessageError::StopKind(k)),
     })
 }

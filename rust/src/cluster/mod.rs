@@ -15,6 +15,7 @@
 //! | `APP_DONE` | empty | the sender's vCPUs are joined; it leaves once everyone is done |
 //! | `APP_ADDR` | [`encode_addressing`](messages::encode_addressing) | a vCPU of the sender changed its APIC addressing |
 //! | `APP_EOI` | `[vector u8]` | EOI of a level-triggered vector, for the IOAPIC's node |
+//! | `APP_SNAP` (request) | JSON (`vm::checkpoint`) | snapshot: pause, save this node's share, resume, ready |
 //!
 //! **Interrupts.** Every node keeps the [`ApicAddressing`](crate::apic::ApicAddressing) of every vCPU (its
 //! own from its LAPICs, the others' from `APP_ADDR` broadcasts sent whenever a
@@ -56,6 +57,13 @@ pub mod spec;
 pub use link::{AppEvent, AppHandler, AppLink, LinkError};
 pub use messages::MessageError;
 pub use service::{LocalInterrupts, RemoteInterruptSink};
+
+/// Takes part in snapshots (`vm::checkpoint::NodeSaver`): answers the boot
+/// node's `APP_SNAP` requests on the service thread.
+pub trait SnapshotAgent: Send + Sync {
+    /// The response payload to a request payload.
+    fn handle(&self, request: &[u8]) -> Vec<u8>;
+}
 pub use spec::{ClusterNodeSpec, ClusterSpec, ClusterSpecError};
 
 use std::collections::HashSet;
@@ -105,6 +113,8 @@ pub struct Cluster {
     done: Mutex<HashSet<NodeId>>,
     done_cv: Condvar,
     quit: AtomicBool,
+    /// Answers `APP_SNAP` requests (set by the VM's run).
+    agent: Mutex<Option<Arc<dyn SnapshotAgent>>>,
 }
 
 impl Cluster {
@@ -179,6 +189,7 @@ impl Cluster {
             done: Mutex::new(HashSet::new()),
             done_cv: Condvar::new(),
             quit: AtomicBool::new(false),
+            agent: Mutex::new(None),
         }))
     }
 
@@ -197,6 +208,27 @@ impl Cluster {
 
     fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         (0..self.addrs.len() as NodeId).filter(move |&n| n != self.me)
+    }
+
+    /// Every other node.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        self.peers().collect()
+    }
+
+    /// Set who answers the snapshot requests of the boot node.
+    pub fn set_agent(&self, agent: Option<Arc<dyn SnapshotAgent>>) {
+        *lock(&self.agent) = agent;
+    }
+
+    /// Send a snapshot request to `node` and wait for its response.
+    pub fn snapshot_request(
+        &self,
+        node: NodeId,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        self.link
+            .request(&self.dsm, node, messages::APP_SNAP, payload, timeout)
     }
 
     /// Tell every other node that the VM stopped (errors: the peer is gone anyway).

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use super::messages::{
     decode_addressing, decode_stop, encode_addressing, IoRequest, APP_ADDR, APP_DONE, APP_EOI,
-    APP_ERROR, APP_IO, APP_IPI, APP_STOP,
+    APP_ERROR, APP_IO, APP_IPI, APP_SNAP, APP_STOP,
 };
 use super::{AppEvent, Cluster};
 use crate::apic::{self, InterruptMessage};
 use crate::bus::{Bus, BusAction};
 use crate::dsm::protocol::NodeId;
+use crate::sync::lock;
 use crate::vcpu::{StopReason, VmFailure, VmStop};
 
 /// Hook for a distributed VM: the link from a node's [`InterruptRouter`](crate::vm::InterruptRouter) to the
@@ -178,6 +179,15 @@ impl Cluster {
                     String::from_utf8_lossy(payload)
                 )))),
             APP_DONE => self.mark_done(from),
+            APP_SNAP if from == self.boot && tag != 0 => {
+                let agent = lock(&self.agent).clone();
+                let reply = match agent {
+                    Some(a) => a.handle(payload),
+                    None => br#"{"error":"this node takes no part in snapshots yet"}"#.to_vec(),
+                };
+                let _ = self.link.respond(&self.dsm, from, APP_SNAP, tag, &reply);
+            }
+            APP_SNAP => bad("a snapshot request, but it is not the boot node".into()),
             k => bad(format!("an unknown message kind {k}")),
         }
     }

@@ -5,7 +5,8 @@ pub mod serial;
 
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use serial::{
-    ConsoleInput, ConsoleInputThread, ConsoleOutput, ConsoleWriter, Serial, COM1_IRQ, COM1_PORT,
+    ConsoleInput, ConsoleInputThread, ConsoleOutput, ConsoleWriter, Serial, SerialRegs, COM1_IRQ,
+    COM1_PORT,
 };
 
 /// An interrupt line into the VM's interrupt controllers (the IOAPIC pins).
@@ -30,4 +31,6 @@ pub enum DeviceError {
         path: String,
         source: std::io::Error,
     },
+    #[error("COM1 state from the snapshot: a receive FIFO of {0} bytes does not fit the UART's")]
+    SerialState(usize),
 }

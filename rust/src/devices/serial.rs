@@ -434,6 +434,7 @@ impl Write for TxSink {
 
 /// The interrupt trigger of the UART: pulses its IOAPIC pin (ISA IRQs are edge
 /// triggered).
+#[derive(Clone)]
 pub struct SerialIrq {
     line: Option<Arc<dyn IrqLine>>,
     irq: u32,
@@ -475,6 +476,23 @@ impl ConsoleOutput {
     pub fn dropped(&self) -> u64 {
         lock(&self.0.st).dropped
     }
+}
+
+/// The UART's registers and receive FIFO as a snapshot keeps them (vm-superio's
+/// `SerialState`, serializable).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 /// The COM1 device on the PIO bus.
@@ -561,6 +579,66 @@ impl Serial {
         // No writer thread, so nobody to raise THR-empty for: the queue never
         // stays full here.
         let _ = self.tx.write_out(out, chunk, dropped, failed);
+    }
+
+    /// A UART's registers at reset (a node without COM1 saves these).
+    pub fn default_regs() -> SerialRegs {
+        let s = vm_superio::serial::SerialState::default();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// The UART's registers and receive FIFO (snapshots).
+    pub fn regs(&self) -> SerialRegs {
+        let s = lock(&self.uart).state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Put the UART's registers and receive FIFO back (restore of a snapshot).
+    pub fn set_regs(&mut self, r: &SerialRegs) -> Result<(), DeviceError> {
+        let st = vm_superio::serial::SerialState {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        };
+        let mut u = lock(&self.uart);
+        let irq = u.interrupt_evt().clone();
+        *u = Uart::from_state(
+            &st,
+            irq,
+            vm_superio::serial::NoEvents,
+            TxSink(self.tx.clone()),
+        )
+        .map_err(|_| DeviceError::SerialState(r.in_buffer.len()))?;
+        Ok(())
     }
 
     /// Put as much of `input` as fits into the receive FIFO (raising the

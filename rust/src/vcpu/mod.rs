@@ -76,6 +76,7 @@ mod kick;
 mod profile;
 mod refused;
 mod run;
+pub mod snapshot;
 mod stats;
 mod stop;
 #[cfg(test)]
@@ -121,6 +122,10 @@ pub enum VcpuError {
     Timer { vcpu: u32, err: std::io::Error },
     #[error("cannot spawn the thread of vCPU {vcpu}: {err}")]
     Spawn { vcpu: u32, err: std::io::Error },
+    #[error("cannot build a KVM_GET/SET_MSRS batch")]
+    MsrBatch,
+    #[error("restoring vCPU {vcpu}: KVM refused MSR {msr:#x}")]
+    MsrRefused { vcpu: u32, msr: u32 },
     #[error("KVM_INTERRUPT of vector {vector:#x} failed on vCPU {vcpu}: {err}")]
     Interrupt {
         vcpu: u32,
@@ -187,6 +192,8 @@ pub enum VcpuEvent {
     Hlt,
     /// An interrupt the vCPU can take (or an NMI) is pending.
     Wake,
+    /// Restored from a snapshot: start in the state it was saved in.
+    Restore(VcpuState),
     /// The LAPIC received INIT.
     Init,
     /// The LAPIC received a Startup IPI.
@@ -206,6 +213,7 @@ pub fn next_state(state: VcpuState, ev: VcpuEvent) -> VcpuState {
         (Stopped, _) | (_, VcpuEvent::Stop) => Stopped,
         (Created, VcpuEvent::Start { is_bsp: true }) => Running,
         (Created, VcpuEvent::Start { is_bsp: false }) => WaitForSipi,
+        (Created, VcpuEvent::Restore(s)) if !matches!(s, Paused | Stopped) => s,
         (Created, _) => Created,
         (Paused, VcpuEvent::Resume(prev)) => prev,
         (Paused, _) => Paused,
@@ -246,6 +254,10 @@ pub struct VcpuShared {
     inbox_rx: Mutex<Option<mpsc::Receiver<InterruptMessage>>>,
     /// Posted messages the LAPIC accepted (statistics).
     posted_accepted: AtomicU64,
+    /// A snapshot wants this vCPU's state ([`VcpuShared::request_capture`]).
+    capture_wanted: AtomicBool,
+    /// The state the vCPU thread captured, or why it could not.
+    capture: Mutex<Option<Result<Box<snapshot::VcpuSnapshot>, VcpuError>>>,
 }
 
 impl std::fmt::Debug for VcpuShared {
@@ -271,6 +283,8 @@ impl VcpuShared {
             in_guest: AtomicBool::new(false),
             thread: KickTarget::new(),
             inbox_tx: tx,
+            capture_wanted: AtomicBool::new(false),
+            capture: Mutex::new(None),
             inbox_rx: Mutex::new(Some(rx)),
             posted_accepted: AtomicU64::new(0),
         }

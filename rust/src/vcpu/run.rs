@@ -24,6 +24,8 @@ pub struct VcpuEnv {
     pub guest_memory: Option<vm_memory::GuestMemoryMmap>,
     /// KVM's in-kernel LAPIC (split irqchip) instead of `VcpuShared::lapic`.
     pub kernel_lapic: bool,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST).
+    pub msr_index: Vec<u32>,
 }
 
 /// Incoming cluster traffic served on a vCPU thread: the transport signals the
@@ -67,6 +69,8 @@ pub struct Vcpu {
     /// (Tracing) when the current halt began, and when it was last reported.
     pub(super) halt_since: Option<u64>,
     pub(super) halt_reported: u64,
+    /// Restored from a snapshot: the run state to start in.
+    pub(super) restored: Option<VcpuState>,
     /// `DVMM_PROFILE`: sample the guest's RIP at each timer interrupt.
     pub(super) profile: Option<super::profile::Profile>,
 }
@@ -108,6 +112,7 @@ impl Vcpu {
             injected_unconfirmed: false,
             halt_since: None,
             halt_reported: 0,
+            restored: None,
             profile: super::profile::Profile::from_env(),
         }
     }
@@ -192,6 +197,13 @@ impl Vcpu {
                     let prev = self.paused_from;
                     self.transition(VcpuEvent::Resume(prev));
                 }
+                Request::Run if self.state == VcpuState::Created && self.restored.is_some() => {
+                    if let Some(s) = self.restored.take() {
+                        self.transition(VcpuEvent::Restore(s));
+                        // The other nodes learn its APIC addressing (as after an INIT).
+                        self.report_init_addressing();
+                    }
+                }
                 Request::Run if self.state == VcpuState::Created => {
                     // KVM's LAPIC holds an AP in KVM_RUN until its SIPI: every
                     // vCPU enters the guest at once.
@@ -204,6 +216,9 @@ impl Vcpu {
             match self.state {
                 VcpuState::Stopped => return Ok(()),
                 VcpuState::Created | VcpuState::Paused => {
+                    if self.state == VcpuState::Paused {
+                        self.shared.clone().answer_capture(self);
+                    }
                     self.shared.wait_kick(None);
                     self.serve_due = true;
                 }

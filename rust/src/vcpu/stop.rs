@@ -20,6 +20,8 @@ pub enum StopReason {
     Timeout,
     /// `stop()` was called.
     Stopped,
+    /// A snapshot was taken into this directory and the VM stopped after it.
+    Snapshotted(String),
 }
 
 /// Why the VMM (not the guest) failed, with the error that caused it as the

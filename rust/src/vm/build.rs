@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
+use super::checkpoint::{self, CheckpointError};
 use super::routing::{InterruptRouter, IoApicDevice};
+use super::snapshot::Snapshot;
 use super::{kvm_op, VmError, VmSpec};
 use crate::apic::{self, LocalApic};
 use crate::bus::Bus;
@@ -46,6 +48,8 @@ pub struct Vm {
     /// The buses (also served to other nodes by the cluster thread).
     pub(super) pio: Bus,
     pub(super) mmio: Bus,
+    /// Restored from a snapshot (its vCPUs start when every node has loaded).
+    pub(super) restored: bool,
     /// Distributed VM: the link to the other nodes. Declared before `ram`: the
     /// engine must stop before the mappings go away.
     pub(super) cluster: Option<Arc<crate::cluster::Cluster>>,
@@ -96,6 +100,18 @@ impl Vm {
         let n = spec.vcpus;
         let lapic_kind = spec.lapic_kind()?;
         let kernel_lapic = lapic_kind == crate::kirq::LapicKind::Kernel;
+        if kernel_lapic && (spec.restore.is_some() || spec.snapshot.is_some()) {
+            return Err(CheckpointError::KernelLapic.into());
+        }
+        // A snapshot to restore is checked whole before anything is built.
+        let restore = match &spec.restore {
+            Some(d) => {
+                let s = Snapshot::open(Path::new(d)).map_err(CheckpointError::from)?;
+                checkpoint::check_spec(&s, &spec)?;
+                Some(s)
+            }
+            None => None,
+        };
 
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
@@ -271,7 +287,7 @@ impl Vm {
 
         // ACPI tables and the kernel (once, by the boot node: through the guest
         // mapping, so the other nodes see them through the coherence protocol).
-        let boot = if is_boot {
+        let boot = if is_boot && restore.is_none() {
             let rsdp = write_acpi(&ram, &spec)?;
             let mem = ram.guest_memory();
             let user_line = spec.cmdline.as_deref().unwrap_or("");
@@ -319,6 +335,7 @@ impl Vm {
             server_vcpu: local.first().copied(),
             guest_memory: Some(ram.guest_memory().clone()),
             kernel_lapic,
+            msr_index: snapshot_msrs(&kvm),
         });
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -370,14 +387,23 @@ impl Vm {
                 fd.set_regs(&regs)
                     .map_err(kvm_op("KVM_SET_REGS on the boot vCPU"))?;
             }
-            vcpus.push(Vcpu::new(
+            let mut v = Vcpu::new(
                 fd,
                 shared[k].clone(),
                 env.clone(),
                 i == 0,
                 reset_regs,
                 reset_sregs,
-            ));
+            );
+            if let Some(s) = &restore {
+                let saved = s.vcpu(i).map_err(CheckpointError::from)?;
+                v.restore(&saved, clock.now_ns())
+                    .map_err(|source| CheckpointError::Restore { vcpu: i, source })?;
+            }
+            vcpus.push(v);
+        }
+        if let Some(s) = &restore {
+            restore_rest(s, &vm, &ram, &spec, serial.as_ref(), &router)?;
         }
 
         Ok(Vm {
@@ -394,6 +420,7 @@ impl Vm {
             setup: t0.elapsed(),
             pio,
             mmio,
+            restored: restore.is_some(),
             cluster,
             ram,
         })
@@ -408,6 +435,69 @@ impl Vm {
     pub fn router(&self) -> &Arc<InterruptRouter> {
         &self.router
     }
+}
+
+/// The rest of a restore, after the vCPUs: the boot node's devices, kvm-clock,
+/// and the RAM this node is home of.
+fn restore_rest(
+    s: &Snapshot,
+    vm: &VmFd,
+    ram: &GuestRam,
+    spec: &VmSpec,
+    serial: Option<&Arc<Mutex<Serial>>>,
+    router: &InterruptRouter,
+) -> Result<(), VmError> {
+    if let Some(serial) = serial {
+        let dev = s.devices().map_err(CheckpointError::from)?;
+        crate::sync::lock(serial)
+            .set_regs(&dev.com1)
+            .map_err(CheckpointError::from)?;
+        router.set_ioapic_state(dev.ioapic);
+    }
+    if let Some(ns) = s.manifest.kvmclock_ns {
+        let c = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        vm.set_clock(&c).map_err(|err| CheckpointError::Kvm {
+            what: "KVM_SET_CLOCK",
+            err,
+        })?;
+    }
+    let range = match &spec.cluster {
+        Some(c) => {
+            let n = &spec.numa_nodes()[c.node_index];
+            n.mem_start..n.mem_start + n.mem_size
+        }
+        None => 0..spec.memory,
+    };
+    checkpoint::load_memory(
+        s,
+        &range,
+        &ram.memfd_file(),
+        ram.guest_base(),
+        spec.cluster.is_some(),
+    )?;
+    Ok(())
+}
+
+/// The MSRs a snapshot saves: what KVM can save and restore, less those the
+/// userspace LAPIC answers (it saves them itself).
+fn snapshot_msrs(kvm: &Kvm) -> Vec<u32> {
+    let lapic = |m: u32| {
+        m == apic::MSR_IA32_APIC_BASE
+            || m == apic::MSR_IA32_TSC_DEADLINE
+            || (apic::X2APIC_MSR_FIRST..apic::X2APIC_MSR_FIRST + 256).contains(&m)
+    };
+    kvm.get_msr_index_list()
+        .map(|l| {
+            l.as_slice()
+                .iter()
+                .copied()
+                .filter(|&m| !lapic(m))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The guest TSC of a fresh vCPU (IA32_TSC), if readable.

@@ -13,8 +13,10 @@
 //! - [`run`]: the run loop, the result, pause/resume/stop.
 
 pub mod build;
+pub mod checkpoint;
 pub mod routing;
 pub mod run;
+pub mod snapshot;
 pub mod spec;
 
 pub use build::{Vm, IOAPIC_BASE, IOAPIC_SIZE};
@@ -66,6 +68,8 @@ pub enum VmError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Kirq(#[from] crate::kirq::KirqError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
 }
 
 impl VmError {
@@ -80,6 +84,11 @@ impl VmError {
                 )
                 | VmError::Boot(_)
                 | VmError::Device(_)
+                | VmError::Checkpoint(
+                    checkpoint::CheckpointError::Snapshot(_)
+                        | checkpoint::CheckpointError::Mismatch { .. }
+                        | checkpoint::CheckpointError::KernelLapic
+                )
         )
     }
 }

@@ -261,7 +261,15 @@ impl InterruptRouter {
         }
     }
 
-    /// Does this node own the IOAPIC?
+    /// The IOAPIC's state (snapshots; the node that owns it).
+    pub fn ioapic_state(&self) -> crate::ioapic::IoApic {
+        lock(&self.ioapic).clone()
+    }
+    /// Put the IOAPIC's state back (restore of a snapshot; before any vCPU runs).
+    pub fn set_ioapic_state(&self, s: crate::ioapic::IoApic) {
+        *lock(&self.ioapic) = s;
+    }
+    /// Whether this node has the IOAPIC.
     pub fn owns_ioapic(&self) -> bool {
         self.owns_ioapic
     }

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::checkpoint::{Coordinator, NodeSaver, SnapshotReport};
+use super::snapshot::{DeviceState, Manifest};
 use super::{Vm, VmError, VmSpec};
 use crate::sync::lock;
 use crate::vcpu::{
@@ -50,6 +52,8 @@ pub struct VmStats {
     pub local_vcpus: Vec<u32>,
     /// Coherence counters of this node (distributed VM only).
     pub dsm: Option<crate::dsm::StatsSnapshot>,
+    /// Snapshots taken (the boot node's figures).
+    pub snapshots: Vec<SnapshotReport>,
 }
 
 /// The result of a run (docs/interfaces.md).
@@ -73,6 +77,7 @@ impl VmResult {
             StopReason::Error(e) => ("error", None, Some(e.to_string()), None),
             StopReason::Timeout => ("timeout", None, Some("timeout_s passed".into()), None),
             StopReason::Stopped => ("stopped", None, None, None),
+            StopReason::Snapshotted(dir) => ("snapshot", None, Some(dir), None),
         };
         VmResult {
             node: 0,
@@ -114,6 +119,10 @@ impl VmControl {
     /// Stop the VM: `run` returns with reason `stopped`.
     pub fn stop(&self) {
         self.stop.request(StopReason::Stopped);
+    }
+    /// The VM clock now (ns).
+    pub fn clock_ns(&self) -> u64 {
+        self.clock.now_ns()
     }
     /// Current state of each vCPU.
     pub fn states(&self) -> Vec<crate::vcpu::VcpuState> {
@@ -201,23 +210,18 @@ impl Vm {
                 }
             }
         }
+        let saver = Arc::new(self.node_saver());
+        if let Some(c) = &self.cluster {
+            c.set_agent(Some(saver.clone() as Arc<dyn crate::cluster::SnapshotAgent>));
+        }
+        let mut snapshots = Vec::new();
         let reason = match failed {
             Some(r) => r,
-            None => {
-                for s in &self.shared {
-                    s.start();
-                }
-                let timeout = (self.spec.timeout_s > 0.0)
-                    .then(|| Duration::from_secs_f64(self.spec.timeout_s));
-                match self.stop.wait(timeout) {
-                    Some(r) => r,
-                    None => {
-                        self.stop.request(StopReason::Timeout);
-                        self.stop.reason().unwrap_or(StopReason::Timeout)
-                    }
-                }
-            }
+            None => self.start_and_wait(&saver, &mut snapshots),
         };
+        if let Some(c) = &self.cluster {
+            c.set_agent(None);
+        }
         if let Some(c) = &self.cluster {
             c.broadcast_stop(&reason);
         }
@@ -304,10 +308,159 @@ impl Vm {
             per_vcpu_exits: per_vcpu,
             local_vcpus: self.shared.iter().map(|s| s.index).collect(),
             dsm,
+            snapshots,
         };
         let mut r = VmResult::from_stop(reason, stats);
         r.node = self.cluster.as_ref().map_or(0, |c| usize::from(c.me));
         r
+    }
+}
+
+impl Vm {
+    /// This node's part in snapshots.
+    fn node_saver(&self) -> NodeSaver {
+        let (node, home) = match &self.spec.cluster {
+            Some(c) => {
+                let n = &self.spec.numa_nodes()[c.node_index];
+                (c.node_index, n.mem_start..n.mem_start + n.mem_size)
+            }
+            None => (0, 0..self.spec.memory),
+        };
+        NodeSaver {
+            node,
+            control: self.control(),
+            vcpus: self.shared.clone(),
+            memfd: self.ram.memfd_file(),
+            guest_base: self.ram.guest_base(),
+            home,
+            cluster: self.cluster.clone(),
+        }
+    }
+
+    /// The manifest's fields that do not change from snapshot to snapshot.
+    fn manifest_base(&self) -> Manifest {
+        let numa = self.spec.numa_nodes();
+        let mut vcpu_node = vec![0; self.spec.vcpus as usize];
+        if self.cluster.is_some() {
+            for (k, n) in numa.iter().enumerate() {
+                for &c in &n.cpus {
+                    if let Some(x) = vcpu_node.get_mut(c as usize) {
+                        *x = k;
+                    }
+                }
+            }
+        }
+        Manifest {
+            format: super::snapshot::FORMAT.into(),
+            version: super::snapshot::VERSION,
+            vcpus: self.spec.vcpus,
+            memory: self.spec.memory,
+            numa,
+            cpu: self
+                .spec
+                .cpu_model()
+                .map(|m| m.name().to_string())
+                .unwrap_or_default(),
+            nodes: self.spec.cluster.as_ref().map_or(1, |c| c.nodes.len()),
+            vcpu_node,
+            clock_ns: 0,
+            kvmclock_ns: None,
+            taken_unix_s: 0,
+            memory_files: Vec::new(),
+            files: Default::default(),
+        }
+    }
+
+    /// Start the vCPUs (a restored distributed VM: once every node has loaded,
+    /// driven by the boot node), then wait for the stop, taking the snapshots
+    /// the spec asks for on the way (boot node).
+    fn start_and_wait(&self, saver: &NodeSaver, reports: &mut Vec<SnapshotReport>) -> StopReason {
+        let is_boot = self.cluster.as_ref().is_none_or(|c| c.is_boot());
+        let (router, serial, vm) = (&self.router, &self.serial, &self._vm);
+        let devices = || DeviceState {
+            ioapic: router.ioapic_state(),
+            com1: serial
+                .as_ref()
+                .map(|s| lock(s).regs())
+                .unwrap_or_else(crate::devices::Serial::default_regs),
+        };
+        let kvmclock = || vm.get_clock().ok().map(|c| c.clock);
+        let coord = Coordinator {
+            saver,
+            manifest_base: self.manifest_base(),
+            devices: &devices,
+            kvmclock: &kvmclock,
+        };
+        if self.restored && self.cluster.is_some() {
+            if is_boot {
+                if let Err(e) = coord.start_restored() {
+                    return StopReason::Error(VmFailure::component(e));
+                }
+            }
+            // Elsewhere the boot node's `resume` starts them.
+        } else {
+            for s in &self.shared {
+                s.start();
+            }
+        }
+        let t0 = Instant::now();
+        let end =
+            (self.spec.timeout_s > 0.0).then(|| t0 + Duration::from_secs_f64(self.spec.timeout_s));
+        let plan = self.spec.snapshot.clone().filter(|_| is_boot);
+        let mut next = plan
+            .as_ref()
+            .map(|p| t0 + Duration::from_secs_f64(p.after_s));
+        loop {
+            let until = match (end, next) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = until.map(|u| u.saturating_duration_since(Instant::now()));
+            if let Some(r) = self.stop.wait(wait) {
+                return r;
+            }
+            let now = Instant::now();
+            if end.is_some_and(|e| now >= e) {
+                self.stop.request(StopReason::Timeout);
+                return self.stop.reason().unwrap_or(StopReason::Timeout);
+            }
+            let (Some(p), Some(at)) = (&plan, next) else {
+                continue;
+            };
+            if now < at {
+                continue;
+            }
+            let dir = std::path::Path::new(&p.dir);
+            match coord.take(dir, p.leave_running) {
+                Ok(rep) => {
+                    eprintln!(
+                        "dvmm: snapshot {}: {} pages ({:.1} MiB in {} files) written in {:.0} ms; the guest stood still {:.0} ms",
+                        rep.dir,
+                        rep.pages_stored,
+                        rep.bytes as f64 / (1 << 20) as f64,
+                        rep.files,
+                        rep.write_ms,
+                        rep.pause_ms
+                    );
+                    reports.push(rep);
+                    if !p.leave_running {
+                        self.stop.request(StopReason::Snapshotted(p.dir.clone()));
+                        return self.stop.reason().unwrap_or(StopReason::Stopped);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("dvmm: snapshot {} failed: {e}", p.dir);
+                    if !p.leave_running {
+                        self.stop
+                            .request(StopReason::Error(VmFailure::component(e)));
+                        return self.stop.reason().unwrap_or(StopReason::Stopped);
+                    }
+                }
+            }
+            next = p
+                .every_s
+                .map(|e| Instant::now() + Duration::from_secs_f64(e));
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub enum SpecError {
     KernelNotAFile(String),
     #[error("initrd {0}: file not found")]
     InitrdNotFound(String),
+    #[error("snapshot: dir must be given, after_s >= 0 and every_s > 0")]
+    SnapshotPlan,
     #[error("timeout_s = {0}: must be >= 0")]
     Timeout(f64),
     #[error("{0}")]
@@ -107,6 +109,13 @@ pub struct VmSpec {
     /// environment, else `user`. See crate::kirq.
     #[serde(default)]
     pub lapic: Option<String>,
+    /// Take snapshots during the run (issue 15; see `vm::checkpoint`).
+    #[serde(default)]
+    pub snapshot: Option<super::checkpoint::SnapshotPlan>,
+    /// Restore the VM from this snapshot directory instead of booting `kernel`
+    /// (which may then be empty).
+    #[serde(default)]
+    pub restore: Option<String>,
 }
 
 impl VmSpec {
@@ -153,15 +162,23 @@ impl VmSpec {
             return Err(SpecError::Vcpus(self.vcpus));
         }
         crate::memory::validate_size(self.memory).map_err(SpecError::Memory)?;
-        if self.kernel.is_empty() {
-            return Err(SpecError::NoKernel);
+        if self.restore.is_none() {
+            if self.kernel.is_empty() {
+                return Err(SpecError::NoKernel);
+            }
+            let k = Path::new(&self.kernel);
+            if !k.exists() {
+                return Err(SpecError::KernelNotFound(self.kernel.clone()));
+            }
+            if !k.is_file() {
+                return Err(SpecError::KernelNotAFile(self.kernel.clone()));
+            }
         }
-        let k = Path::new(&self.kernel);
-        if !k.exists() {
-            return Err(SpecError::KernelNotFound(self.kernel.clone()));
-        }
-        if !k.is_file() {
-            return Err(SpecError::KernelNotAFile(self.kernel.clone()));
+        if let Some(p) = &self.snapshot {
+            let ok = |t: f64| t.is_finite() && t >= 0.0;
+            if p.dir.is_empty() || !ok(p.after_s) || !p.every_s.is_none_or(|e| ok(e) && e > 0.0) {
+                return Err(SpecError::SnapshotPlan);
+            }
         }
         if let Some(i) = &self.initrd {
             if !Path::new(i).is_file() {

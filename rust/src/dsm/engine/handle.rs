@@ -35,6 +35,31 @@ pub(super) struct Shared {
     pub(super) service: ServiceMode,
     /// A vCPU thread serves incoming messages ([`ServiceMode::VcpuServe`]).
     pub(super) server_attached: AtomicBool,
+    /// Questions about page states ([`DsmHandle::page_copies`]), answered by
+    /// whichever thread runs the engine's next turn.
+    pub(super) queries: (
+        crossbeam_channel::Sender<CopyQuery>,
+        crossbeam_channel::Receiver<CopyQuery>,
+    ),
+}
+
+/// Where the current contents of a page are, as this node sees it (snapshots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCopy {
+    /// A valid copy is in this node's memfd.
+    Here,
+    /// Valid here and never written: zero, nothing backs it.
+    Zero,
+    /// Not valid here (another node holds it, or a transfer is in flight): read
+    /// it through the guest mapping, which fetches it coherently.
+    Elsewhere,
+}
+
+/// A [`DsmHandle::page_copies`] question.
+pub(super) struct CopyQuery {
+    pub(super) first: protocol::PageIdx,
+    pub(super) count: u32,
+    pub(super) reply: crossbeam_channel::Sender<Vec<PageCopy>>,
 }
 
 impl Shared {
@@ -178,6 +203,7 @@ impl DsmEngine {
             mem,
             service: cfg.service,
             server_attached: AtomicBool::new(false),
+            queries: crossbeam_channel::unbounded(),
         });
         let eng = Engine {
             sh: sh.clone(),
@@ -262,6 +288,29 @@ impl DsmHandle {
         let mut s = self.sh.stats.snapshot();
         s.page_copies += self.sh.transport.page_copies();
         s
+    }
+
+    /// Where the contents of pages `first..first + count` are ([`PageCopy`]),
+    /// from the engine's own state (asked through its next turn); None if the
+    /// engine does not answer within `timeout` (stopped or failed).
+    pub fn page_copies(
+        &self,
+        first: protocol::PageIdx,
+        count: u32,
+        timeout: Duration,
+    ) -> Option<Vec<PageCopy>> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.sh
+            .queries
+            .0
+            .send(CopyQuery {
+                first,
+                count,
+                reply,
+            })
+            .ok()?;
+        self.sh.kick();
+        rx.recv_timeout(timeout).ok()
     }
 
     /// Whether incoming messages are to be served by a vCPU thread

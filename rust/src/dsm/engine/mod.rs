@@ -49,7 +49,7 @@ mod handle;
 mod landing;
 mod serve;
 
-pub use handle::{DsmEngine, DsmHandle};
+pub use handle::{DsmEngine, DsmHandle, PageCopy};
 
 use std::net::SocketAddr;
 use std::ops::Range;

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::handle::{set_normal, set_realtime, Shared};
+use super::handle::{set_normal, set_realtime, PageCopy, Shared};
 use super::landing::Lander;
 use super::{EffectError, EngineFault, ServiceMode};
 use crate::dsm::prefetch::Prefetcher;
@@ -202,6 +202,18 @@ impl Engine {
         }
     }
 
+    /// [`super::DsmHandle::page_copies`]: where each page's contents are.
+    fn page_copies(&self, first: PageIdx, count: u32) -> Vec<PageCopy> {
+        (first..first.saturating_add(PageIdx::from(count)))
+            .map(|p| match self.node.state(p) {
+                _ if self.node.is_pending(p) || self.landed.contains(&p) => PageCopy::Elsewhere,
+                Some((CacheState::Invalid, _, _)) | None => PageCopy::Elsewhere,
+                Some((_, false, _)) => PageCopy::Zero,
+                Some((_, true, _)) => PageCopy::Here,
+            })
+            .collect()
+    }
+
     /// In the idle spin: no fault of ours waits, but traffic came within
     /// `idle_spin`.
     pub(super) fn idle_spinning(&self) -> bool {
@@ -298,6 +310,9 @@ impl Engine {
             self.on_event(ev, &mut effects);
         }
         self.drain_local(&mut effects);
+        while let Ok(q) = self.sh.queries.1.try_recv() {
+            let _ = q.reply.send(self.page_copies(q.first, q.count));
+        }
         if !self.deferred.is_empty() && self.run_deferred(&mut effects) {
             active = true;
         }

@@ -1,0 +1,97 @@
+"""``dvmmctl run``'s snapshot options: ``--snapshot-dir/--snapshot-after/
+--snapshot-every/--leave-running`` (take snapshots during the run) and
+``--restore DIR`` (start from a snapshot instead of booting; the VM's vCPUs,
+memory, NUMA topology and CPU model come from the snapshot)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dvmmd.vm.snapshots import SnapshotInfo, SnapshotSpecError, read_info
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
+    return v
+
+
+def add_snapshot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        help="take a snapshot of the whole VM (every node) into DIR; each later one replaces it",
+    )
+    p.add_argument(
+        "--snapshot-after",
+        type=_seconds_arg,
+        default=None,
+        metavar="SECONDS",
+        help="with --snapshot-dir: take the first snapshot SECONDS after the start (0)",
+    )
+    p.add_argument(
+        "--snapshot-every",
+        type=_seconds_arg,
+        default=None,
+        metavar="SECONDS",
+        help="with --snapshot-dir: then again every SECONDS (implies --leave-running)",
+    )
+    p.add_argument(
+        "--leave-running",
+        action="store_true",
+        help="with --snapshot-dir: the VM runs on after a snapshot (default: it stops, exit 0)",
+    )
+    p.add_argument(
+        "--restore",
+        metavar="DIR",
+        help="start the VM from the snapshot in DIR instead of booting a kernel (its vCPUs, "
+        "memory, NUMA topology and CPU model come from the snapshot; --nodes 1 runs every "
+        "vCPU on this node, --nodes N the snapshot's N nodes)",
+    )
+
+
+def snapshot_plan(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> dict[str, Any] | None:
+    """The spec's ``snapshot`` field from the options (None: no snapshots)."""
+    d = getattr(args, "snapshot_dir", None)
+    after, every = getattr(args, "snapshot_after", None), getattr(args, "snapshot_every", None)
+    if d is None:
+        if after is not None or every is not None or getattr(args, "leave_running", False):
+            parser.error("--snapshot-after/--snapshot-every/--leave-running need --snapshot-dir")
+        return None
+    if every == 0:
+        parser.error("--snapshot-every: must be > 0")
+    plan: dict[str, Any] = {
+        "dir": d,
+        "after_s": after or 0.0,
+        "leave_running": bool(getattr(args, "leave_running", False) or every is not None),
+    }
+    if every is not None:
+        plan["every_s"] = every
+    return plan
+
+
+def apply_restore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SnapshotInfo | None:
+    """With ``--restore``: read the snapshot's manifest and take the VM's shape
+    from it (``args.vcpus``, ``memory``, ``cpu``); None without ``--restore``."""
+    d = getattr(args, "restore", None)
+    if d is None:
+        return None
+    try:
+        info = read_info(d)
+    except SnapshotSpecError as e:
+        parser.error(f"--restore: {e}")
+    nodes = getattr(args, "nodes", 1)
+    if nodes not in (1, info.nodes):
+        parser.error(
+            f"--restore: the snapshot was taken on {info.nodes} node(s); it restores on 1 node "
+            f"or on {info.nodes} (--nodes {nodes} is not supported yet)"
+        )
+    args.vcpus, args.memory, args.cpu = info.vcpus, info.memory, info.cpu
+    return info
