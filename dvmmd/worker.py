@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             result_path, {"reason": "stopped", "status": None, "error": f"worker got {e}"}
         )
         os._exit(0)  # the VM thread may still be running: end the process now
-    if result.get("error"):
+    if result.get("error") and result.get("reason") != "snapshot":
         print(f"dvmm worker: {result['reason']}: {result['error']}", file=sys.stderr)
     code = exit_code(result)
     if result.get("reason") != "debug_exit" or code != 0:

@@ -100,6 +100,7 @@ def describe_result(result: dict[str, Any], timeout_s: int = 0) -> str | None:
     if reason in ("shutdown", "stopped"):
         return None if not error else f"the VM {reason}: {error}"
     if reason == "snapshot":
+        print(f"{PROG}: the VM stopped after its snapshot in {error}", file=sys.stderr)
         return None
     if reason == "timeout":
         return f"the VM did not finish within its {timeout_s} s timeout" + (

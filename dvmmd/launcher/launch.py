@@ -704,6 +704,8 @@ class Launcher:
             print(f"{PROG}: error: the VM timed out: {error or self.opts.timeout}", file=sys.stderr)
         elif self.signum is not None:
             print(f"{PROG}: {error}: the VM was stopped", file=sys.stderr)
+        elif reason == "snapshot":
+            print(f"{PROG}: the VM stopped after its snapshot in {error}", file=sys.stderr)
         elif reason not in ("debug_exit", "shutdown") and (error or reason != "stopped"):
             print(f"{PROG}: error: {error or reason}", file=sys.stderr)
         sys.stderr.flush()

@@ -68,6 +68,9 @@ pub struct VcpuSnapshot {
     pub lapic: LocalApic,
 }
 
+/// IA32_TSC.
+const MSR_IA32_TSC: u32 = 0x10;
+
 /// MSRs read or written per KVM_GET/SET_MSRS call.
 const MSR_BATCH: usize = 64;
 
@@ -210,6 +213,12 @@ impl Vcpu {
             .map_err(self.setup_err("restore the pending events of"))?;
         let mut lapic = s.lapic.clone();
         lapic.shift_clock(s.clock_ns, clock_ns);
+        // The guest TSC as it is now: the saved one where KVM can set it, the
+        // host's on KVM PVM (which ignores writes of IA32_TSC): either way the
+        // LAPIC's TSC-deadline model must follow the TSC the guest will read.
+        if let Some(tsc) = self.read_msr(MSR_IA32_TSC) {
+            lapic.set_tsc_reference(clock_ns, tsc);
+        }
         *lock(&self.shared.lapic) = lapic;
         self.halted_if = s.halted_if;
         self.pending_nmi = s.pending_nmi;
