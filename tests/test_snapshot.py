@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import dvmmctl, requires_kvm, require_guest, require_native
+from conftest import dvmmctl, require_guest, require_native, requires_kvm
 
 #: Workload results whose lines must match: every field but the timings.
 TIMING = re.compile(r" (time_us|rtt\w*|total_ms)=\S+")
