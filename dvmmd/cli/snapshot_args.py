@@ -50,8 +50,8 @@ def add_snapshot_arguments(p: argparse.ArgumentParser) -> None:
         "--restore",
         metavar="DIR",
         help="start the VM from the snapshot in DIR instead of booting a kernel (its vCPUs, "
-        "memory, NUMA topology and CPU model come from the snapshot; --nodes 1 runs every "
-        "vCPU on this node, --nodes N the snapshot's N nodes)",
+        "memory, NUMA topology and CPU model come from the snapshot; --nodes M spreads them "
+        "over M nodes as a fresh boot on M nodes would be, whatever the snapshot's nodes)",
     )
 
 
@@ -87,11 +87,5 @@ def apply_restore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         info = read_info(d)
     except SnapshotSpecError as e:
         parser.error(f"--restore: {e}")
-    nodes = getattr(args, "nodes", 1)
-    if nodes not in (1, info.nodes):
-        parser.error(
-            f"--restore: the snapshot was taken on {info.nodes} node(s); it restores on 1 node "
-            f"or on {info.nodes} (--nodes {nodes} is not supported yet)"
-        )
     args.vcpus, args.memory, args.cpu = info.vcpus, info.memory, info.cpu
     return info

@@ -382,7 +382,19 @@ class Launcher:
     def _make_specs(self) -> None:
         opts = self.opts
         assert self.tmpdir is not None
-        numa = opts.restore_numa or layout(opts.vcpus, opts.memory, opts.nodes)
+        # Where the nodes' shares are; a restore keeps the snapshot's NUMA
+        # topology for the guest and, on another number of nodes, places it
+        # as a fresh boot on these nodes would be placed.
+        phys = layout(opts.vcpus, opts.memory, opts.nodes)
+        numa = opts.restore_numa or phys
+        placement = None
+        if numa != phys:
+            placement = {
+                "homes": [[n["mem_start"], n["mem_size"]] for n in phys],
+                "vcpu_node": [
+                    next(k for k, n in enumerate(phys) if v in n["cpus"]) for v in range(opts.vcpus)
+                ],
+            }
         addrs = self._addresses()
         # Public key material in the specs; each private key only to its own worker.
         session = new_session_hex()
@@ -411,6 +423,8 @@ class Launcher:
                     cluster["prefetch_max_pages"] = opts.prefetch_max_pages
                 if opts.transport != "tcp":
                     cluster["transport"] = opts.transport
+                if placement is not None:
+                    cluster["placement"] = placement
             try:
                 spec = build_spec(
                     vcpus=opts.vcpus,
@@ -433,7 +447,7 @@ class Launcher:
                 index=i,
                 host=host,
                 port=port,
-                numa=numa[i],
+                numa=phys[i],
                 spec_path=self.tmpdir / f"node{i}.spec.json",
                 result_path=self.tmpdir / f"node{i}.result.json",
                 console_log=console,

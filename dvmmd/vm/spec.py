@@ -310,7 +310,7 @@ def _check_cluster(
             check_key_hex(cluster["private_key_hex"], "cluster.private_key_hex")
     except KeyMaterialError as e:
         raise SpecError(str(e)) from None
-    if numa is not None and len(numa) != len(nodes):
+    if numa is not None and len(numa) != len(nodes) and cluster.get("placement") is None:
         raise SpecError(
             f"cluster has {len(nodes)} nodes but numa has {len(numa)}: node i runs numa[i]"
         )

@@ -129,10 +129,8 @@ impl Cluster {
     ) -> Result<Arc<Cluster>, ClusterError> {
         let addrs = spec.addrs()?;
         let me = spec.node_index as NodeId;
-        let ranges = numa
-            .iter()
-            .map(|n| n.mem_start..n.mem_start + n.mem_size)
-            .collect();
+        let placement = spec.placement_of(numa);
+        let ranges = (0..addrs.len()).map(|k| placement.home(k)).collect();
         let mut cfg = DsmConfig::new(
             me,
             addrs.clone(),
@@ -142,7 +140,8 @@ impl Cluster {
             ram.guest_base(),
             ram.engine_base(),
         );
-        let share_pages = numa.get(spec.node_index).map_or(0, |n| n.mem_size / 4096) as usize;
+        let share = placement.home(spec.node_index);
+        let share_pages = ((share.end - share.start) / 4096) as usize;
         cfg.foreign_budget = Some(
             spec.foreign_budget_pages
                 .unwrap_or_else(|| default_foreign_budget(share_pages)),
@@ -171,11 +170,9 @@ impl Cluster {
             source,
         })?;
         let mut cpu_node = vec![0 as NodeId; vcpus as usize];
-        for (i, n) in numa.iter().enumerate() {
-            for &c in &n.cpus {
-                if let Some(x) = cpu_node.get_mut(c as usize) {
-                    *x = i as NodeId;
-                }
+        for (c, &k) in placement.vcpu_node.iter().enumerate() {
+            if let Some(x) = cpu_node.get_mut(c) {
+                *x = k as NodeId;
             }
         }
         Ok(Arc::new(Cluster {

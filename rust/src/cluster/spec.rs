@@ -30,6 +30,8 @@ pub enum ClusterSpecError {
     NumaCount { numa: usize, nodes: usize },
     #[error("cluster.boot_node = {0}: the BSP (vCPU 0) must be in numa[{0}].cpus")]
     BspNotOnBootNode(usize),
+    #[error("cluster.placement: {0}")]
+    Placement(String),
     #[error("cluster.nodes[{index}].addr = {addr:?}: not an ip:port address ({source})")]
     Addr {
         index: usize,
@@ -117,6 +119,93 @@ pub struct ClusterSpec {
     /// Give up forming the mesh after this many seconds (default 30).
     #[serde(default)]
     pub connect_timeout_s: Option<f64>,
+    /// Where the VM's parts run when it is not one NUMA node per cluster node
+    /// (a snapshot restored on another number of nodes); absent: node i runs
+    /// `numa[i]`'s vCPUs and is home of its memory.
+    #[serde(default)]
+    pub placement: Option<Placement>,
+}
+
+/// Which cluster node is home of which RAM and runs which vCPU. The guest's
+/// NUMA topology (its SRAT) stays what `numa` says; this is where dvmm puts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// The RAM each node is home of, `[mem_start, mem_size]` (RAM offsets),
+    /// in node order, consecutive from 0.
+    pub homes: Vec<[u64; 2]>,
+    /// The node of each vCPU.
+    pub vcpu_node: Vec<usize>,
+}
+
+impl Placement {
+    /// One NUMA node per cluster node.
+    pub fn of_numa(numa: &[NumaNode]) -> Placement {
+        let vcpus: usize = numa.iter().map(|n| n.cpus.len()).sum();
+        let mut vcpu_node = vec![0; vcpus];
+        for (k, n) in numa.iter().enumerate() {
+            for &c in &n.cpus {
+                if let Some(x) = vcpu_node.get_mut(c as usize) {
+                    *x = k;
+                }
+            }
+        }
+        Placement {
+            homes: numa.iter().map(|n| [n.mem_start, n.mem_size]).collect(),
+            vcpu_node,
+        }
+    }
+
+    /// The RAM node `k` is home of (bytes, RAM offsets).
+    pub fn home(&self, k: usize) -> std::ops::Range<u64> {
+        self.homes
+            .get(k)
+            .map_or(0..0, |&[start, size]| start..start + size)
+    }
+
+    /// The vCPUs node `k` runs, ascending.
+    pub fn vcpus_of(&self, k: usize) -> Vec<u32> {
+        (0..self.vcpu_node.len() as u32)
+            .filter(|&v| self.vcpu_node[v as usize] == k)
+            .collect()
+    }
+
+    fn validate(&self, nodes: usize, numa: &[NumaNode]) -> Result<(), ClusterSpecError> {
+        let bad = |s: String| Err(ClusterSpecError::Placement(s));
+        if self.homes.len() != nodes {
+            return bad(format!(
+                "{} home ranges for {nodes} nodes",
+                self.homes.len()
+            ));
+        }
+        let mut at = 0;
+        for (k, &[start, size]) in self.homes.iter().enumerate() {
+            if start != at || size % 4096 != 0 {
+                return bad(format!(
+                    "homes[{k}] = [{start:#x}, {size:#x}]: expected a multiple of 4 KiB from {at:#x}"
+                ));
+            }
+            at += size;
+        }
+        let memory: u64 = numa.iter().map(|n| n.mem_size).sum();
+        if at != memory {
+            return bad(format!("the homes cover {at:#x} bytes of {memory:#x}"));
+        }
+        let vcpus: usize = numa.iter().map(|n| n.cpus.len()).sum();
+        if self.vcpu_node.len() != vcpus {
+            return bad(format!(
+                "vcpu_node has {} entries for {vcpus} vCPUs",
+                self.vcpu_node.len()
+            ));
+        }
+        if let Some(v) = self.vcpu_node.iter().position(|&k| k >= nodes) {
+            return bad(format!(
+                "vcpu_node[{v}] = {}: no such node",
+                self.vcpu_node[v]
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Default foreign budget, in percent of the node's own share: a node holds
@@ -158,6 +247,14 @@ fn hex_array<const N: usize>(field: &str, s: &str) -> Result<[u8; N], ClusterSpe
 }
 
 impl ClusterSpec {
+    /// Where the VM's parts run ([`Placement`]): the spec's, or one NUMA node
+    /// per cluster node.
+    pub fn placement_of(&self, numa: &[NumaNode]) -> Placement {
+        self.placement
+            .clone()
+            .unwrap_or_else(|| Placement::of_numa(numa))
+    }
+
     /// Check the cluster against the VM's NUMA layout; the error names the field.
     pub fn validate(&self, numa: Option<&[NumaNode]>) -> Result<(), ClusterSpecError> {
         let n = self.nodes.len();
@@ -182,14 +279,27 @@ impl ClusterSpec {
         let Some(numa) = numa else {
             return Err(ClusterSpecError::NoNuma(n));
         };
-        if numa.len() != n {
-            return Err(ClusterSpecError::NumaCount {
-                numa: numa.len(),
-                nodes: n,
-            });
-        }
-        if !numa[self.boot_node].cpus.contains(&0) {
-            return Err(ClusterSpecError::BspNotOnBootNode(self.boot_node));
+        match &self.placement {
+            Some(p) => {
+                p.validate(n, numa)?;
+                if p.vcpu_node.first() != Some(&self.boot_node) {
+                    return Err(ClusterSpecError::Placement(format!(
+                        "vCPU 0 (the BSP) must run on the boot node {}",
+                        self.boot_node
+                    )));
+                }
+            }
+            None => {
+                if numa.len() != n {
+                    return Err(ClusterSpecError::NumaCount {
+                        numa: numa.len(),
+                        nodes: n,
+                    });
+                }
+                if !numa[self.boot_node].cpus.contains(&0) {
+                    return Err(ClusterSpecError::BspNotOnBootNode(self.boot_node));
+                }
+            }
         }
         self.addrs()?;
         self.keys()?;

@@ -169,11 +169,7 @@ impl Vm {
         let is_boot = cluster.as_ref().is_none_or(|c| c.is_boot());
         // The vCPUs this node runs (APIC IDs are global).
         let local: Vec<u32> = match &spec.cluster {
-            Some(c) => {
-                let mut v = numa[c.node_index].cpus.clone();
-                v.sort_unstable();
-                v
-            }
+            Some(c) => c.placement_of(&numa).vcpus_of(c.node_index),
             None => (0..n).collect(),
         };
         for (slot, r) in ram.regions().iter().enumerate() {
@@ -465,10 +461,7 @@ fn restore_rest(
         })?;
     }
     let range = match &spec.cluster {
-        Some(c) => {
-            let n = &spec.numa_nodes()[c.node_index];
-            n.mem_start..n.mem_start + n.mem_size
-        }
+        Some(c) => c.placement_of(&spec.numa_nodes()).home(c.node_index),
         None => 0..spec.memory,
     };
     checkpoint::load_memory(

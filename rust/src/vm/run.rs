@@ -162,6 +162,12 @@ impl Vm {
     /// vCPU thread and return the result.
     pub fn run(mut self) -> VmResult {
         let t0 = Instant::now();
+        // Snapshot requests are answered by the service thread: the agent is in
+        // place before it starts (a restore's `ready` may come at once).
+        let saver = Arc::new(self.node_saver());
+        if let Some(c) = &self.cluster {
+            c.set_agent(Some(saver.clone() as Arc<dyn crate::cluster::SnapshotAgent>));
+        }
         // Distributed VM: the thread serving the other nodes (IPIs, I/O, stop).
         if let Some(c) = &self.cluster {
             c.fast_path(self.router.clone(), self.pio.clone(), self.mmio.clone());
@@ -209,10 +215,6 @@ impl Vm {
                     break;
                 }
             }
-        }
-        let saver = Arc::new(self.node_saver());
-        if let Some(c) = &self.cluster {
-            c.set_agent(Some(saver.clone() as Arc<dyn crate::cluster::SnapshotAgent>));
         }
         let mut snapshots = Vec::new();
         let reason = match failed {
@@ -320,10 +322,10 @@ impl Vm {
     /// This node's part in snapshots.
     fn node_saver(&self) -> NodeSaver {
         let (node, home) = match &self.spec.cluster {
-            Some(c) => {
-                let n = &self.spec.numa_nodes()[c.node_index];
-                (c.node_index, n.mem_start..n.mem_start + n.mem_size)
-            }
+            Some(c) => (
+                c.node_index,
+                c.placement_of(&self.spec.numa_nodes()).home(c.node_index),
+            ),
             None => (0, 0..self.spec.memory),
         };
         NodeSaver {
@@ -340,16 +342,10 @@ impl Vm {
     /// The manifest's fields that do not change from snapshot to snapshot.
     fn manifest_base(&self) -> Manifest {
         let numa = self.spec.numa_nodes();
-        let mut vcpu_node = vec![0; self.spec.vcpus as usize];
-        if self.cluster.is_some() {
-            for (k, n) in numa.iter().enumerate() {
-                for &c in &n.cpus {
-                    if let Some(x) = vcpu_node.get_mut(c as usize) {
-                        *x = k;
-                    }
-                }
-            }
-        }
+        let vcpu_node = match &self.spec.cluster {
+            Some(c) => c.placement_of(&numa).vcpu_node,
+            None => vec![0; self.spec.vcpus as usize],
+        };
         Manifest {
             format: super::snapshot::FORMAT.into(),
             version: super::snapshot::VERSION,

@@ -548,7 +548,7 @@ mod tests {
         let d = tmp("mem");
         let pages = 300u64;
         let content = |p: u64| -> u8 {
-            if p % 7 == 0 {
+            if p.is_multiple_of(7) {
                 (p % 251) as u8 + 1
             } else {
                 0
@@ -576,7 +576,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let want: Vec<u64> = (0..pages).filter(|p| p % 7 == 0).collect();
+        let want: Vec<u64> = (0..pages).filter(|p| p.is_multiple_of(7)).collect();
         assert_eq!(seen, want);
         std::fs::remove_dir_all(&d).unwrap();
     }
