@@ -413,6 +413,7 @@ mod tests {
             dsm_ranges: None,
             transport: None,
             connect_timeout_s: None,
+            placement: None,
         };
         ok.validate(Some(&numa)).unwrap();
         let e = |f: &dyn Fn(&mut ClusterSpec)| {
@@ -451,5 +452,50 @@ mod tests {
             .to_string()
             .contains("numa"));
         assert!(ok.validate(None).unwrap_err().to_string().contains("numa"));
+    }
+
+    #[test]
+    fn placement_decouples_nodes_from_numa() {
+        // The guest's two NUMA nodes (vCPUs 0,1 | 2), placed on three nodes.
+        let numa = vec![
+            NumaNode {
+                cpus: vec![0, 1],
+                mem_start: 0,
+                mem_size: 32 << 20,
+            },
+            NumaNode {
+                cpus: vec![2],
+                mem_start: 32 << 20,
+                mem_size: 16 << 20,
+            },
+        ];
+        let p = Placement {
+            homes: vec![[0, 16 << 20], [16 << 20, 16 << 20], [32 << 20, 16 << 20]],
+            vcpu_node: vec![0, 1, 2],
+        };
+        p.validate(3, &numa).unwrap();
+        assert_eq!(p.home(1), (16 << 20)..(32 << 20));
+        assert_eq!(p.vcpus_of(2), vec![2]);
+        assert_eq!(p.home(7), 0..0);
+        let err = |q: Placement| q.validate(3, &numa).unwrap_err().to_string();
+        let mut q = p.clone();
+        q.homes[1][0] += 4096;
+        assert!(err(q).contains("homes[1]"));
+        let mut q = p.clone();
+        q.homes.pop();
+        assert!(err(q).contains("2 home ranges for 3 nodes"));
+        let mut q = p.clone();
+        q.homes[2][1] -= 4096;
+        assert!(err(q).contains("cover"));
+        let mut q = p.clone();
+        q.vcpu_node[2] = 3;
+        assert!(err(q).contains("no such node"));
+        let mut q = p.clone();
+        q.vcpu_node.pop();
+        assert!(err(q).contains("for 3 vCPUs"));
+        // Without a placement: one NUMA node per cluster node.
+        let d = Placement::of_numa(&numa);
+        assert_eq!(d.vcpu_node, vec![0, 0, 1]);
+        assert_eq!(d.home(1), (32 << 20)..(48 << 20));
     }
 }
