@@ -216,9 +216,7 @@ impl Vcpu {
             match self.state {
                 VcpuState::Stopped => return Ok(()),
                 VcpuState::Created | VcpuState::Paused => {
-                    if self.state == VcpuState::Paused {
-                        self.shared.clone().answer_capture(self);
-                    }
+                    self.shared.clone().answer_capture(self);
                     self.shared.wait_kick(None);
                     self.serve_due = true;
                 }

@@ -83,7 +83,8 @@ impl Vcpu {
         }
     }
 
-    /// Take this vCPU's state (on its thread, while it is paused).
+    /// Take this vCPU's state (on its thread, while it is paused or not
+    /// started yet).
     pub(super) fn capture(&self) -> Result<VcpuSnapshot, VcpuError> {
         let regs = self.fd.get_regs().map_err(self.setup_err("save regs of"))?;
         let sregs = self
@@ -98,11 +99,13 @@ impl Vcpu {
             .fd
             .get_vcpu_events()
             .map_err(self.setup_err("save the pending events of"))?;
-        let run_state = SavedRunState::of(if self.state == VcpuState::Paused {
-            self.paused_from
-        } else {
-            self.state
-        });
+        let state = match (self.state, self.restored) {
+            (VcpuState::Paused, _) => self.paused_from,
+            // Restored, not started yet: the state it will start in.
+            (VcpuState::Created, Some(s)) => s,
+            (s, _) => s,
+        };
+        let run_state = SavedRunState::of(state);
         Ok(VcpuSnapshot {
             index: self.shared.index,
             run_state,
