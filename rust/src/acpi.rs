@@ -52,8 +52,22 @@ pub const LAPIC_ADDR: u32 = 0xFEE0_0000;
 pub const IOAPIC_ADDR: u32 = 0xFEC0_0000;
 /// SLIT distance of a node to itself.
 pub const LOCAL_DISTANCE: u8 = 10;
-/// Default SLIT distance between two different nodes.
-pub const REMOTE_DISTANCE: u8 = 20;
+/// Default SLIT distance between two different nodes: the largest the SLIT can
+/// say (255 means "unreachable"). SLIT distances are relative latencies (10 =
+/// local); a remote access of a distributed VM is a page fault served over the
+/// network (~40-115 us here, ARCHITECTURE.md; a few us with RDMA) against ~0.1 us
+/// for local memory, hundreds of times local, so any smaller value understates
+/// it. The value matters to the guest: Linux stops balancing on exec and fork
+/// and waking tasks onto another node's CPU (SD_BALANCE_EXEC/FORK,
+/// SD_WAKE_AFFINE) only across NUMA levels farther than its
+/// `node_reclaim_distance` (30); at the former default, 20 (a two-socket
+/// server), a plain 2-node Linux boot kept moving tasks, and with them their
+/// stacks and run-queue data, between the nodes (README.md, "Linux guests").
+pub const REMOTE_DISTANCE: u8 = 254;
+/// Linux's `RECLAIM_DISTANCE`: NUMA levels farther than this are not used for
+/// fork/exec balancing and wake-affine moves (kernel/sched/topology.c).
+#[cfg(test)]
+const LINUX_RECLAIM_DISTANCE: u8 = 30;
 
 const OEM_ID: [u8; 6] = *b"DVMM  ";
 const OEM_REVISION: u32 = 1;
@@ -143,7 +157,7 @@ pub struct AcpiLayout {
     /// RAM ranges (one per contiguous range per node; a node's RAM split by the
     /// MMIO hole gives two entries).
     pub memory: Vec<AcpiMemory>,
-    /// SLIT matrix `[from][to]`; `None`: 10 local, 20 remote.
+    /// SLIT matrix `[from][to]`; `None`: [`LOCAL_DISTANCE`] local, [`REMOTE_DISTANCE`] remote.
     pub distances: Option<Vec<Vec<u8>>>,
     /// IOAPIC ID.
     pub ioapic_id: u8,
@@ -835,7 +849,16 @@ mod tests {
         let t = build(&two_nodes());
         let s = table(&t, b"SLIT");
         assert_eq!(u64_at(s, 36), 2);
-        assert_eq!(&s[44..], &[10, 20, 20, 10]);
+        assert_eq!(
+            &s[44..],
+            &[
+                LOCAL_DISTANCE,
+                REMOTE_DISTANCE,
+                REMOTE_DISTANCE,
+                LOCAL_DISTANCE
+            ]
+        );
+        assert_eq!(&s[44..], &[10, 254, 254, 10]);
         let mut l = two_nodes();
         l.cpus.push(AcpiCpu {
             apic_id: 4,
@@ -847,6 +870,18 @@ mod tests {
         assert_eq!(sum(s), 0);
         assert_eq!(u64_at(s, 36), 3);
         assert_eq!(&s[44..], &[10, 15, 30, 16, 10, 25, 30, 25, 10]);
+    }
+
+    /// The default remote distance is one Linux treats as far (no fork/exec
+    /// balancing, no wake-affine moves across nodes), and a valid SLIT entry
+    /// (255 would mean "unreachable").
+    #[test]
+    fn default_remote_distance_is_far_and_reachable() {
+        const { assert!(REMOTE_DISTANCE > LINUX_RECLAIM_DISTANCE) };
+        const { assert!(REMOTE_DISTANCE < u8::MAX) };
+        let mut l = two_nodes();
+        l.distances = Some(vec![vec![10, REMOTE_DISTANCE], vec![REMOTE_DISTANCE, 10]]);
+        assert_eq!(build(&l), build(&two_nodes()));
     }
 
     #[test]

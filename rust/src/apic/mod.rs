@@ -189,6 +189,9 @@ pub struct LocalApic {
     tsc_khz: u64,
     tsc_ref_ns: u64,
     tsc_ref: u64,
+    /// The TSC-deadline timer mode is implemented (CPUID.1:ECX[24] offered);
+    /// without it LVT timer bit 18 is reserved and reads 0 (SDM 11.5.4.1).
+    tsc_deadline: bool,
     pending_nmi: bool,
     pending_init: bool,
     pending_sipi: Option<u8>,
@@ -231,6 +234,7 @@ impl LocalApic {
             },
             tsc_ref_ns: 0,
             tsc_ref: 0,
+            tsc_deadline: true,
             pending_nmi: false,
             pending_init: false,
             pending_sipi: None,
@@ -249,6 +253,7 @@ impl LocalApic {
         fresh.tsc_khz = self.tsc_khz;
         fresh.tsc_ref_ns = self.tsc_ref_ns;
         fresh.tsc_ref = self.tsc_ref;
+        fresh.tsc_deadline = self.tsc_deadline;
         *self = fresh;
     }
     /// Registers reset by INIT (and power-on): everything but the APIC base MSR

@@ -282,6 +282,9 @@ impl LocalApic {
                     return Err(RegFault::Invalid);
                 };
                 let mut v = val & lvt.writable();
+                if lvt == Lvt::Timer && !self.tsc_deadline {
+                    v &= !(1 << 18);
+                }
                 if !self.is_software_enabled() {
                     v |= LVT_MASKED;
                 }

@@ -40,6 +40,13 @@ pub(super) fn divide_value(reg: u32) -> u64 {
 }
 
 impl LocalApic {
+    /// Whether the TSC-deadline mode exists (as the vCPU's CPUID says; on by
+    /// default). Without it the LVT timer's mode bit 18 is reserved: it reads 0,
+    /// so the timer stays one-shot or periodic.
+    pub fn set_tsc_deadline_supported(&mut self, on: bool) {
+        self.tsc_deadline = on;
+    }
+
     /// The guest TSC at `now_ns` corresponds to `tsc` (for TSC-deadline).
     pub fn set_tsc_reference(&mut self, now_ns: u64, tsc: u64) {
         self.tsc_ref_ns = now_ns;

@@ -205,10 +205,12 @@ impl Vm {
         let tsc_now = fds.first().and_then(read_tsc);
 
         let now = clock.now_ns();
+        let tsc_deadline = offer_tsc_deadline(spec.cluster.is_some());
         let shared: Vec<Arc<VcpuShared>> = local
             .iter()
             .map(|&i| {
                 let mut l = LocalApic::new(i, i == 0, tsc_khz);
+                l.set_tsc_deadline_supported(tsc_deadline);
                 if let Some(t) = tsc_now {
                     l.set_tsc_reference(now, t);
                 }
@@ -338,7 +340,7 @@ impl Vm {
             .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
         let cfg = CpuidConfig {
             total_vcpus: n,
-            tsc_deadline: true,
+            tsc_deadline,
             model: spec.cpu_model()?,
             l3_shared: spec.numa_nodes().len() <= 1,
         };
@@ -535,4 +537,30 @@ fn write_acpi(ram: &GuestRam, spec: &VmSpec) -> Result<u64, VmError> {
             .map_err(|source| VmError::AcpiWrite { gpa: *gpa, source })?;
     }
     Ok(tables.rsdp_addr)
+}
+
+/// Whether the vCPUs' CPUID offers the TSC-deadline timer: only when the VM runs
+/// in one process (`DVMM_TSC_DEADLINE=1` / `=0` forces it either way, for A/B
+/// runs).
+///
+/// Why not in a distributed VM: a vCPU there stalls on remote pages, and the
+/// timekeeping data one guest CPU writes every tick and the others read crosses
+/// the nodes every tick, so a guest tick can outlast its period (measured on 2
+/// nodes of a PVM host: a tick of Linux's 4 ms period took 5-7 ms under tracing,
+/// about 3 ms without, 1-1.5 ms of it DSM stalls on the jiffies and timekeeper
+/// pages, with a tail of longer ones). A LAPIC that has only one-shot deadlines
+/// makes Linux run its boot-time periodic tick from one-shot events, and once
+/// its clocksource is high-resolution `tick_handle_periodic` replays every missed
+/// period in a loop with interrupts off: a tick slower than its period never
+/// leaves it (a plain 2-node boot had both CPUs in that loop for good after
+/// switching to kvm-clock; README.md, "Linux guests"). The LAPIC's periodic
+/// mode, which every local APIC has, coalesces missed periods as hardware does,
+/// and Linux's tick leaves it for one-shot high-resolution mode with the same
+/// switch, so the guest loses nothing but the deadline mode's precision.
+fn offer_tsc_deadline(distributed: bool) -> bool {
+    match std::env::var("DVMM_TSC_DEADLINE").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => !distributed,
+    }
 }

@@ -144,6 +144,24 @@ fn timer_tsc_deadline() {
     assert_eq!(a.next_deadline_ns(), None);
 }
 
+/// Without the TSC-deadline mode (a distributed VM's CPUID does not offer it),
+/// LVT timer bit 18 is reserved: mode 10b cannot be selected, and the periodic
+/// mode still works; a reset keeps the setting.
+#[test]
+fn timer_without_tsc_deadline_mode() {
+    let mut a = enabled(0);
+    a.set_tsc_deadline_supported(false);
+    wr(&mut a, 0x320, 0x70040, T0);
+    assert_eq!(rd(&mut a, 0x320, T0), 0x30040);
+    assert_eq!(a.timer_mode(), TimerMode::Periodic);
+    wr(&mut a, 0x320, 0x40040, T0);
+    assert_eq!(a.timer_mode(), TimerMode::OneShot);
+    a.reset();
+    wr(&mut a, 0xF0, 0x1FF, T0);
+    wr(&mut a, 0x320, 0x40040, T0);
+    assert_ne!(a.timer_mode(), TimerMode::TscDeadline);
+}
+
 #[test]
 fn frozen_clock_freezes_timers_and_tsc_deadline_follows_the_tsc() {
     // One-shot timer armed for 1000 ticks at divide 1 (1 GHz bus: 1 us).
