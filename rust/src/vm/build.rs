@@ -50,6 +50,8 @@ pub struct Vm {
     pub(super) mmio: Bus,
     /// Restored from a snapshot (its vCPUs start when every node has loaded).
     pub(super) restored: bool,
+    /// The vCPUs' CPUID offers the TSC-deadline timer (see `offer_tsc_deadline`).
+    pub(super) tsc_deadline: bool,
     /// Distributed VM: the link to the other nodes. Declared before `ram`: the
     /// engine must stop before the mappings go away.
     pub(super) cluster: Option<Arc<crate::cluster::Cluster>>,
@@ -205,7 +207,11 @@ impl Vm {
         let tsc_now = fds.first().and_then(read_tsc);
 
         let now = clock.now_ns();
-        let tsc_deadline = offer_tsc_deadline(spec.cluster.is_some());
+        // A restored VM keeps the CPU it was booted with, wherever it runs now.
+        let tsc_deadline = match &restore {
+            Some(s) => s.manifest.tsc_deadline,
+            None => offer_tsc_deadline(spec.cluster.is_some()),
+        };
         let shared: Vec<Arc<VcpuShared>> = local
             .iter()
             .map(|&i| {
@@ -419,6 +425,7 @@ impl Vm {
             pio,
             mmio,
             restored: restore.is_some(),
+            tsc_deadline,
             cluster,
             ram,
         })

@@ -357,6 +357,7 @@ impl Vm {
                 .cpu_model()
                 .map(|m| m.name().to_string())
                 .unwrap_or_default(),
+            tsc_deadline: self.tsc_deadline,
             nodes: self.spec.cluster.as_ref().map_or(1, |c| c.nodes.len()),
             vcpu_node,
             clock_ns: 0,

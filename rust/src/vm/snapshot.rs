@@ -127,6 +127,9 @@ pub struct Manifest {
     pub numa: Vec<NumaNode>,
     /// CPU model name.
     pub cpu: String,
+    /// Whether the vCPUs' CPUID offers the TSC-deadline timer (a distributed
+    /// VM's does not): a restore keeps it, on any number of nodes.
+    pub tsc_deadline: bool,
     /// The nodes it was taken on, and the node that ran each vCPU.
     pub nodes: usize,
     pub vcpu_node: Vec<usize>,
