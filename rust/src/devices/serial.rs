@@ -495,6 +495,30 @@ pub struct SerialRegs {
     pub in_buffer: Vec<u8>,
 }
 
+/// The same registers, field for field, both ways.
+macro_rules! serial_state_fields {
+    ($from:ty => $to:ty) => {
+        impl From<$from> for $to {
+            fn from(s: $from) -> Self {
+                Self {
+                    baud_divisor_low: s.baud_divisor_low,
+                    baud_divisor_high: s.baud_divisor_high,
+                    interrupt_enable: s.interrupt_enable,
+                    interrupt_identification: s.interrupt_identification,
+                    line_control: s.line_control,
+                    line_status: s.line_status,
+                    modem_control: s.modem_control,
+                    modem_status: s.modem_status,
+                    scratch: s.scratch,
+                    in_buffer: s.in_buffer,
+                }
+            }
+        }
+    };
+}
+serial_state_fields!(vm_superio::serial::SerialState => SerialRegs);
+serial_state_fields!(SerialRegs => vm_superio::serial::SerialState);
+
 /// The COM1 device on the PIO bus.
 pub struct Serial {
     /// Shared with the writer thread (weakly), which raises THR-empty through it.
@@ -583,52 +607,17 @@ impl Serial {
 
     /// A UART's registers at reset (a node without COM1 saves these).
     pub fn default_regs() -> SerialRegs {
-        let s = vm_superio::serial::SerialState::default();
-        SerialRegs {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        vm_superio::serial::SerialState::default().into()
     }
 
     /// The UART's registers and receive FIFO (snapshots).
     pub fn regs(&self) -> SerialRegs {
-        let s = lock(&self.uart).state();
-        SerialRegs {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        lock(&self.uart).state().into()
     }
 
     /// Put the UART's registers and receive FIFO back (restore of a snapshot).
     pub fn set_regs(&mut self, r: &SerialRegs) -> Result<(), DeviceError> {
-        let st = vm_superio::serial::SerialState {
-            baud_divisor_low: r.baud_divisor_low,
-            baud_divisor_high: r.baud_divisor_high,
-            interrupt_enable: r.interrupt_enable,
-            interrupt_identification: r.interrupt_identification,
-            line_control: r.line_control,
-            line_status: r.line_status,
-            modem_control: r.modem_control,
-            modem_status: r.modem_status,
-            scratch: r.scratch,
-            in_buffer: r.in_buffer.clone(),
-        };
+        let st = vm_superio::serial::SerialState::from(r.clone());
         let mut u = lock(&self.uart);
         let irq = u.interrupt_evt().clone();
         *u = Uart::from_state(

@@ -340,14 +340,7 @@ impl Coordinator<'_> {
                 .map(|&n| s.spawn(move || self.ask(n, req)))
                 .collect();
             hs.into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(CheckpointError::Peer {
-                            node: "a snapshot thread".into(),
-                            what: "panicked".into(),
-                        })
-                    })
-                })
+                .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
                 .collect()
         })
     }
@@ -386,12 +379,7 @@ impl Coordinator<'_> {
         let (mine, theirs) = std::thread::scope(|s| {
             let h = s.spawn(|| self.ask_all(&Request::Save { dir: dir_s.clone() }));
             let mine = self.saver.save(&partial);
-            let theirs = h.join().unwrap_or_else(|_| {
-                Err(CheckpointError::Peer {
-                    node: "a snapshot thread".into(),
-                    what: "panicked".into(),
-                })
-            });
+            let theirs = h.join().unwrap_or_else(|_| Err(panicked()));
             (mine, theirs)
         });
         let mut m = self.manifest_base.clone();
@@ -443,6 +431,14 @@ impl Coordinator<'_> {
         self.ask_all(&Request::Resume)?;
         self.saver.resume();
         Ok(())
+    }
+}
+
+/// A snapshot thread of the coordinator panicked.
+fn panicked() -> CheckpointError {
+    CheckpointError::Peer {
+        node: "a snapshot thread".into(),
+        what: "panicked".into(),
     }
 }
 
