@@ -25,7 +25,12 @@ from dvmmd.cli.common import (
     timeout_arg,
     vcpus_arg,
 )
-from dvmmd.cli.snapshot_args import add_snapshot_arguments, apply_restore, snapshot_plan
+from dvmmd.cli.snapshot_args import (
+    add_snapshot_arguments,
+    apply_restore,
+    migration_plan,
+    snapshot_plan,
+)
 from dvmmd.launcher import launch
 from dvmmd.security.keys import DATA_PLANE_HELP, DATA_PLANE_MODES
 from dvmmd.vm.spec import (
@@ -160,6 +165,7 @@ def _want_console_stdin(args: argparse.Namespace) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     args.snapshot = snapshot_plan(args, parser)
+    args.migrate = migration_plan(args, parser)
     info = apply_restore(args, parser)
     args.restore_numa = info.numa if info is not None else None
     if (args.nodes > 1 or args.netns) and args.lapic == "kernel":
@@ -290,6 +296,7 @@ def launcher_options(args: argparse.Namespace) -> launch.Options:
         snapshot=getattr(args, "snapshot", d.snapshot),
         restore=getattr(args, "restore", d.restore),
         restore_numa=getattr(args, "restore_numa", d.restore_numa),
+        migrate=getattr(args, "migrate", d.migrate),
     )
 
 

@@ -1,13 +1,15 @@
-"""``dvmmctl run``'s snapshot options: ``--snapshot-dir/--snapshot-after/
---snapshot-every/--leave-running`` (take snapshots during the run) and
-``--restore DIR`` (start from a snapshot instead of booting; the VM's vCPUs,
-memory, NUMA topology and CPU model come from the snapshot)."""
+"""``dvmmctl run``'s snapshot and migration options: ``--snapshot-dir/
+--snapshot-after/--snapshot-every/--leave-running`` (take snapshots during the
+run), ``--restore DIR`` (start from a snapshot instead of booting; the VM's
+vCPUs, memory, NUMA topology and CPU model come from the snapshot) and
+``--migrate-vcpu VCPU:NODE@SECONDS`` (move a vCPU during the run)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from dvmmd.vm.migrations import MigrationSpecError, parse_move
 from dvmmd.vm.snapshots import SnapshotInfo, SnapshotSpecError, read_info
 
 
@@ -21,7 +23,23 @@ def _seconds_arg(text: str) -> float:
     return v
 
 
+def _move_arg(text: str) -> dict[str, Any]:
+    try:
+        return parse_move(text)
+    except MigrationSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_snapshot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--migrate-vcpu",
+        type=_move_arg,
+        action="append",
+        default=None,
+        metavar="VCPU:NODE@SECONDS",
+        help="move vCPU VCPU to node NODE, SECONDS after the start, while the guest runs "
+        "(repeatable; needs --nodes >= 2)",
+    )
     p.add_argument(
         "--snapshot-dir",
         metavar="DIR",
@@ -89,3 +107,15 @@ def apply_restore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--restore: {e}")
     args.vcpus, args.memory, args.cpu = info.vcpus, info.memory, info.cpu
     return info
+
+
+def migration_plan(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> list[dict[str, Any]] | None:
+    """The spec's ``migrate`` list from ``--migrate-vcpu`` (None: no moves)."""
+    moves: list[dict[str, Any]] | None = getattr(args, "migrate_vcpu", None)
+    if not moves:
+        return None
+    if getattr(args, "nodes", 1) < 2:
+        parser.error("--migrate-vcpu: vCPUs move between nodes; give --nodes 2 or more")
+    return sorted(moves, key=lambda m: float(m["after_s"]))

@@ -153,6 +153,8 @@ class Options:
     #: Restore from this snapshot directory, with the snapshot's NUMA layout.
     restore: str | None = None
     restore_numa: list[dict[str, Any]] | None = None
+    #: vCPU migrations during the run (dvmmd.vm.migrations), made by the boot node.
+    migrate: list[dict[str, Any]] | None = None
 
 
 #: Largest DSM prefetch batch (the engine's MAX_PREFETCH).
@@ -440,6 +442,7 @@ class Launcher:
                     cpu=cpu,
                     snapshot=opts.snapshot,
                     restore=opts.restore,
+                    migrate=opts.migrate,
                 )
             except SpecError as e:
                 raise UsageError(str(e)) from None

@@ -21,7 +21,7 @@ from typing import Any
 
 from dvmmd.host import current_host_kind
 from dvmmd.security.keys import DATA_PLANE_MODES, KeyMaterialError, check_key_hex, is_session_hex
-from dvmmd.vm import snapshots
+from dvmmd.vm import migrations, snapshots
 from dvmmd.vm.sizes import PAGE_SIZE, SizeError, check_guest_memory
 
 __all__ = [
@@ -412,6 +412,7 @@ def build_spec(
     lapic: str | None = None,
     snapshot: Mapping[str, Any] | None = None,
     restore: str | os.PathLike[str] | None = None,
+    migrate: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build and check a VM spec. ``kernel=None`` means the bundled guest;
     ``cpu=None`` this host's default CPU model (:func:`host_default_cpu_model`);
@@ -428,6 +429,8 @@ def build_spec(
         extra["snapshot"] = dict(snapshot)
     if restore is not None:
         extra["restore"] = str(restore)
+    if migrate:
+        extra["migrate"] = list(migrate)
     return validate_spec(
         {
             **extra,
@@ -458,7 +461,7 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
     known = {
         "vcpus", "memory", "kernel", "initrd", "cmdline", "numa",
         "console_log", "console_stdout", "timeout_s", "cluster",
-        "console_input", "console_stdin", "cpu", "lapic", "snapshot", "restore",
+        "console_input", "console_stdin", "cpu", "lapic", "snapshot", "restore", "migrate",
     }  # fmt: skip
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -508,6 +511,15 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
             extra["restore"] = snapshots.check_restore(spec["restore"])
     except snapshots.SnapshotSpecError as e:
         raise SpecError(str(e)) from None
+    if spec.get("migrate"):
+        if cluster is None:
+            raise SpecError("migrate: vCPUs move between nodes; this VM runs on one")
+        try:
+            extra["migrate"] = migrations.check_moves(
+                spec["migrate"], vcpus=vcpus, nodes=len(cluster["nodes"])
+            )
+        except migrations.MigrationSpecError as e:
+            raise SpecError(str(e)) from None
     return {
         **extra,
         "vcpus": vcpus,

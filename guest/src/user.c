@@ -352,6 +352,50 @@ static int counter_check(char *out, u64 n)
 }
 
 /* ---------------------------------------------------------------- */
+/* gap: the longest time each CPU did not run (issue 15: a vCPU       */
+/* migrating to another node stops for that long, as the guest sees) */
+
+static void gap_par(u32 me)
+{
+    TIMED_START(me);
+    u64 dur = PRM(P_ITERS) * tsc_khz; /* iters: milliseconds */
+    u64 t0 = rdtsc(), prev = t0, max = 0, over = 0, n = 0;
+    while (prev - t0 < dur) {
+        u64 t = rdtsc();
+        u64 d = t > prev ? t - prev : 0;
+        if (d > max)
+            max = d;
+        if (d > tsc_khz) /* longer than 1 ms */
+            over++;
+        prev = t;
+        n++;
+    }
+    pc[me]->a = max;
+    pc[me]->b = over;
+    pc[me]->c = n;
+    TIMED_END(me);
+}
+
+static int gap_check(char *out, u64 n)
+{
+    u64 max = 0, over = 0, k = 0;
+    int bad = 0;
+    char per[256];
+    per[0] = 0;
+    for (u32 c = 0; c < ncpu; c++) {
+        u64 us = pc[c]->a * 1000 / tsc_khz;
+        if (pc[c]->a > max)
+            max = pc[c]->a;
+        over += pc[c]->b;
+        bad |= pc[c]->c == 0;
+        k += snfmt(per + k, sizeof per - k, "%s%lu", c ? "," : "", us);
+    }
+    snfmt(out, n, "cpus=%u ms=%lu max_gap_us=%lu gaps_over_1ms=%lu cpu_gap_us=%s", ncpu, PRM(P_ITERS),
+          max * 1000 / tsc_khz, over, per);
+    return bad;
+}
+
+/* ---------------------------------------------------------------- */
 /* (iii) spinlock: histogram + linked list under one lock            */
 
 struct lnode { struct lnode *next; u32 cpu, idx; u64 key; };
@@ -1493,6 +1537,7 @@ static struct workload workloads[] = {
     /* not in run=all: */
     { "fault", fault_par, fault_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0, 0 },
     { "conform", conform_par, conform_check, DEF(0, 0, 0, 0, 0, 0), COMMON_P, {{0}}, 0, 0 },
+    { "gap", gap_par, gap_check, DEF(1000, 0, 0, 0, 0, 0), B(P_ITERS) | COMMON_P, {{0}}, 0, 0 },
     /* the NAS Parallel Benchmark kernels (npb.c), not in run=all either */
     { "npb.ep", npb_ep_par, npb_ep_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },
     { "npb.is", npb_is_par, npb_is_check, NPB_DEF, NPB_P, {{0}}, 0, 1 },

@@ -270,8 +270,9 @@ struct Link {
 }
 
 impl RemoteInterruptSink for Link {
-    fn forward(&self, vcpu: u32, msg: &InterruptMessage) {
+    fn forward(&self, vcpu: u32, msg: &InterruptMessage) -> bool {
         self.forwarded.lock().unwrap().push((vcpu, *msg));
+        true
     }
     fn publish_addressing(&self, vcpu: u32, a: &ApicAddressing) {
         if let Some(p) = self.peer.get() {

@@ -20,11 +20,24 @@ pub enum MessageError {
     StopShort,
     #[error("stop message of unknown kind {0}")]
     StopKind(u8),
+    #[error("interrupt message of {0} bytes (expected {IPI_BYTES})")]
+    IpiLength(usize),
+    #[error("malformed interrupt message: {0}")]
+    Ipi(String),
+    #[error("vCPU placement message of {0} bytes (expected {VCPU_AT_BYTES})")]
+    VcpuAtLength(usize),
+    #[error("vCPU state chunk of {0} bytes (< 12)")]
+    ChunkShort(usize),
+    #[error("vCPU {vcpu} state of {total} bytes (at most {max})")]
+    StateTooLarge { vcpu: u32, total: usize, max: usize },
+    #[error("vCPU {vcpu} state piece at {offset} out of order")]
+    ChunkOrder { vcpu: u32, offset: usize },
 }
 
 /// Bit set in an application message kind for the response to a request.
 pub const APP_RESPONSE: u64 = 1 << 63;
-/// Application message: an interrupt message for the receiver's local APICs.
+/// Application message: an interrupt message for one vCPU the receiver runs
+/// (or forwards, [`encode_ipi`]).
 pub const APP_IPI: u64 = 1;
 /// Application message: a forwarded port/MMIO access (a request).
 pub const APP_IO: u64 = 2;
@@ -44,6 +57,82 @@ pub const APP_EOI: u64 = 7;
 /// Application message: a snapshot request of the boot node (JSON,
 /// `vm::checkpoint`), answered by the node's [`super::SnapshotAgent`].
 pub const APP_SNAP: u64 = 8;
+
+/// Application message: "vCPU v runs on node n now" ([`encode_vcpu_at`]),
+/// applied on the engine thread in order with `APP_IPI` (`vm::migrate`).
+pub const APP_VCPU_AT: u64 = 9;
+
+/// Application message: a vCPU migration request (JSON, `vm::migrate`),
+/// answered by the node's [`super::VcpuAgent`].
+pub const APP_MIGRATE: u64 = 10;
+
+/// Application message: a piece of a migrating vCPU's state ([`encode_chunk`]),
+/// sent ahead of the `APP_MIGRATE` request that installs it.
+pub const APP_VCPU_STATE: u64 = 11;
+
+/// Size of an [`encode_ipi`] payload.
+pub const IPI_BYTES: usize = apic::INTERRUPT_MESSAGE_BYTES + 4;
+
+/// Encode an `APP_IPI` payload: `[message (apic wire format)][vcpu u32 LE]`;
+/// the message is already resolved for exactly that vCPU.
+pub fn encode_ipi(vcpu: u32, m: &apic::InterruptMessage) -> [u8; IPI_BYTES] {
+    let mut b = [0u8; IPI_BYTES];
+    b[..apic::INTERRUPT_MESSAGE_BYTES].copy_from_slice(&m.to_bytes());
+    b[apic::INTERRUPT_MESSAGE_BYTES..].copy_from_slice(&vcpu.to_le_bytes());
+    b
+}
+
+/// Decode an `APP_IPI` payload.
+pub fn decode_ipi(b: &[u8]) -> Result<(u32, apic::InterruptMessage), MessageError> {
+    if b.len() != IPI_BYTES {
+        return Err(MessageError::IpiLength(b.len()));
+    }
+    let (m, v) = b.split_at(apic::INTERRUPT_MESSAGE_BYTES);
+    let m = apic::InterruptMessage::from_bytes(m).map_err(|e| MessageError::Ipi(e.to_string()))?;
+    Ok((u32::from_le_bytes([v[0], v[1], v[2], v[3]]), m))
+}
+
+/// Size of an [`encode_vcpu_at`] payload.
+pub const VCPU_AT_BYTES: usize = 10;
+
+/// Encode an `APP_VCPU_AT` payload: `[vcpu u32 LE][node u16 LE][move u32 LE]`;
+/// `move` counts the vCPU's migrations, so a late message about an older
+/// place never overrides a newer one.
+pub fn encode_vcpu_at(vcpu: u32, node: u16, seq: u32) -> [u8; VCPU_AT_BYTES] {
+    let mut b = [0u8; VCPU_AT_BYTES];
+    b[0..4].copy_from_slice(&vcpu.to_le_bytes());
+    b[4..6].copy_from_slice(&node.to_le_bytes());
+    b[6..10].copy_from_slice(&seq.to_le_bytes());
+    b
+}
+
+/// Decode an `APP_VCPU_AT` payload: (vcpu, node, move).
+pub fn decode_vcpu_at(b: &[u8]) -> Result<(u32, u16, u32), MessageError> {
+    if b.len() != VCPU_AT_BYTES {
+        return Err(MessageError::VcpuAtLength(b.len()));
+    }
+    let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    Ok((w(0), u16::from_le_bytes([b[4], b[5]]), w(6)))
+}
+
+/// Encode an `APP_VCPU_STATE` payload: `[vcpu u32][total u32][offset u32][bytes]`.
+pub fn encode_chunk(vcpu: u32, total: u32, offset: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(12 + bytes.len());
+    b.extend_from_slice(&vcpu.to_le_bytes());
+    b.extend_from_slice(&total.to_le_bytes());
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(bytes);
+    b
+}
+
+/// Decode an `APP_VCPU_STATE` payload: (vcpu, total, offset, bytes).
+pub fn decode_chunk(b: &[u8]) -> Result<(u32, u32, u32, &[u8]), MessageError> {
+    if b.len() < 12 {
+        return Err(MessageError::ChunkShort(b.len()));
+    }
+    let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    Ok((w(0), w(4), w(8), &b[12..]))
+}
 
 /// Size of an [`encode_addressing`] payload.
 pub const ADDRESSING_BYTES: usize = 13;
@@ -174,6 +263,33 @@ pub fn decode_stop(who: &str, b: &[u8]) -> Result<StopReason, MessageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipi_vcpu_at_and_chunk_payloads_round_trip_and_are_checked() {
+        let m = apic::InterruptMessage {
+            vector: 0x42,
+            delivery_mode: apic::DeliveryMode::Fixed,
+            trigger_mode: apic::TriggerMode::Edge,
+            level: true,
+            destination: apic::Destination {
+                id: 3,
+                mode: apic::DestinationMode::Physical,
+                shorthand: apic::Shorthand::None,
+                x2apic_format: true,
+            },
+            source_id: Some(1),
+        };
+        let b = encode_ipi(3, &m);
+        let (v, back) = decode_ipi(&b).unwrap();
+        assert_eq!((v, back.vector, back.destination.id), (3, 0x42, 3));
+        assert_eq!(decode_ipi(&b[..12]), Err(MessageError::IpiLength(12)));
+        let p = encode_vcpu_at(7, 2, 41);
+        assert_eq!(decode_vcpu_at(&p), Ok((7, 2, 41)));
+        assert_eq!(decode_vcpu_at(&p[1..]), Err(MessageError::VcpuAtLength(9)));
+        let c = encode_chunk(1, 100, 40, b"abc");
+        assert_eq!(decode_chunk(&c), Ok((1, 100, 40, &b"abc"[..])));
+        assert_eq!(decode_chunk(&c[..11]), Err(MessageError::ChunkShort(11)));
+    }
 
     #[test]
     fn io_request_round_trip_and_rejects_garbage() {

@@ -16,6 +16,9 @@
 //! | `APP_ADDR` | [`encode_addressing`](messages::encode_addressing) | a vCPU of the sender changed its APIC addressing |
 //! | `APP_EOI` | `[vector u8]` | EOI of a level-triggered vector, for the IOAPIC's node |
 //! | `APP_SNAP` (request) | JSON (`vm::checkpoint`) | snapshot: pause, save this node's share, resume, ready |
+//! | `APP_VCPU_AT` | [`messages::encode_vcpu_at`] | a vCPU runs on another node now (migration) |
+//! | `APP_MIGRATE` (request) | JSON (`vm::migrate`) | move a vCPU out of / into this node |
+//! | `APP_VCPU_STATE` | [`messages::encode_chunk`] | a piece of a migrating vCPU's state |
 //!
 //! **Interrupts.** Every node keeps the [`ApicAddressing`](crate::apic::ApicAddressing) of every vCPU (its
 //! own from its LAPICs, the others' from `APP_ADDR` broadcasts sent whenever a
@@ -64,11 +67,21 @@ pub trait SnapshotAgent: Send + Sync {
     /// The response payload to a request payload.
     fn handle(&self, request: &[u8]) -> Vec<u8>;
 }
+
+/// Takes part in vCPU migrations (`vm::migrate::VcpuMover`): answers
+/// `APP_MIGRATE` requests and collects `APP_VCPU_STATE` pieces, on the
+/// service thread.
+pub trait VcpuAgent: Send + Sync {
+    /// The response payload to a migration request from `from`.
+    fn migrate(&self, from: NodeId, request: &[u8]) -> Vec<u8>;
+    /// A piece of a vCPU's state sent by `from` ahead of its request.
+    fn state_chunk(&self, from: NodeId, payload: &[u8]) -> Result<(), MessageError>;
+}
 pub use spec::{ClusterNodeSpec, ClusterSpec, ClusterSpecError};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -106,15 +119,21 @@ pub struct Cluster {
     pub me: NodeId,
     pub boot: NodeId,
     pub addrs: Vec<SocketAddr>,
-    /// APIC ID (= vCPU index) -> node running it.
-    cpu_node: Vec<NodeId>,
+    /// vCPU index -> the node running it, as far as this node knows (a node a
+    /// vCPU left forwards its interrupts on), and how many times it moved.
+    cpu_node: Vec<AtomicU16>,
+    cpu_moves: Vec<AtomicU32>,
     stop: Arc<VmStop>,
     /// Peers that said DONE or went down.
     done: Mutex<HashSet<NodeId>>,
     done_cv: Condvar,
     quit: AtomicBool,
+    /// Serialises [`Cluster::place`].
+    place_lock: Mutex<()>,
     /// Answers `APP_SNAP` requests (set by the VM's run).
     agent: Mutex<Option<Arc<dyn SnapshotAgent>>>,
+    /// Answers `APP_MIGRATE` requests (set by the VM's run).
+    mover: Mutex<Option<Arc<dyn VcpuAgent>>>,
 }
 
 impl Cluster {
@@ -169,12 +188,10 @@ impl Cluster {
             addr: addrs[usize::from(me)],
             source,
         })?;
-        let mut cpu_node = vec![0 as NodeId; vcpus as usize];
-        for (c, &k) in placement.vcpu_node.iter().enumerate() {
-            if let Some(x) = cpu_node.get_mut(c) {
-                *x = k as NodeId;
-            }
-        }
+        let cpu_node = (0..vcpus as usize)
+            .map(|c| AtomicU16::new(placement.vcpu_node.get(c).map_or(0, |&k| k as NodeId)))
+            .collect();
+        let cpu_moves = (0..vcpus).map(|_| AtomicU32::new(0)).collect();
         Ok(Arc::new(Cluster {
             dsm,
             link,
@@ -182,11 +199,14 @@ impl Cluster {
             boot: spec.boot_node as NodeId,
             addrs,
             cpu_node,
+            cpu_moves,
             stop,
             done: Mutex::new(HashSet::new()),
             done_cv: Condvar::new(),
             quit: AtomicBool::new(false),
+            place_lock: Mutex::new(()),
             agent: Mutex::new(None),
+            mover: Mutex::new(None),
         }))
     }
 
@@ -215,6 +235,72 @@ impl Cluster {
     /// Set who answers the snapshot requests of the boot node.
     pub fn set_agent(&self, agent: Option<Arc<dyn SnapshotAgent>>) {
         *lock(&self.agent) = agent;
+    }
+
+    /// Set who answers the migration requests of other nodes.
+    pub fn set_mover(&self, mover: Option<Arc<dyn VcpuAgent>>) {
+        *lock(&self.mover) = mover;
+    }
+
+    /// The node running vCPU `vcpu`, as far as this node knows.
+    pub fn node_of(&self, vcpu: u32) -> Option<NodeId> {
+        self.cpu_node
+            .get(vcpu as usize)
+            .map(|n| n.load(Ordering::SeqCst))
+    }
+
+    /// How many times vCPU `vcpu` moved, as far as this node knows.
+    pub fn moves_of(&self, vcpu: u32) -> u32 {
+        self.cpu_moves
+            .get(vcpu as usize)
+            .map_or(0, |n| n.load(Ordering::SeqCst))
+    }
+
+    /// Where every vCPU runs, as far as this node knows (vCPU index -> node).
+    pub fn vcpu_nodes(&self) -> Vec<usize> {
+        self.cpu_node
+            .iter()
+            .map(|n| usize::from(n.load(Ordering::SeqCst)))
+            .collect()
+    }
+
+    /// vCPU `vcpu` runs on `node` after its `moves`-th migration: recorded
+    /// unless this node already knows of a later one. False for a vCPU or
+    /// node the VM does not have.
+    pub fn place(&self, vcpu: u32, node: NodeId, moves: u32) -> bool {
+        let (Some(n), Some(m)) = (
+            self.cpu_node.get(vcpu as usize),
+            self.cpu_moves.get(vcpu as usize),
+        ) else {
+            return false;
+        };
+        if usize::from(node) >= self.addrs.len() {
+            return false;
+        }
+        // One writer at a time per vCPU in practice (the service or engine
+        // thread); the lock keeps node and count together anyway.
+        let _g = lock(&self.place_lock);
+        if moves >= m.load(Ordering::SeqCst) {
+            m.store(moves, Ordering::SeqCst);
+            n.store(node, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// Send `payload` of `kind` to `to` (fire and forget).
+    pub fn send_to(&self, to: NodeId, kind: u64, payload: &[u8]) -> Result<(), LinkError> {
+        self.send(to, kind, payload)
+    }
+
+    /// Send a request to `node` and wait for its response.
+    pub fn request(
+        &self,
+        node: NodeId,
+        kind: u64,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        self.link.request(&self.dsm, node, kind, payload, timeout)
     }
 
     /// Send a snapshot request to `node` and wait for its response.

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::messages::{
-    decode_addressing, decode_stop, encode_addressing, IoRequest, APP_ADDR, APP_DONE, APP_EOI,
-    APP_ERROR, APP_IO, APP_IPI, APP_SNAP, APP_STOP,
+    decode_addressing, decode_ipi, decode_stop, decode_vcpu_at, encode_addressing, encode_ipi,
+    IoRequest, APP_ADDR, APP_DONE, APP_EOI, APP_ERROR, APP_IO, APP_IPI, APP_MIGRATE, APP_SNAP,
+    APP_STOP, APP_VCPU_AT, APP_VCPU_STATE,
 };
 use super::{AppEvent, Cluster};
 use crate::apic::{self, InterruptMessage};
@@ -29,8 +30,8 @@ use crate::vcpu::{StopReason, VmFailure, VmStop};
 /// [`LocalInterrupts::deliver_local`].
 pub trait RemoteInterruptSink: Send + Sync {
     /// Send `msg` (resolved: physical destination of exactly vCPU `vcpu`) to the
-    /// node running vCPU `vcpu`.
-    fn forward(&self, vcpu: u32, msg: &InterruptMessage);
+    /// node running vCPU `vcpu`; false (nothing sent) if that is this node.
+    fn forward(&self, vcpu: u32, msg: &InterruptMessage) -> bool;
     /// The addressing of local vCPU `vcpu` changed to `a`: tell every other node.
     fn publish_addressing(&self, vcpu: u32, a: &apic::ApicAddressing);
     /// A local LAPIC EOI'd the level-triggered `vector`: forward it to the node
@@ -44,6 +45,10 @@ pub trait RemoteInterruptSink: Send + Sync {
 pub trait LocalInterrupts: Send + Sync {
     /// Deliver `msg` to the local APICs it is for; returns how many accepted it.
     fn deliver_local(&self, msg: &InterruptMessage) -> usize;
+    /// Deliver `msg`, resolved for exactly vCPU `vcpu`, to it: here if this
+    /// node runs it, else on to the node that does. False for a vCPU the VM
+    /// does not have.
+    fn deliver_to(&self, vcpu: u32, msg: &InterruptMessage) -> bool;
     /// Apply an addressing update of remote vCPU `vcpu` (from `APP_ADDR`); false
     /// if `vcpu` is not a vCPU of the VM or runs on this node.
     fn apply_remote_addressing(&self, vcpu: u32, a: apic::ApicAddressing) -> bool;
@@ -61,8 +66,9 @@ impl Cluster {
         let me = Arc::downgrade(self);
         self.link
             .set_handler(Box::new(move |from, kind, tag, payload| {
-                // APP_ADDR with APP_IPI: one sender's updates stay ahead of its IPIs.
-                if !matches!(kind, APP_IPI | APP_IO | APP_ADDR | APP_EOI) {
+                // APP_ADDR and APP_VCPU_AT with APP_IPI: one sender's updates
+                // stay ahead of its IPIs.
+                if !matches!(kind, APP_IPI | APP_IO | APP_ADDR | APP_EOI | APP_VCPU_AT) {
                     return false;
                 }
                 match me.upgrade() {
@@ -125,12 +131,45 @@ impl Cluster {
             self.stop.request(StopReason::Error(VmFailure::Remote(msg)));
         };
         match kind {
-            APP_IPI => match InterruptMessage::from_bytes(payload) {
-                Ok(m) => {
-                    router.deliver_local(&m);
+            APP_IPI => match decode_ipi(payload) {
+                Ok((vcpu, m)) => {
+                    if !router.deliver_to(vcpu, &m) {
+                        bad(format!(
+                            "an interrupt for vCPU {vcpu}, which the VM does not have"
+                        ));
+                    }
                 }
                 Err(e) => bad(format!("a malformed interrupt message: {e}")),
             },
+            APP_VCPU_AT => match decode_vcpu_at(payload) {
+                Ok((vcpu, node, moves)) => {
+                    if !self.place(vcpu, node, moves) {
+                        bad(format!(
+                            "vCPU {vcpu} on node {node}, which the VM does not have"
+                        ));
+                    }
+                }
+                Err(e) => bad(format!("a malformed vCPU placement: {e}")),
+            },
+            APP_VCPU_STATE => {
+                let mover = lock(&self.mover).clone();
+                match mover {
+                    Some(m) => {
+                        if let Err(e) = m.state_chunk(from, payload) {
+                            bad(format!("a malformed vCPU state: {e}"));
+                        }
+                    }
+                    None => bad("a vCPU state, but this node takes no migrations".into()),
+                }
+            }
+            APP_MIGRATE if tag != 0 => {
+                let mover = lock(&self.mover).clone();
+                let reply = match mover {
+                    Some(m) => m.migrate(from, payload),
+                    None => br#"{"error":"this node takes no part in migrations yet"}"#.to_vec(),
+                };
+                let _ = self.link.respond(&self.dsm, from, APP_MIGRATE, tag, &reply);
+            }
             APP_IO => {
                 let reply = match IoRequest::from_bytes(payload) {
                     Ok(req) if self.is_boot() => perform_io(pio, mmio, req, &self.stop),
@@ -149,8 +188,7 @@ impl Cluster {
             }
             APP_ADDR => match decode_addressing(payload) {
                 Ok((vcpu, a)) => {
-                    if self.cpu_node.get(vcpu as usize) != Some(&from)
-                        || !router.apply_remote_addressing(vcpu, a)
+                    if self.node_of(vcpu) != Some(from) || !router.apply_remote_addressing(vcpu, a)
                     {
                         bad(format!(
                             "an addressing update for vCPU {vcpu}, which it does not run"
@@ -212,12 +250,16 @@ fn perform_io(pio: &Bus, mmio: &Bus, mut req: IoRequest, stop: &VmStop) -> Vec<u
 }
 
 impl RemoteInterruptSink for Cluster {
-    fn forward(&self, vcpu: u32, msg: &InterruptMessage) {
-        let sent = match self.cpu_node.get(vcpu as usize) {
-            Some(&n) if n != self.me => self.send(n, APP_IPI, &msg.to_bytes()).is_ok(),
+    fn forward(&self, vcpu: u32, msg: &InterruptMessage) -> bool {
+        match self.node_of(vcpu) {
+            Some(n) if n != self.me => {
+                // A vanished peer stops the VM through PeerDown.
+                let sent = self.send(n, APP_IPI, &encode_ipi(vcpu, msg)).is_ok();
+                self.dsm.count_forwarded(u64::from(sent), 0);
+                true
+            }
             _ => false,
-        };
-        self.dsm.count_forwarded(u64::from(sent), 0);
+        }
     }
 
     fn publish_addressing(&self, vcpu: u32, a: &apic::ApicAddressing) {

@@ -15,6 +15,13 @@ pub trait InterruptSink: Send + Sync {
     /// changed to `now` (a register or APIC base write, INIT). Distributed VMs
     /// tell the other nodes; the default ignores it.
     fn addressing_changed(&self, _from: u32, _now: crate::apic::ApicAddressing) {}
+    /// Interrupt messages were posted to vCPU `vcpu`, which this node does not
+    /// run: hand `msg` to the node that runs it. False if that is this node
+    /// (the vCPU is migrating in: keep it for when it starts). The default
+    /// (one-node VMs, where every vCPU is resident) keeps everything.
+    fn redirect(&self, _vcpu: u32, _msg: crate::apic::InterruptMessage) -> bool {
+        false
+    }
 }
 
 /// Why the guest crashed (exit-level information; registers are added by the loop).

@@ -192,7 +192,8 @@ pub enum VcpuEvent {
     Hlt,
     /// An interrupt the vCPU can take (or an NMI) is pending.
     Wake,
-    /// Restored from a snapshot: start in the state it was saved in.
+    /// Restored from a snapshot, or migrated in from another node: start (or
+    /// go on) in the state it was saved in.
     Restore(VcpuState),
     /// The LAPIC received INIT.
     Init,
@@ -213,7 +214,7 @@ pub fn next_state(state: VcpuState, ev: VcpuEvent) -> VcpuState {
         (Stopped, _) | (_, VcpuEvent::Stop) => Stopped,
         (Created, VcpuEvent::Start { is_bsp: true }) => Running,
         (Created, VcpuEvent::Start { is_bsp: false }) => WaitForSipi,
-        (Created, VcpuEvent::Restore(s)) if !matches!(s, Paused | Stopped) => s,
+        (Created | Paused, VcpuEvent::Restore(s)) if !matches!(s, Paused | Stopped) => s,
         (Created, _) => Created,
         (Paused, VcpuEvent::Resume(prev)) => prev,
         (Paused, _) => Paused,
@@ -258,6 +259,16 @@ pub struct VcpuShared {
     capture_wanted: AtomicBool,
     /// The state the vCPU thread captured, or why it could not.
     capture: Mutex<Option<Result<Box<snapshot::VcpuSnapshot>, VcpuError>>>,
+    /// This node runs the vCPU (a distributed VM has a replica of every vCPU
+    /// on every node; only one node's is resident, see `vm::migrate`). Changed
+    /// with the LAPIC lock held, so a delivery that found it resident under
+    /// that lock is in the state a capture takes after the change.
+    resident: AtomicBool,
+    /// State to put into the (parked) vCPU: a migration in.
+    restore_in: Mutex<Option<Box<snapshot::VcpuSnapshot>>>,
+    restore_wanted: AtomicBool,
+    /// The outcome of that restore, once the vCPU thread has made it.
+    restored: Mutex<Option<Result<(), VcpuError>>>,
 }
 
 impl std::fmt::Debug for VcpuShared {
@@ -287,7 +298,25 @@ impl VcpuShared {
             capture: Mutex::new(None),
             inbox_rx: Mutex::new(Some(rx)),
             posted_accepted: AtomicU64::new(0),
+            resident: AtomicBool::new(true),
+            restore_in: Mutex::new(None),
+            restore_wanted: AtomicBool::new(false),
+            restored: Mutex::new(None),
         }
+    }
+
+    /// Whether this node runs the vCPU (see the field).
+    pub fn is_resident(&self) -> bool {
+        self.resident.load(Ordering::SeqCst)
+    }
+
+    /// Make the vCPU resident here or not; the caller holds `lapic`'s lock
+    /// (see the field). A vCPU that is not resident stays parked whatever it
+    /// is asked (but to stop), and its thread forwards what is posted to it
+    /// to the node that runs it.
+    pub fn set_resident(&self, on: bool, _lapic_held: &LocalApic) {
+        self.resident.store(on, Ordering::SeqCst);
+        self.kick();
     }
 
     /// Hand an interrupt message to this vCPU without taking its LAPIC lock: the vCPU

@@ -187,22 +187,31 @@ impl Vcpu {
                     s.serve();
                 }
             }
-            match self.shared.request() {
+            let request = self.shared.request();
+            if !self.shared.is_resident() && request != Request::Stop {
+                // Another node runs this vCPU (or it is migrating in): parked.
+                self.parked_elsewhere();
+                continue;
+            }
+            match request {
                 Request::Stop => return Ok(()),
                 Request::Pause if self.state != VcpuState::Paused => {
                     timer.set(None);
                     self.transition(VcpuEvent::Pause);
                 }
-                Request::Run if self.state == VcpuState::Paused => {
-                    let prev = self.paused_from;
-                    self.transition(VcpuEvent::Resume(prev));
-                }
-                Request::Run if self.state == VcpuState::Created && self.restored.is_some() => {
+                Request::Run
+                    if matches!(self.state, VcpuState::Created | VcpuState::Paused)
+                        && self.restored.is_some() =>
+                {
                     if let Some(s) = self.restored.take() {
                         self.transition(VcpuEvent::Restore(s));
                         // The other nodes learn its APIC addressing (as after an INIT).
                         self.report_init_addressing();
                     }
+                }
+                Request::Run if self.state == VcpuState::Paused => {
+                    let prev = self.paused_from;
+                    self.transition(VcpuEvent::Resume(prev));
                 }
                 Request::Run if self.state == VcpuState::Created => {
                     // KVM's LAPIC holds an AP in KVM_RUN until its SIPI: every
@@ -231,6 +240,30 @@ impl Vcpu {
             }
         }
     }
+    /// One round of a vCPU another node runs: take a migration's state if one
+    /// came, hand what was posted to it to the node that runs it, sleep until
+    /// kicked (this thread may serve the node's messages meanwhile).
+    fn parked_elsewhere(&mut self) {
+        if !matches!(self.state, VcpuState::Created | VcpuState::Paused) {
+            // It left while running (a migration pauses it first; this is the
+            // pause it had not seen yet).
+            self.transition(VcpuEvent::Pause);
+        }
+        self.shared.clone().answer_capture(self);
+        self.shared.clone().answer_restore(self);
+        if let Some(rx) = &self.inbox {
+            while let Ok(m) = rx.try_recv() {
+                if !self.env.irq.redirect(self.shared.index, m) {
+                    // Migrating in: keep it for when the vCPU starts here.
+                    let _ = self.shared.inbox_tx.send(m);
+                    break;
+                }
+            }
+        }
+        self.shared.wait_kick(None);
+        self.serve_due = true;
+    }
+
     /// [`Vcpu::run_once`] with KVM's LAPIC: nothing to inject, no timer to arm.
     pub(super) fn run_once_kernel_lapic(&mut self) -> Result<Option<StopReason>, VcpuError> {
         if self.kicked_before_entry() {

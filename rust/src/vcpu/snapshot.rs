@@ -6,7 +6,8 @@
 //! Capture runs on the vCPU's own thread (the vCPU fd belongs to it) while the
 //! vCPU is paused: [`VcpuShared::request_capture`] asks, the paused run loop
 //! answers through [`VcpuShared::take_capture`]. Restore runs before the vCPU
-//! thread starts ([`Vcpu::restore`]).
+//! thread starts ([`Vcpu::restore`]), or on the parked thread for a vCPU that
+//! migrates in ([`VcpuShared::request_restore`]).
 
 use kvm_bindings::{
     kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
@@ -250,5 +251,33 @@ impl VcpuShared {
         if self.capture_wanted.swap(false, Ordering::SeqCst) {
             *lock(&self.capture) = Some(v.capture().map(Box::new));
         }
+    }
+
+    /// Ask the parked vCPU thread to take `s` as its state (a migration in).
+    pub fn request_restore(&self, s: Box<VcpuSnapshot>) {
+        *lock(&self.restored) = None;
+        *lock(&self.restore_in) = Some(s);
+        self.restore_wanted.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// The outcome of [`VcpuShared::request_restore`], once the thread made it.
+    pub fn take_restored(&self) -> Option<Result<(), VcpuError>> {
+        lock(&self.restored).take()
+    }
+
+    /// On the vCPU thread (parked): answer a restore request, if one is pending.
+    pub(super) fn answer_restore(&self, v: &mut Vcpu) {
+        if !self.restore_wanted.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let Some(s) = lock(&self.restore_in).take() else {
+            return;
+        };
+        // The LAPIC's times move from the capturing node's clock to ours: the
+        // time the state spent travelling is time the guest did not see pass.
+        let now = v.env.clock.now_ns();
+        let r = v.restore(&s, now);
+        *lock(&self.restored) = Some(r);
     }
 }

@@ -305,6 +305,16 @@ fn state_machine_transitions() {
     assert_eq!(next_state(Running, VcpuEvent::Pause), Paused);
     assert_eq!(next_state(Paused, VcpuEvent::Hlt), Paused);
     assert_eq!(next_state(Paused, VcpuEvent::Resume(Halted)), Halted);
+    // Restored from a snapshot (Created) or migrated back in (Paused where it
+    // had left): the saved state.
+    assert_eq!(next_state(Created, VcpuEvent::Restore(Halted)), Halted);
+    assert_eq!(next_state(Paused, VcpuEvent::Restore(Running)), Running);
+    assert_eq!(
+        next_state(Paused, VcpuEvent::Restore(WaitForSipi)),
+        WaitForSipi
+    );
+    assert_eq!(next_state(Paused, VcpuEvent::Restore(Stopped)), Paused);
+    assert_eq!(next_state(Running, VcpuEvent::Restore(Halted)), Running);
     for s in [Created, Running, Halted, WaitForSipi, Paused] {
         assert_eq!(next_state(s, VcpuEvent::Stop), Stopped);
     }
@@ -313,6 +323,18 @@ fn state_machine_transitions() {
         next_state(Stopped, VcpuEvent::Start { is_bsp: true }),
         Stopped
     );
+}
+
+#[test]
+fn a_replica_takes_posted_messages_only_where_it_runs() {
+    // Residency starts on and changes under the LAPIC lock; a vCPU that does
+    // not run here gets deliveries posted, not accepted into its LAPIC.
+    let s = VcpuShared::new(1, LocalApic::new(1, false, 0));
+    assert!(s.is_resident());
+    s.set_resident(false, &lock(&s.lapic));
+    assert!(!s.is_resident());
+    s.set_resident(true, &lock(&s.lapic));
+    assert!(s.is_resident());
 }
 
 #[test]

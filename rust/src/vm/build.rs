@@ -189,9 +189,16 @@ impl Vm {
         }
 
         // vCPU handles with their LAPICs; TSC frequency for the TSC-deadline timer.
+        // A distributed VM has every vCPU on every node, parked where it does
+        // not run, so that one can migrate to any node (vm::migrate).
+        let all: Vec<u32> = if cluster.is_some() {
+            (0..n).collect()
+        } else {
+            local.clone()
+        };
         let clock = VmClock::new();
-        let mut fds = Vec::with_capacity(local.len());
-        for &i in &local {
+        let mut fds = Vec::with_capacity(all.len());
+        for &i in &all {
             fds.push(
                 vm.create_vcpu(u64::from(i))
                     .map_err(kvm_op(format!("KVM_CREATE_VCPU {i}")))?,
@@ -212,7 +219,7 @@ impl Vm {
             Some(s) => s.manifest.tsc_deadline,
             None => offer_tsc_deadline(spec.cluster.is_some()),
         };
-        let shared: Vec<Arc<VcpuShared>> = local
+        let shared: Vec<Arc<VcpuShared>> = all
             .iter()
             .map(|&i| {
                 let mut l = LocalApic::new(i, i == 0, tsc_khz);
@@ -220,7 +227,11 @@ impl Vm {
                 if let Some(t) = tsc_now {
                     l.set_tsc_reference(now, t);
                 }
-                Arc::new(VcpuShared::new(i, l))
+                let s = Arc::new(VcpuShared::new(i, l));
+                if !local.contains(&i) {
+                    s.set_resident(false, &crate::sync::lock(&s.lapic));
+                }
+                s
             })
             .collect();
 
@@ -352,7 +363,7 @@ impl Vm {
         };
         let mut vcpus = Vec::with_capacity(local.len());
         for (k, fd) in fds.into_iter().enumerate() {
-            let i = local[k];
+            let i = all[k];
             let c = cpuid::vcpu_cpuid(&supported, i, &cfg)?;
             fd.set_cpuid2(&c)
                 .map_err(kvm_op(format!("KVM_SET_CPUID2 on vCPU {i}")))?;
@@ -399,7 +410,7 @@ impl Vm {
                 reset_regs,
                 reset_sregs,
             );
-            if let Some(s) = &restore {
+            if let Some(s) = restore.as_ref().filter(|_| local.contains(&i)) {
                 let saved = s.vcpu(i).map_err(CheckpointError::from)?;
                 v.restore(&saved, clock.now_ns())
                     .map_err(|source| CheckpointError::Restore { vcpu: i, source })?;

@@ -168,10 +168,12 @@ impl NodeSaver {
     /// Save this node's share into `dir` (vCPUs paused).
     pub fn save(&self, dir: &Path) -> Result<NodePart, CheckpointError> {
         let mut part = NodePart::default();
-        for v in &self.vcpus {
+        // The vCPUs this node runs (the others' replicas are parked here).
+        let here: Vec<&Arc<VcpuShared>> = self.vcpus.iter().filter(|v| v.is_resident()).collect();
+        for v in &here {
             v.request_capture();
         }
-        for v in &self.vcpus {
+        for v in &here {
             let end = Instant::now() + VCPU_TIMEOUT;
             let snap = loop {
                 if let Some(r) = v.take_capture() {
@@ -383,6 +385,10 @@ impl Coordinator<'_> {
             (mine, theirs)
         });
         let mut m = self.manifest_base.clone();
+        if let Some(c) = &self.saver.cluster {
+            // Where the vCPUs run now (they may have migrated).
+            m.vcpu_node = c.vcpu_nodes();
+        }
         let mut parts = vec![mine?];
         parts.extend(theirs?.into_iter().flatten());
         for p in parts {

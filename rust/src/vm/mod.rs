@@ -10,10 +10,13 @@
 //! - [`spec`]: the spec and its validation;
 //! - [`routing`]: the interrupt router (local delivery, remote resolution);
 //! - [`build`]: construction of the VM from a spec;
-//! - [`run`]: the run loop, the result, pause/resume/stop.
+//! - [`run`]: the run loop, the result, pause/resume/stop;
+//! - [`checkpoint`], [`snapshot`]: snapshots and restore;
+//! - [`migrate`]: live vCPU migration between the nodes of a distributed VM.
 
 pub mod build;
 pub mod checkpoint;
+pub mod migrate;
 pub mod routing;
 pub mod run;
 pub mod snapshot;
@@ -70,6 +73,8 @@ pub enum VmError {
     Kirq(#[from] crate::kirq::KirqError),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
 }
 
 impl VmError {

@@ -145,18 +145,23 @@ impl InterruptRouter {
 
     /// Deliver `msg` to the one local APIC `v` if it matches; true if accepted.
     /// Never waits for the LAPIC lock (see [`InterruptRouter::deliver_local`]).
+    /// A vCPU this node does not run (a distributed VM keeps a parked replica
+    /// of every vCPU, `vm::migrate`) gets it posted: its thread hands it on to
+    /// the node that runs it, or keeps it for when it starts here.
     fn deliver_one(v: &VcpuShared, msg: &InterruptMessage) -> bool {
         // Never wait for a LAPIC lock: the caller may be the (real-time) DSM
         // engine thread and the holder a preempted vCPU thread. A busy LAPIC
         // gets the message posted; its vCPU applies it before it next looks
         // at its LAPIC (the kick makes that immediate).
         let accepted = match v.lapic.try_lock() {
-            Ok(mut l) => l.matches(msg) && l.accept(msg),
-            Err(std::sync::TryLockError::Poisoned(e)) => {
+            // Residency changes under this lock: a message accepted here is
+            // in the state a migration captures next.
+            Ok(mut l) if v.is_resident() => l.matches(msg) && l.accept(msg),
+            Err(std::sync::TryLockError::Poisoned(e)) if v.is_resident() => {
                 let mut l = e.into_inner();
                 l.matches(msg) && l.accept(msg)
             }
-            Err(std::sync::TryLockError::WouldBlock) => {
+            _ => {
                 v.post(*msg);
                 return false;
             }
@@ -172,13 +177,12 @@ impl InterruptRouter {
         let mut n = 0;
         if msg.delivery_mode == apic::DeliveryMode::LowestPriority {
             // Lowest-priority: the lowest matching APIC ID (see apic::route_targets).
-            let addrs: Vec<apic::ApicAddressing> = self
-                .vcpus
-                .iter()
-                .map(|v| lock(&v.lapic).addressing())
-                .collect();
+            let here: Vec<&Arc<VcpuShared>> =
+                self.vcpus.iter().filter(|v| v.is_resident()).collect();
+            let addrs: Vec<apic::ApicAddressing> =
+                here.iter().map(|v| lock(&v.lapic).addressing()).collect();
             for i in apic::route_targets(msg, &addrs) {
-                if let Some(v) = self.vcpus.get(i) {
+                if let Some(v) = here.get(i) {
                     if lock(&v.lapic).accept(msg) {
                         n += 1;
                     }
@@ -186,7 +190,7 @@ impl InterruptRouter {
                 }
             }
         } else {
-            for v in &self.vcpus {
+            for v in self.vcpus.iter().filter(|v| v.is_resident()) {
                 if Self::deliver_one(v, msg) {
                     n += 1;
                 }
@@ -195,6 +199,26 @@ impl InterruptRouter {
         self.ipis_delivered
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         n
+    }
+
+    /// Deliver `msg`, resolved for exactly vCPU `vcpu`: to its LAPIC if this
+    /// node runs it, on to the node that does if not. False if the VM has no
+    /// such vCPU.
+    pub fn deliver_to(&self, vcpu: u32, msg: &InterruptMessage) -> bool {
+        let Some(pos) = self.local.get(vcpu as usize).copied().flatten() else {
+            return false;
+        };
+        let v = &self.vcpus[pos];
+        // The common case of a vCPU that runs elsewhere: straight on (a replica
+        // that becomes resident meanwhile gets it posted, see `deliver_one`).
+        if !v.is_resident() && self.remote.as_ref().is_some_and(|r| r.forward(vcpu, msg)) {
+            return true;
+        }
+        if Self::deliver_one(v, msg) {
+            self.ipis_delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        true
     }
 
     /// The exact targets of `msg` over the whole-VM table: (vCPU index, message
@@ -218,25 +242,19 @@ impl InterruptRouter {
             self.deliver_local(msg);
             return;
         };
-        let mut n = 0;
         for (vcpu, m) in self.resolve(msg) {
-            match self.local.get(vcpu as usize).copied().flatten() {
-                Some(pos) => {
-                    if Self::deliver_one(&self.vcpus[pos], &m) {
-                        n += 1;
-                    }
-                }
-                None => remote.forward(vcpu, &m),
+            if !self.deliver_to(vcpu, &m) {
+                // Not in this node's table (a VM without replicas): its node.
+                remote.forward(vcpu, &m);
             }
         }
-        self.ipis_delivered
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Apply an addressing update of remote vCPU `vcpu` (from `APP_ADDR`); false
     /// if `vcpu` is not a vCPU of the VM or runs on this node.
     pub fn apply_remote_addressing(&self, vcpu: u32, a: apic::ApicAddressing) -> bool {
-        if self.local.get(vcpu as usize).copied().flatten().is_some() {
+        let here = self.local.get(vcpu as usize).copied().flatten();
+        if here.is_some_and(|pos| self.vcpus[pos].is_resident()) {
             return false;
         }
         match lock(&self.table).get_mut(vcpu as usize) {
@@ -310,6 +328,9 @@ impl LocalInterrupts for InterruptRouter {
     fn deliver_local(&self, msg: &InterruptMessage) -> usize {
         InterruptRouter::deliver_local(self, msg)
     }
+    fn deliver_to(&self, vcpu: u32, msg: &InterruptMessage) -> bool {
+        InterruptRouter::deliver_to(self, vcpu, msg)
+    }
     fn apply_remote_addressing(&self, vcpu: u32, a: apic::ApicAddressing) -> bool {
         InterruptRouter::apply_remote_addressing(self, vcpu, a)
     }
@@ -346,6 +367,9 @@ impl InterruptSink for InterruptRouter {
             }
         }
         remote.publish_addressing(from, &now);
+    }
+    fn redirect(&self, vcpu: u32, msg: InterruptMessage) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.forward(vcpu, &msg))
     }
 }
 
@@ -491,8 +515,9 @@ mod tests {
         eois: Mutex<Vec<u8>>,
     }
     impl RemoteInterruptSink for FakeRemote {
-        fn forward(&self, vcpu: u32, msg: &InterruptMessage) {
+        fn forward(&self, vcpu: u32, msg: &InterruptMessage) -> bool {
             lock(&self.forwarded).push((vcpu, *msg));
+            true
         }
         fn publish_addressing(&self, vcpu: u32, a: &apic::ApicAddressing) {
             lock(&self.published).push((vcpu, *a));
@@ -526,6 +551,70 @@ mod tests {
             owns_ioapic,
         ));
         (r, shared, fake)
+    }
+
+    /// A remote side whose vCPU 1 runs on this node (true) or another (false).
+    struct Placement {
+        elsewhere: std::sync::atomic::AtomicBool,
+        forwarded: Mutex<Vec<u32>>,
+    }
+    impl RemoteInterruptSink for Placement {
+        fn forward(&self, vcpu: u32, _msg: &InterruptMessage) -> bool {
+            let away = self.elsewhere.load(std::sync::atomic::Ordering::SeqCst);
+            if away {
+                lock(&self.forwarded).push(vcpu);
+            }
+            away
+        }
+        fn publish_addressing(&self, _vcpu: u32, _a: &apic::ApicAddressing) {}
+        fn forward_eoi(&self, _vector: u8) {}
+    }
+
+    #[test]
+    fn a_migrated_vcpu_gets_its_interrupts_forwarded_or_kept_for_its_start() {
+        // Both vCPUs have a replica here (as on every node of a distributed
+        // VM); vCPU 1 has left.
+        let shared: Vec<Arc<VcpuShared>> = (0..2)
+            .map(|i| {
+                let mut l = LocalApic::new(i, i == 0, 0);
+                l.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0);
+                Arc::new(VcpuShared::new(i, l))
+            })
+            .collect();
+        shared[1].set_resident(false, &lock(&shared[1].lapic));
+        let place = Arc::new(Placement {
+            elsewhere: true.into(),
+            forwarded: Mutex::new(Vec::new()),
+        });
+        let r = InterruptRouter::distributed(
+            shared.clone(),
+            2,
+            crate::ioapic::IoApic::new(2),
+            Some(place.clone() as Arc<dyn RemoteInterruptSink>),
+            true,
+        );
+        let rx = lock(shared[1].inbox_rx_for_tests()).take().unwrap();
+        // Runs elsewhere: on to its node, never into the stale replica.
+        r.send_ipi(0, fixed(0x51, 1, apic::Shorthand::None));
+        assert_eq!(*lock(&place.forwarded), vec![1]);
+        assert!(lock(&shared[1].lapic).pending_interrupt().is_none());
+        assert!(rx.try_recv().is_err());
+        // An APP_IPI for it (a node that had not heard yet) goes on too.
+        assert!(r.deliver_to(1, &fixed(0x52, 1, apic::Shorthand::None)));
+        assert_eq!(*lock(&place.forwarded), vec![1, 1]);
+        // Migrating in (this node runs it, not started yet): kept for its start.
+        place
+            .elsewhere
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        r.send_ipi(0, fixed(0x53, 1, apic::Shorthand::None));
+        assert_eq!(rx.try_recv().map(|m| m.vector), Ok(0x53));
+        assert!(lock(&shared[1].lapic).pending_interrupt().is_none());
+        // Resident again: straight into its LAPIC.
+        shared[1].set_resident(true, &lock(&shared[1].lapic));
+        r.send_ipi(0, fixed(0x54, 1, apic::Shorthand::None));
+        assert_eq!(lock(&shared[1].lapic).pending_interrupt(), Some(0x54));
+        // A vCPU the VM does not have.
+        assert!(!r.deliver_to(7, &fixed(0x55, 7, apic::Shorthand::None)));
     }
 
     /// Program a local LAPIC register the way the vCPU thread does (write, then

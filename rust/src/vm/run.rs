@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::checkpoint::{Coordinator, NodeSaver, SnapshotReport};
+use super::migrate::{MoveReport, VcpuMover};
 use super::snapshot::{DeviceState, Manifest};
 use super::{Vm, VmError, VmSpec};
 use crate::sync::lock;
@@ -54,6 +55,8 @@ pub struct VmStats {
     pub dsm: Option<crate::dsm::StatsSnapshot>,
     /// Snapshots taken (the boot node's figures).
     pub snapshots: Vec<SnapshotReport>,
+    /// vCPU migrations made (the boot node's figures).
+    pub migrations: Vec<super::migrate::MoveReport>,
 }
 
 /// The result of a run (docs/interfaces.md).
@@ -165,8 +168,17 @@ impl Vm {
         // Snapshot requests are answered by the service thread: the agent is in
         // place before it starts (a restore's `ready` may come at once).
         let saver = Arc::new(self.node_saver());
+        let mover = self
+            .cluster
+            .as_ref()
+            .map(|c| Arc::new(VcpuMover::new(self.shared.clone(), c.clone())));
         if let Some(c) = &self.cluster {
             c.set_agent(Some(saver.clone() as Arc<dyn crate::cluster::SnapshotAgent>));
+            c.set_mover(
+                mover
+                    .clone()
+                    .map(|m| m as Arc<dyn crate::cluster::VcpuAgent>),
+            );
         }
         // Distributed VM: the thread serving the other nodes (IPIs, I/O, stop).
         if let Some(c) = &self.cluster {
@@ -217,12 +229,14 @@ impl Vm {
             }
         }
         let mut snapshots = Vec::new();
+        let mut migrations = Vec::new();
         let reason = match failed {
             Some(r) => r,
-            None => self.start_and_wait(&saver, &mut snapshots),
+            None => self.start_and_wait(&saver, mover.as_deref(), &mut snapshots, &mut migrations),
         };
         if let Some(c) = &self.cluster {
             c.set_agent(None);
+            c.set_mover(None);
         }
         if let Some(c) = &self.cluster {
             c.broadcast_stop(&reason);
@@ -308,9 +322,15 @@ impl Vm {
             setup_ms: self.setup.as_secs_f64() * 1e3,
             run_ms: run.as_secs_f64() * 1e3,
             per_vcpu_exits: per_vcpu,
-            local_vcpus: self.shared.iter().map(|s| s.index).collect(),
+            local_vcpus: self
+                .shared
+                .iter()
+                .filter(|s| s.is_resident())
+                .map(|s| s.index)
+                .collect(),
             dsm,
             snapshots,
+            migrations,
         };
         let mut r = VmResult::from_stop(reason, stats);
         r.node = self.cluster.as_ref().map_or(0, |c| usize::from(c.me));
@@ -370,8 +390,14 @@ impl Vm {
 
     /// Start the vCPUs (a restored distributed VM: once every node has loaded,
     /// driven by the boot node), then wait for the stop, taking the snapshots
-    /// the spec asks for on the way (boot node).
-    fn start_and_wait(&self, saver: &NodeSaver, reports: &mut Vec<SnapshotReport>) -> StopReason {
+    /// and making the migrations the spec asks for on the way (boot node).
+    fn start_and_wait(
+        &self,
+        saver: &NodeSaver,
+        mover: Option<&VcpuMover>,
+        reports: &mut Vec<SnapshotReport>,
+        moves: &mut Vec<MoveReport>,
+    ) -> StopReason {
         let is_boot = self.cluster.as_ref().is_none_or(|c| c.is_boot());
         let (router, serial, vm) = (&self.router, &self.serial, &self._vm);
         let devices = || DeviceState {
@@ -407,11 +433,16 @@ impl Vm {
         let mut next = plan
             .as_ref()
             .map(|p| t0 + Duration::from_secs_f64(p.after_s));
+        let mut steps = if is_boot {
+            self.spec.migrate.as_slice()
+        } else {
+            &[]
+        }
+        .iter();
+        let mut step = steps.next();
         loop {
-            let until = match (end, next) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let step_at = step.map(|m| t0 + Duration::from_secs_f64(m.after_s));
+            let until = [end, next, step_at].into_iter().flatten().min();
             let wait = until.map(|u| u.saturating_duration_since(Instant::now()));
             if let Some(r) = self.stop.wait(wait) {
                 return r;
@@ -420,6 +451,13 @@ impl Vm {
             if end.is_some_and(|e| now >= e) {
                 self.stop.request(StopReason::Timeout);
                 return self.stop.reason().unwrap_or(StopReason::Timeout);
+            }
+            if let (Some(m), Some(at), Some(mover)) = (step, step_at, mover) {
+                if now >= at {
+                    migrate_step(mover, m, moves);
+                    step = steps.next();
+                    continue;
+                }
             }
             let (Some(p), Some(at)) = (&plan, next) else {
                 continue;
@@ -458,6 +496,22 @@ impl Vm {
                 .every_s
                 .map(|e| Instant::now() + Duration::from_secs_f64(e));
         }
+    }
+}
+
+/// Make one migration of the spec's list. A failed one leaves the vCPU where
+/// it was, running (`VcpuMover` takes it back), so the VM goes on; it is
+/// reported.
+fn migrate_step(mover: &VcpuMover, m: &super::migrate::MigrationStep, moves: &mut Vec<MoveReport>) {
+    match mover.migrate(m.vcpu, m.node as crate::dsm::protocol::NodeId) {
+        Ok(rep) => {
+            eprintln!(
+                "dvmm: vCPU {} moved from node {} to node {}: stopped {:.2} ms (pause {:.2}, capture {:.2}, restore {:.2}; {} state bytes)",
+                rep.vcpu, rep.from, rep.to, rep.stopped_ms, rep.pause_ms, rep.capture_ms, rep.restore_ms, rep.state_bytes
+            );
+            moves.push(rep);
+        }
+        Err(e) => eprintln!("dvmm: vCPU {} not moved to node {}: {e}", m.vcpu, m.node),
     }
 }
 

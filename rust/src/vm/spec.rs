@@ -34,6 +34,8 @@ pub enum SpecError {
     SnapshotPlan,
     #[error("timeout_s = {0}: must be >= 0")]
     Timeout(f64),
+    #[error("migrate: {0}")]
+    Migrate(String),
     #[error("{0}")]
     Cluster(#[from] ClusterSpecError),
     #[error("numa: empty list (omit it for a single node)")]
@@ -116,6 +118,9 @@ pub struct VmSpec {
     /// (which may then be empty).
     #[serde(default)]
     pub restore: Option<String>,
+    /// vCPU migrations during the run, in time order (issue 15; `vm::migrate`).
+    #[serde(default)]
+    pub migrate: Vec<super::migrate::MigrationStep>,
 }
 
 impl VmSpec {
@@ -180,6 +185,7 @@ impl VmSpec {
                 return Err(SpecError::SnapshotPlan);
             }
         }
+        self.validate_migrations()?;
         if let Some(i) = &self.initrd {
             if !Path::new(i).is_file() {
                 return Err(SpecError::InitrdNotFound(i.clone()));
@@ -193,6 +199,42 @@ impl VmSpec {
         }
         if let Some(numa) = &self.numa {
             self.validate_numa(numa)?;
+        }
+        Ok(())
+    }
+
+    /// Migrations need a distributed VM, and name one of its vCPUs and nodes.
+    fn validate_migrations(&self) -> Result<(), SpecError> {
+        let Some(first) = self.migrate.first() else {
+            return Ok(());
+        };
+        let Some(c) = &self.cluster else {
+            return Err(SpecError::Migrate(format!(
+                "vCPU {} cannot move: the VM runs on one node",
+                first.vcpu
+            )));
+        };
+        for m in &self.migrate {
+            if m.vcpu >= self.vcpus {
+                return Err(SpecError::Migrate(format!(
+                    "vCPU {}: the VM has vCPUs 0-{}",
+                    m.vcpu,
+                    self.vcpus - 1
+                )));
+            }
+            if m.node >= c.nodes.len() {
+                return Err(SpecError::Migrate(format!(
+                    "node {}: the VM runs on nodes 0-{}",
+                    m.node,
+                    c.nodes.len() - 1
+                )));
+            }
+            if !(m.after_s.is_finite() && m.after_s >= 0.0) {
+                return Err(SpecError::Migrate(format!(
+                    "after_s = {}: must be >= 0",
+                    m.after_s
+                )));
+            }
         }
         Ok(())
     }
