@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perf import linux, measure, npb, report, snapshot
+from perf import linux, measure, migration, npb, report, snapshot
 from perf.common import (
     ISSUE_KEYS,
     PERF,
@@ -149,6 +149,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "security": ("remote scan and read miss under each --data-plane mode", measure.SECURITY_KEYS),
     "scaling": ("fault throughput against nodes and vCPUs (extra.fault_scaling)", ()),
     "snapshot": ("snapshot of a 2-node VM: guest-visible stop, write speed vs disk", snapshot.KEYS),
+    "migration": ("live vCPU migration on 2 nodes: the guest's gap vs floor and 5 ms + RTT", migration.KEYS),
     "npb": ("NPB EP/IS/CG/MG/FT: QEMU and dvmm 1 node, dvmm 2 and 3 nodes (npb.md)", ()),
     "linux": ("Debian kernel boot milestones: QEMU, dvmm 1 node, dvmm 2 nodes (linux.md)", ()),
     "profiles": ("py-spy and perf profiles under a 2-node load", ()),
@@ -157,7 +158,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 OPT_IN = ("ipi", "linux")
 DEFAULT_STAGES = tuple(k for k in STAGES if k not in OPT_IN)
 #: Stages that need ``dvmmctl run --nodes 2`` (ep and ipi run their 1-node part without).
-DISTRIBUTED = ("remote", "contended", "numa", "security", "scaling", "snapshot")
+DISTRIBUTED = ("remote", "contended", "numa", "security", "scaling", "snapshot", "migration")
 #: The 2-node keys of ep / ipi.
 TWO_NODE_EP_KEYS = ("dvmm_2node_2vcpu_s", "ep_efficiency_2node", "ipi_roundtrip_p50_us",
                     "ipi_roundtrip_p99_us")  # fmt: skip
@@ -219,6 +220,8 @@ def run_distributed(c: Collector, p: Params, stages: Sequence[str]) -> None:
         c.stage("scaling", ["fault_scaling"], scaling)
     if "snapshot" in stages:
         c.stage("snapshot", list(snapshot.KEYS), lambda: c.add(*snapshot.stage(p)))
+    if "migration" in stages:
+        c.stage("migration", list(migration.KEYS), lambda: c.add(*migration.stage(p)))
 
 
 PROFILE_LOAD = "run=sweep,falseshare,counter,ipi sweep.mem=64M ipi.iters=300 falseshare.iters=2M"

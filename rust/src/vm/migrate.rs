@@ -288,7 +288,9 @@ impl VcpuMover {
                     v.resume();
                     return Err(MigrateError::PauseTimeout(vcpu));
                 }
-                _ => std::hint::spin_loop(),
+                // Sleep, do not spin: on a busy host the vCPU thread needs a
+                // core to leave the guest.
+                _ => std::thread::sleep(Duration::from_micros(10)),
             }
         }
         let paused = t0.elapsed();
