@@ -31,6 +31,7 @@ from dvmmd.cli.common import (
 )
 from dvmmd.config import DEFAULT_SOCKET
 from dvmmd.vm.boot_files import BootFileError, open_boot_files
+from dvmmd.vm.periodic_snapshots import SnapshotOptionError, parse_every
 from dvmmd.vm.sizes import format_size
 from dvmmd.vm.spec import EXIT_ERROR, MAX_VCPUS, exit_code
 
@@ -120,6 +121,7 @@ def format_status(v: dict[str, Any]) -> str:
             + (f" ({s['reason']})" if s.get("reason") else "")
             + (" [boot node]" if i == 0 else "")
         )
+    lines += _snapshot_lines(req)
     result = v.get("result")
     if result:
         lines.append(
@@ -127,6 +129,22 @@ def format_status(v: dict[str, Any]) -> str:
             + (f" error={result['error']}" if result.get("error") else "")
         )
     return "\n".join(lines)
+
+
+def _snapshot_lines(req: dict[str, Any]) -> list[str]:
+    """``status``: the VM's periodic snapshots and its recoveries from them."""
+    snap = req.get("snapshot")
+    if not snap:
+        return []
+    lines = [f"snapshots: every {snap['every_s']:g} s into {snap['dir']}"]
+    for e in req.get("recovered") or []:
+        taken = time.strftime("%H:%M:%S", time.localtime(e["taken_unix_s"]))
+        at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+        lines.append(
+            f"recovered: at {at}, node {', '.join(e['lost'])} lost; restored on "
+            f"{', '.join(e['nodes'])} from the snapshot taken {taken} ({e['snapshot']})"
+        )
+    return lines
 
 
 def _flat(stats: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,6 +178,14 @@ def format_stats(res: dict[str, Any]) -> str:
     rows = [[k] + [f.get(k, "-") for f in flats] for k in keys]
     header = ["COUNTER"] + [f"{n['node']}" + (" (!)" if n.get("error") else "") for n in nodes]
     return head + "\n" + _table(rows, header)
+
+
+def snapshot_every_arg(text: str) -> float:
+    """``--snapshot-every``: seconds > 0 (dvmmd.vm.periodic_snapshots's rule)."""
+    try:
+        return parse_every(text)
+    except SnapshotOptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -198,6 +224,11 @@ def cmd_boot(args: argparse.Namespace) -> int:
         params["foreign_budget"] = args.foreign_budget
     if args.nodes:
         params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if args.snapshot_dir is not None and args.snapshot_every is None:
+        raise CliError("--snapshot-dir needs --snapshot-every (the snapshot interval)")
+    if args.snapshot_every is not None:
+        params["snapshot_every_s"] = args.snapshot_every
+        params["snapshot_dir"] = _abs(args.snapshot_dir)
     # The daemon (root) reads the kernel/initrd only through descriptors we opened with
     # our own rights (dvmmd.vm.boot_files): a path alone is refused for non-root users.
     try:
@@ -229,7 +260,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _booted(args, res)
 
 
-ACTIVE = ("booting", "running", "stopping")
+ACTIVE = ("booting", "running", "recovering", "stopping")
 
 
 def vm_exit_status(st: dict[str, Any]) -> int:
@@ -453,6 +484,20 @@ def register(subparsers: Any) -> None:
         metavar="SIZE",
         help="memory aggregation: at most this much of other nodes' memory per node "
         "(default: half of the node's own share)",
+    )
+    p.add_argument(
+        "--snapshot-every",
+        type=snapshot_every_arg,
+        default=None,
+        metavar="SECONDS",
+        help="snapshot the whole VM every SECONDS (each replaces the last); when a node "
+        "other than the owner is lost, the VM is restored from the last one on the others",
+    )
+    p.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        help="with --snapshot-every (root only): the snapshot directory, seen by every node "
+        "(default: vm.snapshot_dir/NAME, else STATE_DIR/snapshots/NAME on the owner)",
     )
     p.add_argument(
         "--console",

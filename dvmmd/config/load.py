@@ -331,6 +331,10 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     images_dir = Path(images_raw) if images_raw else None
     if images_dir is not None and not images_dir.is_absolute():
         raise r.error("vm", "images_dir", f"must be an absolute path, got {images_raw!r}")
+    snap_raw = r.get("vm", "snapshot_dir", str)
+    snapshot_dir = Path(snap_raw) if snap_raw else None
+    if snapshot_dir is not None and not snapshot_dir.is_absolute():
+        raise r.error("vm", "snapshot_dir", f"must be an absolute path, got {snap_raw!r}")
 
     return Config(
         path=path,
@@ -363,4 +367,5 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         default_kernel=kernel,
         images_dir=images_dir,
         log_level=log_level,
+        snapshot_dir=snapshot_dir,
     )

@@ -57,6 +57,9 @@ Example::
     kernel = "/usr/share/dvmm/dvmm-guest"   # default kernel for `dvmmctl boot`
     images_dir = "/var/lib/dvmm-images"     # optional: files here (world-readable) may
                                             # be named by path by any API client
+    snapshot_dir = "/shared/dvmm-snapshots" # periodic snapshots (`boot --snapshot-every`):
+                                            # <this>/<vm>; default <state_dir>/snapshots.
+                                            # Every node must see it (shared storage)
 """
 
 from __future__ import annotations
@@ -162,6 +165,14 @@ class Config:
     #: Kernels/initrds any API client may name by path (dvmmd.vm.boot_files); None: none.
     images_dir: Path | None
     log_level: str
+    #: Where VMs' periodic snapshots go (``<snapshot_dir>/<vm>``); None: the state
+    #: directory's ``snapshots``. Every node of a VM writes there: shared storage.
+    snapshot_dir: Path | None = None
+
+    @property
+    def snapshot_base(self) -> Path:
+        """The directory holding each VM's periodic snapshot directory."""
+        return self.snapshot_dir or self.state_dir / "snapshots"
 
     @property
     def advertise_str(self) -> str:
@@ -191,5 +202,5 @@ SCHEMA: dict[str, set[str]] = {
     "api": {"socket", "socket_mode", "socket_group", "remote"},
     "metrics": {"listen"},
     "worker": {"command", "data_ports", "multi_node", "stop_grace"},
-    "vm": {"kernel", "images_dir"},
+    "vm": {"kernel", "images_dir", "snapshot_dir"},
 }

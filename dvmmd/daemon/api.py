@@ -88,6 +88,8 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
         "timeout_s": (*_NUM, _NONE),
         "cpu": (str, _NONE),
         "foreign_budget": (int, str, _NONE),
+        "snapshot_every_s": (*_NUM, _NONE),
+        "snapshot_dir": (str, _NONE),
     },
 }
 #: Ops that act on one VM: "name" is required and is a VM name.

@@ -41,7 +41,7 @@ from dvmmd.daemon.metrics import serve as serve_metrics
 from dvmmd.daemon.peers import PeerNetwork
 from dvmmd.daemon.sdnotify import notify, watchdog_interval
 from dvmmd.daemon.statelock import StateDirBusy, StateLock
-from dvmmd.daemon.store import ACTIVE_STATES, Store, StoreError
+from dvmmd.daemon.store import ACTIVE_STATES, VM_STATES, Store, StoreError
 from dvmmd.daemon.vms import VmManager
 from dvmmd.security.auth import Peer
 from dvmmd.security.tls import IdentityError, load_identity
@@ -158,7 +158,7 @@ class Daemon:
             f.gauge(
                 "dvmm_vm_vcpus", "vCPUs of the VM", rec.request.get("vcpus", 0), {"vm": rec.name}
             )
-        for st in ("booting", "running", "stopping", "stopped", "failed"):
+        for st in VM_STATES:
             f.gauge(
                 "dvmm_vms", "VMs owned by this node, by state", states.get(st, 0), {"state": st}
             )

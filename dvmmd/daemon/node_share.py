@@ -9,7 +9,8 @@ numa[i]) serves these RPCs from the VM's owner (vm_owner.py):
   public key;
 - ``share_start``: it writes its spec (the common spec + ``cluster = {node_index,
   nodes[{addr}], boot_node: 0, security, session_hex, node_pubkeys_hex}``: nothing
-  secret) and spawns the worker, ``WORKER_CMD SPEC.json RESULT.json`` (default
+  secret; a recovery's ``console_keep``/``console_note`` continue the console log) and
+  spawns the worker, ``WORKER_CMD SPEC.json RESULT.json`` (default
   ``python -m dvmmd.worker``) with ``--key-stdin``, writing its private key to the
   worker's stdin: it is never in a file or a message;
 - ``share_stop``, ``share_forget``, ``share_stats``, ``console_read``,
@@ -313,10 +314,10 @@ class NodeShares:
         except SpecError as e:
             self._finish(sh, "failed", f"invalid VM spec: {e}", None)
             raise VmError(f"node {self.name}: invalid VM spec: {e}") from None
-        for f in (sh.result_path, sh.console_path, sh.result_path.with_suffix(".json.stats")):
+        for f in (sh.result_path, sh.result_path.with_suffix(".json.stats")):
             f.unlink(missing_ok=True)
         _write_json(sh.spec_path, spec)
-        sh.console_path.touch(mode=0o640)
+        _start_console_log(sh.console_path, bool(p.get("console_keep")), p.get("console_note"))
         key, sh.key = sh.key, None  # from here on only the worker has it
         cmd = [*self.cfg.worker_command, str(sh.spec_path), str(sh.result_path)]
         if spec["cluster"] is not None:
@@ -586,6 +587,17 @@ class NodeShares:
 
 #: How long console_write waits for a full console input pipe to drain.
 CONSOLE_WRITE_TIMEOUT_S = 5.0
+
+
+def _start_console_log(path: Path, keep: bool, note: Any) -> None:
+    """A boot's console log starts empty; a recovered run's (``keep``) goes on after the
+    lost run's, on the same node. ``note`` (a line for the reader) goes first."""
+    if not keep:
+        path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    with os.fdopen(fd, "ab") as f:
+        if isinstance(note, str) and note:
+            f.write(note.encode("utf-8", "replace"))
 
 
 def _open_log(path: Path) -> BinaryIO:

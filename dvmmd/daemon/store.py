@@ -2,7 +2,8 @@
 
 Two tables:
 - ``vms``: the VMs this node *owns* (was asked to boot): the request, the placement,
-  the state (booting/running/stopping/stopped/failed), the reason and the result.
+  the state (booting/running/recovering/stopping/stopped/failed), the reason and the
+  result.
 - ``shares``: this node's part of any VM (one VMM worker per VM per node), owned here
   or elsewhere.
 plus ``meta`` (the node's incarnation counter, bumped on every start, so peers can tell
@@ -52,8 +53,10 @@ CREATE TABLE IF NOT EXISTS shares (
 );
 """
 
-VM_STATES = ("booting", "running", "stopping", "stopped", "failed")
-ACTIVE_STATES = ("booting", "running", "stopping")
+#: ``recovering``: a node was lost and the owner restores the VM from its last
+#: snapshot on the surviving nodes (dvmmd.daemon.vm_recovery).
+VM_STATES = ("booting", "running", "recovering", "stopping", "stopped", "failed")
+ACTIVE_STATES = ("booting", "running", "recovering", "stopping")
 SHARE_ACTIVE_STATES = ("prepared", "running", "stopping")
 
 

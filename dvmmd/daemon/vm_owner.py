@@ -31,10 +31,12 @@ from dvmmd.daemon.membership import MemberEvent, Membership
 from dvmmd.daemon.node_share import NodeShares, read_chunk
 from dvmmd.daemon.store import ACTIVE_STATES, SHARE_ACTIVE_STATES, Store, VmRecord
 from dvmmd.daemon.vm_common import BackgroundTasks, CallFn, Emit, Progress, VmError, log
+from dvmmd.daemon.vm_recovery import VmRecovery, recovered_note
 from dvmmd.security.keys import KeyMaterialError, check_key_hex, new_session_hex
-from dvmmd.vm import boot_files
+from dvmmd.vm import boot_files, periodic_snapshots
 from dvmmd.vm.boot_files import BootFileError, BootSource, Caller
 from dvmmd.vm.names import check_node_name, check_vm_name
+from dvmmd.vm.periodic_snapshots import UsableSnapshot
 from dvmmd.vm.placement import (
     NodeResources,
     Placement,
@@ -80,6 +82,7 @@ class VmOwner:
         self.vm_dir = cfg.state_dir / "vms"
         self.stop_reasons: dict[str, str] = {}
         self.locks: dict[str, asyncio.Lock] = {}
+        self.recovery = VmRecovery(self)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self.locks.setdefault(name, asyncio.Lock())
@@ -154,14 +157,18 @@ class VmOwner:
         )
 
     async def console(self, name: str, follow: bool, emit: Emit) -> dict[str, Any]:
-        """Stream the console of VM `name` from its boot node; returns the final status."""
+        """Stream the console of VM `name` from its boot node; returns the final status.
+
+        A recovery (vm_recovery.py) restarts the VM under a new boot id: the stream
+        then goes on from the new boot node (the same log, continued, when the boot
+        node survived; else its new log from the start)."""
         rec = await self.op("status", name, {})
-        boot = rec["placement"]["shares"][0]["node"]
+        boot, boot_id = _boot_of(rec)
         offset = 0
         idle = 0
         while True:
-            r = await self.call(boot, "console_read", {"name": name, "offset": offset})
-            if r["data"]:
+            r = await self._console_read(boot, name, offset, follow)
+            if r is not None and r["data"]:
                 await emit({"event": "console", "data": r["data"]})
                 offset = r["offset"]
                 idle = 0
@@ -169,15 +176,33 @@ class VmOwner:
             if not follow:
                 break
             idle += 1
-            if idle % 5 == 0 or not r["active"]:
+            if r is None or idle % 5 == 0 or not r["active"]:
                 rec = await self.op("status", name, {})
-                if rec["state"] not in ACTIVE_STATES and not r["active"]:
-                    r = await self.call(boot, "console_read", {"name": name, "offset": offset})
-                    if r["data"]:
+                if _boot_of(rec)[1] != boot_id:  # recovered: follow the new run
+                    new_boot, boot_id = _boot_of(rec)
+                    offset = offset if new_boot == boot else 0
+                    boot = new_boot
+                    continue
+                if rec["state"] not in ACTIVE_STATES and (r is None or not r["active"]):
+                    r = await self._console_read(boot, name, offset, follow)
+                    if r is not None and r["data"]:
                         await emit({"event": "console", "data": r["data"]})
                     break
             await asyncio.sleep(0.2)
         return await self.op("status", name, {})  # type: ignore[no-any-return]
+
+    async def _console_read(
+        self, node: str, name: str, offset: int, follow: bool
+    ) -> dict[str, Any] | None:
+        """One console_read; when following, None for a boot node that cannot be asked
+        (lost: the VM may be recovering elsewhere)."""
+        try:
+            r = await self.call(node, "console_read", {"name": name, "offset": offset})
+        except Exception:
+            if not follow:
+                raise
+            return None
+        return r  # type: ignore[no-any-return]
 
     async def console_input(self, name: str, data: bytes) -> dict[str, Any]:
         """Send `data` to the serial console of VM `name` (on its boot node)."""
@@ -226,6 +251,10 @@ class VmOwner:
             "nodes": req.get("nodes"),
             "foreign_budget": req.get("foreign_budget"),
         }
+        snap = req.get(periodic_snapshots.REQUEST_KEY)
+        if snap:
+            args["snapshot_every_s"] = snap["every_s"]
+            args["snapshot_dir"] = snap["dir"] if snap.get("explicit") else None
         # The boot files were vetted when the VM was defined: a path is used in place,
         # a copy (vmdir:) in the owner's VM directory is copied again for this boot.
         sources: dict[str, BootSource | None] = {}
@@ -341,6 +370,7 @@ class VmOwner:
             cpu = host_default_cpu_model() if cpu_in is None else check_cpu_model(cpu_in)
         except SpecError as e:
             raise VmError(str(e)) from None
+        snapshot = self._snapshot_settings(name, args, caller)
         async with self._lock(name):
             old = self.store.get_vm(name)
             if old is not None and old.state in ACTIVE_STATES:
@@ -383,6 +413,8 @@ class VmOwner:
             }
             if foreign_budget is not None:
                 request["foreign_budget"] = foreign_budget
+            if snapshot is not None:
+                request[periodic_snapshots.REQUEST_KEY] = dict(snapshot, since=time.time())
             if copied:
                 request["boot_files"] = copied
             pj = placement.to_json()
@@ -431,6 +463,34 @@ class VmOwner:
                 )
             await progress(f"{cur.state}: {cur.reason}")
             return dict(cur.to_json(), owner=self.name)
+
+    def _snapshot_settings(
+        self, name: str, args: dict[str, Any], caller: Caller
+    ) -> dict[str, Any] | None:
+        """The VM's periodic snapshots ({every_s, dir, explicit}) from ``snapshot_every_s``
+        and ``snapshot_dir``; None without an interval. Only a local root caller names
+        the directory (the daemon replaces it at every snapshot); the default is
+        ``<vm.snapshot_dir>/<name>``, made here (every node must see it)."""
+        try:
+            every = periodic_snapshots.check_every(args.get("snapshot_every_s"))
+            chosen = periodic_snapshots.check_dir(args.get("snapshot_dir"))
+        except periodic_snapshots.SnapshotOptionError as e:
+            raise VmError(str(e)) from None
+        if every is None:
+            if chosen is not None:
+                raise VmError("snapshot_dir needs snapshot_every_s (the snapshot interval)")
+            return None
+        if chosen is not None and not caller.is_local_root:
+            raise VmError(
+                f"snapshot_dir: only root may choose where {caller.describe()}'s VM's "
+                f"snapshots go (the default is {self.cfg.snapshot_base}/{name})"
+            )
+        d = chosen or self.cfg.snapshot_base / name
+        try:
+            d.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as e:
+            raise VmError(f"snapshot directory {d}: cannot make {d.parent}: {e}") from None
+        return {"every_s": every, "dir": str(d), "explicit": chosen is not None}
 
     async def _take_boot_files(
         self,
@@ -516,7 +576,13 @@ class VmOwner:
         request: dict[str, Any],
         placement: Placement,
         progress: Progress,
+        *,
+        restore: UsableSnapshot | None = None,
+        console: dict[str, Any] | None = None,
     ) -> None:
+        """Prepare and start the VM's shares. `restore`: start from that snapshot
+        instead of booting; `console`: the boot node's ``console_keep``/``console_note``
+        (a recovery's console goes on from the lost run's)."""
         multi = len(placement.shares) > 1
         addrs = []
         pubkeys = []
@@ -546,18 +612,7 @@ class VmOwner:
                     raise VmError(
                         f"node {s.node} answered share_prepare with a bad key: {e}"
                     ) from None
-        spec = {
-            "vcpus": request["vcpus"],
-            "memory": request["memory"],
-            "kernel": request["kernel"],
-            "initrd": request["initrd"],
-            "cmdline": request["cmdline"],
-            "numa": placement.numa(),
-            "console_stdout": False,
-            "timeout_s": request["timeout_s"],
-            # Explicit even for records from before CPU models: one model on every node.
-            "cpu": request.get("cpu") or host_default_cpu_model(),
-        }
+        spec, layout = _common_spec(request, placement, restore)
         cluster = None
         if multi:
             # Public: each node derives its link keys from its own private key, the
@@ -573,6 +628,8 @@ class VmOwner:
                 cluster["transport"] = self.cfg.transport
             if request.get("foreign_budget") is not None:
                 cluster["foreign_budget_pages"] = max(1, int(request["foreign_budget"]) // 4096)
+            if layout is not None:
+                cluster["placement"] = layout
             await progress(f"data plane: {self.cfg.data_plane} over {self.cfg.transport}")
             cur = self.store.get_vm(name)
             if cur is not None:  # shown by `dvmmctl status`
@@ -584,18 +641,16 @@ class VmOwner:
             await progress(
                 f"starting worker on {node}" + (" (boot node)" if multi and i == 0 else "")
             )
-            await self.call(
-                node,
-                "share_start",
-                {
-                    "name": name,
-                    "boot_id": boot_id,
-                    "node_index": i,
-                    "spec": spec,
-                    "cluster": cluster,
-                },
-                30.0,
-            )
+            params: dict[str, Any] = {
+                "name": name,
+                "boot_id": boot_id,
+                "node_index": i,
+                "spec": spec,
+                "cluster": cluster,
+            }
+            if i == 0 and console:
+                params.update(console)
+            await self.call(node, "share_start", params, 30.0)
 
     async def _stop_shares(
         self, name: str, nodes: list[str], reason: str, force: bool
@@ -715,6 +770,7 @@ class VmOwner:
                     await self.call(node, "share_forget", {"name": name})
                 except Exception as e:  # noqa: BLE001 -- best effort: the record goes anyway
                     log.info("VM %s: could not clean up on %s: %s", name, node, e)
+            await asyncio.to_thread(periodic_snapshots.remove_default, rec.request, name)
             self.store.delete_vm(name)
             return {"name": name, "removed": True}
 
@@ -731,7 +787,7 @@ class VmOwner:
         shares[idx].update(
             state=params["state"], reason=params["reason"], stats=result.get("stats")
         )
-        if rec.state not in ACTIVE_STATES:
+        if rec.state not in ACTIVE_STATES or self.recovery.absorbs_exit(name, params["boot_id"]):
             self.store.update_vm(name, placement=rec.placement)
             return {}
         if idx != 0 and params["state"] != "failed" and name not in self.stop_reasons:
@@ -746,6 +802,10 @@ class VmOwner:
                 reason += f" (boot node {node})"
         else:
             state, reason = "failed", f"worker on node {node}: {params['reason']}"
+        if state == "failed" and stop_reason is None and self.recovery.may_recover(rec, result):
+            self.recovery.begin(rec, reason)  # a node lost? the recovery finds out
+            return {}
+        reason += recovered_note(rec.request)
         log.info("VM %s: %s", name, reason)
         self.store.update_vm(
             name, state=state, reason=reason, result=result, placement=rec.placement
@@ -772,16 +832,54 @@ class VmOwner:
         for rec in self.store.list_vms():
             nodes = [s["node"] for s in rec.placement["shares"]]
             if rec.state in ACTIVE_STATES and ev.name in nodes:
+                if self.recovery.absorbs_loss(rec.name, ev.name):
+                    continue
                 reason = f"node {ev.name} failed: {why}"
-                log.warning("VM %s: %s; stopping it", rec.name, reason)
                 for s in rec.placement["shares"]:
                     if s["node"] == ev.name and s.get("state") in SHARE_ACTIVE_STATES:
                         s.update(state="lost", reason=why)
+                if self.recovery.may_recover(rec):
+                    self.recovery.begin(rec, reason, lost=ev.name)
+                    continue
+                log.warning("VM %s: %s; stopping it", rec.name, reason)
                 self.store.update_vm(
                     rec.name, state="failed", reason=reason, placement=rec.placement
                 )
                 others = [n for n in nodes if n != ev.name]
                 self.spawn(self._stop_shares(rec.name, others, reason, force=True))
+
+
+def _common_spec(
+    request: dict[str, Any], placement: Placement, restore: UsableSnapshot | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The spec every node's share gets (before its ``cluster``), and, for a restore
+    whose shares differ from the guest's NUMA nodes, ``cluster.placement``."""
+    spec: dict[str, Any] = {
+        "vcpus": request["vcpus"],
+        "memory": request["memory"],
+        "kernel": request["kernel"],
+        "initrd": request["initrd"],
+        "cmdline": request["cmdline"],
+        "numa": placement.numa(),
+        "console_stdout": False,
+        "timeout_s": request["timeout_s"],
+        # Explicit even for records from before CPU models: one model on every node.
+        "cpu": request.get("cpu") or host_default_cpu_model(),
+    }
+    settings = request.get(periodic_snapshots.REQUEST_KEY)
+    if settings:
+        spec["snapshot"] = periodic_snapshots.plan(settings)
+    if restore is None:
+        return spec, None
+    # The guest keeps the snapshot's shape: its NUMA nodes, its CPU model.
+    numa, layout = periodic_snapshots.restore_layout(restore.info, placement)
+    spec.update(restore=str(restore.info.dir), numa=numa, cpu=restore.info.cpu)
+    return spec, layout
+
+
+def _boot_of(status: dict[str, Any]) -> tuple[str, str]:
+    """(boot node, boot id) of a VM's status: where its console is, and for which run."""
+    return status["placement"]["shares"][0]["node"], str(status["request"].get("boot_id"))
 
 
 def _ranges(cpus: tuple[int, ...]) -> str:

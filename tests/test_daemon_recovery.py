@@ -1,0 +1,220 @@
+"""A VM with periodic snapshots survives the loss of a node (issue 15, item 4).
+
+Three real dvmmd processes on loopback (the helpers of test_daemon_cluster.py) run the
+bundled guest over three nodes with ``dvmmctl boot --snapshot-every``; one daemon is
+killed (SIGKILL) mid-run, once a snapshot exists, and the owner restores the VM from
+it on the other two. The guest must finish with exactly the result lines of an
+uninterrupted run: the lines printed before the snapshot, then the restored run's.
+The option's checks are tested without KVM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import dvmmctl, require_guest, require_native, requires_kvm
+from test_daemon_cluster import ROOT, Cluster, Node, wait_for
+
+from dvmmd.cli.client import Client
+from dvmmd.vm import periodic_snapshots as ps
+
+#: Result fields that are timings, left out of the comparison (as test_snapshot.py).
+TIMING = re.compile(r" (time_us|rtt\w*|total_ms)=\S+")
+#: The node is killed once ``stress`` (2-10 s on three loopback nodes, by the host's
+#: load) has printed its result and a snapshot was taken after it; ``ep`` (3 s or more)
+#: runs after the restore, on two nodes, long enough for the restored run's snapshots.
+WORK = "run=stress,counter,ep,counter stress.iters=300000 counter.iters=100000 ep.size=600M"
+VCPUS, MEMORY = "3", "128M"
+EVERY_S = "0.5"
+
+
+def results(out: str) -> list[str]:
+    """The workload result lines (PASS/FAIL), timings removed."""
+    return [
+        TIMING.sub("", ln.strip())
+        for ln in out.splitlines()
+        if ln.startswith("dvmm-guest: ") and ln.rstrip().endswith(("PASS", "FAIL"))
+    ]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+        for n in c.nodes:
+            print(f"--- {n.name} log ---\n{n.log()[-6000:]}")
+
+
+def reference() -> list[str]:
+    """The uninterrupted run's result lines (they do not depend on the nodes)."""
+    p = dvmmctl(
+        "run", "--vcpus", VCPUS, "--memory", MEMORY, "--cmdline", WORK, "--timeout", "120",
+        timeout=150,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = results(p.stdout)
+    assert len(lines) == 4 and all(ln.endswith("PASS") for ln in lines), p.stdout
+    return lines
+
+
+def start_three(cluster: Cluster) -> tuple[Node, Node, Node]:
+    a, b, c = cluster.add(3)
+    for n in (a, b, c):
+        n.write_config([m.addr for m in (a, b, c) if m is not n], fake_worker=False)
+    cluster.start_all()
+    return a, b, c
+
+
+def console_text(node: Node) -> str:
+    """The VM's console so far (the API, not the CLI: fast enough to poll)."""
+    chunks: list[str] = []
+    with Client(node.socket, 30.0) as c:
+        c.request("console", {"name": "vm"}, lambda ev: chunks.append(str(ev.get("data", ""))))
+    return "".join(chunks)
+
+
+def wait_mid_run(a: Node, snap: Path) -> None:
+    """Until the first workload has printed its result and a snapshot was taken after
+    that (so the lost run printed lines the restored one does not print again)."""
+    wait_for(lambda: len(results(console_text(a))) >= 1, 90, "the first result line")
+    seen = time.time()
+    manifest = snap / "manifest.json"
+    wait_for(
+        lambda: manifest.is_file() and manifest.stat().st_mtime > seen,
+        30,
+        "a snapshot after the first result",
+    )
+    assert "passed," not in console_text(a), "the guest finished before the node was killed"
+
+
+def check_console(out: str, ref: list[str]) -> None:
+    """Lines before the snapshot (of the lost run), then the restored run's: the
+    uninterrupted run's lines, in order, each once."""
+    lost_run, marker, restored = out.partition("[dvmm: node n3 lost; VM vm restored on n1, n2")
+    assert marker, out[-3000:]
+    after = results(restored)
+    k = len(ref) - len(after)
+    assert after and after == ref[k:], restored
+    assert k >= 1 and results(lost_run)[:k] == ref[:k], lost_run
+    assert re.search(r"dvmm-guest: 4 passed, 0 failed", restored), restored
+
+
+@requires_kvm
+def test_node_loss_recovers_from_the_last_snapshot(cluster: Cluster) -> None:
+    require_native()
+    guest = require_guest()
+    from dvmmd.worker import multinode_supported
+
+    multi, why = multinode_supported("auto")
+    if not multi:
+        pytest.skip(f"multi-node VMs are not available: {why}")
+    ref = reference()
+    a, _b, c = start_three(cluster)
+    r = a.ctl(
+        "boot", "vm", "--vcpus", VCPUS, "--memory", MEMORY, "--kernel", str(guest),
+        "--nodes", "n1,n2,n3", "--cmdline", WORK, "--timeout", "240",
+        "--snapshot-every", EVERY_S, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    snap = a.dir / "snapshots" / "vm"
+    assert a.req("status", name="vm")["request"]["snapshot"]["dir"] == str(snap)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dvmmd.cli", "console", "vm", "--socket", a.socket],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_mid_run(a, snap)
+        c.stop(signal.SIGKILL)
+        killed_at = time.time()
+        wait_for(
+            lambda: a.req("status", name="vm")["state"] in ("stopped", "failed"),
+            120,
+            "the recovered VM to finish",
+        )
+        out, err = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+    st = a.req("status", name="vm")
+    assert st["state"] == "stopped", st
+    assert st["result"]["reason"] == "debug_exit" and st["result"]["status"] == 0, st
+    assert "recovered after the loss of n3" in st["reason"], st["reason"]
+    (event,) = st["request"]["recovered"]
+    assert event["lost"] == ["n3"] and event["nodes"] == ["n1", "n2"], event
+    assert event["snapshot"] == str(snap)
+    assert [s["node"] for s in st["placement"]["shares"]] == ["n1", "n2"]
+    r = a.ctl("console", "vm", "--no-follow", timeout=60)
+    assert r.returncode == 0, r.stderr
+    check_console(r.stdout, ref)
+    # The follower saw it all: the lost run, the recovery, the end; exit 0.
+    assert follower.returncode == 0, err
+    check_console(out, ref)
+    text = a.ctl("status", "vm").stdout
+    assert "recovered: at" in text and "node n3 lost; restored on n1, n2" in text, text
+    assert "recovered from the snapshot taken" in a.log()
+    # The restored run went on taking snapshots into the same directory.
+    taken = ps.taken_unix_s(snap)
+    assert taken is not None and taken >= math.floor(killed_at), (taken, killed_at)
+    assert json.loads((snap / "manifest.json").read_text())["nodes"] == 2
+
+
+# --------------------------------------------------------------------------- the option
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("abc", "snapshot_every_s must be a number of seconds, not 'abc'"),
+        (True, "snapshot_every_s must be a number of seconds, not True"),
+        (0, "snapshot_every_s must be a number of seconds > 0, not 0"),
+        (-2.5, "snapshot_every_s must be a number of seconds > 0, not -2.5"),
+        (math.inf, "snapshot_every_s must be a number of seconds > 0, not inf"),
+        (math.nan, "snapshot_every_s must be a number of seconds > 0, not nan"),
+    ],
+)
+def test_snapshot_interval_is_checked(value: object, message: str) -> None:
+    with pytest.raises(ps.SnapshotOptionError, match=re.escape(message)):
+        ps.check_every(value)
+
+
+def test_snapshot_option_values(tmp_path: Path) -> None:
+    assert ps.check_every(None) is None
+    assert ps.check_every(2) == 2.0 and ps.parse_every("0.5") == 0.5
+    with pytest.raises(ps.SnapshotOptionError, match="'soon' is not a number of seconds"):
+        ps.parse_every("soon")
+    with pytest.raises(ps.SnapshotOptionError, match="must be an absolute path"):
+        ps.check_dir("snaps/vm")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ps.SnapshotOptionError, match="neither empty nor a dvmm snapshot"):
+        ps.check_dir(str(tmp_path / "other"))
+    assert ps.check_dir(str(tmp_path / "new")) == tmp_path / "new"
+    settings = {"every_s": 3.0, "dir": str(tmp_path / "new")}
+    assert ps.plan(settings) == {
+        "dir": str(tmp_path / "new"),
+        "after_s": 3.0,
+        "every_s": 3.0,
+        "leave_running": True,
+    }
+
+
+def test_boot_refuses_a_bad_interval() -> None:
+    r = dvmmctl("boot", "vm", "--snapshot-every", "0")
+    assert r.returncode == 2 and "snapshot_every_s must be a number of seconds > 0" in r.stderr
+    r = dvmmctl("boot", "vm", "--snapshot-every", "often")
+    assert r.returncode == 2 and "'often' is not a number of seconds" in r.stderr, r.stderr
