@@ -7,13 +7,18 @@ times in the middle of it; ``gap`` (each CPU's longest time off the CPU, as the
 guest measures it) must see the moves; a snapshot taken after a move records
 where the vCPUs are and restores exactly; bad ``--migrate-vcpu`` values are
 refused before anything runs, and a move that cannot be made is reported while
-the VM runs on.
+the VM runs on. The control socket (``dvmmctl run --control``) does the same on
+demand: ``dvmmctl placement``, ``migrate-vcpu`` and ``snapshot --socket``.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +153,51 @@ def test_migrate_options_are_checked() -> None:
     assert p.returncode == 2 and "vcpu 5: the VM has vcpus 0-1" in p.stderr, p.stderr
     p = dvmmctl("run", "--nodes", "2", "--vcpus", "2", "--migrate-vcpu", "1:2@1")
     assert p.returncode == 2 and "node 2: the VM has nodes 0-1" in p.stderr, p.stderr
+
+
+@requires_kvm
+def test_the_control_socket_moves_a_vcpu_and_snapshots_a_running_vm(tmp_path: Path) -> None:
+    require_native()
+    require_guest()
+    iters = 400_000_000
+    sock = tmp_path / "vm.sock"
+    vm = subprocess.Popen(
+        [
+            sys.executable, "-m", "dvmmd.cli", "run", "--nodes", "2", "--vcpus", "2",
+            "--memory", "256M", "--timeout", "240", "--control", str(sock),
+            "--cmdline", f"run=counter counter.iters={iters}",
+        ],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and vm.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sock.exists(), "no control socket"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        p = dvmmctl("placement", "--socket", str(sock), "--json")
+        assert p.returncode == 0 and json.loads(p.stdout) == {"vcpu_node": [0, 1]}, p.stderr
+        p = dvmmctl("migrate-vcpu", "--socket", str(sock), "1", "0")
+        assert p.returncode == 0 and "vCPU 1 moved from node 1 to node 0" in p.stdout, p.stderr
+        p = dvmmctl("migrate-vcpu", "--socket", str(sock), "1", "0")
+        assert p.returncode == 1 and "vCPU 1 runs on node 0 already" in p.stderr, p.stderr
+        p = dvmmctl("migrate-vcpu", "--socket", str(sock), "1", "5")
+        assert p.returncode == 1 and "the VM has no node 5" in p.stderr, p.stderr
+        snap = tmp_path / "snap"
+        p = dvmmctl("snapshot", "--socket", str(sock), str(snap), "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["dir"] == str(snap)
+        out, err = vm.communicate(timeout=60)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.communicate()
+    assert vm.returncode == 0, out + err
+    assert "stopped after its snapshot" in err and not sock.exists()
+    assert "dvmm-guest: counter" not in out, "the snapshot was not mid-run"
+    assert json.loads((snap / "manifest.json").read_text())["vcpu_node"] == [0, 0]
+    code, out, err = run("--nodes", "2", "--restore", str(snap))
+    assert code == 0, out + err
+    assert line(out, "counter").endswith("PASS") and f"total={2 * iters} " in out, out
+    p = dvmmctl("placement", "--socket", str(sock))
+    assert p.returncode == 1 and "control socket" in p.stderr, p.stderr

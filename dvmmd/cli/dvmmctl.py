@@ -3,7 +3,7 @@
 Each verb group registers itself from its module: doctor.py (``doctor``), run.py
 (``run``), vms.py (``nodes``, ``boot``, ``list``, ``status``, ``console``, ``stop``,
 ``rm``, ``stats``, ``top``), demo.py (``demo``), certs.py (``cluster init`` /
-``cluster add-node``).
+``cluster add-node``), control.py (``snapshot``, ``migrate-vcpu``, ``placement``).
 
 Errors are printed as ``dvmmctl: error: ...`` and never as a traceback (set
 ``DVMM_DEBUG=1`` to see one). Exit statuses: 0 success; 2 bad arguments; 1 any other
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dvmmd import __version__, native_version
-from dvmmd.cli import certs, demo, doctor, run, vms
+from dvmmd.cli import certs, control, demo, doctor, run, vms
 from dvmmd.cli.common import PROG, CliError
 from dvmmd.vm.spec import EXIT_ERROR, EXIT_INTERRUPTED
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     vms.register(sub)
     demo.register(sub)
     certs.register(sub)
+    control.register(sub)
     return parser
 
 

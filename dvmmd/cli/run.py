@@ -189,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             numa=args.restore_numa,
             snapshot=args.snapshot,
             restore=args.restore,
+            control=args.control,
         )
     except SpecError as e:
         parser.error(str(e))
@@ -297,6 +298,7 @@ def launcher_options(args: argparse.Namespace) -> launch.Options:
         restore=getattr(args, "restore", d.restore),
         restore_numa=getattr(args, "restore_numa", d.restore_numa),
         migrate=getattr(args, "migrate", d.migrate),
+        control=getattr(args, "control", d.control),
     )
 
 

@@ -32,6 +32,12 @@ def _move_arg(text: str) -> dict[str, Any]:
 
 def add_snapshot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="listen on the unix socket PATH (mode 0600) for `dvmmctl snapshot/migrate-vcpu/"
+        "placement --socket PATH` while the VM runs",
+    )
+    p.add_argument(
         "--migrate-vcpu",
         type=_move_arg,
         action="append",

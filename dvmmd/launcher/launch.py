@@ -155,6 +155,8 @@ class Options:
     restore_numa: list[dict[str, Any]] | None = None
     #: vCPU migrations during the run (dvmmd.vm.migrations), made by the boot node.
     migrate: list[dict[str, Any]] | None = None
+    #: The boot node's control socket (rust/src/vm/control.rs).
+    control: str | None = None
 
 
 #: Largest DSM prefetch batch (the engine's MAX_PREFETCH).
@@ -443,6 +445,7 @@ class Launcher:
                     snapshot=opts.snapshot,
                     restore=opts.restore,
                     migrate=opts.migrate,
+                    control=opts.control if i == self.boot else None,
                 )
             except SpecError as e:
                 raise UsageError(str(e)) from None

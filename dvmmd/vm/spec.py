@@ -413,6 +413,7 @@ def build_spec(
     snapshot: Mapping[str, Any] | None = None,
     restore: str | os.PathLike[str] | None = None,
     migrate: list[dict[str, Any]] | None = None,
+    control: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Build and check a VM spec. ``kernel=None`` means the bundled guest;
     ``cpu=None`` this host's default CPU model (:func:`host_default_cpu_model`);
@@ -431,6 +432,8 @@ def build_spec(
         extra["restore"] = str(restore)
     if migrate:
         extra["migrate"] = list(migrate)
+    if control is not None:
+        extra["control"] = str(control)
     return validate_spec(
         {
             **extra,
@@ -449,6 +452,18 @@ def build_spec(
     )
 
 
+def _check_control(path: Any) -> str:
+    """The control socket's path: absolute, in an existing directory."""
+    if not isinstance(path, str) or not path:
+        raise SpecError(f"control must be a socket path, not {path!r}")
+    p = Path(path).absolute()
+    if not p.parent.is_dir():
+        raise SpecError(f"control socket {p}: its directory does not exist")
+    if p.exists() and not p.is_socket():
+        raise SpecError(f"control socket {p}: a file that is not a socket is there")
+    return str(p)
+
+
 def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -> dict[str, Any]:
     """Check a spec dict and return a normalized copy (absolute paths, numa filled in,
     the CPU model explicit: a missing or null ``cpu`` becomes this host's default).
@@ -462,6 +477,7 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
         "vcpus", "memory", "kernel", "initrd", "cmdline", "numa",
         "console_log", "console_stdout", "timeout_s", "cluster",
         "console_input", "console_stdin", "cpu", "lapic", "snapshot", "restore", "migrate",
+        "control",
     }  # fmt: skip
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -511,6 +527,8 @@ def validate_spec(spec: Mapping[str, Any], *, allow_private_key: bool = False) -
             extra["restore"] = snapshots.check_restore(spec["restore"])
     except snapshots.SnapshotSpecError as e:
         raise SpecError(str(e)) from None
+    if spec.get("control") is not None:
+        extra["control"] = _check_control(spec["control"])
     if spec.get("migrate"):
         if cluster is None:
             raise SpecError("migrate: vCPUs move between nodes; this VM runs on one")

@@ -12,10 +12,12 @@
 //! - [`build`]: construction of the VM from a spec;
 //! - [`run`]: the run loop, the result, pause/resume/stop;
 //! - [`checkpoint`], [`snapshot`]: snapshots and restore;
-//! - [`migrate`]: live vCPU migration between the nodes of a distributed VM.
+//! - [`migrate`]: live vCPU migration between the nodes of a distributed VM;
+//! - [`control`]: the control socket of a running VM (snapshot, migrate).
 
 pub mod build;
 pub mod checkpoint;
+pub mod control;
 pub mod migrate;
 pub mod routing;
 pub mod run;

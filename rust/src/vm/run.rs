@@ -2,12 +2,13 @@
 //! cluster service), wait for the stop, join everything and report the
 //! [`VmResult`]; [`VmControl`] pauses, resumes and stops it from other threads.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::checkpoint::{Coordinator, NodeSaver, SnapshotReport};
+use super::control::{ControlOps, ControlSocket};
 use super::migrate::{MoveReport, VcpuMover};
 use super::snapshot::{DeviceState, Manifest};
 use super::{Vm, VmError, VmSpec};
@@ -390,7 +391,8 @@ impl Vm {
 
     /// Start the vCPUs (a restored distributed VM: once every node has loaded,
     /// driven by the boot node), then wait for the stop, taking the snapshots
-    /// and making the migrations the spec asks for on the way (boot node).
+    /// and making the migrations the spec asks for on the way, and answering
+    /// the control socket (boot node).
     fn start_and_wait(
         &self,
         saver: &NodeSaver,
@@ -408,15 +410,24 @@ impl Vm {
                 .unwrap_or_else(crate::devices::Serial::default_regs),
         };
         let kvmclock = || vm.get_clock().ok().map(|c| c.clock);
-        let coord = Coordinator {
-            saver,
-            manifest_base: self.manifest_base(),
-            devices: &devices,
-            kvmclock: &kvmclock,
+        let op = Operator {
+            coord: Coordinator {
+                saver,
+                manifest_base: self.manifest_base(),
+                devices: &devices,
+                kvmclock: &kvmclock,
+            },
+            mover,
+            cluster: self.cluster.as_deref(),
+            vcpus: self.spec.vcpus,
+            stop: &self.stop,
+            busy: Mutex::new(()),
+            reports: Mutex::new(Vec::new()),
+            moves: Mutex::new(Vec::new()),
         };
         if self.restored && self.cluster.is_some() {
             if is_boot {
-                if let Err(e) = coord.start_restored() {
+                if let Err(e) = op.coord.start_restored() {
                     return StopReason::Error(VmFailure::component(e));
                 }
             }
@@ -426,6 +437,31 @@ impl Vm {
                 s.start();
             }
         }
+        let control = match self.spec.control.as_deref().filter(|_| is_boot) {
+            Some(path) => match ControlSocket::bind(std::path::Path::new(path)) {
+                Ok(c) => Some(c),
+                Err(e) => return StopReason::Error(VmFailure::component(e)),
+            },
+            None => None,
+        };
+        let reason = std::thread::scope(|s| {
+            if let Some(c) = &control {
+                let op = &op;
+                s.spawn(move || c.serve(op, op.stop));
+            }
+            let r = self.wait_planned(&op, is_boot);
+            // The control thread leaves once it sees the stop.
+            self.stop.request(r.clone());
+            r
+        });
+        reports.append(&mut lock(&op.reports));
+        moves.append(&mut lock(&op.moves));
+        reason
+    }
+
+    /// Wait for the stop, taking the planned snapshots and making the
+    /// planned migrations when they are due (boot node).
+    fn wait_planned(&self, op: &Operator<'_>, is_boot: bool) -> StopReason {
         let t0 = Instant::now();
         let end =
             (self.spec.timeout_s > 0.0).then(|| t0 + Duration::from_secs_f64(self.spec.timeout_s));
@@ -452,9 +488,11 @@ impl Vm {
                 self.stop.request(StopReason::Timeout);
                 return self.stop.reason().unwrap_or(StopReason::Timeout);
             }
-            if let (Some(m), Some(at), Some(mover)) = (step, step_at, mover) {
+            if let (Some(m), Some(at)) = (step, step_at) {
                 if now >= at {
-                    migrate_step(mover, m, moves);
+                    if let Err(e) = op.migrate_now(m.vcpu, m.node) {
+                        eprintln!("dvmm: vCPU {} not moved to node {}: {e}", m.vcpu, m.node);
+                    }
                     step = steps.next();
                     continue;
                 }
@@ -465,33 +503,9 @@ impl Vm {
             if now < at {
                 continue;
             }
-            let dir = std::path::Path::new(&p.dir);
-            match coord.take(dir, p.leave_running) {
-                Ok(rep) => {
-                    eprintln!(
-                        "dvmm: snapshot {}: {} pages ({:.1} MiB in {} files) written in {:.0} ms; the guest stood still {:.0} ms",
-                        rep.dir,
-                        rep.pages_stored,
-                        rep.bytes as f64 / (1 << 20) as f64,
-                        rep.files,
-                        rep.write_ms,
-                        rep.pause_ms
-                    );
-                    reports.push(rep);
-                    if !p.leave_running {
-                        self.stop.request(StopReason::Snapshotted(p.dir.clone()));
-                        return self.stop.reason().unwrap_or(StopReason::Stopped);
-                    }
-                }
-                Err(e) => {
-                    eprintln!("dvmm: snapshot {} failed: {e}", p.dir);
-                    if !p.leave_running {
-                        self.stop
-                            .request(StopReason::Error(VmFailure::component(e)));
-                        return self.stop.reason().unwrap_or(StopReason::Stopped);
-                    }
-                }
-            }
+            // Errors are reported by `snapshot_now`; a failed one that was to
+            // stop the VM has stopped it.
+            let _ = op.snapshot_now(&p.dir, p.leave_running);
             next = p
                 .every_s
                 .map(|e| Instant::now() + Duration::from_secs_f64(e));
@@ -499,19 +513,86 @@ impl Vm {
     }
 }
 
-/// Make one migration of the spec's list. A failed one leaves the vCPU where
-/// it was, running (`VcpuMover` takes it back), so the VM goes on; it is
-/// reported.
-fn migrate_step(mover: &VcpuMover, m: &super::migrate::MigrationStep, moves: &mut Vec<MoveReport>) {
-    match mover.migrate(m.vcpu, m.node as crate::dsm::protocol::NodeId) {
-        Ok(rep) => {
-            eprintln!(
-                "dvmm: vCPU {} moved from node {} to node {}: stopped {:.2} ms (pause {:.2}, capture {:.2}, restore {:.2}; {} state bytes)",
-                rep.vcpu, rep.from, rep.to, rep.stopped_ms, rep.pause_ms, rep.capture_ms, rep.restore_ms, rep.state_bytes
-            );
-            moves.push(rep);
+/// Snapshots and migrations while the VM runs, from the plan or the control
+/// socket, one at a time (boot node).
+struct Operator<'a> {
+    coord: Coordinator<'a>,
+    mover: Option<&'a VcpuMover>,
+    cluster: Option<&'a crate::cluster::Cluster>,
+    vcpus: u32,
+    stop: &'a VmStop,
+    busy: Mutex<()>,
+    reports: Mutex<Vec<SnapshotReport>>,
+    moves: Mutex<Vec<MoveReport>>,
+}
+
+impl Operator<'_> {
+    /// Take a snapshot into `dir`; without `leave_running` the VM stops after it
+    /// (reason `snapshot`), or with the error if it failed.
+    fn snapshot_now(&self, dir: &str, leave_running: bool) -> Result<SnapshotReport, String> {
+        let _one = lock(&self.busy);
+        match self.coord.take(std::path::Path::new(dir), leave_running) {
+            Ok(rep) => {
+                eprintln!(
+                    "dvmm: snapshot {}: {} pages ({:.1} MiB in {} files) written in {:.0} ms; the guest stood still {:.0} ms",
+                    rep.dir,
+                    rep.pages_stored,
+                    rep.bytes as f64 / (1 << 20) as f64,
+                    rep.files,
+                    rep.write_ms,
+                    rep.pause_ms
+                );
+                lock(&self.reports).push(rep.clone());
+                if !leave_running {
+                    self.stop.request(StopReason::Snapshotted(dir.to_string()));
+                }
+                Ok(rep)
+            }
+            Err(e) => {
+                eprintln!("dvmm: snapshot {dir} failed: {e}");
+                let msg = e.to_string();
+                if !leave_running {
+                    self.stop
+                        .request(StopReason::Error(VmFailure::component(e)));
+                }
+                Err(msg)
+            }
         }
-        Err(e) => eprintln!("dvmm: vCPU {} not moved to node {}: {e}", m.vcpu, m.node),
+    }
+
+    /// Move vCPU `vcpu` to node `node`. A failed move leaves the vCPU where it
+    /// was, running (`VcpuMover` takes it back), so the VM goes on.
+    fn migrate_now(&self, vcpu: u32, node: usize) -> Result<MoveReport, String> {
+        let Some(mover) = self.mover else {
+            return Err("the VM runs on one node".into());
+        };
+        let _one = lock(&self.busy);
+        let rep = mover
+            .migrate(vcpu, node as crate::dsm::protocol::NodeId)
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "dvmm: vCPU {} moved from node {} to node {}: stopped {:.2} ms (pause {:.2}, capture {:.2}, restore {:.2}; {} state bytes)",
+            rep.vcpu, rep.from, rep.to, rep.stopped_ms, rep.pause_ms, rep.capture_ms, rep.restore_ms, rep.state_bytes
+        );
+        lock(&self.moves).push(rep.clone());
+        Ok(rep)
+    }
+}
+
+impl ControlOps for Operator<'_> {
+    fn snapshot(&self, dir: &str, leave_running: bool) -> Result<serde_json::Value, String> {
+        let rep = self.snapshot_now(dir, leave_running)?;
+        serde_json::to_value(rep).map_err(|e| e.to_string())
+    }
+    fn migrate(&self, vcpu: u32, node: usize) -> Result<serde_json::Value, String> {
+        let rep = self.migrate_now(vcpu, node)?;
+        serde_json::to_value(rep).map_err(|e| e.to_string())
+    }
+    fn placement(&self) -> Vec<usize> {
+        match self.cluster {
+            Some(c) => c.vcpu_nodes(),
+            None => vec![0; self.vcpus as usize],
+        }
     }
 }
 

@@ -121,6 +121,10 @@ pub struct VmSpec {
     /// vCPU migrations during the run, in time order (issue 15; `vm::migrate`).
     #[serde(default)]
     pub migrate: Vec<super::migrate::MigrationStep>,
+    /// Listen on this unix socket for snapshot and migration requests while
+    /// the VM runs (boot node; `vm::control`).
+    #[serde(default)]
+    pub control: Option<String>,
 }
 
 impl VmSpec {
