@@ -88,6 +88,25 @@ def test_counter_is_exact_while_vcpu1_moves_back_and_forth_20_times() -> None:
 
 
 @requires_kvm
+def test_interrupts_follow_vcpus_around_three_nodes() -> None:
+    # vCPU 2 (the ipi peer) visits every node, and vCPU 0 (the boot CPU, whose
+    # devices stay on node 0) runs on node 2 for a while: every ping gets its
+    # pong and the count is exact, wherever the vCPUs are.
+    code, out, err = run(
+        "--nodes", "3", "--vcpus", "3", "--memory", "384M", "--json",
+        "--cmdline", "run=ipi,counter ipi.iters=2000 ipi.peer=2 counter.iters=30000000",
+        "--migrate-vcpu", "2:0@0.3", "--migrate-vcpu", "2:1@0.6", "--migrate-vcpu", "0:2@0.9",
+        "--migrate-vcpu", "2:2@1.2", "--migrate-vcpu", "0:0@1.5",
+    )  # fmt: skip
+    assert code == 0, out + err
+    ipi = line(out, "ipi")
+    assert ipi.endswith("PASS") and " pings=2000 pongs=2000 " in ipi, ipi
+    assert line(out, "counter").endswith("PASS") and " total=90000000 " in out, out
+    moves = [(m["vcpu"], m["from"], m["to"]) for m in moves_of(out)]
+    assert moves == [(2, 2, 0), (2, 0, 1), (0, 0, 2), (2, 1, 2), (0, 2, 0)], err
+
+
+@requires_kvm
 def test_the_guest_sees_a_move_as_a_short_gap() -> None:
     code, out, err = run(
         "--nodes", "2", "--vcpus", "2", "--memory", "256M", "--json",
