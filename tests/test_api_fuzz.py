@@ -71,6 +71,8 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "timeout_s": st.sampled_from([0, 1.5, -1, 1e308]),
     "cpu": st.sampled_from(["baseline", "host", "pentium"]),
     "foreign_budget": st.sampled_from([None, "32M", 4096, 100, "-1", "lots"]),
+    "snapshot_every_s": st.sampled_from([None, 0.5, 30, 0, -1, 1e308]),
+    "snapshot_dir": st.sampled_from([None, "/etc", "rel", "/nonexistent/snap"]),
 }
 
 

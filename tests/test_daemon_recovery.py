@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import dvmmctl, require_guest, require_native, requires_kvm
-from test_daemon_cluster import ROOT, Cluster, Node, wait_for
+from test_daemon_cluster import ROOT, Cluster, Node, boot, wait_for
 
 from dvmmd.cli.client import Client
 from dvmmd.vm import periodic_snapshots as ps
@@ -78,11 +78,11 @@ def start_three(cluster: Cluster) -> tuple[Node, Node, Node]:
     return a, b, c
 
 
-def console_text(node: Node) -> str:
+def console_text(node: Node, vm: str = "vm") -> str:
     """The VM's console so far (the API, not the CLI: fast enough to poll)."""
     chunks: list[str] = []
     with Client(node.socket, 30.0) as c:
-        c.request("console", {"name": "vm"}, lambda ev: chunks.append(str(ev.get("data", ""))))
+        c.request("console", {"name": vm}, lambda ev: chunks.append(str(ev.get("data", ""))))
     return "".join(chunks)
 
 
@@ -173,6 +173,74 @@ def test_node_loss_recovers_from_the_last_snapshot(cluster: Cluster) -> None:
     assert json.loads((snap / "manifest.json").read_text())["nodes"] == 2
 
 
+# ------------------------------------------------------------- the daemon's side (no KVM)
+
+
+def fake_snapshot(d: Path, vcpus: int, memory: int) -> None:
+    """A manifest as the VMM writes it (the stand-in worker restores nothing)."""
+    d.mkdir(parents=True)
+    half = memory // 2
+    manifest = {
+        "format": "dvmm-snapshot",
+        "version": 1,
+        "vcpus": vcpus,
+        "memory": memory,
+        "numa": [
+            {"cpus": [0], "mem_start": 0, "mem_size": half},
+            {"cpus": [1], "mem_start": half, "mem_size": memory - half},
+        ],
+        "cpu": "baseline",
+        "nodes": 2,
+        "vcpu_node": [0, 1],
+        "taken_unix_s": int(time.time()),
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_recovery_on_the_survivor_or_failed_without_a_snapshot(cluster: Cluster) -> None:
+    """Stand-in workers (they do not notice a peer's death: membership does). A VM with
+    a snapshot of this run is restored on the surviving node, its console going on; one
+    whose directory holds none fails as a VM without snapshots does, saying why."""
+    a, b = cluster.add(2)
+    for n in (a, b):
+        n.write_config([m.addr for m in (a, b) if m is not n], vcpus=4)
+    cluster.start_all()
+    for vm in ("good", "bare"):
+        boot(a, vm, "--vcpus", "2", "--memory", "64M", "--nodes", "n1,n2", "--snapshot-every", "60")
+    fake_snapshot(a.dir / "snapshots" / "good", 2, 64 << 20)
+    b.stop(signal.SIGKILL)
+    wait_for(
+        lambda: (
+            a.req("status", name="bare")["state"] == "failed"
+            and "recovered from" in a.req("status", name="good")["reason"]
+        ),
+        15,
+        "good recovered and bare failed",
+    )
+    bare = a.req("status", name="bare")["reason"]
+    assert "node n2 lost" in bare and "not recovered" in bare and "no manifest.json" in bare, bare
+    good = a.req("status", name="good")
+    assert good["state"] == "running", good
+    assert [s["node"] for s in good["placement"]["shares"]] == ["n1"]
+    assert good["request"]["recovered"][0]["lost"] == ["n2"]
+    wait_for(
+        lambda: "fake guest on node 0" in console_text(a, "good").partition("restored on")[2],
+        10,
+        "the restored run's first console line",
+    )
+    text = console_text(a, "good")
+    assert text.count("fake guest on node 0") == 2, text
+    assert "[dvmm: node n2 lost; VM good restored on n1 from its snapshot taken" in text, text
+    r = a.ctl("list")
+    assert "recovered from the snapshot taken" in r.stdout, r.stdout
+    r = a.ctl("stop", "good")
+    assert r.returncode == 0, r.stderr
+    st = a.req("status", name="good")
+    assert st["state"] == "stopped" and "[recovered after the loss of n2]" in st["reason"], st
+    r = a.ctl("rm", "good")
+    assert r.returncode == 0 and not (a.dir / "snapshots" / "good").exists()
+
+
 # --------------------------------------------------------------------------- the option
 
 
@@ -203,6 +271,8 @@ def test_snapshot_option_values(tmp_path: Path) -> None:
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ps.SnapshotOptionError, match="neither empty nor a dvmm snapshot"):
         ps.check_dir(str(tmp_path / "other"))
+    with pytest.raises(ps.SnapshotOptionError, match="its parent directory does not exist"):
+        ps.check_dir(str(tmp_path / "no" / "snap"))
     assert ps.check_dir(str(tmp_path / "new")) == tmp_path / "new"
     settings = {"every_s": 3.0, "dir": str(tmp_path / "new")}
     assert ps.plan(settings) == {

@@ -470,7 +470,7 @@ class VmOwner:
         """The VM's periodic snapshots ({every_s, dir, explicit}) from ``snapshot_every_s``
         and ``snapshot_dir``; None without an interval. Only a local root caller names
         the directory (the daemon replaces it at every snapshot); the default is
-        ``<vm.snapshot_dir>/<name>``, made here (every node must see it)."""
+        ``<vm.snapshot_dir>/<name>``, its parent made here (every node must see it)."""
         try:
             every = periodic_snapshots.check_every(args.get("snapshot_every_s"))
             chosen = periodic_snapshots.check_dir(args.get("snapshot_dir"))
@@ -485,12 +485,14 @@ class VmOwner:
                 f"snapshot_dir: only root may choose where {caller.describe()}'s VM's "
                 f"snapshots go (the default is {self.cfg.snapshot_base}/{name})"
             )
-        d = chosen or self.cfg.snapshot_base / name
+        if chosen is not None:
+            return {"every_s": every, "dir": str(chosen), "explicit": True}
+        base = self.cfg.snapshot_base
         try:
-            d.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            base.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
-            raise VmError(f"snapshot directory {d}: cannot make {d.parent}: {e}") from None
-        return {"every_s": every, "dir": str(d), "explicit": chosen is not None}
+            raise VmError(f"snapshot directory {base}/{name}: cannot make {base}: {e}") from None
+        return {"every_s": every, "dir": str(base / name), "explicit": False}
 
     async def _take_boot_files(
         self,

@@ -55,9 +55,9 @@ def parse_every(text: str) -> float:
 
 
 def check_dir(value: Any) -> Path | None:
-    """``snapshot_dir``: None (the default place) or an absolute path that is a
-    snapshot directory, an empty directory or does not exist yet (each snapshot
-    replaces the directory: dvmm never takes over a directory with other files)."""
+    """``snapshot_dir``: None (the default place) or an absolute path, in an existing
+    directory, that is a snapshot directory, an empty directory or does not exist yet
+    (each snapshot replaces the directory: dvmm never takes over one with other files)."""
     if value is None:
         return None
     if not isinstance(value, str) or not value:
@@ -65,6 +65,8 @@ def check_dir(value: Any) -> Path | None:
     path = Path(value)
     if not path.is_absolute():
         raise SnapshotOptionError(f"snapshot_dir {value!r} must be an absolute path")
+    if not path.parent.is_dir():
+        raise SnapshotOptionError(f"snapshot_dir {value}: its parent directory does not exist")
     if path.exists() or path.is_symlink():
         if path.is_symlink() or not path.is_dir():
             raise SnapshotOptionError(f"snapshot_dir {value}: exists and is not a directory")
