@@ -154,3 +154,12 @@ def test_data_plane_setting() -> None:
     e = err(GOOD.replace("[cluster]\n", '[cluster]\ndata_plane = "off"\n'))
     assert e.key == "cluster.data_plane" and e.line == 9
     assert "must be one of encrypt, integrity, none, got 'off'" in str(e)
+
+
+def test_vm_snapshot_dir() -> None:
+    """Where periodic snapshots go: <state_dir>/snapshots unless vm.snapshot_dir says."""
+    assert parse_config(GOOD).snapshot_base == Path("/var/lib/dvmmd/snapshots")
+    c = parse_config(GOOD + '\n[vm]\nsnapshot_dir = "/shared/snaps"\n')
+    assert c.snapshot_base == Path("/shared/snaps")
+    e = err(GOOD + '\n[vm]\nsnapshot_dir = "snaps"\n')
+    assert "vm.snapshot_dir: must be an absolute path, got 'snaps'" in str(e), str(e)

@@ -442,7 +442,17 @@ class NodeShares:
             if sh.rec.state == "prepared":
                 self._finish(sh, "stopped", reason, None)
             return
-        if sh.proc.returncode is not None or sh.done.is_set():
+        if sh.done.is_set():
+            return
+        if sh.proc.returncode is not None:
+            # Exited on its own, not reaped by _watch yet: a stop returns once the share
+            # is no longer active (a recovery prepares this node again right after).
+            try:
+                await asyncio.wait_for(sh.done.wait(), 10.0)
+            except TimeoutError:
+                log.error(
+                    "VM %s: worker %d exited but its end was not recorded", sh.rec.vm, sh.proc.pid
+                )
             return
         if sh.stop_reason is None:
             sh.stop_reason = reason
