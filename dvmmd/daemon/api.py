@@ -9,7 +9,8 @@ configured the daemon also lets that group traverse the socket's directory (mode
 it: a non-root client passes its kernel/initrd as open file descriptors (SCM_RIGHTS)
 instead of paths (dvmmd.vm.boot_files). Remote clients are served only when ``api.remote =
 true``, on the peer port, after authentication (peers.py, role "client"), without
-streaming and without paths outside ``vm.images_dir``.
+streaming and without paths outside ``vm.images_dir``. Likewise only a local root
+client names a ``boot``'s ``snapshot_dir`` (dvmmd.vm.periodic_snapshots).
 
 Protocol: the client sends one JSON object per line, ``{"op": "...", "args": {...}}``,
 at most `MAX_REQUEST` bytes, with at most `MAX_FDS` descriptors attached to its bytes.

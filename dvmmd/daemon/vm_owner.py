@@ -13,6 +13,11 @@ Exit. The boot node's worker result is the VM's result. A worker that fails on a
 node fails the VM, naming the node; the owner then stops the other workers. A member
 that dies, leaves or restarts (membership.py) fails every VM with a share there. A
 restarted daemon marks whatever was running as failed (store.fail_active).
+
+Periodic snapshots (``snapshot_every_s``, dvmmd.vm.periodic_snapshots): the boot node
+snapshots the VM every interval; such a VM, when it fails or loses a node while
+running, goes to vm_recovery.py instead, which restores it from its last snapshot on
+the surviving nodes if a node was lost (and fails it as above otherwise).
 """
 
 from __future__ import annotations
