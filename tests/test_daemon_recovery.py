@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -203,11 +204,24 @@ def test_recovery_on_the_survivor_or_failed_without_a_snapshot(cluster: Cluster)
     whose directory holds none fails as a VM without snapshots does, saying why."""
     a, b = cluster.add(2)
     for n in (a, b):
-        n.write_config([m.addr for m in (a, b) if m is not n], vcpus=4)
+        n.write_config([m.addr for m in (a, b) if m is not n], vcpus=6)
     cluster.start_all()
-    for vm in ("good", "bare"):
-        boot(a, vm, "--vcpus", "2", "--memory", "64M", "--nodes", "n1,n2", "--snapshot-every", "60")
+    for vm, nodes in (("good", "n1,n2"), ("bare", "n1,n2"), ("moved", "n2,n1")):
+        boot(a, vm, "--vcpus", "2", "--memory", "64M", "--nodes", nodes, "--snapshot-every", "60")
     fake_snapshot(a.dir / "snapshots" / "good", 2, 64 << 20)
+    fake_snapshot(a.dir / "snapshots" / "moved", 2, 64 << 20)
+    # A follower of the VM whose boot node (its console) is lost.
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dvmmd.cli", "console", "moved", "--socket", a.socket],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert follower.stdout is not None
+    assert select.select([follower.stdout], [], [], 15)[0], "the follower printed nothing"
+    first = follower.stdout.readline()
+    assert "fake guest on node 0" in first, first
     b.stop(signal.SIGKILL)
     wait_for(
         lambda: (
@@ -239,6 +253,18 @@ def test_recovery_on_the_survivor_or_failed_without_a_snapshot(cluster: Cluster)
     assert st["state"] == "stopped" and "[recovered after the loss of n2]" in st["reason"], st
     r = a.ctl("rm", "good")
     assert r.returncode == 0 and not (a.dir / "snapshots" / "good").exists()
+    # The boot node was lost: the console goes on from the new boot node's log.
+    wait_for(lambda: a.req("status", name="moved")["state"] == "running", 10, "moved recovered")
+    assert [s["node"] for s in a.req("status", name="moved")["placement"]["shares"]] == ["n1"]
+    assert a.ctl("stop", "moved").returncode == 0
+    try:
+        out, err = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+    _, marker, restored = out.partition("[dvmm: node n2 lost; VM moved restored on n1")
+    assert marker, out
+    assert "fake guest on node 0" in restored, out
+    assert "[moved: stopped: stopped by user [recovered after the loss of n2]]" in err, err
 
 
 # --------------------------------------------------------------------------- the option
