@@ -6,10 +6,10 @@ membership declares a node of the VM dead, left or restarted, the owner (vm_owne
 hands the VM to `VmRecovery` instead of failing it:
 
 1. the VM is ``recovering``; the old shares on every node not known lost are stopped
-   (their workers are gone before anything is restored);
-2. membership decides which nodes are lost, within its failure timeout: none (the
-   failure was something else) -> ``failed`` with the original reason, as without
-   snapshots;
+   (their workers are gone before anything is restored), while
+2. membership decides which nodes are lost, within its failure timeout (the stop of a
+   node found lost is not waited for): none (the failure was something else) ->
+   ``failed`` with the original reason, as without snapshots;
 3. the snapshot directory must hold a complete snapshot of this run (manifest.json,
    taken since the boot, the VM's shape) -> else ``failed``, saying why;
 4. the VM is placed on the surviving nodes (their free resources, the placement
@@ -136,10 +136,18 @@ class VmRecovery:
         rec = self._current(name, p)
         old = Placement.from_json(rec.placement)
         before = self.owner.resources()  # still counting the old shares
-        await self.owner._stop_shares(
-            name, [n for n in old.nodes if n not in p.lost], f"VM {name}: node lost", True
-        )
+        stops = {
+            n: asyncio.ensure_future(
+                self.owner._stop_shares(name, [n], f"VM {name}: node lost", True)
+            )
+            for n in old.nodes
+            if n not in p.lost
+        }
         lost = await self._wait_lost(old.nodes, p)
+        for n, stop in stops.items():
+            if n in lost:
+                stop.cancel()  # a lost node may never answer
+        await asyncio.gather(*stops.values(), return_exceptions=True)
         if not lost:
             raise RecoveryFailed(p.cause)
         what = f"node {', '.join(sorted(lost))} lost ({p.cause})"
