@@ -73,6 +73,10 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "foreign_budget": st.sampled_from([None, "32M", 4096, 100, "-1", "lots"]),
     "snapshot_every_s": st.sampled_from([None, 0.5, 30, 0, -1, 1e308]),
     "snapshot_dir": st.sampled_from([None, "/etc", "rel", "/nonexistent/snap"]),
+    "dir": st.sampled_from(["/etc", "rel", "/nonexistent/snap", ""]),
+    "leave_running": st.sampled_from([None, True, False]),
+    "vcpu": st.integers(min_value=-1, max_value=3),
+    "node": st.sampled_from(["n1", "zz", 0, 7, -1]),
 }
 
 

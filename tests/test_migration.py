@@ -8,7 +8,7 @@ guest measures it) must see the moves; a snapshot taken after a move records
 where the vCPUs are and restores exactly; bad ``--migrate-vcpu`` values are
 refused before anything runs, and a move that cannot be made is reported while
 the VM runs on. The control socket (``dvmmctl run --control``) does the same on
-demand: ``dvmmctl placement``, ``migrate-vcpu`` and ``snapshot --socket``.
+demand: ``dvmmctl placement``, ``migrate-vcpu`` and ``snapshot --control``.
 """
 
 from __future__ import annotations
@@ -194,16 +194,16 @@ def test_the_control_socket_moves_a_vcpu_and_snapshots_a_running_vm(tmp_path: Pa
             time.sleep(0.05)
         assert sock.exists(), "no control socket"
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
-        p = dvmmctl("placement", "--socket", str(sock), "--json")
+        p = dvmmctl("placement", "--control", str(sock), "--json")
         assert p.returncode == 0 and json.loads(p.stdout) == {"vcpu_node": [0, 1]}, p.stderr
-        p = dvmmctl("migrate-vcpu", "--socket", str(sock), "1", "0")
+        p = dvmmctl("migrate-vcpu", "--control", str(sock), "1", "0")
         assert p.returncode == 0 and "vCPU 1 moved from node 1 to node 0" in p.stdout, p.stderr
-        p = dvmmctl("migrate-vcpu", "--socket", str(sock), "1", "0")
+        p = dvmmctl("migrate-vcpu", "--control", str(sock), "1", "0")
         assert p.returncode == 1 and "vCPU 1 runs on node 0 already" in p.stderr, p.stderr
-        p = dvmmctl("migrate-vcpu", "--socket", str(sock), "1", "5")
+        p = dvmmctl("migrate-vcpu", "--control", str(sock), "1", "5")
         assert p.returncode == 1 and "the VM has no node 5" in p.stderr, p.stderr
         snap = tmp_path / "snap"
-        p = dvmmctl("snapshot", "--socket", str(sock), str(snap), "--json")
+        p = dvmmctl("snapshot", "--control", str(sock), str(snap), "--json")
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["dir"] == str(snap)
         out, err = vm.communicate(timeout=60)
@@ -218,5 +218,13 @@ def test_the_control_socket_moves_a_vcpu_and_snapshots_a_running_vm(tmp_path: Pa
     code, out, err = run("--nodes", "2", "--restore", str(snap))
     assert code == 0, out + err
     assert line(out, "counter").endswith("PASS") and f"total={2 * iters} " in out, out
-    p = dvmmctl("placement", "--socket", str(sock))
+    p = dvmmctl("placement", "--control", str(sock))
     assert p.returncode == 1 and "control socket" in p.stderr, p.stderr
+    p = dvmmctl("snapshot", "--control", "/nonexistent.sock")
+    assert p.returncode == 2 and "expected DIR with --control PATH" in p.stderr, p.stderr
+    p = dvmmctl("migrate-vcpu", "vm", "1")
+    assert p.returncode == 2 and "expected NAME VCPU NODE" in p.stderr, p.stderr
+    p = dvmmctl("migrate-vcpu", "--control", "/nonexistent.sock", "x", "0")
+    assert p.returncode == 2 and "VCPU 'x': a whole number >= 0" in p.stderr, p.stderr
+    p = dvmmctl("placement", "--control", "/nonexistent.sock")
+    assert p.returncode == 1 and "control socket /nonexistent.sock" in p.stderr, p.stderr

@@ -10,7 +10,8 @@ it: a non-root client passes its kernel/initrd as open file descriptors (SCM_RIG
 instead of paths (dvmmd.vm.boot_files). Remote clients are served only when ``api.remote =
 true``, on the peer port, after authentication (peers.py, role "client"), without
 streaming and without paths outside ``vm.images_dir``. Likewise only a local root
-client names a ``boot``'s ``snapshot_dir`` (dvmmd.vm.periodic_snapshots).
+client names a ``boot``'s ``snapshot_dir`` (dvmmd.vm.periodic_snapshots) or a
+``snapshot``'s ``dir`` (written by the VM's root workers).
 
 Protocol: the client sends one JSON object per line, ``{"op": "...", "args": {...}}``,
 at most `MAX_REQUEST` bytes, with at most `MAX_FDS` descriptors attached to its bytes.
@@ -76,6 +77,9 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "stop": {"name": (str,), "force": (bool, _NONE)},
     "console": {"name": (str,), "follow": (bool, _NONE)},
     "console_input": {"name": (str,), "data": (str,), "data_b64": (str,)},
+    "snapshot": {"name": (str,), "dir": (str,), "leave_running": (bool, _NONE)},
+    "migrate_vcpu": {"name": (str,), "vcpu": (int,), "node": (str, int)},
+    "placement": {"name": (str,)},
     "boot": {
         "name": (str,),
         "vcpus": (int, str, _NONE),
@@ -212,6 +216,14 @@ class ApiHandler:
             return await self.vmm.op(op, name, {})
         if op == "stop":
             return await self.vmm.op("stop", name, {"force": bool(args.get("force"))})
+        if op in ("snapshot", "migrate_vcpu", "placement"):
+            if op == "snapshot" and not caller.is_local_root:
+                # The VM's workers (root) write the snapshot where it says.
+                raise ApiError(
+                    f"snapshot: only root may choose where a snapshot is written "
+                    f"({caller.describe()} is not local root)"
+                )
+            return await self.vmm.op(op, name, {k: v for k, v in args.items() if k != "name"})
         if op == "console":
             follow = bool(args.get("follow")) and emit is not None
             if emit is None:

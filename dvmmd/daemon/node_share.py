@@ -14,7 +14,9 @@ numa[i]) serves these RPCs from the VM's owner (vm_owner.py):
   ``python -m dvmmd.worker``) with ``--key-stdin``, writing its private key to the
   worker's stdin: it is never in a file or a message;
 - ``share_stop``, ``share_forget``, ``share_stats``, ``console_read``,
-  ``console_write``, ``boot_file_put``.
+  ``console_write``, ``boot_file_put``;
+- ``share_control`` (boot node): a request for the running VM's control socket
+  (``control.sock`` in the VM's directory; snapshot, vCPU migration, placement).
 
 It tracks the worker and reports its exit to the owner (``share_exited``). Workers
 die with their daemon (PR_SET_PDEATHSIG); a node whose VM's owner dies stops its
@@ -47,7 +49,7 @@ from dvmmd.daemon.membership import MemberEvent, Membership
 from dvmmd.daemon.store import SHARE_ACTIVE_STATES, ShareRecord, Store
 from dvmmd.daemon.vm_common import BackgroundTasks, CallFn, VmError, log
 from dvmmd.security.keys import NodeKey
-from dvmmd.vm import boot_files
+from dvmmd.vm import boot_files, control
 from dvmmd.vm.boot_files import BootFileError
 from dvmmd.vm.names import check_node_name, check_vm_name
 from dvmmd.vm.sizes import format_size
@@ -55,6 +57,8 @@ from dvmmd.vm.spec import SpecError, validate_spec
 
 CONSOLE_CHUNK = 64 * 1024
 PREPARE_EXPIRY = 60.0
+#: The longest control socket path that fits a sockaddr_un (108 bytes with its NUL).
+MAX_SOCKET_PATH = 100
 
 
 def classify(result: dict[str, Any], stop_reason: str | None) -> tuple[str, str]:
@@ -137,6 +141,11 @@ class LocalShare:
         return self.dir / "console.log"
 
     @property
+    def control_path(self) -> Path:
+        """The running VM's control socket (boot node; rust/src/vm/control.rs)."""
+        return self.dir / "control.sock"
+
+    @property
     def active(self) -> bool:
         return self.rec.state in SHARE_ACTIVE_STATES
 
@@ -172,6 +181,7 @@ class NodeShares:
             "console_read": self.console_read,
             "console_write": self.console_write,
             "boot_file_put": self.boot_file_put,
+            "share_control": self.share_control,
         }
 
     def used(self) -> tuple[int, int]:
@@ -303,6 +313,8 @@ class NodeShares:
                     f"node {self.name}: cannot create {sh.console_in_path}: {e}"
                 ) from None
             spec["console_input"] = str(sh.console_in_path)
+            if len(str(sh.control_path)) <= MAX_SOCKET_PATH:
+                spec["control"] = str(sh.control_path)
         spec["cluster"] = (
             None if cluster is None else {"node_index": int(p["node_index"]), **cluster}
         )
@@ -543,6 +555,26 @@ class NodeShares:
             "pid": sh.rec.pid,
             "stats": self.live_stats(sh),
         }
+
+    async def share_control(self, p: dict[str, Any]) -> Any:
+        """Pass a request to the running VM's control socket (this is its boot node)."""
+        name = check_vm_name(p["name"])
+        sh = self.shares.get(name)
+        if sh is None or sh.rec.state != "running":
+            raise VmError(f"VM {name} is not running on node {self.name}")
+        if not sh.control_path.is_socket():
+            raise VmError(
+                f"VM {name} has no control socket on node {self.name} "
+                f"({sh.control_path} would be longer than {MAX_SOCKET_PATH} bytes, or the "
+                "VM is not its boot node's)"
+            )
+        req = p["request"]
+        if not isinstance(req, dict):
+            raise VmError("share_control: the request must be an object")
+        try:
+            return await asyncio.to_thread(control.request, sh.control_path, req)
+        except control.ControlError as e:
+            raise VmError(f"VM {name}: {e}") from None
 
     async def console_read(self, p: dict[str, Any]) -> dict[str, Any]:
         name = check_vm_name(p["name"])

@@ -708,7 +708,45 @@ class VmOwner:
             return await self.remove_owned(name)
         if op == "start":
             return await self.start_owned(name, _no_progress)
+        if op in ("snapshot", "migrate_vcpu", "placement"):
+            return await self.control_owned(rec, op, args)
         raise VmError(f"unknown VM operation {op!r}")
+
+    async def control_owned(self, rec: Any, op: str, args: dict[str, Any]) -> Any:
+        """Ask the running VM, through its boot node's control socket, for a
+        snapshot, a vCPU migration (``node``: a node name or index) or where
+        its vCPUs run (rust/src/vm/control.rs)."""
+        if rec.state != "running":
+            raise VmError(f"VM {rec.name} is not running ({rec.state}: {rec.reason})")
+        shares = rec.placement["shares"]
+        names = [s["node"] for s in shares]
+        if op == "snapshot":
+            try:
+                target = periodic_snapshots.check_dir(args["dir"])
+            except periodic_snapshots.SnapshotOptionError as e:
+                raise VmError(str(e).replace("snapshot_dir", "snapshot directory")) from None
+            req: dict[str, Any] = {
+                "op": "snapshot",
+                "dir": str(target),
+                "leave_running": bool(args.get("leave_running")),
+            }
+        elif op == "migrate_vcpu":
+            node = args["node"]
+            if isinstance(node, str) and node in names:
+                node = names.index(node)
+            if not isinstance(node, int) or not 0 <= node < len(names):
+                raise VmError(
+                    f"VM {rec.name} runs on {', '.join(names)}: no node {args['node']!r} there"
+                )
+            req = {"op": "migrate", "vcpu": int(args["vcpu"]), "node": node}
+        else:
+            req = {"op": "placement"}
+        report = await self.call(
+            names[0], "share_control", {"name": rec.name, "request": req}, 660.0
+        )
+        if op == "placement" and isinstance(report, dict):
+            report = dict(report, nodes=names)
+        return report
 
     async def stop_owned(self, name: str, force: bool) -> dict[str, Any]:
         async with self._lock(name):
