@@ -74,6 +74,7 @@ GOOD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "snapshot_every_s": st.sampled_from([None, 0.5, 30, 0, -1, 1e308]),
     "snapshot_dir": st.sampled_from([None, "/etc", "rel", "/nonexistent/snap"]),
     "dir": st.sampled_from(["/etc", "rel", "/nonexistent/snap", ""]),
+    "restore_dir": st.sampled_from([None, "/etc", "rel", "/nonexistent/snap"]),
     "leave_running": st.sampled_from([None, True, False]),
     "vcpu": st.integers(min_value=-1, max_value=3),
     "node": st.sampled_from(["n1", "zz", 0, 7, -1]),

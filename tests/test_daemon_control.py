@@ -4,7 +4,9 @@ through the daemons to the VM's control socket on its boot node.
 
 Two real dvmmd processes on loopback (the helpers of test_daemon_cluster.py) run
 the bundled guest's ``counter`` on two nodes; vCPU 1 moves to the other node and
-back, a snapshot is taken while it runs, and the count is exact.
+back, a snapshot is taken while it runs, and the count is exact; ``dvmmctl
+restore DIR NAME`` then starts a new VM from that snapshot, which finishes the
+same count exactly.
 """
 
 from __future__ import annotations
@@ -78,3 +80,14 @@ def test_a_daemons_vm_moves_a_vcpu_and_is_snapshotted_by_name(
     # Not running any more: a clear error.
     r = a.ctl("placement", "vm", timeout=60)
     assert r.returncode == 1 and "is not running" in r.stderr, r.stderr
+    # The snapshot, restored by the daemons as a new VM (vCPU 1 had moved to n1;
+    # the restore is placed afresh, here with n2 as its boot node), finishes the
+    # count it was taken in the middle of.
+    r = b.ctl("restore", str(snap), "vm2", "--nodes", "n2,n1", "--console", timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert f"counter cpus=2 iters={ITERS} total={2 * ITERS} " in r.stdout, r.stdout[-2000:]
+    st = a.req("status", name="vm2")
+    assert st["request"]["restored_from"] == str(snap) and st["request"]["vcpus"] == 2, st
+    assert [s["node"] for s in st["placement"]["shares"]] == ["n2", "n1"], st["placement"]
+    r = a.ctl("restore", str(tmp_path / "nothing"), "vm3", timeout=60)
+    assert r.returncode == 1 and "not a dvmm snapshot" in r.stderr, r.stderr

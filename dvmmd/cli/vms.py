@@ -244,6 +244,19 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return _booted(args, res)
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    """``dvmmctl restore DIR NAME``: a new VM NAME from the snapshot in DIR (its vCPUs,
+    memory, NUMA topology and CPU model are the snapshot's), placed by the daemons."""
+    params: dict[str, Any] = {"name": args.name, "restore_dir": _abs(args.dir)}
+    if args.nodes:
+        params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if args.timeout:
+        params["timeout_s"] = args.timeout
+    progress = None if args.json else progress_printer()
+    res = call(args, "boot", params, progress, timeout=None)
+    return _booted(args, res)
+
+
 def _booted(args: argparse.Namespace, res: dict[str, Any]) -> int:
     if args.json and not args.console:
         print_json(res)
@@ -514,6 +527,26 @@ def register(subparsers: Any) -> None:
         "--console",
         action="store_true",
         help="attach to the console after boot; exit with the guest's status",
+    )
+    p = add(
+        "restore",
+        "boot a new VM NAME from the snapshot in DIR (root; the snapshot's shape)",
+        cmd_restore,
+    )
+    p.add_argument("dir", metavar="DIR", help="a snapshot directory (dvmmctl snapshot)")
+    p.add_argument("name", help="VM name")
+    p.add_argument("--nodes", help="comma-separated nodes to span (first = boot node)")
+    p.add_argument(
+        "--timeout",
+        type=timeout_arg,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop the VM after SECONDS; 0 = no timeout (0)",
+    )
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="attach to the console after the restore; exit with the guest's status",
     )
     add("list", "list the VMs of the whole cluster", cmd_list)
     add("status", "show a VM's state, placement and result", cmd_status, vm=True)

@@ -95,6 +95,7 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
         "foreign_budget": (int, str, _NONE),
         "snapshot_every_s": (*_NUM, _NONE),
         "snapshot_dir": (str, _NONE),
+        "restore_dir": (str, _NONE),
     },
 }
 #: Ops that act on one VM: "name" is required and is a VM name.
@@ -207,6 +208,12 @@ class ApiHandler:
                 "pending": self.network.pending_addrs(),
             }
         if op == "boot":
+            if args.get("restore_dir") is not None and not caller.is_local_root:
+                # The VM's workers (root) read the snapshot wherever it says.
+                raise ApiError(
+                    f"boot: only root may restore a snapshot ({caller.describe()} is not "
+                    "local root)"
+                )
             return await self.vmm.boot(args, progress, caller=caller, fds=fds)
         if op == "start":
             return await self.vmm.start(name, progress)

@@ -29,6 +29,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dvmmd.config import Config, parse_memory
@@ -52,6 +53,7 @@ from dvmmd.vm.placement import (
     place,
 )
 from dvmmd.vm.sizes import check_guest_memory, format_size
+from dvmmd.vm.snapshots import SnapshotSpecError, read_info
 from dvmmd.vm.spec import (
     DEFAULT_CMDLINE,
     MAX_VCPUS,
@@ -326,6 +328,11 @@ class VmOwner:
         sources: dict[str, BootSource | None],
     ) -> dict[str, Any]:
         name = check_vm_name(args.get("name"))
+        restore = _restore_of(args)
+        if restore is not None:
+            # The VM's shape is the snapshot's (the guest cannot change under it).
+            info = restore.info
+            args = dict(args, vcpus=info.vcpus, memory=info.memory, cpu=info.cpu)
         try:
             v, m = args.get("vcpus"), args.get("memory")
             vcpus = 1 if v is None else int(v)
@@ -422,6 +429,8 @@ class VmOwner:
                 request[periodic_snapshots.REQUEST_KEY] = dict(snapshot, since=time.time())
             if copied:
                 request["boot_files"] = copied
+            if restore is not None:
+                request["restored_from"] = str(restore.info.dir)
             pj = placement.to_json()
             for s in pj["shares"]:
                 s.update(state="prepared", reason="", stats=None)
@@ -444,7 +453,9 @@ class VmOwner:
             try:
                 if copied:
                     await self._push_boot_files(name, boot_id, copied, placement, progress)
-                await self._boot_shares(name, boot_id, request, placement, progress)
+                await self._boot_shares(
+                    name, boot_id, request, placement, progress, restore=restore
+                )
             except Exception as e:
                 reason = f"boot failed: {e}"
                 log.warning("VM %s: %s", name, reason)
@@ -920,6 +931,22 @@ def _common_spec(
     numa, layout = periodic_snapshots.restore_layout(restore.info, placement)
     spec.update(restore=str(restore.info.dir), numa=numa, cpu=restore.info.cpu)
     return spec, layout
+
+
+def _restore_of(args: dict[str, Any]) -> periodic_snapshots.UsableSnapshot | None:
+    """A ``boot`` with ``restore_dir`` (``dvmmctl restore DIR NAME``): the snapshot
+    there, checked as a restore needs it (its manifest; the VMM checks every file)."""
+    d = args.get("restore_dir")
+    if d is None:
+        return None
+    if not isinstance(d, str) or not os.path.isabs(d):
+        raise VmError(f"restore_dir must be an absolute path, not {d!r}")
+    try:
+        info = read_info(d)
+    except SnapshotSpecError as e:
+        raise VmError(f"restore: {e}") from None
+    taken = periodic_snapshots.taken_unix_s(Path(d))
+    return periodic_snapshots.UsableSnapshot(info, taken or 0)
 
 
 def _boot_of(status: dict[str, Any]) -> tuple[str, str]:
