@@ -244,6 +244,25 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return _booted(args, res)
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """``dvmmctl drain NODE``: every running VM moves off NODE (stop-and-copy)."""
+    progress = None if args.json else progress_printer()
+    res = call(args, "drain", {"node": args.node}, progress, timeout=None)
+    if args.json:
+        print_json(res)
+        return 0
+    failed = 0
+    for v in res["vms"]:
+        if "error" in v:
+            failed += 1
+            print(f"VM {v['name']}: not moved: {v['error']}")
+        else:
+            print(f"VM {v['name']}: {v['state']} ({v['reason']})")
+    if not res["vms"]:
+        print(f"no running VM uses {res['node']}")
+    return 1 if failed else 0
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """``dvmmctl restore DIR NAME``: a new VM NAME from the snapshot in DIR (its vCPUs,
     memory, NUMA topology and CPU model are the snapshot's), placed by the daemons."""
@@ -548,6 +567,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="attach to the console after the restore; exit with the guest's status",
     )
+    p = add(
+        "drain",
+        "move every running VM off NODE: snapshot, then restore on the VMs' other nodes",
+        cmd_drain,
+    )
+    p.add_argument("node", metavar="NODE", help="the node to empty (not the VMs' owner)")
     add("list", "list the VMs of the whole cluster", cmd_list)
     add("status", "show a VM's state, placement and result", cmd_status, vm=True)
     p = add(

@@ -80,6 +80,7 @@ ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "snapshot": {"name": (str,), "dir": (str,), "leave_running": (bool, _NONE)},
     "migrate_vcpu": {"name": (str,), "vcpu": (int,), "node": (str, int)},
     "placement": {"name": (str,)},
+    "drain": {"node": (str,)},
     "boot": {
         "name": (str,),
         "vcpus": (int, str, _NONE),
@@ -223,6 +224,8 @@ class ApiHandler:
             return await self.vmm.op(op, name, {})
         if op == "stop":
             return await self.vmm.op("stop", name, {"force": bool(args.get("force"))})
+        if op == "drain":
+            return await self.vmm.drain(str(args.get("node", "")), progress)
         if op in ("snapshot", "migrate_vcpu", "placement"):
             if op == "snapshot" and not caller.is_local_root:
                 # The VM's workers (root) write the snapshot where it says.

@@ -721,7 +721,53 @@ class VmOwner:
             return await self.start_owned(name, _no_progress)
         if op in ("snapshot", "migrate_vcpu", "placement"):
             return await self.control_owned(rec, op, args)
+        if op == "drain":
+            return await self.drain_owned(rec, check_node_name(args.get("node")))
         raise VmError(f"unknown VM operation {op!r}")
+
+    async def drain(self, node: str, progress: Progress) -> dict[str, Any]:
+        """``dvmmctl drain NODE``: move every running VM off `node` (each by its
+        owner: vm_recovery.py's drain), one at a time; what happened to each."""
+        check_node_name(node)
+        vms = [
+            v
+            for v in (await self.list_all())["vms"]
+            if v["state"] == "running" and node in [s["node"] for s in v["placement"]["shares"]]
+        ]
+        done: list[dict[str, Any]] = []
+        for v in vms:
+            await progress(f"VM {v['name']}: moving it off {node} (owner {v['owner']})")
+            try:
+                r = await self.call(
+                    v["owner"],
+                    "vm_op",
+                    {"op": "drain", "name": v["name"], "args": {"node": node}},
+                    900.0,
+                )
+                done.append({"name": v["name"], "state": r["state"], "reason": r["reason"]})
+            except Exception as e:  # noqa: BLE001 -- reported per VM; the others go on
+                done.append({"name": v["name"], "error": str(e)})
+            await progress(f"VM {v['name']}: {done[-1].get('reason') or done[-1].get('error')}")
+        return {"node": node, "vms": done}
+
+    async def drain_owned(self, rec: Any, node: str) -> dict[str, Any]:
+        """Move VM `rec` off `node` (snapshot, then restore on its other nodes)."""
+        if rec.state != "running":
+            raise VmError(f"VM {rec.name} is not running ({rec.state}: {rec.reason})")
+        settings = rec.request.get(periodic_snapshots.REQUEST_KEY)
+        if settings:
+            target = str(settings["dir"])
+        else:
+            base = self.cfg.snapshot_base
+            try:
+                base.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as e:
+                raise VmError(f"drain: cannot make {base}: {e}") from None
+            target = str(base / f"{rec.name}.drain")
+        await self.recovery.drain(rec, node, target)
+        cur = self.store.get_vm(rec.name)
+        assert cur is not None
+        return dict(cur.to_json(), owner=self.name)
 
     async def control_owned(self, rec: Any, op: str, args: dict[str, Any]) -> Any:
         """Ask the running VM, through its boot node's control socket, for a

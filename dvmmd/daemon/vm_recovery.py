@@ -19,6 +19,12 @@ hands the VM to `VmRecovery` instead of failing it:
 
 A failure while the restored VM starts fails it (no second recovery of a recovery
 that never ran). The owner's own loss is not survivable: the VM's record is there.
+
+**Draining a node** (``dvmmctl drain NODE``) is the same restore, planned: the owner
+takes a snapshot of the running VM through its control socket (the VM stops after
+it), then restores it from that snapshot on the VM's other nodes, as if NODE had
+been lost. The guest stands still for the snapshot and the restore (stop-and-copy:
+moving the home role of a node's memory while the VM runs is not built yet).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dvmmd.daemon.store import SHARE_ACTIVE_STATES, VmRecord
-from dvmmd.daemon.vm_common import log
+from dvmmd.daemon.vm_common import VmError, log
 from dvmmd.vm import periodic_snapshots
 from dvmmd.vm.placement import (
     NodeResources,
@@ -39,7 +46,7 @@ from dvmmd.vm.placement import (
     PlacementRequest,
     place,
 )
-from dvmmd.vm.snapshots import SnapshotSpecError
+from dvmmd.vm.snapshots import SnapshotSpecError, read_info
 
 if TYPE_CHECKING:
     from dvmmd.daemon.vm_owner import VmOwner
@@ -67,6 +74,8 @@ class Pending:
     lost: set[str] = field(default_factory=set)
     #: The restored shares have a new boot id: exits and losses are the VM's again.
     swapped: bool = False
+    #: A drain (planned): the snapshot it took, restored instead of the periodic one.
+    drain_dir: str | None = None
 
 
 class VmRecovery:
@@ -106,6 +115,39 @@ class VmRecovery:
             rec.name, state="recovering", reason=f"recovering: {cause}", placement=rec.placement
         )
         self.owner.spawn(self._run(rec.name, p))
+
+    async def drain(self, rec: VmRecord, node: str, snapshot_dir: str) -> None:
+        """Move VM `rec` off `node`: snapshot it into `snapshot_dir` (it stops), then
+        restore it on its other nodes. Returns once it runs there (VmError if not)."""
+        name = rec.name
+        if node not in [s["node"] for s in rec.placement["shares"]]:
+            raise VmError(f"VM {name} does not run on {node}")
+        if node == self.owner.name:
+            raise VmError(
+                f"VM {name} is owned by {node} (its record lives there): a node cannot "
+                "drain the VMs it owns"
+            )
+        if len(rec.placement["shares"]) < 2:
+            raise VmError(f"VM {name} runs on {node} alone: nowhere to move it")
+        cause = f"node {node} drained"
+        p = Pending(cause, str(rec.request.get("boot_id")), {node}, drain_dir=snapshot_dir)
+        # Registered first: the shares' exits after the snapshot belong to the drain.
+        self.pending[name] = p
+        try:
+            await self.owner.control_owned(
+                rec, "snapshot", {"dir": snapshot_dir, "leave_running": False}
+            )
+        except BaseException:
+            self.pending.pop(name, None)
+            raise
+        log.warning("VM %s: %s; restoring it on its other nodes", name, cause)
+        self.owner.store.update_vm(
+            name, state="recovering", reason=f"recovering: {cause}", placement=rec.placement
+        )
+        await self._run(name, p)
+        cur = self.owner.store.get_vm(name)
+        if cur is None or cur.state not in ("running", "stopped"):
+            raise VmError(f"VM {name}: {cur.reason if cur else 'gone'}")
 
     # --- the recovery ----------------------------------------------------------------
 
@@ -151,11 +193,19 @@ class VmRecovery:
         if not lost:
             raise RecoveryFailed(p.cause)
         what = f"node {', '.join(sorted(lost))} lost ({p.cause})"
-        settings = rec.request[periodic_snapshots.REQUEST_KEY]
         try:
-            snap = periodic_snapshots.usable_snapshot(
-                settings, int(rec.request["vcpus"]), int(rec.request["memory"])
-            )
+            if p.drain_dir is not None:
+                what = p.cause
+                d = Path(p.drain_dir)
+                snap = periodic_snapshots.UsableSnapshot(
+                    read_info(d), periodic_snapshots.taken_unix_s(d) or 0
+                )
+            else:
+                snap = periodic_snapshots.usable_snapshot(
+                    rec.request[periodic_snapshots.REQUEST_KEY],
+                    int(rec.request["vcpus"]),
+                    int(rec.request["memory"]),
+                )
         except SnapshotSpecError as e:
             raise RecoveryFailed(f"{what}; not recovered: {e}") from None
         survivors = [n for n in old.nodes if n not in lost]
@@ -236,6 +286,7 @@ class VmRecovery:
         taken = time.strftime("%H:%M:%S", time.localtime(snap.taken_unix_s))
         event = {
             "lost": lost,
+            "drained": p.drain_dir is not None,
             "cause": p.cause,
             "snapshot": str(snap.info.dir),
             "taken_unix_s": snap.taken_unix_s,
@@ -254,8 +305,9 @@ class VmRecovery:
         )
         self.owner.store.put_vm(rec)
         p.swapped = True
+        how = "drained" if p.drain_dir is not None else "lost"
         note = (
-            f"\n[dvmm: node {', '.join(lost)} lost; VM {name} restored on "
+            f"\n[dvmm: node {', '.join(lost)} {how}; VM {name} restored on "
             f"{', '.join(placement.nodes)} from its snapshot taken {taken} "
             f"({snap.info.dir}); the guest goes on from there]\n"
         )
@@ -276,19 +328,27 @@ class VmRecovery:
         cur = self.owner.store.get_vm(name)
         if cur is None or cur.state != "recovering" or cur.request.get("boot_id") != boot_id:
             return  # the restored VM ended (or was stopped) already
+        how = "drained" if event.get("drained") else "lost"
         reason = (
             f"recovered from the snapshot taken {taken} ({event['snapshot']}) after node "
-            f"{', '.join(event['lost'])} was lost; running on {', '.join(event['nodes'])}"
+            f"{', '.join(event['lost'])} was {how}; running on {', '.join(event['nodes'])}"
         )
         log.warning("VM %s: %s", name, reason)
         self.owner.store.update_vm(name, state="running", reason=reason)
 
 
 def recovered_note(request: dict[str, Any]) -> str:
-    """`` [recovered after the loss of n3]`` for a VM's final reason, or ``""``."""
+    """`` [recovered after the loss of n3]`` (or ``[moved off n3 (drained)]``) for a
+    VM's final reason, or ``""``."""
     events = request.get(RECOVERED_KEY) or []
-    lost = [n for e in events for n in e.get("lost", [])]
-    return f" [recovered after the loss of {', '.join(lost)}]" if lost else ""
+    lost = [n for e in events if not e.get("drained") for n in e.get("lost", [])]
+    drained = [n for e in events if e.get("drained") for n in e.get("lost", [])]
+    notes = []
+    if lost:
+        notes.append(f"recovered after the loss of {', '.join(lost)}")
+    if drained:
+        notes.append(f"moved off {', '.join(drained)} (drained)")
+    return f" [{'; '.join(notes)}]" if notes else ""
 
 
 async def _logged(message: str) -> None:

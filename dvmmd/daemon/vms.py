@@ -103,6 +103,9 @@ class VmManager:
     async def op(self, op: str, name: str, args: dict[str, Any]) -> Any:
         return await self.owner.op(op, name, args)
 
+    async def drain(self, node: str, progress: Progress) -> dict[str, Any]:
+        return await self.owner.drain(node, progress)
+
     async def console(self, name: str, follow: bool, emit: Emit) -> dict[str, Any]:
         return await self.owner.console(name, follow, emit)
 
