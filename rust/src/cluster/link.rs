@@ -172,16 +172,8 @@ impl AppLink {
         if payload.len() > crate::dsm::wire::MAX_APP_PAYLOAD {
             return Err(DsmError::AppPayloadTooLarge(payload.len()).into());
         }
-        if kind & APP_RESPONSE != 0 {
-            self.deliver_response(tag, payload.to_vec());
-        } else {
-            self.post(AppEvent::Message {
-                from: to,
-                kind,
-                tag,
-                payload: payload.to_vec(),
-            });
-        }
+        // As if it came from the network: the fast path first.
+        self.frame(to, kind, tag, payload.to_vec());
         Ok(())
     }
 

@@ -134,7 +134,13 @@ pub struct Cluster {
     agent: Mutex<Option<Arc<dyn SnapshotAgent>>>,
     /// Answers `APP_MIGRATE` requests (set by the VM's run).
     mover: Mutex<Option<Arc<dyn VcpuAgent>>>,
+    /// Hands `APP_MIGRATE` / `APP_VCPU_STATE` to the mover thread (see
+    /// [`Cluster::set_mover`]).
+    mover_tx: Mutex<Option<crossbeam_channel::Sender<MoverJob>>>,
 }
+
+/// A migration message for the mover thread: (from, kind, tag, payload).
+type MoverJob = (NodeId, u64, u64, Vec<u8>);
 
 impl Cluster {
     /// Start the DSM engine on `ram` (which nothing may have touched yet) and form
@@ -207,6 +213,7 @@ impl Cluster {
             place_lock: Mutex::new(()),
             agent: Mutex::new(None),
             mover: Mutex::new(None),
+            mover_tx: Mutex::new(None),
         }))
     }
 
@@ -237,9 +244,48 @@ impl Cluster {
         *lock(&self.agent) = agent;
     }
 
-    /// Set who answers the migration requests of other nodes.
-    pub fn set_mover(&self, mover: Option<Arc<dyn VcpuAgent>>) {
-        *lock(&self.mover) = mover;
+    /// Set who answers the migration requests of other nodes (None: nobody;
+    /// the mover thread ends).
+    ///
+    /// They are answered on a thread of their own at `SCHED_FIFO` priority 1
+    /// (as the engine thread), fed by the engine thread: a move stops a vCPU
+    /// for the time its state takes to cross, and on a host whose cores run
+    /// busy vCPUs a normal-priority thread waits for a scheduler tick (4 ms
+    /// here) at each of its wake-ups.
+    pub fn set_mover(self: &Arc<Self>, mover: Option<Arc<dyn VcpuAgent>>) {
+        *lock(&self.mover) = mover.clone();
+        let Some(agent) = mover else {
+            *lock(&self.mover_tx) = None;
+            return;
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<MoverJob>();
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("dvmm-mover".into())
+            .spawn(move || {
+                if let Err(e) = crate::dsm::engine::set_realtime() {
+                    eprintln!("dvmm: vCPU migrations at normal priority: SCHED_FIFO: {e}");
+                }
+                // Ends when the sender goes (set_mover(None), or the cluster).
+                while let Ok((from, kind, tag, payload)) = rx.recv() {
+                    let Some(c) = me.upgrade() else { break };
+                    c.on_mover_job(&*agent, from, kind, tag, &payload);
+                }
+            });
+        match spawned {
+            Ok(_) => *lock(&self.mover_tx) = Some(tx),
+            Err(e) => {
+                eprintln!("dvmm: no mover thread ({e}): migrations served by the cluster thread")
+            }
+        }
+    }
+
+    /// Hand a migration message to the mover thread; false if there is none.
+    fn to_mover(&self, from: NodeId, kind: u64, tag: u64, payload: &[u8]) -> bool {
+        match &*lock(&self.mover_tx) {
+            Some(tx) => tx.send((from, kind, tag, payload.to_vec())).is_ok(),
+            None => false,
+        }
     }
 
     /// The node running vCPU `vcpu`, as far as this node knows.

@@ -68,6 +68,11 @@ impl Cluster {
             .set_handler(Box::new(move |from, kind, tag, payload| {
                 // APP_ADDR and APP_VCPU_AT with APP_IPI: one sender's updates
                 // stay ahead of its IPIs.
+                if matches!(kind, APP_MIGRATE | APP_VCPU_STATE) {
+                    return me
+                        .upgrade()
+                        .is_some_and(|c| c.to_mover(from, kind, tag, payload));
+                }
                 if !matches!(kind, APP_IPI | APP_IO | APP_ADDR | APP_EOI | APP_VCPU_AT) {
                     return false;
                 }
@@ -151,24 +156,16 @@ impl Cluster {
                 }
                 Err(e) => bad(format!("a malformed vCPU placement: {e}")),
             },
-            APP_VCPU_STATE => {
+            APP_VCPU_STATE | APP_MIGRATE => {
                 let mover = lock(&self.mover).clone();
                 match mover {
-                    Some(m) => {
-                        if let Err(e) = m.state_chunk(from, payload) {
-                            bad(format!("a malformed vCPU state: {e}"));
-                        }
+                    Some(m) => self.on_mover_job(&*m, from, kind, tag, payload),
+                    None if kind == APP_MIGRATE && tag != 0 => {
+                        let reply = br#"{"error":"this node takes no part in migrations yet"}"#;
+                        let _ = self.link.respond(&self.dsm, from, APP_MIGRATE, tag, reply);
                     }
                     None => bad("a vCPU state, but this node takes no migrations".into()),
                 }
-            }
-            APP_MIGRATE if tag != 0 => {
-                let mover = lock(&self.mover).clone();
-                let reply = match mover {
-                    Some(m) => m.migrate(from, payload),
-                    None => br#"{"error":"this node takes no part in migrations yet"}"#.to_vec(),
-                };
-                let _ = self.link.respond(&self.dsm, from, APP_MIGRATE, tag, &reply);
             }
             APP_IO => {
                 let reply = match IoRequest::from_bytes(payload) {
@@ -227,6 +224,29 @@ impl Cluster {
             }
             APP_SNAP => bad("a snapshot request, but it is not the boot node".into()),
             k => bad(format!("an unknown message kind {k}")),
+        }
+    }
+}
+
+impl Cluster {
+    /// A migration message (the mover thread, or the cluster thread without one).
+    pub(super) fn on_mover_job(
+        &self,
+        agent: &dyn super::VcpuAgent,
+        from: NodeId,
+        kind: u64,
+        tag: u64,
+        payload: &[u8],
+    ) {
+        if kind == APP_VCPU_STATE {
+            if let Err(e) = agent.state_chunk(from, payload) {
+                let msg = format!("{} sent a malformed vCPU state: {e}", self.describe(from));
+                eprintln!("dvmm: node {}: {msg}", self.me);
+                self.stop.request(StopReason::Error(VmFailure::Remote(msg)));
+            }
+        } else if tag != 0 {
+            let reply = agent.migrate(from, payload);
+            let _ = self.link.respond(&self.dsm, from, APP_MIGRATE, tag, &reply);
         }
     }
 }

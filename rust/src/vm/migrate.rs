@@ -126,9 +126,11 @@ pub struct MoveReport {
     /// From the pause request on the old node to the start on the new one.
     pub stopped_ms: f64,
     /// Of that: getting the vCPU out of the guest; capturing its state;
-    /// taking it on the new node (restore and start).
+    /// sending it and the new node's answer (its restore and start included);
+    /// the new node's own restore and start.
     pub pause_ms: f64,
     pub capture_ms: f64,
+    pub transfer_ms: f64,
     pub restore_ms: f64,
     /// The state's size on the wire.
     pub state_bytes: usize,
@@ -308,7 +310,7 @@ impl VcpuMover {
             v.set_resident(false, &l);
         }
         let r = self.hand_over(v, to, moves);
-        let (capture, state_bytes, restore_ms) = match r {
+        let (capture, transfer, state_bytes, restore_ms) = match r {
             Ok(x) => x,
             Err(e) => {
                 self.take_back(v, moves + 1);
@@ -322,19 +324,20 @@ impl VcpuMover {
             stopped_ms: ms(t0.elapsed()),
             pause_ms: ms(paused),
             capture_ms: ms(capture),
+            transfer_ms: ms(transfer),
             restore_ms,
             state_bytes,
         })
     }
 
     /// Capture the (parked) vCPU's state and have `to` take it; (capture
-    /// time, state bytes, the target's restore time in ms).
+    /// time, transfer time, state bytes, the target's restore time in ms).
     fn hand_over(
         &self,
         v: &VcpuShared,
         to: NodeId,
         moves: u32,
-    ) -> Result<(Duration, usize, f64), MigrateError> {
+    ) -> Result<(Duration, Duration, usize, f64), MigrateError> {
         let vcpu = v.index;
         let t0 = Instant::now();
         v.request_capture();
@@ -349,6 +352,7 @@ impl VcpuMover {
             std::thread::sleep(Duration::from_micros(20));
         };
         let capture = t0.elapsed();
+        let t1 = Instant::now();
         let bytes = serde_json::to_vec(&snap).map_err(|e| MigrateError::State {
             vcpu,
             what: e.to_string(),
@@ -380,7 +384,7 @@ impl VcpuMover {
             return Err(peer(e));
         }
         let restore_ms = r.report.map_or(0.0, |r| r.restore_ms);
-        Ok((capture, bytes.len(), restore_ms))
+        Ok((capture, t1.elapsed(), bytes.len(), restore_ms))
     }
 
     /// The target failed: run `v` here again (it was never changed here),

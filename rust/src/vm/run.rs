@@ -571,8 +571,8 @@ impl Operator<'_> {
             .migrate(vcpu, node as crate::dsm::protocol::NodeId)
             .map_err(|e| e.to_string())?;
         eprintln!(
-            "dvmm: vCPU {} moved from node {} to node {}: stopped {:.2} ms (pause {:.2}, capture {:.2}, restore {:.2}; {} state bytes)",
-            rep.vcpu, rep.from, rep.to, rep.stopped_ms, rep.pause_ms, rep.capture_ms, rep.restore_ms, rep.state_bytes
+            "dvmm: vCPU {} moved from node {} to node {}: stopped {:.2} ms (pause {:.2}, capture {:.2}, transfer {:.2} of which restore {:.2}; {} state bytes)",
+            rep.vcpu, rep.from, rep.to, rep.stopped_ms, rep.pause_ms, rep.capture_ms, rep.transfer_ms, rep.restore_ms, rep.state_bytes
         );
         lock(&self.moves).push(rep.clone());
         Ok(rep)

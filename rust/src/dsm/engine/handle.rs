@@ -427,7 +427,7 @@ pub(super) fn set_normal() -> std::io::Result<()> {
 
 /// Switch the calling thread to `SCHED_FIFO` priority 1 (the caller logs a
 /// failure and goes on at normal priority).
-pub(super) fn set_realtime() -> std::io::Result<()> {
+pub(crate) fn set_realtime() -> std::io::Result<()> {
     let p = libc::sched_param { sched_priority: 1 };
     // SAFETY: plain syscall on the calling thread with a valid sched_param.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) } < 0 {

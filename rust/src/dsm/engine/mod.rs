@@ -49,6 +49,7 @@ mod handle;
 mod landing;
 mod serve;
 
+pub(crate) use handle::set_realtime;
 pub use handle::{DsmEngine, DsmHandle, PageCopy};
 
 use std::net::SocketAddr;
