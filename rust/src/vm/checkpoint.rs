@@ -505,7 +505,17 @@ pub fn load_memory(
     distributed: bool,
 ) -> Result<u64, CheckpointError> {
     let mut loaded = 0;
+    let what = format!(
+        "loading RAM {:#x}-{:#x} from {}",
+        range.start,
+        range.end,
+        snap.dir.display()
+    );
+    let mut progress = snapshot::Progress::new(what, range.end - range.start);
+    let mut last = range.start;
     snap.for_each_page(range, |off, page| {
+        progress.add(off.saturating_sub(last));
+        last = off;
         if distributed {
             // SAFETY: `off` is a page of this node's range of the RAM (checked by
             // for_each_page against `range`, which lies inside the RAM), and the
@@ -530,5 +540,13 @@ pub fn load_memory(
         loaded += 1;
         Ok(())
     })?;
+    progress.add(range.end.saturating_sub(last));
+    eprintln!(
+        "dvmm: loaded {loaded} pages ({:.1} MiB) of RAM {:#x}-{:#x}: {}",
+        (loaded * PAGE as u64) as f64 / (1u64 << 20) as f64,
+        range.start,
+        range.end,
+        progress.figures()
+    );
     Ok(loaded)
 }

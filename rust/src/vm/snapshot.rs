@@ -220,6 +220,57 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// `ram_offset`; `fill(first, buf)` fills `buf` (a multiple of [`PAGE`]) with
 /// the pages from page index `first` on (relative to the range). Zero pages
 /// are left out. Returns the manifest's entries.
+/// Progress of a long memory transfer on stderr: a line at most every second
+/// (`dvmm: {what}: X of Y MiB, Z MiB/s`), nothing for one that ends sooner.
+pub struct Progress {
+    what: String,
+    total: u64,
+    done: u64,
+    t0: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    /// A transfer of `total` bytes, named `what` in the lines.
+    pub fn new(what: impl Into<String>, total: u64) -> Self {
+        let now = std::time::Instant::now();
+        Progress {
+            what: what.into(),
+            total,
+            done: 0,
+            t0: now,
+            last: now,
+        }
+    }
+
+    /// `n` more bytes done.
+    pub fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.last.elapsed() >= std::time::Duration::from_secs(1) {
+            self.last = std::time::Instant::now();
+            eprintln!("dvmm: {}: {}", self.what, self.figures());
+        }
+    }
+
+    /// "X of Y MiB in T s, R MiB/s".
+    pub fn figures(&self) -> String {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let s = self.t0.elapsed().as_secs_f64();
+        format!(
+            "{:.0} of {:.0} MiB in {:.1} s, {:.0} MiB/s",
+            mib(self.done),
+            mib(self.total),
+            s,
+            mib(self.done) / s.max(1e-9)
+        )
+    }
+
+    /// Whether it ran long enough to have reported (the caller then says it ended).
+    pub fn reported(&self) -> bool {
+        self.last > self.t0
+    }
+}
+
 pub fn write_memory<E: From<SnapshotError>>(
     dir: &Path,
     name: &str,
@@ -236,10 +287,12 @@ pub fn write_memory<E: From<SnapshotError>>(
     let mut buf = vec![0u8; BATCH as usize * PAGE];
     let mut stored = 0;
     let mut first = 0;
+    let mut progress = Progress::new(format!("writing {name}"), pages * PAGE as u64);
     while first < pages {
         let n = BATCH.min(pages - first);
         let chunk = &mut buf[..n as usize * PAGE];
         fill(first, chunk)?;
+        progress.add(n * PAGE as u64);
         for (i, page) in chunk.chunks(PAGE).enumerate() {
             if !is_zero(page) {
                 let p = first as usize + i;
@@ -252,6 +305,9 @@ pub fn write_memory<E: From<SnapshotError>>(
     }
     f.write(&bitmap)?;
     let entry = f.finish()?;
+    if progress.reported() {
+        eprintln!("dvmm: wrote {name}: {}", progress.figures());
+    }
     Ok((
         entry,
         MemoryFile {
