@@ -69,8 +69,8 @@ pub trait SnapshotAgent: Send + Sync {
 }
 
 /// Takes part in vCPU migrations (`vm::migrate::VcpuMover`): answers
-/// `APP_MIGRATE` requests and collects `APP_VCPU_STATE` pieces, on the
-/// service thread.
+/// `APP_MIGRATE` requests and collects `APP_VCPU_STATE` pieces, on the mover
+/// thread ([`Cluster::set_mover`]).
 pub trait VcpuAgent: Send + Sync {
     /// The response payload to a migration request from `from`.
     fn migrate(&self, from: NodeId, request: &[u8]) -> Vec<u8>;
@@ -278,6 +278,13 @@ impl Cluster {
                 eprintln!("dvmm: no mover thread ({e}): migrations served by the cluster thread")
             }
         }
+    }
+
+    /// Stop the VM with an error (a failed side effect that cannot be undone).
+    pub fn stop_vm(&self, why: &str) {
+        eprintln!("dvmm: node {}: {why}", self.me);
+        self.stop
+            .request(StopReason::Error(VmFailure::Remote(why.to_string())));
     }
 
     /// Hand a migration message to the mover thread; false if there is none.

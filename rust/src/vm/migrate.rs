@@ -6,7 +6,7 @@
 //! ([`Cluster::node_of`]), numbered by how many times it moved, so a late
 //! notice never overrides a newer one.
 //!
-//! **Moving vCPU v from node A to node B** (A's service thread, asked by any
+//! **Moving vCPU v from node A to node B** (A's mover thread, asked by any
 //! node with `APP_MIGRATE {op: out}`):
 //!
 //! 1. A pauses v and waits until it is out of the guest.
@@ -94,6 +94,12 @@ pub enum MigrateError {
     Link { node: String, source: LinkError },
     #[error("{node}: {what}")]
     Peer { node: String, what: String },
+    #[error("{node} did not answer whether it runs vCPU {vcpu} now ({source}): the VM stops, it might run twice")]
+    Unanswered {
+        node: String,
+        vcpu: u32,
+        source: LinkError,
+    },
 }
 
 /// A migration request on the cluster link.
@@ -312,6 +318,11 @@ impl VcpuMover {
         let r = self.hand_over(v, to, moves);
         let (capture, transfer, state_bytes, restore_ms) = match r {
             Ok(x) => x,
+            Err(e @ MigrateError::Unanswered { .. }) => {
+                // B may have started it: taking it back could run it twice.
+                self.cluster.stop_vm(&e.to_string());
+                return Err(e);
+            }
             Err(e) => {
                 self.take_back(v, moves + 1);
                 return Err(e);
@@ -373,7 +384,11 @@ impl VcpuMover {
         let resp = self
             .cluster
             .request(to, APP_MIGRATE, &raw, MOVE_TIMEOUT)
-            .map_err(self.link_err(to))?;
+            .map_err(|source| MigrateError::Unanswered {
+                node: self.cluster.describe(to),
+                vcpu,
+                source,
+            })?;
         let peer = |what: String| MigrateError::Peer {
             node: self.cluster.describe(to),
             what,
