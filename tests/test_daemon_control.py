@@ -19,7 +19,7 @@ import pytest
 from conftest import require_guest, require_native, requires_kvm
 from test_daemon_cluster import Cluster, wait_for
 
-ITERS = 400_000_000
+ITERS = 800_000_000
 
 
 @pytest.fixture

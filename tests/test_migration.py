@@ -88,19 +88,38 @@ def test_counter_is_exact_while_vcpu1_moves_back_and_forth_20_times() -> None:
 
 
 @requires_kvm
+def test_ipi_ping_pong_is_exact_while_the_peer_moves_30_times() -> None:
+    # Every 50 ms vCPU 1 (the peer, which answers each ping IPI with a pong IPI)
+    # moves: a move between KVM handing userspace the ICR write and KVM
+    # completing it (the next KVM_RUN) would send the pong twice on the new
+    # node; a lost IPI would stop the ping-pong. Each count must be exact.
+    moves = []
+    for k in range(30):
+        moves += ["--migrate-vcpu", f"1:{k % 2}@{0.1 + 0.05 * k:.2f}"]
+    code, out, err = run(
+        "--nodes", "2", "--vcpus", "2", "--memory", "256M", "--json",
+        "--cmdline", "run=ipi ipi.iters=8000", *moves,
+    )  # fmt: skip
+    assert code == 0, out + err
+    ipi = line(out, "ipi")
+    assert ipi.endswith("PASS") and " pings=8000 pongs=8000 " in ipi, ipi
+    assert len(moves_of(out)) == 30, err
+
+
+@requires_kvm
 def test_interrupts_follow_vcpus_around_three_nodes() -> None:
     # vCPU 2 (the ipi peer) visits every node, and vCPU 0 (the boot CPU, whose
     # devices stay on node 0) runs on node 2 for a while: every ping gets its
     # pong and the count is exact, wherever the vCPUs are.
     code, out, err = run(
         "--nodes", "3", "--vcpus", "3", "--memory", "384M", "--json",
-        "--cmdline", "run=ipi,counter ipi.iters=2000 ipi.peer=2 counter.iters=30000000",
+        "--cmdline", "run=ipi,counter ipi.iters=6000 ipi.peer=2 counter.iters=30000000",
         "--migrate-vcpu", "2:0@0.3", "--migrate-vcpu", "2:1@0.6", "--migrate-vcpu", "0:2@0.9",
         "--migrate-vcpu", "2:2@1.2", "--migrate-vcpu", "0:0@1.5",
     )  # fmt: skip
     assert code == 0, out + err
     ipi = line(out, "ipi")
-    assert ipi.endswith("PASS") and " pings=2000 pongs=2000 " in ipi, ipi
+    assert ipi.endswith("PASS") and " pings=6000 pongs=6000 " in ipi, ipi
     assert line(out, "counter").endswith("PASS") and " total=90000000 " in out, out
     moves = [(m["vcpu"], m["from"], m["to"]) for m in moves_of(out)]
     assert moves == [(2, 2, 0), (2, 0, 1), (0, 0, 2), (2, 1, 2), (0, 2, 0)], err
@@ -126,7 +145,7 @@ def test_the_guest_sees_a_move_as_a_short_gap() -> None:
 
 @requires_kvm
 def test_a_snapshot_after_a_move_restores_exactly(tmp_path: Path) -> None:
-    work = "run=stress,counter stress.iters=30000 counter.iters=20000"
+    work = "run=stress,counter stress.iters=150000 counter.iters=20000"
     code, out, err = run("--nodes", "2", "--vcpus", "3", "--memory", "256M", "--cmdline", work)
     assert code == 0, out + err
     reference = [ln for ln in out.splitlines() if ln.endswith("PASS")]
@@ -178,7 +197,7 @@ def test_migrate_options_are_checked() -> None:
 def test_the_control_socket_moves_a_vcpu_and_snapshots_a_running_vm(tmp_path: Path) -> None:
     require_native()
     require_guest()
-    iters = 400_000_000
+    iters = 800_000_000
     sock = tmp_path / "vm.sock"
     vm = subprocess.Popen(
         [

@@ -47,10 +47,11 @@ def snapshot_lines(err: str) -> list[str]:
 # One node: stress alone takes ~1.9 s on an idle host here (and longer under
 # load), so a snapshot after 0.5 s is in its middle whatever the machine does.
 WORK = "run=stress,counter,ring stress.iters=100000000 counter.iters=2000000 ring.iters=2000000"
-# Two nodes, three vCPUs: stress takes ~0.5 s here, so a snapshot after 0.2 s
-# is in its middle; restored on three nodes (where the guest's two NUMA nodes
-# are spread over three) the rest takes a few seconds.
-WORK2 = "run=stress,counter stress.iters=30000 counter.iters=20000"
+# Two nodes, three vCPUs: stress takes ~1 s on an idle host here (longer under
+# load), so a snapshot after 0.2 s is in its middle; restored on three nodes
+# (where the guest's two NUMA nodes are spread over three) the rest takes a few
+# seconds.
+WORK2 = "run=stress,counter,ring stress.iters=150000 counter.iters=20000 ring.iters=20000"
 
 
 def reference_of(vcpus: str, work: str) -> list[str]:

@@ -197,6 +197,7 @@ impl Vcpu {
                 Request::Stop => return Ok(()),
                 Request::Pause if self.state != VcpuState::Paused => {
                     timer.set(None);
+                    self.finish_pending_exit();
                     self.transition(VcpuEvent::Pause);
                 }
                 Request::Run
@@ -247,6 +248,7 @@ impl Vcpu {
         if !matches!(self.state, VcpuState::Created | VcpuState::Paused) {
             // It left while running (a migration pauses it first; this is the
             // pause it had not seen yet).
+            self.finish_pending_exit();
             self.transition(VcpuEvent::Pause);
         }
         self.shared.clone().answer_capture(self);
@@ -262,6 +264,24 @@ impl Vcpu {
         }
         self.shared.wait_kick(None);
         self.serve_due = true;
+    }
+
+    /// Let KVM finish the operation of the last exit before the vCPU's state is
+    /// taken (a pause for a snapshot or a migration). KVM completes an MMIO,
+    /// port I/O or MSR access userspace answered only on the next `KVM_RUN`,
+    /// and that pending completion is in no state userspace can save
+    /// (Documentation/virt/kvm/api.rst, KVM_RUN): captured before it, a WRMSR
+    /// of the ICR would run again where the state is restored (a second IPI),
+    /// a read would lose its value. `KVM_RUN` with `immediate_exit` set
+    /// completes it and returns at once, without running guest code.
+    fn finish_pending_exit(&mut self) {
+        if self.state == VcpuState::Created {
+            return;
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        // EINTR is the expected answer; anything else changes nothing here.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// [`Vcpu::run_once`] with KVM's LAPIC: nothing to inject, no timer to arm.
