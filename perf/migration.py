@@ -18,15 +18,13 @@ each the median of the repetitions:
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
-import subprocess
 
 from perf import probes
-from perf.common import REPO, Figure
+from perf.common import Figure
 from perf.measure import Missing, Params
-from perf.vm import dvmmctl_cmd
+from perf.vm import dvmmctl_run
 
 KEYS = (
     "vcpu_migration_gap_ms", "vcpu_migration_gap_floor_ms", "vcpu_migration_stop_ms",
@@ -38,18 +36,13 @@ _GAP = re.compile(r"dvmm-guest: gap .* cpu_gap_us=(\d+),(\d+) .*PASS")
 
 def one(moves: int, run_ms: int) -> tuple[float, list[float]]:
     """One ``gap`` run: (vCPU 1's longest gap in ms, the VMM's stop per move in ms)."""
-    cmd = [
-        *dvmmctl_cmd(), "run", "--nodes", "2", "--vcpus", "2", "--memory", "256M", "--json",
+    args = [
+        "run", "--nodes", "2", "--vcpus", "2", "--memory", "256M", "--json",
         "--cmdline", f"run=gap gap.iters={run_ms}", "--timeout", "120",
     ]  # fmt: skip
     for k in range(moves):
-        cmd += ["--migrate-vcpu", f"1:{k % 2}@{0.4 + 0.4 * k:.2f}"]
-    env = dict(os.environ)
-    env.pop("DVMM_DEBUG", None)
-    r = subprocess.run(
-        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        errors="replace", timeout=180, check=False,
-    )  # fmt: skip
+        args += ["--migrate-vcpu", f"1:{k % 2}@{0.4 + 0.4 * k:.2f}"]
+    r = dvmmctl_run(args, timeout=180)
     m = _GAP.search(r.stdout)
     if r.returncode != 0 or m is None:
         raise Missing(f"gap run exited {r.returncode}: {(r.stdout + r.stderr).strip()[-600:]}")

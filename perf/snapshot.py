@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from perf.common import REPO, Figure
 from perf.measure import Missing, Params
-from perf.vm import dvmmctl_cmd
+from perf.vm import dvmmctl_run
 
 KEYS = (
     "snapshot_pause_ms", "snapshot_pause_overhead_ms", "snapshot_write_gbps", "disk_write_gbps",
@@ -60,16 +59,13 @@ def one(p: Params, mem_mb: int, directory: Path) -> tuple[float, float, float]:
     """One snapshot of a 2-node VM: (pause ms, write ms, Gbit/s written)."""
     snap = directory / "snap"
     cmdline = f"run=sweep,stress sweep.mem={mem_mb}M stress.iters=200000000"
-    cmd = [
-        *dvmmctl_cmd(), "run", "--nodes", "2", "--vcpus", "2", "--memory", f"{mem_mb + 128}M",
-        "--cmdline", cmdline, "--timeout", "300",
-        "--snapshot-dir", str(snap), "--snapshot-after", "8" if p.quick else "12",
-    ]  # fmt: skip
-    env = dict(os.environ)
-    env.pop("DVMM_DEBUG", None)
-    r = subprocess.run(
-        cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        errors="replace", timeout=420, check=False,
+    r = dvmmctl_run(
+        [
+            "run", "--nodes", "2", "--vcpus", "2", "--memory", f"{mem_mb + 128}M",
+            "--cmdline", cmdline, "--timeout", "300",
+            "--snapshot-dir", str(snap), "--snapshot-after", "8" if p.quick else "12",
+        ],
+        timeout=420,
     )  # fmt: skip
     m = _LINE.search(r.stderr)
     if r.returncode != 0 or m is None or "sweep" not in r.stdout:

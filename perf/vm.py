@@ -70,6 +70,17 @@ def dvmmctl_cmd() -> list[str]:
     return [sys.executable, "-m", "dvmmd.cli"]
 
 
+def dvmmctl_run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``dvmmctl ARGS`` in the checkout under test, its output captured (no
+    DVMM_DEBUG: its logging would be measured too)."""
+    env = dict(os.environ)
+    env.pop("DVMM_DEBUG", None)
+    return subprocess.run(
+        [*dvmmctl_cmd(), *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, errors="replace", timeout=timeout, check=False,
+    )  # fmt: skip
+
+
 def run_dvmm(
     cmdline: str,
     *,

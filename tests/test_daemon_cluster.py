@@ -270,6 +270,36 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 print(f"--- {n.name} log ---\n{n.log()}")
 
 
+def logged_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster whose daemons' logs are printed at the end, whatever the outcome
+    (for the long real-guest tests: `yield from` it in a fixture)."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+        for n in c.nodes:
+            print(f"--- {n.name} log ---\n{n.log()[-6000:]}")
+
+
+def require_multinode() -> None:
+    """Skip (saying why) where the native module cannot run a VM over several nodes."""
+    from dvmmd.worker import multinode_supported
+
+    multi, why = multinode_supported("auto")
+    if not multi:
+        pytest.skip(f"multi-node VMs are not available: {why}")
+
+
+def start_real_nodes(cluster: Cluster, n: int) -> list[Node]:
+    """`n` daemons that know each other, with the real VMM worker, started."""
+    nodes = cluster.add(n)
+    for d in nodes:
+        d.write_config([m.addr for m in nodes if m is not d], fake_worker=False)
+    cluster.start_all()
+    return nodes
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -851,15 +881,8 @@ def test_stop_real_guest_across_two_nodes(cluster: Cluster) -> None:
     """A real VM spread over 2 nodes: list shows it running, stop ends every worker."""
     require_native()
     guest = require_guest()
-    from dvmmd.worker import multinode_supported
-
-    multi, why = multinode_supported("auto")
-    if not multi:
-        pytest.skip(f"multi-node VMs are not available: {why}")
-    a, b = cluster.add(2)
-    for n in (a, b):
-        n.write_config([m.addr for m in (a, b) if m is not n], fake_worker=False)
-    cluster.start_all()
+    require_multinode()
+    a, b = start_real_nodes(cluster, 2)
     # ep over 64 GiB of samples runs for minutes: long enough to be stopped.
     r = a.ctl(
         "boot", "long", "--vcpus", "2", "--memory", "128M", "--kernel", str(guest),

@@ -17,20 +17,20 @@ from pathlib import Path
 
 import pytest
 from conftest import require_guest, require_native, requires_kvm
-from test_daemon_cluster import Cluster, wait_for
+from test_daemon_cluster import (
+    Cluster,
+    logged_cluster,
+    require_multinode,
+    start_real_nodes,
+    wait_for,
+)
 
 ITERS = 800_000_000
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
-        for n in c.nodes:
-            print(f"--- {n.name} log ---\n{n.log()[-6000:]}")
+    yield from logged_cluster(tmp_path)
 
 
 @requires_kvm
@@ -39,15 +39,8 @@ def test_a_daemons_vm_moves_a_vcpu_and_is_snapshotted_by_name(
 ) -> None:
     require_native()
     guest = require_guest()
-    from dvmmd.worker import multinode_supported
-
-    multi, why = multinode_supported("auto")
-    if not multi:
-        pytest.skip(f"multi-node VMs are not available: {why}")
-    a, b = cluster.add(2)
-    for n in (a, b):
-        n.write_config([m.addr for m in (a, b) if m is not n], fake_worker=False)
-    cluster.start_all()
+    require_multinode()
+    a, b = start_real_nodes(cluster, 2)
     r = a.ctl(
         "boot", "vm", "--vcpus", "2", "--memory", "128M", "--kernel", str(guest),
         "--nodes", "n1,n2", "--cmdline", f"run=counter counter.iters={ITERS}",

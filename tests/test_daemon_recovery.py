@@ -24,7 +24,16 @@ from pathlib import Path
 
 import pytest
 from conftest import dvmmctl, require_guest, require_native, requires_kvm
-from test_daemon_cluster import ROOT, Cluster, Node, boot, wait_for
+from test_daemon_cluster import (
+    ROOT,
+    Cluster,
+    Node,
+    boot,
+    logged_cluster,
+    require_multinode,
+    start_real_nodes,
+    wait_for,
+)
 
 from dvmmd.cli.client import Client
 from dvmmd.vm import periodic_snapshots as ps
@@ -52,13 +61,7 @@ def results(out: str) -> list[str]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
-        for n in c.nodes:
-            print(f"--- {n.name} log ---\n{n.log()[-6000:]}")
+    yield from logged_cluster(tmp_path)
 
 
 def reference(work: str = WORK, n: int = 4) -> list[str]:
@@ -71,14 +74,6 @@ def reference(work: str = WORK, n: int = 4) -> list[str]:
     lines = results(p.stdout)
     assert len(lines) == n and all(ln.endswith("PASS") for ln in lines), p.stdout
     return lines
-
-
-def start_three(cluster: Cluster) -> tuple[Node, Node, Node]:
-    a, b, c = cluster.add(3)
-    for n in (a, b, c):
-        n.write_config([m.addr for m in (a, b, c) if m is not n], fake_worker=False)
-    cluster.start_all()
-    return a, b, c
 
 
 def console_text(node: Node, vm: str = "vm") -> str:
@@ -119,13 +114,9 @@ def check_console(out: str, ref: list[str]) -> None:
 def test_node_loss_recovers_from_the_last_snapshot(cluster: Cluster) -> None:
     require_native()
     guest = require_guest()
-    from dvmmd.worker import multinode_supported
-
-    multi, why = multinode_supported("auto")
-    if not multi:
-        pytest.skip(f"multi-node VMs are not available: {why}")
+    require_multinode()
     ref = reference()
-    a, _b, c = start_three(cluster)
+    a, _b, c = start_real_nodes(cluster, 3)
     r = a.ctl(
         "boot", "vm", "--vcpus", VCPUS, "--memory", MEMORY, "--kernel", str(guest),
         "--nodes", "n1,n2,n3", "--cmdline", WORK, "--timeout", "240",
@@ -325,16 +316,12 @@ def test_draining_node_2_of_3_moves_the_vm_and_it_finishes_exactly(cluster: Clus
     once: the lines printed before the drain, then the restored run's."""
     require_native()
     guest = require_guest()
-    from dvmmd.worker import multinode_supported
-
-    multi, why = multinode_supported("auto")
-    if not multi:
-        pytest.skip(f"multi-node VMs are not available: {why}")
+    require_multinode()
     # Not stress: write-shared data on three nodes of a 2-core host is slow (README);
     # the drain comes during ep (several seconds, every CPU on its own data).
     work = "run=counter,ep,counter counter.iters=100000 ep.size=6000M"
     ref = reference(work, 3)
-    a, b, _c = start_three(cluster)
+    a, b, _c = start_real_nodes(cluster, 3)
     r = a.ctl(
         "boot", "vm", "--vcpus", VCPUS, "--memory", MEMORY, "--kernel", str(guest),
         "--nodes", "n1,n2,n3", "--cmdline", work, "--timeout", "240", timeout=120,

@@ -223,7 +223,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     if args.foreign_budget is not None:
         params["foreign_budget"] = args.foreign_budget
     if args.nodes:
-        params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        params["nodes"] = _node_list(args.nodes)
     if args.snapshot_dir is not None and args.snapshot_every is None:
         raise CliError("--snapshot-dir needs --snapshot-every (the snapshot interval)")
     if args.snapshot_every is not None:
@@ -268,7 +268,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     memory, NUMA topology and CPU model are the snapshot's), placed by the daemons."""
     params: dict[str, Any] = {"name": args.name, "restore_dir": _abs(args.dir)}
     if args.nodes:
-        params["nodes"] = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        params["nodes"] = _node_list(args.nodes)
     if args.timeout:
         params["timeout_s"] = args.timeout
     progress = None if args.json else progress_printer()
@@ -477,6 +477,33 @@ def add_verb(
     return p
 
 
+def _add_nodes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", help="comma-separated nodes to span (first = boot node)")
+
+
+def _add_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timeout",
+        type=timeout_arg,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop the VM after SECONDS; 0 = no timeout (0)",
+    )
+
+
+def _add_console(p: argparse.ArgumentParser, after: str = "boot") -> None:
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help=f"attach to the console after {after}; exit with the guest's status",
+    )
+
+
+def _node_list(text: str) -> list[str]:
+    """``--nodes a,b`` as a list (blanks dropped)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def register(subparsers: Any) -> None:
     """Add the VM and node verbs to dvmmctl's verbs."""
 
@@ -498,17 +525,11 @@ def register(subparsers: Any) -> None:
         metavar="SIZE",
         help="guest memory, e.g. 256M or 1G; a multiple of 4 KiB, at least 16M (256M)",
     )
-    p.add_argument("--nodes", help="comma-separated nodes to span (first = boot node)")
+    _add_nodes(p)
     p.add_argument("--kernel", help="kernel image (default: vm.kernel or the bundled guest)")
     p.add_argument("--initrd", help="initrd image")
     p.add_argument("--cmdline", help="kernel command line")
-    p.add_argument(
-        "--timeout",
-        type=timeout_arg,
-        default=0.0,
-        metavar="SECONDS",
-        help="stop the VM after SECONDS; 0 = no timeout (0)",
-    )
+    _add_timeout(p)
     p.add_argument("--cpu", type=cpu_model_arg, default=None, metavar="MODEL", help=CPU_HELP)
     p.add_argument(
         "--foreign-budget",
@@ -531,22 +552,14 @@ def register(subparsers: Any) -> None:
         help="with --snapshot-every (root only): the snapshot directory, seen by every node "
         "(default: vm.snapshot_dir/NAME, else STATE_DIR/snapshots/NAME on the owner)",
     )
-    p.add_argument(
-        "--console",
-        action="store_true",
-        help="attach to the console after boot; exit with the guest's status",
-    )
+    _add_console(p)
     p = add(
         "start",
         "boot a defined VM again from its stored definition (after it stopped)",
         cmd_start,
         vm=True,
     )
-    p.add_argument(
-        "--console",
-        action="store_true",
-        help="attach to the console after boot; exit with the guest's status",
-    )
+    _add_console(p)
     p = add(
         "restore",
         "boot a new VM NAME from the snapshot in DIR (root; the snapshot's shape)",
@@ -554,19 +567,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("dir", metavar="DIR", help="a snapshot directory (dvmmctl snapshot)")
     p.add_argument("name", help="VM name")
-    p.add_argument("--nodes", help="comma-separated nodes to span (first = boot node)")
-    p.add_argument(
-        "--timeout",
-        type=timeout_arg,
-        default=0.0,
-        metavar="SECONDS",
-        help="stop the VM after SECONDS; 0 = no timeout (0)",
-    )
-    p.add_argument(
-        "--console",
-        action="store_true",
-        help="attach to the console after the restore; exit with the guest's status",
-    )
+    _add_nodes(p)
+    _add_timeout(p)
+    _add_console(p, after="the restore")
     p = add(
         "drain",
         "move every running VM off NODE: snapshot, then restore on the VMs' other nodes",

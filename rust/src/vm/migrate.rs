@@ -259,11 +259,16 @@ impl VcpuMover {
             .cluster
             .request(at, APP_MIGRATE, &raw, MOVE_TIMEOUT)
             .map_err(self.link_err(at))?;
+        self.report_of(at, &resp)
+    }
+
+    /// The report in `node`'s answer to a migration request, or its error.
+    fn report_of(&self, node: NodeId, resp: &[u8]) -> Result<MoveReport, MigrateError> {
         let peer = |what: String| MigrateError::Peer {
-            node: self.cluster.describe(at),
+            node: self.cluster.describe(node),
             what,
         };
-        let r: Response = serde_json::from_slice(&resp)
+        let r: Response = serde_json::from_slice(resp)
             .map_err(|e| peer(format!("malformed migration response: {e}")))?;
         match (r.error, r.report) {
             (Some(e), _) => Err(peer(e)),
@@ -389,16 +394,7 @@ impl VcpuMover {
                 vcpu,
                 source,
             })?;
-        let peer = |what: String| MigrateError::Peer {
-            node: self.cluster.describe(to),
-            what,
-        };
-        let r: Response = serde_json::from_slice(&resp)
-            .map_err(|e| peer(format!("malformed migration response: {e}")))?;
-        if let Some(e) = r.error {
-            return Err(peer(e));
-        }
-        let restore_ms = r.report.map_or(0.0, |r| r.restore_ms);
+        let restore_ms = self.report_of(to, &resp)?.restore_ms;
         Ok((capture, t1.elapsed(), bytes.len(), restore_ms))
     }
 

@@ -405,14 +405,19 @@ mod tests {
     use super::*;
     use crate::devices::COM1_IRQ;
 
-    fn router(n: u32) -> (Arc<InterruptRouter>, Vec<Arc<VcpuShared>>) {
-        let shared: Vec<Arc<VcpuShared>> = (0..n)
+    /// vCPUs `0..n` with software-enabled LAPICs.
+    fn enabled_vcpus(n: u32) -> Vec<Arc<VcpuShared>> {
+        (0..n)
             .map(|i| {
                 let mut l = LocalApic::new(i, i == 0, 0);
                 l.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0); // software-enable
                 Arc::new(VcpuShared::new(i, l))
             })
-            .collect();
+            .collect()
+    }
+
+    fn router(n: u32) -> (Arc<InterruptRouter>, Vec<Arc<VcpuShared>>) {
+        let shared = enabled_vcpus(n);
         let r = Arc::new(InterruptRouter::new(
             shared.clone(),
             crate::ioapic::IoApic::new(n as u8),
@@ -535,13 +540,7 @@ mod tests {
     /// One node of a 4-vCPU VM running vCPUs 0 and 1 (software-enabled);
     /// vCPUs 2 and 3 are remote.
     fn node0(owns_ioapic: bool) -> (Arc<InterruptRouter>, Vec<Arc<VcpuShared>>, Arc<FakeRemote>) {
-        let shared: Vec<Arc<VcpuShared>> = (0..2)
-            .map(|i| {
-                let mut l = LocalApic::new(i, i == 0, 0);
-                l.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0);
-                Arc::new(VcpuShared::new(i, l))
-            })
-            .collect();
+        let shared = enabled_vcpus(2);
         let fake = Arc::new(FakeRemote::default());
         let r = Arc::new(InterruptRouter::distributed(
             shared.clone(),
@@ -574,13 +573,7 @@ mod tests {
     fn a_migrated_vcpu_gets_its_interrupts_forwarded_or_kept_for_its_start() {
         // Both vCPUs have a replica here (as on every node of a distributed
         // VM); vCPU 1 has left.
-        let shared: Vec<Arc<VcpuShared>> = (0..2)
-            .map(|i| {
-                let mut l = LocalApic::new(i, i == 0, 0);
-                l.mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0);
-                Arc::new(VcpuShared::new(i, l))
-            })
-            .collect();
+        let shared = enabled_vcpus(2);
         shared[1].set_resident(false, &lock(&shared[1].lapic));
         let place = Arc::new(Placement {
             elsewhere: true.into(),
