@@ -9,6 +9,10 @@ kernels; configurations are interleaved repetition by repetition so drift of thi
 shared host hits them alike.
 
     python -m perf.run --only npb [--quick] [--npb-class S|W|A]
+
+For A/B runs (perf/ab.py passes the environment, not options, to the suite):
+``DVMM_PERF_NPB_CONFIGS=dvmm_2x1_local,...`` runs only those configurations and
+``DVMM_PERF_NPB_CLASS=W`` sets the class.
 """
 
 from __future__ import annotations
@@ -102,8 +106,9 @@ CONFIGS: tuple[Config, ...] = (
 
 
 def npb_class(p: Params, cls: str | None) -> str:
-    """The problem class: given, else S for --quick and W for the full suite."""
-    c = (cls or ("S" if p.quick else "W")).upper()
+    """The problem class: given, else $DVMM_PERF_NPB_CLASS, else S for --quick and W
+    for the full suite."""
+    c = (cls or os.environ.get("DVMM_PERF_NPB_CLASS") or ("S" if p.quick else "W")).upper()
     if c not in MEMORY_MB:
         raise Missing(f"NPB class {c!r}: the guest has S, W and A")
     return c
@@ -303,7 +308,24 @@ def draw(runs: NpbRuns, out: Path) -> str | None:
 def stage(p: Params, out: Path, cls: str | None = None) -> Partial:
     """Measure, write npb.md (and npb.png), return the figures for latest.json."""
     c = npb_class(p, cls)
-    runs = measure(p, c)
+    configs = chosen_configs(os.environ.get("DVMM_PERF_NPB_CONFIGS", ""))
+    runs = measure(p, c, configs)
+    if configs != CONFIGS:  # an A/B subset: the table needs every configuration
+        return figures(runs, configs)
     (out / "npb.md").write_text(render(runs, p, plot=draw(runs, out)))
     print(f"perf: wrote {out / 'npb.md'}", flush=True)
     return figures(runs)
+
+
+def chosen_configs(names: str) -> tuple[Config, ...]:
+    """The configurations named (comma-separated), all of them for an empty string;
+    :class:`Missing` names an unknown one."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if not wanted:
+        return CONFIGS
+    known = {c.name: c for c in CONFIGS}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise Missing(f"DVMM_PERF_NPB_CONFIGS: no configuration {', '.join(unknown)} "
+                      f"(there are {', '.join(known)})")  # fmt: skip
+    return tuple(known[n] for n in wanted)

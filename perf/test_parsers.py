@@ -423,6 +423,17 @@ def test_npb_configs_and_class() -> None:
     assert "npb" in STAGES and parse_stages("npb", False) == ["npb"]
 
 
+def test_npb_config_subset_for_ab(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert npb.chosen_configs("") == npb.CONFIGS
+    sub = npb.chosen_configs("dvmm_2x1_local, qemu_1x2")
+    assert [c.name for c in sub] == ["dvmm_2x1_local", "qemu_1x2"]
+    with pytest.raises(Missing, match="dvmm_9x9"):
+        npb.chosen_configs("dvmm_9x9")
+    monkeypatch.setenv("DVMM_PERF_NPB_CLASS", "w")
+    assert npb.npb_class(Params(quick=True), None) == "W"
+    assert npb.npb_class(Params(quick=True), "S") == "S"
+
+
 # ---------------------------------------------------------------- linux stage
 
 #: A console as dvmmctl prints it: printk stamps, dvmm's own lines between them.

@@ -18,6 +18,21 @@
 //! paying for pages it does not read. A prefetched page counts as *used* once
 //! its stream faults past it (the guest read through it without a fault:
 //! installed pages do not fault, so passing them is the evidence of use).
+//!
+//! **Recall.** Iterative programs (the NPB kernels, a solver's sweeps) go
+//! over the same arrays again and again: each pass starts a new stream at the
+//! same page, and would pay two faults before its window opened and a few
+//! more while it doubled back to the size the last pass reached. So a node
+//! remembers, per page a stream started at, the window that stream grew to
+//! ([`RECALL`] entries at most); a new stream starting at such a page asks
+//! for that window at once. A random reader's faults rarely land on a page a
+//! sequential stream once started at, so it is still left alone.
+//!
+//! The same bookkeeping serves *write* streams (the engine keeps a second
+//! prefetcher for them, see `prefetch_upgrade` in the engine): a node
+//! rewriting an array other nodes read gets write access to the following
+//! pages it holds read-only in one range upgrade instead of one invalidation
+//! round trip per page.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -27,10 +42,16 @@ use super::protocol::PageIdx;
 pub const MIN_WINDOW: u32 = 4;
 /// Streams tracked per node.
 pub const STREAMS: usize = 4;
+/// Stream start pages whose window is remembered (see "Recall"); when full,
+/// the memory is cleared (a program with more sequential passes than this is
+/// not the iterative kind the recall is for).
+pub const RECALL: usize = 1024;
 
 #[derive(Debug, Clone, Default)]
 struct Stream {
-    /// The stream's last read fault.
+    /// The page the stream started at (its key in the recall).
+    start: PageIdx,
+    /// The stream's last fault.
     last: PageIdx,
     /// Current window (pages per request).
     k: u32,
@@ -81,6 +102,9 @@ pub struct Prefetcher {
     owner: HashMap<PageIdx, usize>,
     clock: u64,
     counts: PrefetchCounts,
+    /// Remember windows by start page ("Recall"); off: new streams start at 0.
+    recall_on: bool,
+    recall: HashMap<PageIdx, u32>,
 }
 
 impl Prefetcher {
@@ -88,6 +112,15 @@ impl Prefetcher {
     pub fn new(max: u32) -> Prefetcher {
         Prefetcher {
             max,
+            ..Prefetcher::default()
+        }
+    }
+
+    /// As [`Prefetcher::new`], remembering windows by start page ("Recall").
+    pub fn with_recall(max: u32) -> Prefetcher {
+        Prefetcher {
+            max,
+            recall_on: true,
             ..Prefetcher::default()
         }
     }
@@ -111,9 +144,9 @@ impl Prefetcher {
         self.owner.contains_key(&page)
     }
 
-    /// A read fault on `page` that needs a message. Returns how many pages
-    /// after `page` to request (0: none).
-    pub fn on_read_fault(&mut self, page: PageIdx) -> u32 {
+    /// A fault on `page` (of the kind this prefetcher follows) that needs a
+    /// message. Returns how many pages after `page` to request (0: none).
+    pub fn on_fault(&mut self, page: PageIdx) -> u32 {
         if self.max == 0 {
             return 0;
         }
@@ -132,8 +165,7 @@ impl Prefetcher {
             .min_by_key(|(_, s)| page - s.last)
             .map(|(i, _)| i);
         let Some(i) = hit else {
-            self.start_stream(page, now);
-            return 0;
+            return self.start_stream(page, now);
         };
         // Everything it prefetched below this fault was read through.
         let passed: Vec<PageIdx> = {
@@ -156,19 +188,46 @@ impl Prefetcher {
             s.k.saturating_mul(2)
         }
         .min(max);
-        s.k
+        let (start, k) = (s.start, s.k);
+        self.remember(start, k);
+        k
     }
 
-    fn start_stream(&mut self, page: PageIdx, now: u64) {
+    /// Remember that a stream starting at `start` grew to window `k`.
+    fn remember(&mut self, start: PageIdx, k: u32) {
+        if !self.recall_on {
+            return;
+        }
+        if self.recall.len() >= RECALL && !self.recall.contains_key(&start) {
+            self.recall.clear();
+        }
+        self.recall.insert(start, k);
+    }
+
+    /// A new stream at `page`; returns its first window (0 unless recalled).
+    fn start_stream(&mut self, page: PageIdx, now: u64) -> u32 {
+        let k = self.recall.get(&page).copied().unwrap_or(0).min(self.max);
         let fresh = Stream {
+            start: page,
             last: page,
-            k: 0,
+            k,
             ahead: BTreeSet::new(),
             used_at: now,
         };
+        // The same pass again (an iterative program back at the start of an
+        // array): it replaces its previous stream, whose pages ahead were
+        // gone through (the program finished that pass and came back).
+        if let Some(i) = self.streams.iter().position(|s| s.start == page) {
+            let old = std::mem::replace(&mut self.streams[i], fresh);
+            for p in old.ahead {
+                self.owner.remove(&p);
+                self.counts.used += 1;
+            }
+            return k;
+        }
         if self.streams.len() < STREAMS {
             self.streams.push(fresh);
-            return;
+            return k;
         }
         let Some((lru, _)) = self
             .streams
@@ -176,7 +235,7 @@ impl Prefetcher {
             .enumerate()
             .min_by_key(|(_, s)| s.used_at)
         else {
-            return;
+            return 0;
         };
         let old = std::mem::replace(&mut self.streams[lru], fresh);
         // The abandoned stream's pages ahead were never reached.
@@ -184,10 +243,11 @@ impl Prefetcher {
             self.owner.remove(&p);
             self.counts.wasted += 1;
         }
+        k
     }
 
     /// Pages `start..start + n` were requested for the stream whose last fault
-    /// is `after` (the fault that `on_read_fault` answered).
+    /// is `after` (the fault that `on_fault` answered).
     pub fn requested(&mut self, after: PageIdx, start: PageIdx, n: u32) {
         let Some(i) = self.streams.iter().position(|s| s.last == after) else {
             return;
@@ -217,6 +277,10 @@ impl Prefetcher {
             s.ahead.remove(&page);
             s.k = (s.k / 2).max(MIN_WINDOW).min(self.max);
             self.counts.wasted += 1;
+            let (start, k) = (s.start, s.k);
+            if self.recall.contains_key(&start) {
+                self.remember(start, k);
+            }
         }
     }
 }
@@ -235,7 +299,7 @@ mod tests {
                 continue;
             }
             faults += 1;
-            let k = p.on_read_fault(page);
+            let k = p.on_fault(page);
             if k > 0 {
                 p.requested(page, page + 1, k);
             }
@@ -251,7 +315,7 @@ mod tests {
         // 4, 8, 16, 32, then 64 per fault: about 10 000 / 65 faults.
         assert!(faults < 170, "{faults} faults");
         // Pass the last batch too.
-        p.on_read_fault(20_000);
+        p.on_fault(20_000);
         let c = p.counts();
         assert_eq!(c.wasted, 0);
         assert!(c.used + 64 >= c.requested, "{c:?}");
@@ -267,7 +331,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let page = (x >> 33) % 1_000_000;
-            let k = p.on_read_fault(page);
+            let k = p.on_fault(page);
             if k > 0 {
                 p.requested(page, page + 1, k);
             }
@@ -285,7 +349,7 @@ mod tests {
             for s in [&mut a, &mut b] {
                 if !p.is_tracked(*s) {
                     faults += 1;
-                    let k = p.on_read_fault(*s);
+                    let k = p.on_fault(*s);
                     if k > 0 {
                         p.requested(*s, *s + 1, k);
                     }
@@ -322,10 +386,76 @@ mod tests {
         assert!(pending > 0);
         // STREAMS new streams push the first one out.
         for i in 0..STREAMS as u64 {
-            p.on_read_fault(1_000_000 * (i + 1));
+            p.on_fault(1_000_000 * (i + 1));
         }
         assert_eq!(p.counts().wasted, pending);
         assert_eq!(p.tracked(), 0);
+    }
+
+    #[test]
+    fn a_pass_over_the_same_array_again_gets_its_window_at_once() {
+        for recall in [false, true] {
+            let mut p = if recall {
+                Prefetcher::with_recall(64)
+            } else {
+                Prefetcher::new(64)
+            };
+            // Pass 1: 0 (new stream), 1 (window 4: 2..5), 6 (window 8: 7..14).
+            assert_eq!(scan(&mut p, 0, 15), 3);
+            // Other streams push it out (its pages ahead count as wasted).
+            for i in 1..=STREAMS as u64 {
+                p.on_fault(100_000 * i);
+            }
+            assert_eq!(p.tracked(), 0);
+            let faults = scan(&mut p, 0, 15);
+            if recall {
+                // 0 asks for the window of 8 remembered for it (1..8) at
+                // once; 9 continues the stream.
+                assert_eq!(faults, 2, "{:?}", p.counts());
+            } else {
+                assert_eq!(faults, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn a_pass_back_at_its_start_counts_the_last_pass_as_used() {
+        let mut p = Prefetcher::with_recall(64);
+        assert_eq!(scan(&mut p, 0, 15), 3);
+        let ahead = p.tracked() as u64;
+        assert!(ahead > 0);
+        let used = p.counts().used;
+        assert_eq!(p.on_fault(0), 8);
+        assert_eq!(p.counts().used, used + ahead);
+        assert_eq!(p.counts().wasted, 0);
+    }
+
+    #[test]
+    fn random_reader_gets_no_prefetch_with_recall_either() {
+        let mut p = Prefetcher::with_recall(64);
+        let mut x: u64 = 777;
+        for _ in 0..3000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let page = (x >> 33) % 1_000_000;
+            let k = p.on_fault(page);
+            if k > 0 {
+                p.requested(page, page + 1, k);
+            }
+        }
+        assert_eq!(p.counts().requested, 0, "{:?}", p.counts());
+    }
+
+    #[test]
+    fn the_recall_is_bounded() {
+        let mut p = Prefetcher::with_recall(64);
+        for i in 0..(RECALL as u64 + 10) {
+            // Each a two-fault stream: remembered with window 4.
+            p.on_fault(i * 1000);
+            p.on_fault(i * 1000 + 1);
+        }
+        assert!(p.recall.len() <= RECALL);
     }
 
     #[test]

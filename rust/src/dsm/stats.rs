@@ -110,6 +110,9 @@ pub struct Stats {
     pub prefetch_late: AtomicU64,
     pub prefetch_used: AtomicU64,
     pub prefetch_wasted: AtomicU64,
+    pub upgrade_prefetch_requests: AtomicU64,
+    pub upgrade_prefetch_used: AtomicU64,
+    pub upgrade_prefetch_wasted: AtomicU64,
     pub ipis_forwarded: AtomicU64,
     pub io_forwarded: AtomicU64,
     pub resident_pages: AtomicU64,
@@ -165,6 +168,16 @@ pub struct StatsSnapshot {
     /// was abandoned.
     #[serde(default)]
     pub prefetch_wasted: u64,
+    /// Range upgrades asked ahead of a writer rewriting pages this node held
+    /// read-only (upgrade prefetch, see the engine).
+    #[serde(default)]
+    pub upgrade_prefetch_requests: u64,
+    /// Pages upgraded ahead that the writer's stream went past.
+    #[serde(default)]
+    pub upgrade_prefetch_used: u64,
+    /// Pages upgraded ahead that were taken away before the writer reached them.
+    #[serde(default)]
+    pub upgrade_prefetch_wasted: u64,
     /// Copies of 4 KiB of page contents made in user space on this node,
     /// counted where they happen: the engine reading a page from its
     /// mapping to send it, the transport encoding it into a send buffer (and
@@ -269,6 +282,9 @@ impl Stats {
             prefetch_late: g(&self.prefetch_late),
             prefetch_used: g(&self.prefetch_used),
             prefetch_wasted: g(&self.prefetch_wasted),
+            upgrade_prefetch_requests: g(&self.upgrade_prefetch_requests),
+            upgrade_prefetch_used: g(&self.upgrade_prefetch_used),
+            upgrade_prefetch_wasted: g(&self.upgrade_prefetch_wasted),
             page_copies: g(&self.page_copies),
             pages_moved: g(&self.pages_moved),
             ipis_forwarded: g(&self.ipis_forwarded),

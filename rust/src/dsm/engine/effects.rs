@@ -177,8 +177,9 @@ impl Engine {
                     self.foreign_resident = self.foreign_resident.saturating_sub(1);
                 }
                 self.evicting.remove(&page);
-                if self.pf.is_tracked(page) {
+                if self.pf.is_tracked(page) || self.wpf.is_tracked(page) {
                     self.pf.lost(page);
+                    self.wpf.lost(page);
                     self.sync_prefetch_stats();
                 }
                 Ok(())

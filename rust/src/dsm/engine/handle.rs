@@ -230,12 +230,8 @@ impl DsmEngine {
             hold_until: HashMap::new(),
             deferred: VecDeque::new(),
             deferred_pages: HashMap::new(),
-            // A range request may cover a whole 2 MiB run; `Prefetch` 64 pages.
-            pf: Prefetcher::new(cfg.prefetch_max_pages.min(if cfg.ranges {
-                protocol::MAX_RANGE
-            } else {
-                protocol::MAX_PREFETCH
-            })),
+            pf: prefetcher(&cfg, true),
+            wpf: prefetcher(&cfg, cfg.ranges && cfg.upgrade_prefetch),
             ranges: cfg.ranges,
             homes: cfg
                 .ram
@@ -423,6 +419,25 @@ pub(super) fn set_normal() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A prefetcher as `cfg` asks (`on`: at all). A range request may cover a
+/// whole 2 MiB run; `Prefetch` 64 pages.
+fn prefetcher(cfg: &DsmConfig, on: bool) -> Prefetcher {
+    let max = if on {
+        cfg.prefetch_max_pages.min(if cfg.ranges {
+            protocol::MAX_RANGE
+        } else {
+            protocol::MAX_PREFETCH
+        })
+    } else {
+        0
+    };
+    if cfg.recall {
+        Prefetcher::with_recall(max)
+    } else {
+        Prefetcher::new(max)
+    }
 }
 
 /// Switch the calling thread to `SCHED_FIFO` priority 1 (the caller logs a

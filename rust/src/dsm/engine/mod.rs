@@ -38,6 +38,19 @@
 //! whether or not it asked for ranges itself (a peer's home may answer with
 //! range messages only to range requests, but every node handles them).
 //!
+//! **Upgrade prefetch** ([`DsmConfig::upgrade_prefetch`], with ranges): a
+//! node rewriting pages it holds read-only (an array other nodes read after
+//! each pass: a solver's vector, a histogram, a grid's boundary planes)
+//! faults on every page, one invalidation round trip each. A second
+//! prefetcher follows those write-protect faults as streams and asks for
+//! write access to the following run of pages this node holds `Shared`, with
+//! one range `Req` (`Access::Write`, `OnBusy::Decline`): one `Inv` per other
+//! holder and one grant without data for the run. It never asks for pages
+//! this node does not hold (a write stream over other nodes' data must not
+//! take it from them ahead of need). Both prefetchers remember the window of
+//! a stream by its start page ([`DsmConfig::recall`], see `prefetch`), so
+//! the next pass over the same array asks for its window on its first fault.
+//!
 //! Files: this one holds the configuration, the errors and the [`AppSink`]
 //! interface to the layer above; `handle` starts the engine and is the
 //! [`DsmHandle`] the VM holds; `serve` is the engine thread's loop (waiting,
@@ -256,6 +269,12 @@ pub struct DsmConfig {
     /// `Prefetch` messages. On by default (A/B in perf/README.md);
     /// `DVMM_DSM_RANGES=0` turns it off.
     pub ranges: bool,
+    /// Upgrade prefetch (see the module comment; needs `ranges` and
+    /// prefetch on). `DVMM_DSM_UPGRADES=0` turns it off.
+    pub upgrade_prefetch: bool,
+    /// Prefetchers remember stream windows by start page (see `prefetch`).
+    /// `DVMM_DSM_RECALL=0` turns it off.
+    pub recall: bool,
     /// Where application frames, peer failures and fatal errors go (the
     /// cluster link, [`crate::cluster::link`]); None: they are only logged.
     pub app: Option<Arc<dyn AppSink>>,
@@ -264,7 +283,13 @@ pub struct DsmConfig {
 /// `DVMM_DSM_RANGES` from the environment: `0`, `false`, `off` or `no` turn
 /// range transactions off; anything else (or nothing) leaves them on.
 pub fn ranges_from_env() -> bool {
-    !std::env::var("DVMM_DSM_RANGES")
+    switch_from_env("DVMM_DSM_RANGES")
+}
+
+/// A switch that is on unless the variable `name` says `0`, `false`, `off`
+/// or `no` (for A/B runs).
+fn switch_from_env(name: &str) -> bool {
+    !std::env::var(name)
         .map(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
         .unwrap_or(false)
 }
@@ -274,9 +299,7 @@ pub fn ranges_from_env() -> bool {
 /// payload with UFFDIO_COPY, as before); anything else leaves it on. For A/B
 /// runs.
 pub fn land_from_env() -> bool {
-    !std::env::var("DVMM_DSM_LAND")
-        .map(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
-        .unwrap_or(false)
+    switch_from_env("DVMM_DSM_LAND")
 }
 
 /// The transport [`DsmEngine::start`] builds.
@@ -327,6 +350,8 @@ impl DsmConfig {
                 .unwrap_or(DEFAULT_PREFETCH_MAX_PAGES),
             transport: TransportKind::Tcp,
             ranges: ranges_from_env(),
+            upgrade_prefetch: switch_from_env("DVMM_DSM_UPGRADES"),
+            recall: switch_from_env("DVMM_DSM_RECALL"),
             app: None,
         }
     }

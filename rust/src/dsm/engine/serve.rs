@@ -137,6 +137,9 @@ pub(super) struct Engine {
     pub(super) deferred_pages: HashMap<PageIdx, u32>,
     /// Adaptive sequential prefetch (see `prefetch`).
     pub(super) pf: Prefetcher,
+    /// Upgrade prefetch: write streams over pages held read-only (see
+    /// `prefetch_upgrade`); off when its `max` is 0.
+    pub(super) wpf: Prefetcher,
     /// Prefetch with range requests ([`DsmConfig::ranges`]).
     pub(super) ranges: bool,
     /// Pages each node is home of.
@@ -367,6 +370,9 @@ impl Engine {
         if self.pf.enabled() && access == Access::Read && self.node.is_pending(f.page) {
             self.prefetch(f.page, effects);
         }
+        if self.wpf.enabled() && f.wp && self.node.is_pending(f.page) {
+            self.prefetch_upgrade(f.page, effects);
+        }
         self.drain_local(effects);
     }
 
@@ -402,7 +408,7 @@ impl Engine {
     /// Sequential read detection and prefetch after a read fault on `page`
     /// that needs a message (its own request is already sent).
     pub(super) fn prefetch(&mut self, page: PageIdx, effects: &mut Vec<Effect>) {
-        let mut k = self.pf.on_read_fault(page);
+        let mut k = self.pf.on_fault(page);
         if let Some(b) = self.budget.filter(|_| self.is_foreign(page)) {
             let used = self.foreign_resident + self.pending_since.len() + self.pf.tracked();
             k = k.min(u32::try_from(b.saturating_sub(used)).unwrap_or(u32::MAX));
@@ -484,13 +490,83 @@ impl Engine {
         }
     }
 
-    /// Publish the prefetcher's counters.
+    /// Upgrade prefetch after a write-protect fault on `page` that needs a
+    /// message (its own upgrade is already asked for): if the fault continues
+    /// a write stream, write access to the run of pages after it that this
+    /// node holds `Shared`, homed on the same node, with one range request
+    /// whose busy pages the home declines. Pages already asked for by this
+    /// stream or in flight right after `page` are skipped (at most `2 * k`);
+    /// the run stops at the first page not held read-only, so nothing this
+    /// node does not hold is taken from other nodes.
+    pub(super) fn prefetch_upgrade(&mut self, page: PageIdx, effects: &mut Vec<Effect>) {
+        let k = self.wpf.on_fault(page);
+        if k == 0 {
+            return;
+        }
+        let Some(end) = self
+            .node
+            .home_of(page)
+            .ok()
+            .and_then(|home| self.homes.get(usize::from(home)))
+            .map(|r| r.end)
+        else {
+            return;
+        };
+        let mut p = page + 1;
+        let skip_end = p.saturating_add(2 * u64::from(k));
+        while p < end && p < skip_end && (self.node.is_pending(p) || self.wpf.is_tracked(p)) {
+            p += 1;
+        }
+        let start = p;
+        let limit = start
+            .saturating_add(u64::from(k.min(protocol::MAX_RANGE)))
+            .min(end);
+        while p < limit
+            && matches!(self.node.state(p), Some((CacheState::Shared, true, _)))
+            && !self.node.is_pending(p)
+        {
+            p += 1;
+        }
+        let n = (p - start) as u32;
+        if n == 0 {
+            return;
+        }
+        effects.clear();
+        match self
+            .node
+            .request_range(start, n, Access::Write, OnBusy::Decline, effects)
+        {
+            Ok(runs) => {
+                if !runs.is_empty() {
+                    Stats::inc(&self.sh.stats.upgrade_prefetch_requests);
+                }
+                for (s, c) in runs {
+                    self.wpf.requested(page, s, c);
+                }
+                let fx = std::mem::take(effects);
+                self.exec(&fx, Payload::None);
+                *effects = fx;
+            }
+            Err(source) => self.sh.fail(EngineFault::RangePrefetch {
+                start,
+                count: n,
+                source,
+            }),
+        }
+        self.sync_prefetch_stats();
+    }
+
+    /// Publish the prefetchers' counters.
     pub(super) fn sync_prefetch_stats(&self) {
         let c = self.pf.counts();
         let st = &self.sh.stats;
         st.prefetch_late.store(c.late, Ordering::Relaxed);
         st.prefetch_used.store(c.used, Ordering::Relaxed);
         st.prefetch_wasted.store(c.wasted, Ordering::Relaxed);
+        let w = self.wpf.counts();
+        st.upgrade_prefetch_used.store(w.used, Ordering::Relaxed);
+        st.upgrade_prefetch_wasted
+            .store(w.wasted, Ordering::Relaxed);
     }
 
     pub(super) fn on_event(&mut self, ev: TransportEvent, effects: &mut Vec<Effect>) {
@@ -650,6 +726,7 @@ impl Engine {
             Msg::Nack { page } => {
                 Stats::inc(&st.prefetch_declined);
                 self.pf.refused(page);
+                self.wpf.refused(page);
             }
             Msg::Grant {
                 data: Data::Page, ..
@@ -686,7 +763,7 @@ impl Engine {
             }
             self.hold_until.insert(page, Instant::now() + self.hold);
         }
-        let prefetched = self.pf.is_tracked(page);
+        let prefetched = self.pf.is_tracked(page) || self.wpf.is_tracked(page);
         if let Some(t0) = self.pending_since.remove(&page) {
             self.sh.stats.fault_latency(t0.elapsed().as_nanos() as u64);
         } else if prefetched {
@@ -724,6 +801,7 @@ impl Engine {
                 Stats::add(&st.prefetch_declined, u64::from(count));
                 for page in msg.pages() {
                     self.pf.refused(page);
+                    self.wpf.refused(page);
                 }
             }
             RangeMsg::Grant { .. } if remote => {
