@@ -8,7 +8,9 @@
 //!
 //! Covers: prefetch bookkeeping (prefetched / used / wasted counters) with
 //! and without range transactions, range grants (one request and one grant
-//! train per window), eviction under a foreign budget with coherent re-reads,
+//! train per window), upgrade prefetch and recall (a node rewriting pages
+//! another node read: a few range upgrades instead of one per page, exact
+//! fault counts with it off), eviction under a foreign budget with coherent re-reads,
 //! and failed effects of range messages stopping the VM with the page named
 //! (a failed send of a range grant; a failed install inside a range grant,
 //! which must not be reported `Done`).
@@ -359,6 +361,8 @@ struct Opts {
     prefetch: u32,
     /// Foreign budget of node 1 (pages).
     budget: Option<usize>,
+    /// Upgrade prefetch (with recall), see `dsm::engine`.
+    upgrades: bool,
 }
 
 fn cluster(o: &Opts) -> Cluster {
@@ -385,6 +389,8 @@ fn cluster(o: &Opts) -> Cluster {
         cfg.ranges = o.ranges;
         cfg.prefetch_max_pages = o.prefetch;
         cfg.foreign_budget = if i == 1 { o.budget } else { None };
+        cfg.upgrade_prefetch = o.upgrades;
+        cfg.recall = o.upgrades;
         let t: Arc<dyn Transport> = links[i].clone();
         // SAFETY: both mappings cover the whole memfd and are never unmapped
         // (leaked for the life of the test process); the memfd stays open.
@@ -469,6 +475,7 @@ fn prefetch_bookkeeping(ranges: bool) {
         ranges,
         prefetch: 64,
         budget: None,
+        upgrades: true,
     });
     sequential_read(&c, N, 0);
     // The last window may still be being installed when the reader is
@@ -564,6 +571,71 @@ fn prefetch_bookkeeping_without_ranges() {
     prefetch_bookkeeping(false);
 }
 
+/// Node 0 rewrites its pages after node 1 has read them (an array published
+/// each pass); returns node 0's write-protect faults of the rewrite.
+fn rewrite_after_read(c: &Cluster, n: usize, salt: u64) -> u64 {
+    let got = c.on(1, move |vm| (0..n).map(|p| vm.read(p)).collect::<Vec<_>>());
+    assert!(
+        got.iter().enumerate().all(|(p, &v)| v == salt ^ p as u64),
+        "node 1 read stale pages"
+    );
+    let before = c.stats(0).wp_faults;
+    c.on(0, move |vm| {
+        (0..n).for_each(|p| vm.write(p, (salt + 1) ^ p as u64))
+    });
+    c.stats(0).wp_faults - before
+}
+
+/// A node rewriting pages another node read asks for write access to the rest
+/// of the run with range upgrades (not one invalidation per page); the next
+/// pass recalls the window at once; the reader then sees every new value.
+fn upgrade_prefetch(on: bool) {
+    const N: usize = 64;
+    let c = cluster(&Opts {
+        per_node: N,
+        ranges: true,
+        prefetch: 64,
+        budget: None,
+        upgrades: on,
+    });
+    c.on(0, |vm| (0..N).for_each(|p| vm.write(p, p as u64)));
+    let first = rewrite_after_read(&c, N, 0);
+    let second = rewrite_after_read(&c, N, 1);
+    let third = rewrite_after_read(&c, N, 2);
+    let back = c.on(1, |vm| (0..N).map(|p| vm.read(p)).collect::<Vec<_>>());
+    assert!(
+        back.iter().enumerate().all(|(p, &v)| v == 3 ^ p as u64),
+        "stale after rewrites"
+    );
+    c.no_errors();
+    let s = c.stats(0);
+    if on {
+        // 0 (new stream), 1 (window 4), 6 (8), 15 (16), 32 (32): a handful.
+        assert!(first <= 8, "first rewrite: {first} write-protect faults");
+        // Recalled: the first fault asks for the window the last pass reached.
+        assert!(
+            second <= 3 && third <= 3,
+            "later rewrites: {second}, {third} faults"
+        );
+        assert!(s.upgrade_prefetch_requests > 0, "{s:?}");
+        assert!(s.upgrade_prefetch_used > 0, "{s:?}");
+    } else {
+        assert_eq!((first, second, third), (N as u64, N as u64, N as u64));
+        assert_eq!(s.upgrade_prefetch_requests, 0, "{s:?}");
+    }
+    c.shutdown();
+}
+
+#[test]
+fn rewriting_pages_read_elsewhere_upgrades_ahead() {
+    upgrade_prefetch(true);
+}
+
+#[test]
+fn without_upgrade_prefetch_each_page_is_upgraded_alone() {
+    upgrade_prefetch(false);
+}
+
 /// Prefetched pages invalidated before the reader gets to them are wasted.
 #[test]
 fn invalidated_prefetched_pages_are_wasted() {
@@ -572,6 +644,7 @@ fn invalidated_prefetched_pages_are_wasted() {
         ranges: true,
         prefetch: 64,
         budget: None,
+        upgrades: true,
     });
     c.on(0, |vm| (0..16).for_each(|p| vm.write(p, 100 + p as u64)));
     // Two sequential faults start a stream: pages 2.. are prefetched.
@@ -600,6 +673,7 @@ fn eviction_keeps_the_budget_and_coherence() {
         ranges: true,
         prefetch: 64,
         budget: Some(BUDGET),
+        upgrades: true,
     });
     let s = sequential_read(&c, N, 0);
     assert!(s.evictions > 0, "{s:?}");
@@ -623,6 +697,7 @@ fn failed_range_grant_send_stops_the_vm() {
         ranges: true,
         prefetch: 64,
         budget: None,
+        upgrades: true,
     });
     c.on(0, |vm| (0..16).for_each(|p| vm.write(p, 7)));
     c.links[0].fail_range_grants.store(true, Ordering::Relaxed);
@@ -653,6 +728,7 @@ fn failed_range_install_is_not_reported_done() {
         ranges: true,
         prefetch: 64,
         budget: None,
+        upgrades: true,
     });
     c.on(0, |vm| (0..16).for_each(|p| vm.write(p, 9)));
     // Page 5 appears in node 1's memfd behind its engine's back: the range
@@ -690,6 +766,7 @@ fn home_reads_back_its_own_pages_with_range_prefetch() {
         ranges: true,
         prefetch: 64,
         budget: None,
+        upgrades: true,
     });
     // Node 1 writes every page homed at node 0 (taking them modified), then
     // node 0 reads them back in order: its own pages, held elsewhere.
