@@ -268,6 +268,18 @@ impl Prefetcher {
         }
     }
 
+    /// A page upgraded ahead of a writer was read by another node before the
+    /// writer's stream passed it (a producer handing its output over, the
+    /// usual end of a pass): no longer tracked, counted as used (it was
+    /// writable when the writer got there, or the writer never went there
+    /// and nothing was taken from anyone), the window unchanged.
+    pub fn handed_over(&mut self, page: PageIdx) {
+        if let Some(i) = self.owner.remove(&page) {
+            self.streams[i].ahead.remove(&page);
+            self.counts.used += 1;
+        }
+    }
+
     /// `page` left this node (invalidated or evicted) or the fault on it was
     /// resolved by another path: if it was prefetched and not reached, it was
     /// wasted, and its stream's window halves.
@@ -428,6 +440,21 @@ mod tests {
         assert_eq!(p.on_fault(0), 8);
         assert_eq!(p.counts().used, used + ahead);
         assert_eq!(p.counts().wasted, 0);
+    }
+
+    #[test]
+    fn pages_handed_over_are_used_and_no_longer_tracked() {
+        let mut p = Prefetcher::with_recall(64);
+        scan(&mut p, 0, 15);
+        let ahead: Vec<PageIdx> = p.streams[0].ahead.iter().copied().collect();
+        assert!(!ahead.is_empty());
+        let (used, k) = (p.counts().used, p.streams[0].k);
+        for &pg in &ahead {
+            p.handed_over(pg);
+            assert!(!p.is_tracked(pg));
+        }
+        assert_eq!(p.counts().used, used + ahead.len() as u64);
+        assert_eq!((p.counts().wasted, p.streams[0].k), (0, k));
     }
 
     #[test]

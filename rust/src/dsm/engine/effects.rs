@@ -166,9 +166,16 @@ impl Engine {
             Effect::MakeWritable { page } => mem
                 .write_protect(page, false)
                 .map_err(|err| EffectError::Memory { page, err }),
-            Effect::WriteProtect { page } => mem
-                .write_protect(page, true)
-                .map_err(|err| EffectError::Memory { page, err }),
+            Effect::WriteProtect { page } => {
+                mem.write_protect(page, true)
+                    .map_err(|err| EffectError::Memory { page, err })?;
+                if self.wpf.is_tracked(page) {
+                    // Upgraded ahead, now read by another node: handed over.
+                    self.wpf.handed_over(page);
+                    self.sync_prefetch_stats();
+                }
+                Ok(())
+            }
             Effect::Drop { page } => {
                 mem.punch(page)
                     .map_err(|err| EffectError::Memory { page, err })?;

@@ -494,10 +494,10 @@ impl Engine {
     /// message (its own upgrade is already asked for): if the fault continues
     /// a write stream, write access to the run of pages after it that this
     /// node holds `Shared`, homed on the same node, with one range request
-    /// whose busy pages the home declines. Pages already asked for by this
-    /// stream or in flight right after `page` are skipped (at most `2 * k`);
-    /// the run stops at the first page not held read-only, so nothing this
-    /// node does not hold is taken from other nodes.
+    /// whose busy pages the home declines. Pages in flight or already made
+    /// writable by this stream right after `page` are skipped (at most `2 *
+    /// k`); the run stops at the first page not held read-only, so nothing
+    /// this node does not hold is taken from other nodes.
     pub(super) fn prefetch_upgrade(&mut self, page: PageIdx, effects: &mut Vec<Effect>) {
         let k = self.wpf.on_fault(page);
         if k == 0 {
@@ -514,7 +514,12 @@ impl Engine {
         };
         let mut p = page + 1;
         let skip_end = p.saturating_add(2 * u64::from(k));
-        while p < end && p < skip_end && (self.node.is_pending(p) || self.wpf.is_tracked(p)) {
+        let writable_ahead = |node: &protocol::Node, wpf: &Prefetcher, p: PageIdx| {
+            node.is_pending(p)
+                || (wpf.is_tracked(p)
+                    && matches!(node.state(p), Some((CacheState::Modified, true, _))))
+        };
+        while p < end && p < skip_end && writable_ahead(&self.node, &self.wpf, p) {
             p += 1;
         }
         let start = p;
