@@ -18,16 +18,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import in_ci, need_kvm, require_native
+from conftest import in_ci, require_native, requires_kvm
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "linux" / "linux_boot.py"
 
 
+@requires_kvm
 def test_linux_boots_on_one_node_to_init() -> None:
     if not in_ci():
-        pytest.skip("a Linux boot takes ~10 minutes here: CI runs it, `make test-linux` by hand")
-    need_kvm()
+        reason = "a Linux boot takes ~10 minutes here: CI runs it, `make test-linux` by hand"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
     require_native()
     prep = subprocess.run(
         [sys.executable, str(SCRIPT), "prepare"], cwd=REPO, capture_output=True, text=True,
