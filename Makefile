@@ -133,8 +133,7 @@ test-python: setup
 	cd $(ROOT) && $(VENV)/bin/mypy
 	cd $(ROOT) && $(VENV)/bin/pytest -v
 
-# An unmodified Linux (issue 13): under CI `make test` runs the 1-node boot
-# (tests/test_linux_boot.py); the rest is here (a boot takes minutes where
+# An unmodified Linux (issue 13): not part of `make test` (a boot takes minutes where
 # CPL0 is emulated). The kernel package and the initramfs are cached in build/linux/.
 NODES ?= 1
 test-linux: setup

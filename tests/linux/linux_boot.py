@@ -13,7 +13,7 @@ committed). A second run reuses what is there.
 `boot` runs `dvmmctl run --kernel ... --initrd ... --cmdline ...` on N local nodes
 and checks the console for the milestones below, in order; it prints each one with
 the time it was seen and the console's last lines, and fails when a required one is
-missing. Run by `make test-linux` (only its 1-node boot is in `make test`, under CI: a boot takes minutes
+missing. Run by `make test-linux` (not part of `make test`: a boot takes minutes
 on a PVM host, where the kernel's CPL0 code is emulated). `boot --qemu` runs the
 same kernel, initramfs and command line under `qemu-system-x86_64 -enable-kvm -cpu
 host` for comparison (on a PVM host QEMU stops early: KVM's emulator refuses an
@@ -25,9 +25,9 @@ every required milestone, the kernel's death, the VMM's exit or a timeout);
 `Timeline` is its pure parser. The perf suite's `linux` stage (perf/linux.py)
 uses both.
 
-It is not a pytest module on purpose (tests/ is pytest's test path): under CI,
-tests/test_linux_boot.py runs `prepare` and a 1-node `boot` (elsewhere `make test`
-skips it: it takes ~10 minutes here).
+It is not a pytest module on purpose (tests/ is pytest's test path): nothing here
+runs in `make test` (a 1-node boot took over 15 minutes in a clean-clone CI run on a
+PVM host; with the rest of CI that is past its 30-minute budget).
 """
 
 from __future__ import annotations
