@@ -26,8 +26,9 @@ every required milestone, the kernel's death, the VMM's exit or a timeout);
 uses both.
 
 It is not a pytest module on purpose (tests/ is pytest's test path): nothing here
-runs in `make test` (a 1-node boot took over 15 minutes in a clean-clone CI run on a
-PVM host; with the rest of CI that is past its 30-minute budget).
+runs in `make test` (in a clean-clone CI run on a PVM host a 1-node boot had not
+reached `/init` after 13.5 minutes; with the rest of CI that is past its 30-minute
+budget).
 """
 
 from __future__ import annotations
