@@ -334,11 +334,10 @@ mod tests {
         assert!(c.requested > 9_000, "{c:?}");
     }
 
-    #[test]
-    fn random_reader_gets_no_prefetch() {
-        let mut p = Prefetcher::new(64);
-        let mut x: u64 = 12345;
-        for _ in 0..1000 {
+    /// Feed `n` read faults on pseudo-random pages (LCG from `seed`).
+    fn random_reader(p: &mut Prefetcher, seed: u64, n: usize) {
+        let mut x = seed;
+        for _ in 0..n {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
@@ -348,6 +347,12 @@ mod tests {
                 p.requested(page, page + 1, k);
             }
         }
+    }
+
+    #[test]
+    fn random_reader_gets_no_prefetch() {
+        let mut p = Prefetcher::new(64);
+        random_reader(&mut p, 12345, 1000);
         // A jump lands on the page after a new stream's only by chance.
         assert_eq!(p.counts().requested, 0, "{:?}", p.counts());
     }
@@ -460,17 +465,7 @@ mod tests {
     #[test]
     fn random_reader_gets_no_prefetch_with_recall_either() {
         let mut p = Prefetcher::with_recall(64);
-        let mut x: u64 = 777;
-        for _ in 0..3000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let page = (x >> 33) % 1_000_000;
-            let k = p.on_fault(page);
-            if k > 0 {
-                p.requested(page, page + 1, k);
-            }
-        }
+        random_reader(&mut p, 777, 3000);
         assert_eq!(p.counts().requested, 0, "{:?}", p.counts());
     }
 

@@ -438,13 +438,10 @@ impl Engine {
     /// `k` pages that can be asked for), requested with one
     /// [`RangeMsg::Req`] whose busy pages the home declines.
     pub(super) fn prefetch_range(&mut self, page: PageIdx, k: u32, effects: &mut Vec<Effect>) {
-        let Ok(home) = self.node.home_of(page) else {
-            return;
-        };
         // A home reading back its own pages (held elsewhere) prefetches them
         // too: the range request goes to its own directory, which fetches them
         // from their holders (single-page `Prefetch` messages cannot do that).
-        let Some(end) = self.homes.get(usize::from(home)).map(|r| r.end) else {
+        let Some(end) = self.home_end(page) else {
             return;
         };
         let askable = |node: &protocol::Node, p: PageIdx| {
@@ -462,21 +459,45 @@ impl Engine {
         while p < limit && askable(&self.node, p) {
             p += 1;
         }
-        let n = (p - start) as u32;
+        self.request_window(page, start, (p - start) as u32, Access::Read, effects);
+    }
+
+    /// The end of the range of pages homed where `page` is.
+    fn home_end(&self, page: PageIdx) -> Option<PageIdx> {
+        let home = self.node.home_of(page).ok()?;
+        self.homes.get(usize::from(home)).map(|r| r.end)
+    }
+
+    /// Ask for the window `start..start + n` of the stream whose last fault
+    /// is `after` with one range request whose busy pages the home declines:
+    /// read copies for the read prefetcher, write access for the upgrade
+    /// prefetcher (`access` says which).
+    fn request_window(
+        &mut self,
+        after: PageIdx,
+        start: PageIdx,
+        n: u32,
+        access: Access,
+        effects: &mut Vec<Effect>,
+    ) {
         if n == 0 {
             return;
         }
         effects.clear();
         match self
             .node
-            .request_range(start, n, Access::Read, OnBusy::Decline, effects)
+            .request_range(start, n, access, OnBusy::Decline, effects)
         {
             Ok(runs) => {
+                let (pf, requests) = match access {
+                    Access::Read => (&mut self.pf, &self.sh.stats.prefetch_requests),
+                    Access::Write => (&mut self.wpf, &self.sh.stats.upgrade_prefetch_requests),
+                };
                 if !runs.is_empty() {
-                    Stats::inc(&self.sh.stats.prefetch_requests);
+                    Stats::inc(requests);
                 }
                 for (s, c) in runs {
-                    self.pf.requested(page, s, c);
+                    pf.requested(after, s, c);
                 }
                 let fx = std::mem::take(effects);
                 self.exec(&fx, Payload::None);
@@ -503,13 +524,7 @@ impl Engine {
         if k == 0 {
             return;
         }
-        let Some(end) = self
-            .node
-            .home_of(page)
-            .ok()
-            .and_then(|home| self.homes.get(usize::from(home)))
-            .map(|r| r.end)
-        else {
+        let Some(end) = self.home_end(page) else {
             return;
         };
         let mut p = page + 1;
@@ -532,32 +547,10 @@ impl Engine {
         {
             p += 1;
         }
-        let n = (p - start) as u32;
-        if n == 0 {
+        if p == start {
             return;
         }
-        effects.clear();
-        match self
-            .node
-            .request_range(start, n, Access::Write, OnBusy::Decline, effects)
-        {
-            Ok(runs) => {
-                if !runs.is_empty() {
-                    Stats::inc(&self.sh.stats.upgrade_prefetch_requests);
-                }
-                for (s, c) in runs {
-                    self.wpf.requested(page, s, c);
-                }
-                let fx = std::mem::take(effects);
-                self.exec(&fx, Payload::None);
-                *effects = fx;
-            }
-            Err(source) => self.sh.fail(EngineFault::RangePrefetch {
-                start,
-                count: n,
-                source,
-            }),
-        }
+        self.request_window(page, start, (p - start) as u32, Access::Write, effects);
         self.sync_prefetch_stats();
     }
 
